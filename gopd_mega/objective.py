@@ -1,0 +1,203 @@
+"""The G-OPD / ExOPD objective: the one place its math is written.
+
+Pure torch, importable without megatron-core, Triton or any server.
+
+Notation (all per sampled token y_t of a response, at the rollout temperature):
+    s_t  = log pi_theta(y_t | x, y<t)     student, recomputed by the trainer
+    t_t  = log pi_star(y_t | x, y<t)      the teacher that this prompt routes to
+    r_t  = log pi_ref(y_t | x, y<t)       reference (default: the student's initial weights)
+    q_t  = log pi_sampler(y_t | x, y<t)   what the rollout engine reported when it sampled y_t
+    o_t  = log pi_old(y_t | x, y<t)       trainer's log-prob before this update (= s_t detached
+                                          when each batch is used for one update, as in the paper)
+
+Implicit reward   R_t = lambda * (t_t - r_t)
+Advantage         A_t = lambda * (t_t - r_t) - (o_t - r_t)
+                      = lambda * t_t + (1 - lambda) * r_t - o_t                 (detached)
+lambda = 1 is OPD (r cancels); 0 < lambda < 1 interpolates towards pi_ref; lambda > 1 is ExOPD.
+The optimum of the sequence-level objective is pi_theta ~ pi_star^lambda * pi_ref^(1 - lambda).
+
+Policy loss per token (PPO clip eps, dual clip c, truncated importance weight w):
+    rho_t = exp(s_t - o_t)
+    l_t   = max(-A_t rho_t, -A_t clip(rho_t, 1 - eps_low, 1 + eps_high))
+    l_t   = min(l_t, -A_t c)                 where A_t < 0   (dual clip)
+    w_t   = min(exp(o_t - q_t), w_max)       detached: sampler/trainer mismatch correction
+    loss  = sum_t  omega_t * w_t * l_t       omega_t = aggregation weight (see token_weights)
+
+Aggregation: "token-mean" (every token of the batch weighs the same) or "seq-mean-token-mean"
+(mean over tokens within each sequence, then mean over sequences: the paper's official runs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Aggregation = Literal["token-mean", "seq-mean-token-mean"]
+AGGREGATIONS: tuple[str, ...] = ("token-mean", "seq-mean-token-mean")
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """Hyper-parameters of the G-OPD policy loss (validated by gopd_mega.config.ObjectiveConfig)."""
+
+    lam: float = 1.0
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    dual_clip: float | None = 3.0
+    is_cap: float | None = 5.0
+    aggregation: str = "seq-mean-token-mean"
+
+
+def implicit_reward(teacher_logp: torch.Tensor, ref_logp: torch.Tensor, lam: float) -> torch.Tensor:
+    """R_t = lambda * (log pi_star - log pi_ref), per token."""
+    return lam * (teacher_logp - ref_logp)
+
+
+def gopd_advantage(
+    student_logp: torch.Tensor, teacher_logp: torch.Tensor, ref_logp: torch.Tensor, lam: float
+) -> torch.Tensor:
+    """A_t = lambda * (t - r) - (s - r), detached. ``student_logp`` is the trainer's own log-prob."""
+    with torch.no_grad():
+        return implicit_reward(teacher_logp, ref_logp, lam) - (student_logp - ref_logp)
+
+
+def truncated_importance_weight(
+    old_logp: torch.Tensor, sampler_logp: torch.Tensor, cap: float | None
+) -> torch.Tensor:
+    """w_t = min(exp(o_t - q_t), cap), detached. ``cap=None`` turns the correction off (w = 1)."""
+    if cap is None:
+        return torch.ones_like(old_logp)
+    with torch.no_grad():
+        return torch.exp(old_logp - sampler_logp).clamp(max=cap)
+
+
+def clipped_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantage: torch.Tensor,
+    clip_eps_low: float,
+    clip_eps_high: float,
+    dual_clip: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token PPO loss with dual clip. Returns (loss [...], clipped bool [...])."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantage * ratio
+    clipped = -advantage * ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)
+    loss = torch.maximum(unclipped, clipped)
+    was_clipped = clipped > unclipped
+    if dual_clip is not None:
+        lower = -advantage * dual_clip
+        dual = (advantage < 0) & (loss > lower)
+        loss = torch.where(dual, lower, loss)
+        was_clipped = was_clipped | dual
+    return loss, was_clipped
+
+
+def token_weights(
+    mask: torch.Tensor,
+    aggregation: str,
+    num_tokens: float | None = None,
+    num_sequences: float | None = None,
+) -> torch.Tensor:
+    """Aggregation weights omega [B, S] so that the batch loss is sum(omega * l).
+
+    ``mask`` [B, S] marks response tokens. ``num_tokens`` / ``num_sequences`` are the global
+    normalisers when a batch is split into micro-batches or data-parallel shards (default: this
+    batch's own counts), so that summing the micro-batch losses gives the full-batch loss.
+    """
+    mask = mask.to(torch.float32)
+    if aggregation == "token-mean":
+        denom = mask.sum() if num_tokens is None else torch.tensor(float(num_tokens))
+        return mask / denom.clamp(min=1.0)
+    if aggregation == "seq-mean-token-mean":
+        lengths = mask.sum(dim=-1, keepdim=True)
+        present = (lengths > 0).to(torch.float32)
+        n_seq = present.sum() if num_sequences is None else torch.tensor(float(num_sequences))
+        return mask / lengths.clamp(min=1.0) * present / n_seq.clamp(min=1.0)
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+
+
+def gopd_token_loss(
+    logp: torch.Tensor,
+    *,
+    teacher_logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    sampler_logp: torch.Tensor | None,
+    old_logp: torch.Tensor | None,
+    settings: LossSettings,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token G-OPD loss (before aggregation), differentiable in ``logp``.
+
+    Elementwise in every argument, so it can be evaluated on any slice of tokens (the fused
+    kernels call it chunk by chunk). ``old_logp=None`` means one update per batch: o_t = s_t
+    detached, the ratio is 1 and the clip never binds. ``sampler_logp=None`` disables the
+    truncated importance weight. Returns (loss, advantage, clipped).
+    """
+    old = logp.detach() if old_logp is None else old_logp
+    advantage = gopd_advantage(old, teacher_logp, ref_logp, settings.lam)
+    loss, clipped = clipped_policy_loss(
+        logp, old, advantage, settings.clip_eps_low, settings.clip_eps_high, settings.dual_clip
+    )
+    if sampler_logp is not None:
+        loss = loss * truncated_importance_weight(old, sampler_logp, settings.is_cap)
+    return loss, advantage, clipped
+
+
+def gopd_loss(
+    logp: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    teacher_logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    sampler_logp: torch.Tensor | None = None,
+    old_logp: torch.Tensor | None = None,
+    settings: LossSettings = LossSettings(),
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Aggregated G-OPD loss over a [B, S] batch plus detached metrics.
+
+    ``weights`` overrides the aggregation weights (e.g. computed once for the global batch with
+    :func:`token_weights`); by default they come from ``mask`` and ``settings.aggregation``.
+    """
+    for name, other in (("teacher_logp", teacher_logp), ("ref_logp", ref_logp), ("mask", mask)):
+        if other.shape != logp.shape:
+            raise ValueError(f"{name} has shape {tuple(other.shape)}, logp has {tuple(logp.shape)}")
+    omega = token_weights(mask, settings.aggregation) if weights is None else weights
+    loss_tok, advantage, clipped = gopd_token_loss(
+        logp,
+        teacher_logp=teacher_logp,
+        ref_logp=ref_logp,
+        sampler_logp=sampler_logp,
+        old_logp=old_logp,
+        settings=settings,
+    )
+    loss = (omega * loss_tok).sum()
+    return loss, token_metrics(logp, mask, teacher_logp, ref_logp, advantage, clipped, settings.lam)
+
+
+def token_metrics(
+    logp: torch.Tensor,
+    mask: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    advantage: torch.Tensor,
+    clipped: torch.Tensor,
+    lam: float,
+) -> dict[str, float]:
+    """Token-mean diagnostics over the response tokens of a batch."""
+    m = mask.to(torch.float32)
+    n = m.sum().clamp(min=1.0)
+
+    def mean(x: torch.Tensor) -> float:
+        return float((x.detach().to(torch.float32) * m).sum() / n)
+
+    return {
+        # single-sample estimate of KL(pi_theta || pi_star) per token
+        "reverse_kl": mean(logp - teacher_logp),
+        "implicit_reward": mean(implicit_reward(teacher_logp, ref_logp, lam)),
+        "advantage": mean(advantage),
+        "clip_frac": mean(clipped.to(torch.float32)),
+        "tokens": float(n),
+    }
