@@ -377,6 +377,11 @@ def _build(cls: type, data: Any, where: str) -> Any:
         return _build(inner[0], data, where)
     if cls is float and isinstance(data, (int, float)) and not isinstance(data, bool):
         return float(data)
+    if cls is float and isinstance(data, str):  # PyYAML reads '1e-5' (no dot) as a string
+        try:
+            return float(data)
+        except ValueError:
+            _fail(where, f"expected a number, got {data!r}")
     if cls in (int, str, bool) and not (isinstance(data, cls) and not (cls is int and isinstance(data, bool))):
         _fail(where, f"expected {cls.__name__}, got {data!r}")
     if cls is float:
