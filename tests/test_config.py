@@ -1,0 +1,64 @@
+"""Configuration: recipes, overrides and errors that name the field."""
+
+import re
+
+import pytest
+
+from gopd_mega.config import ConfigError, RunConfig, build_config, load_config
+
+
+@pytest.fixture
+def teacher_dir(tmp_path):
+    d = tmp_path / "teacher"
+    d.mkdir()
+    return str(d)
+
+
+def _base(teacher_dir):
+    return {"teachers": [{"name": "add", "model": {"load": teacher_dir}}]}
+
+
+def test_yaml_and_toml_recipes_with_overrides(tmp_path, teacher_dir):
+    (tmp_path / "r.yaml").write_text(
+        f"objective:\n  lam: 1.25\nteachers:\n  - name: math\n    model: {{load: {teacher_dir}, tp: 2}}\n"
+    )
+    cfg = load_config(tmp_path / "r.yaml", ["optim.lr=1e-5", "teachers.0.model.tp=1", "train.steps=7"])
+    assert cfg.objective.lam == 1.25 and cfg.optim.lr == 1e-5 and cfg.train.steps == 7
+    assert cfg.teachers[0].name == "math" and cfg.teachers[0].model.tp == 1
+    (tmp_path / "r.toml").write_text(f'[objective]\nlam = 0.5\n[[teachers]]\nname = "code"\n[teachers.model]\nload = "{teacher_dir}"\n')
+    assert load_config(tmp_path / "r.toml").objective.lam == 0.5
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("objective.lam=-0.5", "objective.lam"),
+        ("student.tp=3", "student.tp"),  # 3 does not divide 4 heads
+        ("student.num_query_groups=3", "student.num_query_groups"),
+        ("student.pp=3", "student.pp"),
+        ("teachers.0.model.load=/does/not/exist", "teachers[0].model.load"),
+        ("objective.aggregation=sum", "objective.aggregation"),
+        ("rollout.temperature=0", "rollout.temperature"),
+        ("optim.lr=fast", "optim.lr"),
+        ("train.stepz=3", "train.stepz"),
+        ("bogus.x=1", "bogus"),
+        ("student.max_seq_len=8", "student.max_seq_len"),
+    ],
+)
+def test_invalid_values_name_the_field(teacher_dir, override, field):
+    with pytest.raises(ConfigError, match=re.escape(f"'{field}'")):
+        build_config(RunConfig, _base(teacher_dir), [override])
+
+
+def test_teacher_needs_weights_and_unique_routes(teacher_dir):
+    with pytest.raises(ConfigError, match="teachers\\[0\\].model.load"):
+        build_config(RunConfig, {"teachers": [{"name": "add"}]})
+    with pytest.raises(ConfigError, match="unique"):
+        build_config(RunConfig, {"teachers": [{"name": "a", "model": {"load": teacher_dir}}] * 2})
+    with pytest.raises(ConfigError, match="teachers"):
+        build_config(RunConfig, {})
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
