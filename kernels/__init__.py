@@ -1,0 +1,112 @@
+"""gopd-mega kernels: log-prob of the sampled token straight from hidden states, without ever
+holding the [T, V] logits (student fwd+bwd, teacher forward-only, fused G-OPD loss).
+
+    logp_t = z[t, y_t] - logsumexp_v z[t, v],   z = (h @ W^T) / temperature  (fp32 accumulation)
+
+Public API (same arguments for every backend):
+    linear_logprob(hidden, weight, targets, *, vocab_start=0, vocab_valid=None, group=None,
+                   temperature=1.0, ignore_index=-100, return_entropy=False, reduce_dh=True,
+                   backend="auto", chunk_size=None) -> logp [T] (, entropy [T])
+    linear_logprob_inference(...same...)  forward only, no autograd state
+    linear_logprob_loss(hidden, weight, targets, token_loss_fn, ...) -> (loss, logp, entropy)
+
+Backends: "torch" (kernels.reference: full logits, the oracle), "chunked" (token chunks, torch row
+math), "triton" (cuBLAS GEMMs + fused Triton row kernels; tl.dot online-logsumexp kernel for the
+forward-only path), "auto" = triton on CUDA tensors, chunked otherwise.
+
+Tensor parallelism (vocab-parallel output layer): pass the TP ``group`` (a plain
+torch.distributed ProcessGroup), this rank's first global vocab id ``vocab_start`` and the number
+of real rows ``vocab_valid`` of its weight shard; see kernels.vocab_parallel.
+
+This package imports only torch, triton and the standard library (Triton lazily, on first use of
+the triton backend). Its import name clashes with the HF hub package ``kernels``; the marker below
+tells them apart.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import chunked, fused_loss, reference
+
+__gopd_mega_kernels__ = True
+
+BACKENDS = ("auto", "triton", "chunked", "torch")
+
+__all__ = ["linear_logprob", "linear_logprob_inference", "linear_logprob_loss", "BACKENDS"]
+
+
+def _resolve(backend: str, hidden: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if hidden.is_cuda else "chunked"
+    return backend
+
+
+def _triton():
+    # Imported lazily: triton decides at decoration time whether kernels run in the interpreter.
+    from . import triton_logprob
+
+    return triton_logprob
+
+
+def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                   vocab_start: int = 0, vocab_valid: int | None = None, group=None,
+                   temperature: float = 1.0, ignore_index: int = -100,
+                   return_entropy: bool = False, reduce_dh: bool = True, backend: str = "auto",
+                   chunk_size: int | None = None):
+    """Per-token log-prob (fp32 [T]; entropy too if asked), differentiable w.r.t. hidden and
+    weight. Ignored tokens get logp 0, entropy 0 and zero gradient. With a TP group each rank gets
+    its own dW slice and (``reduce_dh``) the full dh; set ``reduce_dh=False`` when the caller's
+    layer already all-reduces the input gradient."""
+    kw = dict(vocab_start=vocab_start, vocab_valid=vocab_valid, group=group,
+              temperature=temperature, ignore_index=ignore_index, reduce_dh=reduce_dh,
+              chunk_size=chunk_size, return_entropy=return_entropy)
+    b = _resolve(backend, hidden)
+    if b == "torch":
+        return reference.linear_logprob(hidden, weight, targets, **kw)
+    row_ops = _triton().TRITON_ROW_OPS if b == "triton" else chunked.TORCH_ROW_OPS
+    return chunked.linear_logprob(hidden, weight, targets, row_ops=row_ops, **kw)
+
+
+def linear_logprob_inference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             *, vocab_start: int = 0, vocab_valid: int | None = None, group=None,
+                             temperature: float = 1.0, ignore_index: int = -100,
+                             return_entropy: bool = False, reduce_dh: bool = True,
+                             backend: str = "auto", chunk_size: int | None = None):
+    """Forward-only log-prob for teachers / the reference model: no autograd graph, O(T) extra
+    memory beyond one logits chunk (chunked) or none at all (triton: tl.dot kernel)."""
+    kw = dict(vocab_start=vocab_start, vocab_valid=vocab_valid, group=group,
+              temperature=temperature, ignore_index=ignore_index,
+              return_entropy=return_entropy)
+    b = _resolve(backend, hidden)
+    with torch.no_grad():
+        if b == "torch":
+            return reference.linear_logprob_inference(hidden, weight, targets, **kw)
+        if b == "triton":
+            return _triton().linear_logprob_inference(hidden, weight, targets, **kw)
+        return chunked.linear_logprob_inference(hidden, weight, targets, chunk_size=chunk_size,
+                                                **kw)
+
+
+def linear_logprob_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                        token_loss_fn: Callable[[torch.Tensor, slice], torch.Tensor], *,
+                        vocab_start: int = 0, vocab_valid: int | None = None, group=None,
+                        temperature: float = 1.0, ignore_index: int = -100,
+                        reduce_dh: bool = True, backend: str = "auto",
+                        chunk_size: int | None = None):
+    """Fused student loss: returns (loss scalar, logp [T] detached, entropy [T] detached) with
+    loss = sum_t token_loss_fn(logp_chunk, slice)[t] over non-ignored tokens. The gradient is
+    formed during the forward (one pass over the logits); backward scales the saved dh/dW."""
+    kw = dict(vocab_start=vocab_start, vocab_valid=vocab_valid, group=group,
+              temperature=temperature, ignore_index=ignore_index, reduce_dh=reduce_dh,
+              chunk_size=chunk_size)
+    b = _resolve(backend, hidden)
+    if b == "torch":
+        return reference.linear_logprob_loss(hidden, weight, targets, token_loss_fn, **kw)
+    row_ops = _triton().TRITON_ROW_OPS if b == "triton" else chunked.TORCH_ROW_OPS
+    return fused_loss.linear_logprob_loss(hidden, weight, targets, token_loss_fn,
+                                          row_ops=row_ops, **kw)

@@ -1,0 +1,249 @@
+"""Triton kernels for the log-prob of the sampled token.
+
+1. ``_row_stats_kernel`` (one program per token row of an fp32 logits chunk z [Tc, vv], already
+   divided by the temperature): online max / sum-exp / sum exp*z over vocab blocks of BLOCK, plus
+   the target logit:  m = max_v z,  s = sum_v e^(z-m),  sz = sum_v e^(z-m) z,  zt = z[y] (if owned).
+2. ``_dlogits_kernel`` (one program per row): dz = [g (onehot(y) - p) - g_H p (z - mu)] / temp,
+   p = e^(z - lse), written in the GEMM dtype (in place when that is fp32).
+   (1) and (2) sit between cuBLAS GEMMs in the chunked engine (kernels.chunked / fused_loss):
+   they replace ~6 plain-torch elementwise passes over the chunk by one read (stats) and one
+   read + write (dlogits).
+3. ``_lse_dot_kernel`` (forward only, teachers / reference): never materialises logits. Grid
+   (cdiv(T, BT), n_splits); each program owns BT tokens and a contiguous vocab range, tiles it by
+   BV columns and H by BK with tl.dot (fp32 accumulator), and keeps per-row online (m, s, sz, zt).
+   Partial stats [n_splits, T] are merged on the host (vocab_parallel.merge_stats), then combined
+   across the TP group (all_reduce MAX [T], all_reduce SUM [3, T]). Extra memory O(n_splits * T).
+
+Shapes: h [T, H], W [V_local, H] (rows >= vocab_valid are padding: masked, never read), y [T].
+Interpreter note (TRITON_INTERPRET=1, CPU): bf16 tl.dot operands are multiplied as raw bits by
+the interpreter (triton issue 11584), so bf16 tiles are upcast to fp32 before tl.dot there.
+fp32 operands use input_precision="ieee" (no TF32) so fp32 results match torch's fp32 matmul.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import vocab_parallel as vp
+from .chunked import RowOps, acc_dtype, make_plan
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_device(t: torch.Tensor) -> None:
+    if not t.is_cuda and not INTERPRET:
+        raise RuntimeError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 set "
+                           "before kernels.triton_logprob is imported)")
+
+
+def _row_block(n_cols: int) -> int:
+    return max(16, min(4096 if not INTERPRET else 1024, triton.next_power_of_2(max(n_cols, 1))))
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Row stats
+
+
+@triton.jit
+def _row_stats_kernel(z_ptr, stride_z, tgt_ptr, owned_ptr, m_ptr, s_ptr, sz_ptr, zt_ptr, n_cols,
+                      BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    base = z_ptr + row.to(tl.int64) * stride_z
+    offs = tl.arange(0, BLOCK)
+    # per-lane online accumulators, merged once at the end
+    m_vec = tl.full([BLOCK], float("-inf"), tl.float32)
+    s_vec = tl.zeros([BLOCK], tl.float32)
+    sz_vec = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + offs
+        mask = cols < n_cols
+        x = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m_vec, x)
+        alpha = tl.where(m_new == float("-inf"), 0.0, tl.exp(m_vec - m_new))
+        e = tl.where(mask, tl.exp(x - m_new), 0.0)
+        s_vec = s_vec * alpha + e
+        sz_vec = sz_vec * alpha + tl.where(mask, e * x, 0.0)
+        m_vec = m_new
+    m = tl.max(m_vec, axis=0)
+    scale = tl.where(m_vec == float("-inf"), 0.0, tl.exp(m_vec - m))
+    tl.store(m_ptr + row, m)
+    tl.store(s_ptr + row, tl.sum(s_vec * scale, axis=0))
+    tl.store(sz_ptr + row, tl.sum(sz_vec * scale, axis=0))
+    owned = tl.load(owned_ptr + row)
+    tgt = tl.load(tgt_ptr + row)
+    zt = tl.load(base + tgt).to(tl.float32)
+    tl.store(zt_ptr + row, tl.where(owned != 0, zt, 0.0))
+
+
+def triton_row_stats(z, tgt_local, owned):
+    _check_device(z)
+    Tc, n = z.shape
+    outs = [torch.empty(Tc, dtype=torch.float32, device=z.device) for _ in range(4)]
+    if Tc == 0:
+        return tuple(outs)
+    if n == 0:
+        return (outs[0].fill_(float("-inf")),) + tuple(o.zero_() for o in outs[1:])
+    assert z.stride(1) == 1
+    _row_stats_kernel[(Tc,)](z, z.stride(0), tgt_local, owned.to(torch.int8), *outs, n,
+                             BLOCK=_row_block(n))
+    return tuple(outs)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. logits -> dlogits
+
+
+@triton.jit
+def _dlogits_kernel(z_ptr, stride_z, d_ptr, stride_d, lse_ptr, mu_ptr, g_ptr, ge_ptr, tgt_ptr,
+                    owned_ptr, n_cols, inv_temp, HAS_GE: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    zb = z_ptr + row.to(tl.int64) * stride_z
+    db = d_ptr + row.to(tl.int64) * stride_d
+    lse = tl.load(lse_ptr + row)
+    g = tl.load(g_ptr + row)
+    tgt = tl.load(tgt_ptr + row)
+    owned = tl.load(owned_ptr + row) != 0
+    offs = tl.arange(0, BLOCK)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + offs
+        mask = cols < n_cols
+        x = tl.load(zb + cols, mask=mask, other=0.0).to(tl.float32)
+        p = tl.exp(x - lse)
+        d = -g * p
+        if HAS_GE:
+            d -= tl.load(ge_ptr + row) * p * (x - tl.load(mu_ptr + row))
+        d = tl.where((cols == tgt) & owned, d + g, d) * inv_temp
+        tl.store(db + cols, d.to(d_ptr.dtype.element_ty), mask=mask)
+
+
+def triton_dlogits(z, lse, mu, g, g_ent, tgt_local, owned, inv_temp, out_dtype):
+    _check_device(z)
+    Tc, n = z.shape
+    out = z if out_dtype == z.dtype else torch.empty(Tc, n, dtype=out_dtype, device=z.device)
+    if Tc == 0 or n == 0:
+        return out
+    f32 = torch.float32
+    ge = g.to(f32) if g_ent is None else g_ent.to(f32).contiguous()
+    _dlogits_kernel[(Tc,)](z, z.stride(0), out, out.stride(0), lse.to(f32).contiguous(),
+                           mu.to(f32).contiguous(), g.to(f32).contiguous(), ge, tgt_local,
+                           owned.to(torch.int8), n, float(inv_temp), HAS_GE=g_ent is not None,
+                           BLOCK=_row_block(n))
+    return out
+
+
+TRITON_ROW_OPS = RowOps(triton_row_stats, triton_dlogits)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Forward-only online logsumexp over (vocab x H) tiles
+
+
+@triton.jit
+def _lse_dot_kernel(h_ptr, w_ptr, tgt_ptr, owned_ptr, m_ptr, s_ptr, sz_ptr, zt_ptr,
+                    T, H, n_cols, cols_per_split, stride_h, stride_w, inv_temp,
+                    BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
+                    UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_t * BT + tl.arange(0, BT)
+    rmask = rows < T
+    tgt = tl.load(tgt_ptr + rows, mask=rmask, other=0)
+    owned = tl.load(owned_ptr + rows, mask=rmask, other=0) != 0
+    tgt = tl.where(owned, tgt, -1)
+    v_lo = pid_s * cols_per_split
+    v_hi = tl.minimum(v_lo + cols_per_split, n_cols)
+    m = tl.full([BT], float("-inf"), tl.float32)
+    s = tl.zeros([BT], tl.float32)
+    sz = tl.zeros([BT], tl.float32)
+    zt = tl.zeros([BT], tl.float32)
+    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
+    for v0 in range(v_lo, v_hi, BV):
+        cols = v0 + tl.arange(0, BV)
+        cmask = cols < v_hi
+        w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_w
+        acc = tl.zeros([BT, BV], tl.float32)
+        for k0 in range(0, H, BK):
+            ks = k0 + tl.arange(0, BK)
+            kmask = ks < H
+            a = tl.load(h_rows + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(w_cols + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        x = tl.where(cmask[None, :], acc * inv_temp, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        alpha = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
+        e = tl.where(cmask[None, :], tl.exp(x - m_new[:, None]), 0.0)
+        s = s * alpha + tl.sum(e, axis=1)
+        sz = sz * alpha + tl.sum(tl.where(cmask[None, :], e * x, 0.0), axis=1)
+        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], x, 0.0), axis=1)
+        m = m_new
+    out = pid_s * T + rows
+    tl.store(m_ptr + out, m, mask=rmask)
+    tl.store(s_ptr + out, s, mask=rmask)
+    tl.store(sz_ptr + out, sz, mask=rmask)
+    tl.store(zt_ptr + out, zt, mask=rmask)
+
+
+def _lse_tiles(T: int, H: int):
+    if INTERPRET:  # big tiles: the interpreter's cost is per program / per loop iteration
+        return max(16, min(64, triton.next_power_of_2(T))), 128, max(16, min(64, triton.next_power_of_2(H))), 4, 1
+    return 128, 128, 64, 8, 3
+
+
+def local_stats_dot(hidden, weight, tgt_local, owned, vocab_valid: int, inv_temp: float,
+                    n_splits: int | None = None):
+    """Local (m, s, sz, zt) [T] of z = h @ W[:vocab_valid]^T * inv_temp, without logits."""
+    _check_device(hidden)
+    T, H = hidden.shape
+    dev = hidden.device
+    if hidden.dtype == torch.float64:
+        raise TypeError("the triton backend takes fp32/bf16/fp16 inputs (use chunked for fp64)")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"hidden {hidden.dtype} and weight {weight.dtype} must match")
+    BT, BV, BK, warps, stages = _lse_tiles(T, H)
+    n_t = triton.cdiv(T, BT)
+    max_splits = max(1, triton.cdiv(vocab_valid, 4 * BV))
+    if n_splits is None:  # enough programs to fill the GPU (~2 waves on 132 SMs)
+        n_splits = 1 if INTERPRET else triton.cdiv(264, n_t)
+    n_splits = max(1, min(n_splits, max_splits))
+    cols_per_split = triton.cdiv(triton.cdiv(max(vocab_valid, 1), n_splits), BV) * BV
+    n_splits = triton.cdiv(max(vocab_valid, 1), cols_per_split)
+    parts = [torch.empty(n_splits, T, dtype=torch.float32, device=dev) for _ in range(4)]
+    if T > 0 and vocab_valid > 0:
+        hidden = hidden.contiguous()
+        weight = weight if weight.stride(1) == 1 else weight.contiguous()
+        upcast = INTERPRET and hidden.dtype == torch.bfloat16
+        ieee = hidden.dtype == torch.float32 or upcast
+        _lse_dot_kernel[(n_t, n_splits)](
+            hidden, weight, tgt_local, owned.to(torch.int8), *parts, T, H, vocab_valid,
+            cols_per_split, hidden.stride(0), weight.stride(0), float(inv_temp),
+            BT=BT, BV=BV, BK=BK, UPCAST=upcast, IEEE=ieee, num_warps=warps, num_stages=stages)
+    elif T > 0:
+        parts[0].fill_(float("-inf"))
+        for p in parts[1:]:
+            p.zero_()
+    return vp.merge_stats(*parts, dim=0)
+
+
+def linear_logprob_inference(hidden, weight, targets, *, return_entropy=False, reduce_dh=True,
+                             n_splits: int | None = None, **kwargs):
+    """Forward-only log-prob (and entropy) with the tl.dot online-logsumexp kernel."""
+    plan = make_plan(hidden, weight, targets, **kwargs)
+    with torch.no_grad():
+        tgt, owned, valid = vp.local_targets(targets, plan.vocab_start, plan.vocab_valid,
+                                             plan.ignore_index)
+        m, s, sz, zt = local_stats_dot(hidden, weight, tgt, owned, plan.vocab_valid,
+                                       plan.inv_temp, n_splits)
+        lse, zt, mu = vp.combine_stats(m, s, sz, zt, plan.group)
+        logp, entropy = vp.finish(lse, zt, mu, valid)
+    assert logp.dtype == acc_dtype(hidden)
+    return (logp, entropy) if return_entropy else logp

@@ -1,0 +1,184 @@
+"""kernels: chunked backend vs the fp64 oracle, judged against plain torch's own error in a dtype.
+
+error(backend, dtype) = relative L2 error vs fp64 on the same (rounded) inputs; a backend passes when
+error <= 2 * error(plain torch reference in that dtype) + a tiny floor.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from gopd_mega.objective import LossSettings, gopd_token_loss
+
+FLOOR = {torch.float32: 2e-6, torch.bfloat16: 2e-4, torch.float16: 5e-5, torch.float64: 1e-12}
+
+
+def make_inputs(T=37, H=96, V=1000, pad=24, logit_std=3.0, seed=0, n_ignored=4):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(T, H, generator=g, dtype=torch.float64)
+    w = torch.randn(V + pad, H, generator=g, dtype=torch.float64) * (logit_std / H**0.5)
+    y = torch.randint(0, V, (T,), generator=g)
+    y[torch.randperm(T, generator=g)[:n_ignored]] = -100
+    return h, w, y
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.detach().double(), ref.detach().double()
+    return float((x - ref).norm() / ref.norm().clamp(min=1e-30))
+
+
+def run_logprob(backend, h, w, y, dtype, fn=kernels.linear_logprob, **kw):
+    """Returns (logp, entropy, dh, dW) for a fixed random upstream gradient."""
+    hh = h.detach().to(dtype).requires_grad_()
+    ww = w.detach().to(dtype).requires_grad_()
+    logp, ent = fn(hh, ww, y, return_entropy=True, backend=backend, **kw)
+    gen = torch.Generator().manual_seed(123)
+    g = torch.randn(y.shape[0], generator=gen, dtype=torch.float64)
+    ge = torch.randn(y.shape[0], generator=gen, dtype=torch.float64) * 0.3
+    ((logp * g.to(logp.dtype)).sum() + (ent * ge.to(ent.dtype)).sum()).backward()
+    return logp, ent, hh.grad, ww.grad
+
+
+def quantised(h, w, dtype):
+    return h.to(dtype).double(), w.to(dtype).double()
+
+
+def check_against_oracle(backend, h, w, y, dtype, run, names, **kw):
+    hq, wq = quantised(h, w, dtype)
+    oracle = run("torch", hq, wq, y, torch.float64, **kw)
+    naive = run("torch", hq, wq, y, dtype, **kw)
+    got = run(backend, hq, wq, y, dtype, **kw)
+    report = {}
+    for name, o, n, x in zip(names, oracle, naive, got):
+        e_naive, e_got = rel_err(n, o), rel_err(x, o)
+        report[name] = (e_got, e_naive)
+        assert e_got <= 2 * e_naive + FLOOR[dtype], (name, e_got, e_naive)
+    return report
+
+
+LOGPROB_NAMES = ("logp", "entropy", "dh", "dW")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature,chunk", [(1.0, 16), (0.7, 10), (0.7, 1000)])
+def test_chunked_linear_logprob_matches_oracle(dtype, temperature, chunk):
+    h, w, y = make_inputs()
+    V = w.shape[0] - 24
+    check_against_oracle("chunked", h, w, y, dtype, run_logprob, LOGPROB_NAMES, vocab_valid=V,
+                         temperature=temperature, chunk_size=chunk)
+
+
+def test_ignored_tokens_and_padding_rows():
+    h, w, y = make_inputs()
+    V = w.shape[0] - 24
+    logp, ent, dh, dw = run_logprob("chunked", h, w, y, torch.float32, vocab_valid=V,
+                                    chunk_size=7)
+    ign = y == -100
+    assert torch.all(logp[ign] == 0) and torch.all(ent[ign] == 0)
+    assert torch.all(dh[ign] == 0)
+    assert torch.all(dw[V:] == 0)
+    assert torch.all(logp[~ign] < 0) and torch.all(ent[~ign] > 0)
+
+
+def test_plain_log_softmax_agrees():
+    """Sanity check of the oracle itself against torch.log_softmax."""
+    h, w, y = make_inputs(pad=0, n_ignored=0)
+    z = (h @ w.t()) / 0.7
+    want = torch.log_softmax(z, -1).gather(1, y[:, None]).squeeze(1)
+    got = kernels.linear_logprob(h, w, y, temperature=0.7, backend="torch")
+    assert torch.allclose(got, want, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_matches_oracle(backend, dtype):
+    h, w, y = make_inputs(seed=1)
+    V = w.shape[0] - 24
+    hq, wq = quantised(h, w, dtype)
+    kw = dict(vocab_valid=V, temperature=0.7, return_entropy=True)
+    lp64, ent64 = kernels.linear_logprob_inference(hq, wq, y, backend="torch", **kw)
+    lpn, entn = kernels.linear_logprob_inference(h.to(dtype), w.to(dtype), y, backend="torch",
+                                                  **kw)
+    lp, ent = kernels.linear_logprob_inference(h.to(dtype), w.to(dtype), y, backend=backend,
+                                                chunk_size=11, **kw)
+    assert lp.dtype == torch.float32 and not lp.requires_grad
+    assert rel_err(lp, lp64) <= 2 * rel_err(lpn, lp64) + FLOOR[dtype]
+    assert rel_err(ent, ent64) <= 2 * rel_err(entn, ent64) + FLOOR[dtype]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused loss with the real G-OPD objective
+
+
+def gopd_closure(T, seed, lam, logp_anchor):
+    """token_loss_fn over gopd_mega.objective.gopd_token_loss, with aggregation weights."""
+    g = torch.Generator().manual_seed(seed)
+    teacher = logp_anchor + 0.5 * torch.randn(T, generator=g, dtype=torch.float64)
+    ref = logp_anchor + 0.3 * torch.randn(T, generator=g, dtype=torch.float64)
+    sampler = logp_anchor + 0.2 * torch.randn(T, generator=g, dtype=torch.float64)
+    # old log-probs well inside / well outside the clip range so that rounding never flips a branch
+    offsets = torch.tensor([-0.5, -0.05, 0.05, 0.5, -1.5], dtype=torch.float64)
+    old = logp_anchor + offsets[torch.randint(0, 5, (T,), generator=g)]
+    omega = torch.rand(T, generator=g, dtype=torch.float64) / T
+    settings = LossSettings(lam=lam)
+
+    def token_loss_fn(logp, sl):
+        loss, _, _ = gopd_token_loss(
+            logp, teacher_logp=teacher[sl].to(logp.dtype), ref_logp=ref[sl].to(logp.dtype),
+            sampler_logp=sampler[sl].to(logp.dtype), old_logp=old[sl].to(logp.dtype),
+            settings=settings)
+        return omega[sl].to(logp.dtype) * loss
+
+    return token_loss_fn
+
+
+def run_loss(backend, h, w, y, dtype, *, token_loss_fn, **kw):
+    hh = h.detach().to(dtype).requires_grad_()
+    ww = w.detach().to(dtype).requires_grad_()
+    loss, logp, ent = kernels.linear_logprob_loss(hh, ww, y, token_loss_fn, backend=backend, **kw)
+    assert not logp.requires_grad and not ent.requires_grad
+    (loss * 1.5).backward()  # grad_output != 1 exercises the saved-gradient scaling
+    return loss, logp, hh.grad, ww.grad
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0, 1.25])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_gopd_loss_matches_oracle(lam, dtype):
+    h, w, y = make_inputs(seed=2)
+    V = w.shape[0] - 24
+    anchor = kernels.linear_logprob(h, w, y, vocab_valid=V, temperature=0.7, backend="torch")
+    fn = gopd_closure(h.shape[0], seed=3, lam=lam, logp_anchor=anchor.detach())
+
+    def run(backend, hq, wq, yy, dt, **kw):
+        return run_loss(backend, hq, wq, yy, dt, token_loss_fn=fn, **kw)
+
+    rep = check_against_oracle("chunked", h, w, y, dtype, run, ("loss", "logp", "dh", "dW"),
+                               vocab_valid=V, temperature=0.7, chunk_size=10)
+    assert rep["loss"][0] < 1e-2
+
+
+def test_fused_loss_equals_autograd_through_gopd_loss_fp64():
+    """Fused (gradient formed in the forward) == autograd through full logits + gopd_token_loss,
+    in fp64 to round-off."""
+    h, w, y = make_inputs(seed=4)
+    V = w.shape[0] - 24
+    anchor = kernels.linear_logprob(h, w, y, vocab_valid=V, backend="torch").detach()
+    fn = gopd_closure(h.shape[0], seed=5, lam=1.25, logp_anchor=anchor)
+    kw = dict(vocab_valid=V, temperature=0.7)
+    ref = run_loss("torch", h, w, y, torch.float64, token_loss_fn=fn, **kw)
+    got = run_loss("chunked", h, w, y, torch.float64, token_loss_fn=fn, chunk_size=8, **kw)
+    for r, x in zip(ref, got):
+        assert torch.allclose(x, r, rtol=1e-10, atol=1e-12)
+
+
+def test_default_backend_and_errors():
+    h, w, y = make_inputs(T=5, H=8, V=30, pad=0, n_ignored=0)
+    a = kernels.linear_logprob(h.float(), w.float(), y)  # auto -> chunked on CPU
+    b = kernels.linear_logprob(h.float(), w.float(), y, backend="torch")
+    assert torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError):
+        kernels.linear_logprob(h, w, y, backend="cuda")
+    with pytest.raises(ValueError):
+        kernels.linear_logprob(h, w, y, vocab_valid=31)
