@@ -69,8 +69,9 @@ class ModelConfig:
     seed: int = 1234
     """Seed of the random initialisation."""
     load: str | None = None
-    """Weights to load: a gopd-mega checkpoint directory or a Hugging Face model directory.
-    None means random initialisation from ``seed``."""
+    """Weights to load: a gopd-mega model directory or a Hugging Face model directory; the
+    architecture fields are then read from it (only tp, pp and params_dtype come from here).
+    None means random initialisation from ``seed`` with the architecture given here."""
     tp: int = 1
     """Tensor-parallel size of THIS model (each model has its own layout)."""
     pp: int = 1
@@ -342,7 +343,8 @@ class RunConfig:
             getattr(self, name).validate(name)
         prompt_plus_response = self.data.max_prompt_len + self.rollout.max_new_tokens
         for where, model in [("student", self.student)] + [(f"teachers[{i}].model", t.model) for i, t in enumerate(self.teachers)]:
-            if model.max_seq_len < prompt_plus_response:
+            # A loaded model's length comes from its checkpoint: checked when it is built.
+            if model.load is None and model.max_seq_len < prompt_plus_response:
                 _fail(f"{where}.max_seq_len", f"{model.max_seq_len} < data.max_prompt_len + rollout.max_new_tokens = {prompt_plus_response}")
         return self
 
