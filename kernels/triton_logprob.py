@@ -63,13 +63,15 @@ def _row_stats_kernel(z_ptr, stride_z, tgt_ptr, owned_ptr, m_ptr, s_ptr, sz_ptr,
         mask = cols < n_cols
         x = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m_vec, x)
-        alpha = tl.where(m_new == float("-inf"), 0.0, tl.exp(m_vec - m_new))
-        e = tl.where(mask, tl.exp(x - m_new), 0.0)
+        # lanes that have seen no column yet keep m = -inf: shift by 0 there (exp(-inf) = 0)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_vec - m_safe)
+        e = tl.exp(x - m_safe)
         s_vec = s_vec * alpha + e
-        sz_vec = sz_vec * alpha + tl.where(mask, e * x, 0.0)
+        sz_vec = sz_vec * alpha + e * tl.where(mask, x, 0.0)
         m_vec = m_new
     m = tl.max(m_vec, axis=0)
-    scale = tl.where(m_vec == float("-inf"), 0.0, tl.exp(m_vec - m))
+    scale = tl.exp(m_vec - m)
     tl.store(m_ptr + row, m)
     tl.store(s_ptr + row, tl.sum(s_vec * scale, axis=0))
     tl.store(sz_ptr + row, tl.sum(sz_vec * scale, axis=0))
@@ -180,10 +182,11 @@ def _lse_dot_kernel(h_ptr, w_ptr, tgt_ptr, owned_ptr, m_ptr, s_ptr, sz_ptr, zt_p
                 acc = tl.dot(a, b, acc)
         x = tl.where(cmask[None, :], acc * inv_temp, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=1))
-        alpha = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
-        e = tl.where(cmask[None, :], tl.exp(x - m_new[:, None]), 0.0)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past T: no NaN from inf-inf
+        alpha = tl.exp(m - m_safe)
+        e = tl.exp(x - m_safe[:, None])
         s = s * alpha + tl.sum(e, axis=1)
-        sz = sz * alpha + tl.sum(tl.where(cmask[None, :], e * x, 0.0), axis=1)
+        sz = sz * alpha + tl.sum(e * tl.where(cmask[None, :], x, 0.0), axis=1)
         zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], x, 0.0), axis=1)
         m = m_new
     out = pid_s * T + rows
