@@ -1,0 +1,26 @@
+"""Hugging Face models, tokenizers and datasets for gopd-mega.
+
+* gopd_mega/hf/families.py      per-family config mapping and tensor-name tables (Llama, Qwen2, Qwen3)
+* gopd_mega/hf/convert.py       HF <-> megatron tensors: streaming load, export, named tensors
+* gopd_mega/hf/safetensors_io.py  sliced safetensors reads, atomic sharded writes
+* gopd_mega/hf/tokenizer.py     HFTokenizer (the project's Tokenizer protocol), vocab checks
+* gopd_mega/hf/datasets.py      prompt records from parquet / JSONL / arrow / saved datasets
+* gopd_mega/hf/smollm2.py       the offline SmolLM2-135M-Instruct as an HF checkpoint folder
+"""
+
+from gopd_mega.hf.convert import (
+    export_hf,
+    hf_named_tensors,
+    load_hf_checkpoint,
+    load_hf_weights,
+    model_config_from_hf,
+    read_hf_config,
+)
+from gopd_mega.hf.families import FAMILIES, UnsupportedCheckpoint, get_family
+from gopd_mega.hf.safetensors_io import CheckpointError, CheckpointReader, write_checkpoint
+
+__all__ = [
+    "FAMILIES", "CheckpointError", "CheckpointReader", "UnsupportedCheckpoint", "export_hf", "get_family",
+    "hf_named_tensors", "load_hf_checkpoint", "load_hf_weights", "model_config_from_hf", "read_hf_config",
+    "write_checkpoint",
+]
