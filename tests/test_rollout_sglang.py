@@ -79,11 +79,18 @@ class FakeSGLang:
         self.server.server_close()
 
 
-@pytest.fixture
-def fake():
+@pytest.fixture(scope="module")
+def _server():
     server = FakeSGLang()
     yield server
-    server.close()
+    server.close()  # once per module: shutdown waits for serve_forever's 0.5 s poll
+
+
+@pytest.fixture
+def fake(_server):
+    _server.requests.clear()
+    _server.fail_with, _server.trim_stop = None, False
+    return _server
 
 
 def test_request_fields_as_sglang_expects(fake):
