@@ -16,11 +16,15 @@ from gopd_mega.hf.convert import (
     model_config_from_hf,
     read_hf_config,
 )
+from gopd_mega.hf.datasets import load_paper_mix, load_prompt_records, open_dataset
 from gopd_mega.hf.families import FAMILIES, UnsupportedCheckpoint, get_family
 from gopd_mega.hf.safetensors_io import CheckpointError, CheckpointReader, write_checkpoint
+from gopd_mega.hf.smollm2 import load_smollm2
+from gopd_mega.hf.tokenizer import HFTokenizer, TokenizerMismatch, check_same_vocab
 
 __all__ = [
-    "FAMILIES", "CheckpointError", "CheckpointReader", "UnsupportedCheckpoint", "export_hf", "get_family",
+    "HFTokenizer", "TokenizerMismatch", "check_same_vocab", "load_paper_mix", "load_prompt_records",
+    "open_dataset", "load_smollm2", "FAMILIES", "CheckpointError", "CheckpointReader", "UnsupportedCheckpoint", "export_hf", "get_family",
     "hf_named_tensors", "load_hf_checkpoint", "load_hf_weights", "model_config_from_hf", "read_hf_config",
     "write_checkpoint",
 ]

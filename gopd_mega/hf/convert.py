@@ -198,9 +198,15 @@ def _gpt_module(model):
 def model_slots(model) -> list[Slot]:
     """Local parameters with canonical names and their TP placement.
 
-    Derived from megatron's own parameter attributes (``tensor_model_parallel``, ``partition_dim``)
-    and each layer's global ``layer_number``, so it works for any TP/PP layout.
+    A ShardedGPT (gopd_mega/models.py) describes its own parameters (``param_layout()``; the tied
+    output layer of the last PP stage is named ``embedding.word_embeddings.weight`` there). For
+    a bare GPTModel the placement comes from megatron's parameter attributes
+    (``tensor_model_parallel``, ``partition_dim``) and each layer's global ``layer_number``.
     """
+    if hasattr(model, "param_layout"):
+        params = dict(_gpt_module(model).named_parameters())
+        return [Slot(i.canonical_name, params[i.local_name], i.partition_dim, i.tp_rank, i.tp_size)
+                for i in model.param_layout()]
     gpt = _gpt_module(model)
     tp = gpt.pg_collection.tp
     tp_rank, tp_size = (tp.rank(), tp.size()) if tp is not None else (0, 1)
