@@ -1,0 +1,170 @@
+"""The one place that knows whether we run on GPUs or on CPUs.
+
+megatron-core is written for CUDA + NCCL. With the redirections below it also runs, in fp32, on
+CPU processes talking over gloo (tests, CI, the laptop demo). ``setup_platform()`` applies them
+only when CUDA is unavailable; on GPU machines it does nothing and megatron runs untouched.
+No other module branches on CPU vs GPU: they call ``device()`` and ``init_distributed()``.
+
+CUDA-only spots of megatron-core 0.16.1 (same code in 0.19) and what each patch does:
+
+1. tensor_parallel/random.py: the RNG tracker (used by attention dropout even at p=0, and by
+   ``model_parallel_cuda_manual_seed``) reads/writes ``torch.cuda`` RNG states. On CPU it tracks
+   the CPU generator's state instead.
+2./3. ``device=torch.cuda.current_device()`` is written inline in tensor_parallel/layers.py,
+   mappings.py, attention.py, the RoPE module (which even moves ``inv_freq`` to that device in
+   forward), the global memory buffer and p2p_communication.py. ``torch.cuda.current_device``
+   returns the CPU device instead (without CUDA the original can only raise).
+4. pipeline_parallel/schedules.py builds ``torch.zeros(..., device="cuda")`` for the token
+   counter, and transformer/utils.py builds the default causal mask with ``device="cuda"``:
+   those two modules see a ``torch`` proxy mapping device "cuda" to "cpu".
+   p2p_communication.py calls ``torch.cuda.synchronize()`` after batched send/recv: a no-op on
+   CPU (there is no asynchronous device queue to wait for).
+5. models/common/language_module: with tied embeddings and PP > 1 the last stage's copy of the
+   embedding is all-reduced after ``weight.data.cuda()``; on CPU that call keeps the tensor.
+Not patched, because this project does not use them: megatron's DDP grad buffers (CUDA streams),
+``clip_grad_norm_fp32`` (asserts CUDA tensors), the mixed-precision/distributed optimizers, and
+sequence parallelism (needs TE/Apex norms). gopd_mega/optim.py does the gradient reduction,
+norm and clipping itself, which is correct on both platforms.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+_PATCHED = False
+
+
+def on_gpu() -> bool:
+    """True when CUDA devices are usable (then nothing is patched and NCCL is used)."""
+    return torch.cuda.is_available()
+
+
+def device() -> torch.device:
+    """The device this process computes on: its local GPU, or the CPU."""
+    if on_gpu():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class _TorchCudaToCpu:
+    """Stands in for ``torch`` inside one megatron module: tensor factories asked for device
+    'cuda' get the CPU instead; everything else is the real torch."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def _fix(kwargs):
+        dev = kwargs.get("device")
+        if dev is not None and torch.device(dev).type == "cuda":
+            kwargs["device"] = "cpu"
+        return kwargs
+
+    def zeros(self, *args, **kwargs):
+        return torch.zeros(*args, **self._fix(kwargs))
+
+    def ones(self, *args, **kwargs):
+        return torch.ones(*args, **self._fix(kwargs))
+
+    def empty(self, *args, **kwargs):
+        return torch.empty(*args, **self._fix(kwargs))
+
+    def tensor(self, *args, **kwargs):
+        return torch.tensor(*args, **self._fix(kwargs))
+
+
+def _patch_rng() -> None:
+    """Patch 1: megatron's CUDA RNG tracker keeps CPU generator states instead."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    def get_state(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def set_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        self.seeds_.add(seed)
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    mrandom._get_cuda_rng_state = get_state
+    mrandom._set_cuda_rng_state = set_state
+    mrandom.CudaRNGStatesTracker.add = add
+
+
+def _patch_tied_embedding_setup() -> None:
+    """Patch 5: ``weight.data.cuda()`` in the tied-embedding PP set-up keeps the CPU tensor."""
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    original = LanguageModule.setup_embeddings_and_output_layer
+    if getattr(original, "_gopd_patched", False):
+        return
+
+    def setup(self):
+        saved = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda t, *a, **k: t
+        try:
+            return original(self)
+        finally:
+            torch.Tensor.cuda = saved
+
+    setup._gopd_patched = True
+    LanguageModule.setup_embeddings_and_output_layer = setup
+
+
+def setup_platform() -> None:
+    """Make megatron-core usable on this machine. Idempotent; a no-op when CUDA is available."""
+    global _PATCHED
+    if _PATCHED or on_gpu():
+        return
+    # Patches 2/3 and the p2p synchronize of 4: without CUDA these functions can only raise.
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    _patch_rng()
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.transformer import utils as transformer_utils
+
+    schedules.torch = _TorchCudaToCpu()  # patch 4
+    transformer_utils.torch = _TorchCudaToCpu()
+    _patch_tied_embedding_setup()
+    _PATCHED = True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
+    """Initialise torch.distributed once and return (rank, world_size).
+
+    Under torchrun the env vars (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK) define
+    the world; a plain ``python`` run gets a single-process world. The backend is NCCL on GPUs
+    and gloo on CPUs. Also applies :func:`setup_platform`.
+    """
+    setup_platform()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"] = "0", "1", "0"
+        if on_gpu():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend="nccl" if on_gpu() else "gloo",
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+            timeout=timedelta(seconds=timeout_s),
+        )
+    return dist.get_rank(), dist.get_world_size()
