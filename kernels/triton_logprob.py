@@ -17,6 +17,8 @@
 Shapes: h [T, H], W [V_local, H] (rows >= vocab_valid are padding: masked, never read), y [T].
 Interpreter note (TRITON_INTERPRET=1, CPU): bf16 tl.dot operands are multiplied as raw bits by
 the interpreter (triton issue 11584), so bf16 tiles are upcast to fp32 before tl.dot there.
+The interpreter also truncates fp32 -> bf16 stores (the GPU rounds to nearest), so the bf16 dlogits
+of (2) carry ~2x the rounding error there; CPU tests of the triton path use fp32 and fp16.
 fp32 operands use input_precision="ieee" (no TF32) so fp32 results match torch's fp32 matmul.
 """
 

@@ -1,0 +1,377 @@
+"""Benchmark: log-prob of the sampled token from hidden states (student fwd+bwd, teacher fwd-only).
+
+Measures, in one run on one CUDA GPU: the bf16 matmul floor (8192^3), naive torch, token-chunked
+torch + checkpoint, Liger fused linear CE (reduction='none', if installed), Apple CCE exact and
+filtered (if installed), and this project's backends (kernels: chunked, triton, fused loss), for
+T in {8192, 32768}, H = 4096 and V_local in {151936, 75968, 37984, 18992} (TP 1/2/4/8). Reports
+the median CUDA-event time, the multiple of the floor (FLOPs: 2THV forward, +4THV backward), the
+peak extra memory (max_memory_allocated minus the inputs), and the error vs fp64 at
+T=1024, H=1024, V=32000. Prints a table last; writes CSV, JSON and a PNG to --out.
+
+    python benchmarks/bench_logprob.py --out bench_out          # one GPU, < 5 min on an H100
+    python benchmarks/bench_logprob.py --smoke --out /tmp/bench # tiny CPU run of the same code
+
+The student upstream gradient is a random per-token vector (the G-OPD advantage stand-in); Liger
+is driven with loss.sum() (its reduction='none' backward does not take per-token weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import kernels  # noqa: E402
+
+H_FULL, V_FULL = 4096, 151936
+TP_SIZES = (1, 2, 4, 8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Implementations. Each student fn(h, w, y, g) runs forward + backward and returns (dh, dW);
+# each teacher fn(h, w, y) returns logp.
+
+
+def naive_logp(h, w, y):
+    return torch.log_softmax((h @ w.t()).float(), dim=-1).gather(1, y[:, None]).squeeze(1)
+
+
+def chunked_ckpt_logp(h, w, y, chunk=4096):
+    from torch.utils.checkpoint import checkpoint
+
+    outs = [checkpoint(naive_logp, h[i:i + chunk], w, y[i:i + chunk], use_reentrant=False)
+            for i in range(0, h.shape[0], chunk)]
+    return torch.cat(outs)
+
+
+def _grads(out_scalar, h, w):
+    return torch.autograd.grad(out_scalar, [h, w])
+
+
+def student_impls(device: str, chunk_size: int | None) -> dict[str, Callable | str]:
+    impls: dict[str, Callable | str] = {
+        "naive torch": lambda h, w, y, g: _grads((naive_logp(h, w, y) * g).sum(), h, w),
+        "chunked torch + ckpt": lambda h, w, y, g: _grads((chunked_ckpt_logp(h, w, y) * g).sum(),
+                                                          h, w),
+    }
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as lce
+
+        def liger(h, w, y, g):
+            out = lce(h, w, y, reduction="none")
+            out = out[0] if isinstance(out, tuple) else out
+            return _grads(out.sum(), h, w)
+
+        impls["liger FLCE (none)"] = liger
+    except ImportError as e:
+        impls["liger FLCE (none)"] = f"skipped: {e}"
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        impls["CCE exact"] = lambda h, w, y, g: _grads(
+            (cce(h, w, y, reduction="none", filter_eps=None) * -g).sum(), h, w)
+        impls["CCE filtered"] = lambda h, w, y, g: _grads(
+            (cce(h, w, y, reduction="none") * -g).sum(), h, w)
+    except ImportError as e:
+        impls["CCE exact"] = impls["CCE filtered"] = f"skipped: {e}"
+
+    backends = ["chunked"]
+    if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        backends.append("triton")
+    else:
+        impls["ours triton"] = impls["ours fused-loss triton"] = "skipped: no CUDA"
+    for b in backends:
+        impls[f"ours {b}"] = (lambda b: lambda h, w, y, g: _grads(
+            (kernels.linear_logprob(h, w, y, backend=b, chunk_size=chunk_size) * g).sum(),
+            h, w))(b)
+        impls[f"ours fused-loss {b}"] = (lambda b: lambda h, w, y, g: _grads(
+            kernels.linear_logprob_loss(h, w, y, lambda lp, sl: g[sl] * lp, backend=b,
+                                        chunk_size=chunk_size)[0], h, w))(b)
+    return impls
+
+
+def teacher_impls(device: str, chunk_size: int | None) -> dict[str, Callable | str]:
+    impls: dict[str, Callable | str] = {
+        "naive torch": naive_logp,
+        "chunked torch": lambda h, w, y: torch.cat(
+            [naive_logp(h[i:i + 4096], w, y[i:i + 4096]) for i in range(0, h.shape[0], 4096)]),
+    }
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        impls["CCE"] = lambda h, w, y: -cce(h, w, y, reduction="none", filter_eps=None)
+    except ImportError as e:
+        impls["CCE"] = f"skipped: {e}"
+    impls["ours chunked"] = lambda h, w, y: kernels.linear_logprob_inference(
+        h, w, y, backend="chunked", chunk_size=chunk_size)
+    if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        impls["ours triton (tl.dot)"] = lambda h, w, y: kernels.linear_logprob_inference(
+            h, w, y, backend="triton")
+    else:
+        impls["ours triton (tl.dot)"] = "skipped: no CUDA"
+    return impls
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], device: str, budget_s: float, max_reps: int) -> float:
+    """Median time of fn in ms; two warm-up calls (Triton compiles on the first)."""
+    fn()
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    once = time.perf_counter() - t0
+    reps = int(max(3, min(max_reps, budget_s / max(once, 1e-6))))
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_extra_gib(fn: Callable[[], object], device: str) -> float:
+    if device != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    del out
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def matmul_tflops(device: str, n: int) -> float:
+    dt = torch.bfloat16
+    a = torch.randn(n, n, device=device, dtype=dt)
+    b = torch.randn(n, n, device=device, dtype=dt)
+    ms = time_ms(lambda: a @ b, device, budget_s=1.0, max_reps=50)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def make_inputs(T, H, V, device, dtype, seed=0, requires_grad=False):
+    g = torch.Generator(device=device).manual_seed(seed)
+    h = torch.randn(T, H, device=device, dtype=dtype, generator=g)
+    w = (torch.randn(V, H, device=device, dtype=torch.float32, generator=g) * (3.0 / H**0.5))
+    w = w.to(dtype)
+    y = torch.randint(0, V, (T,), device=device, generator=g)
+    gup = torch.randn(T, device=device, dtype=torch.float32, generator=g)
+    if requires_grad:
+        h.requires_grad_()
+        w.requires_grad_()
+    return h, w, y, gup
+
+
+def rel(x, ref):
+    x, ref = x.detach().double(), ref.detach().double()
+    return float((x - ref).norm() / ref.norm().clamp(min=1e-30))
+
+
+def accuracy(device, T, H, V, chunk_size) -> list[dict]:
+    """Rel. error vs fp64 (same bf16-rounded inputs), upstream gradient -1 (i.e. d sum(CE))."""
+    h, w, y, _ = make_inputs(T, H, V, device, torch.bfloat16, seed=1)
+    minus1 = -torch.ones(T, device=device)
+    h64 = h.double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    lp64 = kernels.linear_logprob(h64, w64, y, backend="torch")
+    dh64, dw64 = torch.autograd.grad((lp64 * minus1.double()).sum(), [h64, w64])
+    rows = []
+    for name, fn in student_impls(device, chunk_size).items():
+        if isinstance(fn, str):
+            rows.append({"impl": name, "note": fn})
+            continue
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        try:
+            dh, dw = fn(hh, ww, y, minus1)
+            lp = (kernels.linear_logprob_inference(h, w, y, backend="torch")
+                  if name.startswith(("liger", "CCE")) else None)
+            if name.startswith("CCE"):
+                from cut_cross_entropy import linear_cross_entropy as cce
+
+                lp = -cce(h, w, y, reduction="none", filter_eps=None)
+            elif name.startswith("liger"):
+                from liger_kernel.transformers.functional import \
+                    liger_fused_linear_cross_entropy as lce
+
+                out = lce(h, w, y, reduction="none")
+                lp = -(out[0] if isinstance(out, tuple) else out)
+            elif "fused" in name:
+                lp = kernels.linear_logprob_loss(h, w, y, lambda l, s: l, backend=name.split()[-1],
+                                                 chunk_size=chunk_size)[1]
+            elif name.startswith("ours"):
+                lp = kernels.linear_logprob(h, w, y, backend=name.split()[-1],
+                                            chunk_size=chunk_size)
+            elif name.startswith("chunked"):
+                lp = chunked_ckpt_logp(h, w, y)
+            else:
+                lp = naive_logp(h, w, y)
+            rows.append({"impl": name, "logp_rel_err": rel(lp, lp64), "dh_rel_err": rel(dh, dh64),
+                         "dW_rel_err": rel(dw, dw64)})
+        except Exception as e:  # an optional library failing must not stop the benchmark
+            rows.append({"impl": name, "note": f"error: {type(e).__name__}: {e}"[:200]})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU run of the same code path")
+    ap.add_argument("--chunk-size", type=int, default=None,
+                    help="token chunk for our backends (default: fp32 logits chunk <= 2 GiB)")
+    ap.add_argument("--tokens", type=int, nargs="*", default=None)
+    ap.add_argument("--time-limit", type=float, default=240.0,
+                    help="seconds for the timed cases; the rest are skipped with a note")
+    args = ap.parse_args(argv)
+
+    if args.smoke:
+        device, dtype, H, V, tokens = "cpu", torch.bfloat16, 64, 1000, args.tokens or [96]
+        mm_n, acc_shape, budget, max_reps = 256, (64, 64, 500), 0.05, 3
+        chunk = args.chunk_size or 40
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("needs a CUDA GPU (use --smoke for a CPU check of the script)")
+        device, dtype, H, V, tokens = "cuda", torch.bfloat16, H_FULL, V_FULL, args.tokens or [
+            8192, 32768]
+        mm_n, acc_shape, budget, max_reps = 8192, (1024, 1024, 32000), 1.0, 10
+        chunk = args.chunk_size
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    tflops = matmul_tflops(device, mm_n)
+    print(f"bf16 matmul {mm_n}^3: {tflops:.1f} TFLOP/s on {device}", flush=True)
+    acc_rows = accuracy(device, *acc_shape, chunk)
+
+    rows: list[dict] = []
+    t_deadline = time.perf_counter() + args.time_limit
+    for T in tokens:
+        for tp in TP_SIZES:
+            v_local = V // tp if not args.smoke else V // tp + (tp > 1)  # odd sizes on CPU too
+            for mode, impls, flops in (
+                ("student fwd+bwd", student_impls(device, chunk), 6 * T * H * v_local),
+                ("teacher fwd", teacher_impls(device, chunk), 2 * T * H * v_local),
+            ):
+                floor_ms = flops / (tflops * 1e12) * 1e3
+                for name, fn in impls.items():
+                    row = {"mode": mode, "impl": name, "T": T, "H": H, "V_local": v_local,
+                           "tp": tp, "floor_ms": floor_ms}
+                    if isinstance(fn, str):
+                        rows.append({**row, "note": fn})
+                        continue
+                    if time.perf_counter() > t_deadline:
+                        rows.append({**row, "note": "skipped: time limit"})
+                        continue
+                    h, w, y, g = make_inputs(T, H, v_local, device, dtype,
+                                             requires_grad=mode.startswith("student"))
+                    call = (lambda fn=fn: fn(h, w, y, g)) if mode.startswith("student") else (
+                        lambda fn=fn: fn(h, w, y))
+                    try:
+                        with torch.set_grad_enabled(mode.startswith("student")):
+                            mem = peak_extra_gib(call, device)
+                            ms = time_ms(call, device, budget, max_reps)
+                        rows.append({**row, "ms": ms, "x_floor": ms / floor_ms,
+                                     "peak_extra_gib": mem})
+                    except torch.cuda.OutOfMemoryError:
+                        rows.append({**row, "note": "skipped: OOM"})
+                    except Exception as e:
+                        rows.append({**row, "note": f"error: {type(e).__name__}: {e}"[:200]})
+                    del h, w, y, g, call
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                    print(f"  {mode:16s} T={T:6d} V={v_local:6d} {name:24s} "
+                          f"{rows[-1].get('ms', float('nan')):9.2f} ms  "
+                          f"{rows[-1].get('note', '')}", flush=True)
+
+    meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "torch": torch.__version__, "matmul_tflops": tflops, "smoke": args.smoke,
+            "wall_s": time.perf_counter() - t_start, "accuracy_shape": acc_shape}
+    (out_dir / "bench_logprob.json").write_text(
+        json.dumps({"meta": meta, "timings": rows, "accuracy": acc_rows}, indent=1,
+                   default=float))
+    keys = ["mode", "impl", "T", "H", "V_local", "tp", "ms", "floor_ms", "x_floor",
+            "peak_extra_gib", "note"]
+    with open(out_dir / "bench_logprob.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        wr.writeheader()
+        wr.writerows(rows)
+    plot(rows, out_dir / "bench_logprob.png")
+
+    print(f"\naccuracy vs fp64, T,H,V={acc_shape}, bf16 inputs:")
+    for r in acc_rows:
+        if "note" in r:
+            print(f"  {r['impl']:26s} {r['note']}")
+        else:
+            print(f"  {r['impl']:26s} logp {r['logp_rel_err']:.2e}  dh {r['dh_rel_err']:.2e}  "
+                  f"dW {r['dW_rel_err']:.2e}")
+    print(f"\n{meta['device']}, bf16 matmul {tflops:.0f} TFLOP/s, wall {meta['wall_s']:.0f} s")
+    print(f"{'mode':16s} {'impl':26s} {'T':>6s} {'V_local':>7s} {'ms':>9s} {'x floor':>8s} "
+          f"{'GiB':>6s}")
+    for r in rows:
+        if "ms" in r:
+            print(f"{r['mode']:16s} {r['impl']:26s} {r['T']:6d} {r['V_local']:7d} "
+                  f"{r['ms']:9.2f} {r['x_floor']:8.2f} {r['peak_extra_gib']:6.2f}")
+        else:
+            print(f"{r['mode']:16s} {r['impl']:26s} {r['T']:6d} {r['V_local']:7d}  {r['note']}")
+    return rows
+
+
+def plot(rows, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib missing: no {path}")
+        return
+    modes = sorted({r["mode"] for r in rows})
+    fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 4.5), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        sel = [r for r in rows if r["mode"] == mode and "ms" in r]
+        for impl in sorted({r["impl"] for r in sel}):
+            pts = sorted((r["T"] * r["V_local"], r["x_floor"]) for r in sel if r["impl"] == impl)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+        ax.set_xscale("log")
+        ax.set_xlabel("T x V_local")
+        ax.set_ylabel("time / matmul floor")
+        ax.set_title(mode)
+        ax.axhline(1.0, color="k", lw=0.5)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
