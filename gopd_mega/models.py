@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 import kernels
 from gopd_mega.config import ModelConfig, OptimConfig
-from gopd_mega.optim import StudentOptimizer
+from gopd_mega.optim import StudentOptimizer, build_optimizer
 from gopd_mega.parallel import ModelGroups
 from gopd_mega.platform import device, on_gpu, setup_platform
 
@@ -218,8 +218,7 @@ class ShardedGPT:
         if trainable:
             self.model.train()
             if optim is not None:
-                self.optimizer = StudentOptimizer(list(self._params.values()), self._counted_params(),
-                                                  groups.pg.mp, optim, total_steps)
+                build_optimizer(self, optim, total_steps)
         else:
             self.model.eval()
             for p in self.model.parameters():
@@ -344,6 +343,16 @@ class ShardedGPT:
         for name, p in self._params.items():
             p.copy_(other._params[name])
 
+    def shard_state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's model shard {local megatron name: CPU tensor} (checkpoints, same layout)."""
+        return {n: p.detach().cpu().clone() for n, p in self._params.items()}
+
+    @torch.no_grad()
+    def load_shard_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`shard_state_dict` (same layout)."""
+        for name, p in self._params.items():
+            p.copy_(sd[name])
+
     def _shard_file(self, directory: str) -> str:
         return os.path.join(directory, f"{self.name}_tp{self.groups.tp_rank}_pp{self.groups.pp_rank}.pt")
 
@@ -352,7 +361,7 @@ class ShardedGPT:
         every rank returns after all have finished (collective over the world)."""
         if self.groups.dp_rank == 0:
             os.makedirs(directory, exist_ok=True)
-            state = {"model": {n: p.detach().cpu() for n, p in self._params.items()},
+            state = {"model": self.shard_state_dict(),
                      "optim": self.optimizer.state_dict() if self.optimizer else None}
             torch.save(state, self._shard_file(directory))
         dist.barrier()
@@ -361,8 +370,7 @@ class ShardedGPT:
     def load(self, directory: str) -> None:
         """Read this rank's shard written by :meth:`save` with the same layout."""
         state = torch.load(self._shard_file(directory), map_location=device(), weights_only=False)
-        for name, p in self._params.items():
-            p.copy_(state["model"][name])
+        self.load_shard_state_dict(state["model"])
         if self.optimizer is not None and state["optim"] is not None:
             self.optimizer.load_state_dict(state["optim"])
 
@@ -520,11 +528,16 @@ class ShardedGPT:
         their loss is dropped). Loss = sum of fn over all tokens of the full batch, so the builder
         must bake the global normalisation into its weights (e.g. objective.token_weights).
 
-        Returns loss (full batch), grad_norm, lr, logp [N, S] (detached, from this forward),
-        entropy (token mean over loss_mask).
+        Clips and applies AdamW at the optimizer's current LR; the caller advances the LR
+        schedule with ``optimizer.step_schedule()`` once per update.
+
+        Returns loss (full batch), grad_norm (before clipping), lr, skipped, logp [N, S]
+        (detached, from this forward, 0 where loss_mask is 0), entropy (token mean over
+        loss_mask).
         """
         if self.optimizer is None:
-            raise RuntimeError(f"{self.name}: train_step needs trainable=True and an OptimConfig")
+            raise RuntimeError(f"{self.name}: train_step needs trainable=True and an optimizer "
+                               "(gopd_mega.optim.build_optimizer or optim=...)")
         N, S = tokens.shape
         mine, counts = self._my_rows(N)
         batch = {"tokens": tokens[mine], "loss_mask": loss_mask[mine]}

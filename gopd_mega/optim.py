@@ -58,24 +58,37 @@ def global_grad_norm(counted: list[torch.nn.Parameter], mp_group) -> float:
 
 
 class StudentOptimizer:
-    """AdamW over this rank's parameters + global-norm clipping + LR schedule."""
+    """AdamW over this rank's parameters + global-norm clipping + LR schedule.
+
+    ``step()`` (called by ShardedGPT.train_step) clips and applies AdamW at the current LR;
+    ``step_schedule()`` (called by the training loop once per update) advances the schedule.
+    """
 
     def __init__(self, params: list[torch.nn.Parameter], counted: list[torch.nn.Parameter],
                  mp_group, cfg: OptimConfig, total_steps: int | None = None):
         self.params, self.counted, self.mp_group, self.cfg = params, counted, mp_group, cfg
         self.total_steps = total_steps
-        self.steps_done = 0
-        self.opt = torch.optim.AdamW(params, lr=lr_at(cfg, 0, total_steps), betas=(cfg.beta1, cfg.beta2),
+        self.schedule_step = 0
+        self.opt = torch.optim.AdamW(params, lr=self.lr, betas=(cfg.beta1, cfg.beta2),
                                      eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next ``step()`` uses."""
+        return lr_at(self.cfg, self.schedule_step, self.total_steps)
+
+    def step_schedule(self) -> None:
+        self.schedule_step += 1
 
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
 
     def step(self) -> dict[str, float]:
-        """Clip to cfg.grad_clip by the global norm, apply AdamW, advance the schedule."""
+        """Clip to cfg.grad_clip by the global norm and apply AdamW (skipped on a non-finite
+        norm). Returns grad_norm (before clipping), lr and skipped."""
         norm = global_grad_norm(self.counted, self.mp_group)
-        lr = lr_at(self.cfg, self.steps_done, self.total_steps)
+        lr = self.lr
         for group in self.opt.param_groups:
             group["lr"] = lr
         if math.isfinite(norm):
@@ -85,12 +98,21 @@ class StudentOptimizer:
                     if p.grad is not None:
                         p.grad.mul_(scale)
             self.opt.step()
-        self.steps_done += 1
         return {"grad_norm": norm, "lr": lr, "skipped": float(not math.isfinite(norm))}
 
     def state_dict(self) -> dict:
-        return {"adamw": self.opt.state_dict(), "steps_done": self.steps_done}
+        return {"adamw": self.opt.state_dict(), "schedule_step": self.schedule_step}
 
     def load_state_dict(self, sd: dict) -> None:
         self.opt.load_state_dict(sd["adamw"])
-        self.steps_done = int(sd["steps_done"])
+        self.schedule_step = int(sd["schedule_step"])
+
+
+def build_optimizer(model, cfg: OptimConfig, total_steps: int | None = None) -> StudentOptimizer:
+    """The optimizer of a trainable ShardedGPT (attached to it: ``model.optimizer``)."""
+    if not model.trainable:
+        raise ValueError(f"{model.name}: a frozen model (teacher/reference) gets no optimizer")
+    opt = StudentOptimizer(list(model._params.values()), model._counted_params(), model.groups.pg.mp,
+                           cfg, total_steps)
+    model.optimizer = opt
+    return opt

@@ -84,12 +84,17 @@ def _save_load(ckpt_dir):
     builder = lambda rows: (lambda lp, sl: -(lp * w[rows].reshape(-1)[sl]))  # noqa: E731
     optim = OptimConfig(lr=1e-3, schedule="cosine", warmup_steps=1, min_lr=1e-4, weight_decay=0.1)
     a = ShardedGPT(tiny_cfg(2, 1, seed=5), g, trainable=True, optim=optim, total_steps=4, name="student")
-    a.train_step(tokens, mask, builder, micro_batch_size=2)
+    def step(m):
+        out = m.train_step(tokens, mask, builder, micro_batch_size=2)
+        m.optimizer.step_schedule()
+        return out
+
+    step(a)
     a.save(ckpt_dir)
-    ref = [a.train_step(tokens, mask, builder, micro_batch_size=2) for _ in range(2)]
+    ref = [step(a) for _ in range(2)]
     b = ShardedGPT(tiny_cfg(2, 1, seed=6), g, trainable=True, optim=optim, total_steps=4, name="student")
     b.load(ckpt_dir)
-    got = [b.train_step(tokens, mask, builder, micro_batch_size=2) for _ in range(2)]
+    got = [step(b) for _ in range(2)]
     # reference = initial student: a frozen copy
     frozen = ShardedGPT(tiny_cfg(2, 1, seed=7), g, name="reference")
     frozen.copy_weights_from(b)
