@@ -210,9 +210,10 @@ class ShardedGPT:
         self._params = dict(self.model.named_parameters())
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
-        for info in self.layout:  # the tags megatron sets only when it initialises weights itself
+        for info in self.layout:  # 0.16 tags parameters only when it initialises them itself
             p = self._params[info.local_name]
-            set_tensor_model_parallel_attributes(p, info.partition_dim is not None, info.partition_dim or 0, 1)
+            if not hasattr(p, "tensor_model_parallel"):
+                set_tensor_model_parallel_attributes(p, info.partition_dim is not None, info.partition_dim or 0, 1)
         self._init_weights()
         self.optimizer: StudentOptimizer | None = None
         if trainable:
