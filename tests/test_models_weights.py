@@ -120,3 +120,32 @@ def test_lr_schedule():
     lin = OptimConfig(lr=1.0, min_lr=0.0, schedule="linear")
     assert math.isclose(lr_at(lin, 5, 10), 0.5)
     assert lr_at(OptimConfig(lr=2.0), 100, 10) == 2.0
+
+
+def _edge_cases():
+    from gopd_mega.config import OptimConfig
+    from gopd_mega.models import ShardedGPT
+    from gopd_mega.parallel import build_layout_groups
+
+    g_dp, g_pp = build_layout_groups([(1, 1), (1, 2)])
+    tokens, mask = batch(n=3)
+    mask[0] = 0  # a sequence without response tokens -> a micro-batch with nothing to score
+    w = torch.ones(tokens.shape) / mask.sum()
+    builder = lambda rows: (lambda lp, sl: -(lp * w[rows].reshape(-1)[sl]))  # noqa: E731
+    out = {}
+    for name, g in (("dp2", g_dp), ("pp2", g_pp)):
+        m = ShardedGPT(tiny_cfg(*((1, 1) if name == "dp2" else (1, 2))), g, trainable=True,
+                       optim=OptimConfig(lr=1e-3))
+        one = m.train_step(tokens[:1], mask[:1], builder, micro_batch_size=1)  # N=1 < DP=2
+        full = m.train_step(tokens, mask, builder, micro_batch_size=1)
+        out[name] = (one, full, m.logprobs(tokens[1:2], mask[1:2]))
+    return out
+
+
+def test_edge_cases_empty_rows_and_fewer_rows_than_dp():
+    for out in run_distributed(_edge_cases, 2):
+        for name, (one, full, lp) in out.items():
+            assert one["loss"] == 0.0 and one["grad_norm"] == 0.0, name
+            assert math.isfinite(full["loss"]) and full["grad_norm"] > 0, name
+            assert (full["logp"][0] == 0).all() and lp.shape == (1, 12)
+        assert math.isclose(out["dp2"][1]["loss"], out["pp2"][1]["loss"], rel_tol=1e-5)
