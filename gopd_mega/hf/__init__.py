@@ -6,6 +6,8 @@
 * gopd_mega/hf/tokenizer.py     HFTokenizer (the project's Tokenizer protocol), vocab checks
 * gopd_mega/hf/datasets.py      prompt records from parquet / JSONL / arrow / saved datasets
 * gopd_mega/hf/smollm2.py       the offline SmolLM2-135M-Instruct as an HF checkpoint folder
+* gopd_mega/hf/train_state.py   layout-free (DCP) training state: resume at another DP/TP/PP
+* gopd_mega/hf/testing.py       tiny random HF models and a bare megatron GPTModel for tests
 """
 
 from gopd_mega.hf.convert import (
