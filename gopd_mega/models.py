@@ -205,6 +205,9 @@ class ShardedGPT:
             rotary_base=int(cfg.rope_base),
             pg_collection=groups.pg,
         ).to(device())
+        if groups.is_last_stage and getattr(self.model.decoder, "final_layernorm", None) is None:
+            # HiddenGPT relies on the decoder block applying the final norm (0.16 - 0.19 do).
+            raise RuntimeError("this megatron-core no longer applies the final norm in the decoder block")
         self._layer_offset = groups.pp_rank * (cfg.num_layers // cfg.pp)
         self.layout = [self._param_info(n, p) for n, p in self.model.named_parameters()]
         self._params = dict(self.model.named_parameters())
