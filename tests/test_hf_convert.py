@@ -114,6 +114,15 @@ def test_wrong_shape_names_file_and_tensor(llama_dir):
         _convert(llama_dir)
 
 
+def test_unused_tensor_is_an_error(llama_dir):
+    path = llama_dir / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)  # config says no biases
+    save_file(tensors, str(path))
+    with pytest.raises(CheckpointError, match=r"not used.*q_proj\.bias"):
+        _convert(llama_dir)
+
+
 def test_corrupt_file_names_it(llama_dir):
     path = llama_dir / "model.safetensors"
     path.write_bytes(path.read_bytes()[:1000])

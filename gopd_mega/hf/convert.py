@@ -244,14 +244,24 @@ def load_hf_checkpoint(model, directory: str | os.PathLike, cfg: ModelConfig | N
     geo = Geometry.of(cfg, _padded_vocab(model))
     reader = CheckpointReader(directory)
     slots = model_slots(model)
+    used: set[str] = set()
     for slot in slots:
         rule, hf = match_rule(family, slot.name, geo)
+        used.update(hf)
         shard = build_shard(reader, rule, hf, geo, tuple(slot.param.shape), slot.partition_dim, slot.tp_rank, slot.tp_size)
         if tuple(shard.shape) != tuple(slot.param.shape):
             raise CheckpointError(
                 f"{directory}: {slot.name} built from {list(hf)} has shape {list(shard.shape)}, the model has {list(slot.param.shape)}"
             )
         slot.param.copy_(shard.to(slot.param.dtype))
+    if _gpt_module(model).pg_collection.pp.size() == 1:
+        # A whole model must use every tensor: a leftover one (e.g. attention biases the config
+        # does not announce) means the config and the weights disagree.
+        ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()
+        unused = sorted(n for n in reader.names() if n not in used and n not in ignorable and not n.endswith("rotary_emb.inv_freq"))
+        if unused:
+            raise CheckpointError(f"{directory}: tensors not used by the {family.name} model: {unused[:5]}"
+                                  f"{' ...' if len(unused) > 5 else ''} (config.json and weights disagree?)")
     return len(slots)
 
 
