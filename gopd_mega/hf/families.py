@@ -153,6 +153,8 @@ class Family:
         """transformers config object for ``cfg`` (written to config.json on export)."""
         from transformers import AutoConfig
 
+        if cfg.activation != "swiglu":
+            raise UnsupportedCheckpoint(f"model field 'activation' = {cfg.activation!r}: {self.name} checkpoints need 'swiglu'")
         extra: dict[str, Any] = {}
         if self.name == "llama":
             extra = {"attention_bias": False, "mlp_bias": False}
