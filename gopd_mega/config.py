@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 
 def _fail(where: str, message: str) -> None:
-    raise ConfigError(f"config field '{where}': {message}")
+    raise ConfigError(f"config field '{where.lstrip('.')}': {message}")
 
 
 @dataclass
@@ -79,7 +79,7 @@ class ModelConfig:
     params_dtype: str = "float32"
     """'float32', 'bfloat16' or 'float16' (non-fp32 needs a GPU)."""
 
-    def validate(self, where: str) -> None:
+    def validate(self, where: str = "") -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_seq_len", "tp", "pp"):
             if getattr(self, name) < 1:
                 _fail(f"{where}.{name}", f"must be >= 1, got {getattr(self, name)}")
@@ -120,7 +120,7 @@ class TeacherConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The teacher's architecture, weights (``model.load`` is required) and own TP/PP layout."""
 
-    def validate(self, where: str) -> None:
+    def validate(self, where: str = "") -> None:
         if not self.name:
             _fail(f"{where}.name", "must be a non-empty route key")
         if self.model.load is None:
@@ -147,7 +147,7 @@ class ObjectiveConfig:
     aggregation: str = "seq-mean-token-mean"
     """'token-mean' or 'seq-mean-token-mean' (the paper's)."""
 
-    def validate(self, where: str) -> None:
+    def validate(self, where: str = "") -> None:
         if not (self.lam >= 0.0):
             _fail(f"{where}.lam", f"reward scale lambda must be >= 0, got {self.lam}")
         if self.reference != "initial" and not Path(self.reference).exists():
@@ -182,7 +182,7 @@ class RolloutConfig:
     sglang_url: str | None = None
     """Base URL of the SGLang server (engine='sglang')."""
 
-    def validate(self, where: str) -> None:
+    def validate(self, where: str = "") -> None:
         if self.engine not in ("embedded", "sglang"):
             _fail(f"{where}.engine", f"must be 'embedded' or 'sglang', got {self.engine!r}")
         if self.temperature <= 0:
@@ -218,7 +218,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Global gradient-norm clip (0 disables)."""
 
-    def validate(self, where: str) -> None:
+    def validate(self, where: str = "") -> None:
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             _fail(f"{where}.lr", f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if self.schedule not in ("constant", "cosine", "linear"):
@@ -252,7 +252,7 @@ class DataConfig:
     chat_template: bool = False
     """Apply the tokenizer's chat template to each prompt (real models)."""
 
-    def validate(self, where: str) -> None:
+    def validate(self, where: str = "") -> None:
         if self.source != "synthetic" and not Path(self.source).exists():
             _fail(f"{where}.source", f"dataset path does not exist: {self.source}")
         if self.max_prompt_len < 1:
@@ -286,7 +286,7 @@ class TrainConfig:
     progress: bool = True
     """Show a progress bar."""
 
-    def validate(self, where: str) -> None:
+    def validate(self, where: str = "") -> None:
         if self.steps < 0 or self.prompts_per_step < 1 or self.micro_batch_size < 1:
             _fail(f"{where}.steps", "steps >= 0, prompts_per_step >= 1 and micro_batch_size >= 1 are required")
         if self.log_backend not in ("jsonl", "tensorboard", "both"):
@@ -304,7 +304,7 @@ class EvalConfig:
     max_prompts: int = 200
     """Held-out prompts per domain used for evaluation."""
 
-    def validate(self, where: str) -> None:
+    def validate(self, where: str = "") -> None:
         if self.max_prompts < 1:
             _fail(f"{where}.max_prompts", f"must be >= 1, got {self.max_prompts}")
 

@@ -5,7 +5,9 @@ The model object offers
 the logits at position lengths-1 of each row (right-padded input); every rank of a model returns
 the same logits (the megatron wrapper gathers the vocab shards). V must be the REAL vocabulary
 (padded rows sliced off), otherwise the full-softmax log-prob below would include padding ids.
-For ``update_weights`` it offers ``copy_weights_from(student)``.
+The engine passes CPU tensors (the model moves them to its device); the logits may come back on
+any device and sampling happens there. For ``update_weights`` it offers
+``copy_weights_from(student)``.
 
 Decoding is incremental without a KV cache: each step re-runs the model on the current
 [N_active, prompt + generated] batch. Quadratic, but fine for the tiny models this engine serves;

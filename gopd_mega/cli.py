@@ -1,0 +1,69 @@
+"""G-OPD training from a recipe: ``gopd-train --recipe RECIPE.yaml [section.field=value ...]``.
+
+    python -m gopd_mega.cli --recipe recipes/example_synthetic.yaml objective.lam=1.25
+    torchrun --nproc-per-node 8 -m gopd_mega.cli --recipe my_run.yaml student.tp=2
+
+Prompts come from ``data.source``: 'synthetic' (the arithmetic domains, character tokenizer) or
+a local dataset file/directory (parquet/JSONL/arrow/saved dataset) read with the student's own
+Hugging Face tokenizer and chat template. The trained student is written to
+``<train.out_dir>/student`` (gopd-mega model directory) and, for a Hugging Face student, also
+exported as a Hugging Face checkpoint to ``<train.out_dir>/hf``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from gopd_mega.config import RunConfig, load_config
+from gopd_mega.data import synthetic
+from gopd_mega.data.prompts import PromptDataset
+from gopd_mega.data.tokenizer import CharTokenizer
+from gopd_mega.model_io import is_hf_dir, save_model_dir
+from gopd_mega.run import build_models, build_student_optimizer, report
+from gopd_mega.trainer import Distiller
+
+
+def load_prompts(cfg: RunConfig):
+    """(tokenizer, training records) for the configured data source."""
+    if cfg.data.source == "synthetic":
+        records, _ = synthetic.from_config(cfg.data)
+        return CharTokenizer(), records
+    from gopd_mega.hf import HFTokenizer, load_prompt_records
+
+    if cfg.student.load is None or not is_hf_dir(cfg.student.load):
+        raise ValueError("data.source is a dataset file: student.load must be a Hugging Face model directory (its tokenizer is used)")
+    tokenizer = HFTokenizer(cfg.student.load)
+    return tokenizer, load_prompt_records(cfg.data, tokenizer)
+
+
+def train(cfg: RunConfig) -> Distiller:
+    tokenizer, records = load_prompts(cfg)
+    models = build_models(cfg, tokenizer)
+    if hasattr(tokenizer, "check_compatible"):
+        for teacher in cfg.teachers:
+            tokenizer.check_compatible(teacher.model.load, f"teacher '{teacher.name}'")
+    data = PromptDataset.from_config(records, tokenizer, cfg.data, teachers=[t.name for t in cfg.teachers])
+    report(str(data.filter_summary))
+    distiller = Distiller(cfg, models, data, build_student_optimizer(cfg, models))
+    distiller.fit()
+    out = Path(cfg.train.out_dir)
+    save_model_dir(models.student, out / "student")
+    if cfg.student.load is not None and is_hf_dir(cfg.student.load):
+        from gopd_mega.hf import export_hf
+
+        export_hf(models.student, out / "hf", source_dir=cfg.student.load)
+        report(f"Hugging Face checkpoint: {out / 'hf'}")
+    return distiller
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True, help="YAML or TOML recipe (RunConfig sections)")
+    parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    args = parser.parse_args(argv)
+    train(load_config(args.recipe, args.overrides))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Layout-free model directories: what ``ModelConfig.load`` points at.
+
+Two formats are recognised by their files:
+  * gopd-mega model directory: ``model_config.json`` (a ModelConfig) + ``model.safetensors``
+    holding the full, unsharded tensors under megatron's canonical names (global layer indices).
+    Written by :func:`save_model_dir`; any TP/PP layout can load it.
+  * Hugging Face directory: ``config.json`` + safetensors (gopd_mega.hf converts it, streaming
+    each rank's shard).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from gopd_mega.config import ModelConfig, build_config
+
+MODEL_CONFIG = "model_config.json"
+WEIGHTS = "model.safetensors"
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / MODEL_CONFIG).is_file()
+
+
+def is_hf_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def read_model_config(path: str | os.PathLike) -> ModelConfig:
+    """The architecture saved in a gopd-mega model directory."""
+    file = Path(path) / MODEL_CONFIG
+    try:
+        return build_config(ModelConfig, json.loads(file.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{file}: {exc}") from exc
+
+
+def save_model_dir(model, path: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
+    """Collective. Gathers the full weights and writes them atomically (rank 0): a directory that
+    exists under ``path`` is always complete."""
+    path = Path(path)
+    state = model.full_state_dict()
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        tmp = path.with_name(path.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS))
+        cfg = dataclasses.replace(model.cfg, load=None, tp=1, pp=1)
+        (tmp / MODEL_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def load_weights(model, path: str | os.PathLike) -> None:
+    """Load ``path`` (either format) into ``model``, whatever its layout."""
+    path = Path(path)
+    if is_model_dir(path):
+        state = load_file(str(path / WEIGHTS))
+        model.load_full_state_dict(state)
+    elif is_hf_dir(path):
+        from gopd_mega.hf import load_hf_weights
+
+        load_hf_weights(model, path)
+    else:
+        raise FileNotFoundError(f"{path}: neither a gopd-mega model directory ({MODEL_CONFIG}) nor a Hugging Face one (config.json)")
+
+
+LAYOUT_FIELDS = ("tp", "pp", "params_dtype", "load")
+
+
+def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
+    """With ``cfg.load`` set, the architecture comes from the checkpoint and only the layout
+    (tp, pp, params_dtype) from ``cfg``; without it, ``cfg`` is returned as it is."""
+    if cfg.load is None:
+        return cfg
+    path = Path(cfg.load)
+    if is_model_dir(path):
+        saved = read_model_config(path)
+    elif is_hf_dir(path):
+        from gopd_mega.hf import model_config_from_hf
+
+        saved = model_config_from_hf(path)
+    else:
+        raise FileNotFoundError(f"{path}: neither a gopd-mega model directory ({MODEL_CONFIG}) nor a Hugging Face one (config.json)")
+    resolved = dataclasses.replace(saved, **{f: getattr(cfg, f) for f in LAYOUT_FIELDS})
+    resolved.validate(f"model at {path}")
+    return resolved

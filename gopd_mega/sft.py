@@ -1,0 +1,43 @@
+"""Supervised fine-tuning with the same megatron-core student and train_step as G-OPD.
+
+The demo uses it to make its mediocre base model (briefly, on every domain) and its domain
+teachers (further, on one domain each, from that same base).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from gopd_mega.data.prompts import sft_batch
+from gopd_mega.metrics import is_rank0
+from gopd_mega.objective import token_weights
+
+
+def nll_loss_builder(weights: torch.Tensor) -> Callable:
+    """rows -> token loss fn: -log p(y_t) weighted (token mean over the batch)."""
+
+    def build(rows: torch.Tensor) -> Callable:
+        w = weights[rows].reshape(-1)
+        return lambda logp, sl: -logp * w[sl]
+
+    return build
+
+
+def train_sft(model, optimizer, records: list[dict], tokenizer, *, steps: int, batch_size: int,
+              micro_batch_size: int, max_len: int, seed: int, desc: str = "SFT") -> list[float]:
+    """``steps`` updates on batches drawn (seeded) from ``records``; returns the losses."""
+    rng = random.Random(seed)
+    losses = []
+    bar = tqdm(range(steps), desc=desc, disable=not is_rank0())
+    for _ in bar:
+        batch = [records[rng.randrange(len(records))] for _ in range(batch_size)]
+        tokens, mask = sft_batch(batch, tokenizer, max_len)
+        out = model.train_step(tokens, mask, nll_loss_builder(token_weights(mask, "token-mean")), micro_batch_size)
+        optimizer.step_schedule()
+        losses.append(out["loss"])
+        bar.set_postfix(loss=f"{out['loss']:.3f}")
+    return losses
