@@ -5,10 +5,15 @@ Each domain turns a random draw into a prompt such as ``"47+385="`` and its exac
 in the paper's math/code "domain expert merging"). Domains live in a registry (:data:`DOMAINS`,
 :func:`register_domain`) so a new one is a ``Domain(...)`` away.
 
-Difficulty (chosen so a 2-4 layer, 64-128 wide GPT learns 'add' well and 'mul' partly within a
-few hundred SFT steps on 2 CPU cores):
-    add:  a + b, each operand 2 or 3 digits          (answer 2-4 digits)
-    mul:  a * b, a 2 digits, b 1 or 2 digits         (answer 2-4 digits)
+Difficulty, measured (a 3-layer, 128-wide pre-norm torch transformer, AdamW lr 3e-3, batch 64 of
+mixed add+mul SFT records, greedy accuracy on 100 held-out prompts per domain):
+    add:  a + b, both operands 2 digits              (answer 2-3 digits)   ~0.9 after 1500 steps
+    mul:  a * b, a 2 digits, b 1 or 2 digits         (answer 2-4 digits)   ~0.15 after 1500 steps
+    add3: a + b, each operand 2 or 3 digits          (harder variant)      ~0.03 after 1500 steps
+Answers are written most-significant digit first, so a tiny model needs on the order of a
+thousand steps, not a few hundred (reversing the digits did not speed it up at 600 steps).
+Pool sizes: add 8100 problems, mul 8910 (about 1/HELD_OUT_BUCKETS of each held out), enough for
+the default 2000 training + 200 held-out prompts per domain.
 
 Train/held-out split: a problem belongs to the held-out pool iff a stable hash of its prompt
 text falls in the held-out bucket (1 in ``HELD_OUT_BUCKETS``). The split therefore never depends on
@@ -77,6 +82,11 @@ def _binary_solver(op: str, fn: Callable[[int, int], int]) -> Callable[[str], st
 
 register_domain(Domain(
     name="add",
+    sample=lambda rng: f"{_number(rng, 2)}+{_number(rng, 2)}=",
+    solve=_binary_solver("+", lambda a, b: a + b),
+))
+register_domain(Domain(
+    name="add3",
     sample=lambda rng: f"{_number(rng, rng.choice((2, 3)))}+{_number(rng, rng.choice((2, 3)))}=",
     solve=_binary_solver("+", lambda a, b: a + b),
 ))
