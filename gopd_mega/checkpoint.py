@@ -1,8 +1,12 @@
-"""Training-state checkpoints: atomic, per rank, resumable.
+"""Training-state checkpoints: atomic and layout-free (resume at another DP, TP or PP size).
 
 Layout of ``<out_dir>/checkpoints/``:
     step_000040/                 a complete checkpoint
-        rank_00000.pt ...        each rank's model shard, optimizer, scheduler and RNG state
+        train_state/             student weights + AdamW moments under canonical names, full
+                                 tensors, torch.distributed.checkpoint (gopd_mega.hf.train_state)
+        rng_00000.pt ...         each rank's RNG state (restored when the world size is the same;
+                                 rollout seeds derive from the step, so resuming elsewhere is exact
+                                 up to nothing that depends on these)
         trainer_state.json       step, data position, world size, config (rank 0)
         COMPLETE                 written last; a directory without it is never loaded
     step_000050.partial/         a save in progress (or one that died): ignored, removed on retry
@@ -24,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from gopd_mega.hf.train_state import load_train_state, save_train_state
 
 COMPLETE = "COMPLETE"
 
@@ -55,8 +61,8 @@ class CheckpointManager:
     def __init__(self, out_dir: str | os.PathLike):
         self.root = Path(out_dir) / "checkpoints"
 
-    def save(self, step: int, rank_state: dict[str, Any], trainer_state: dict[str, Any]) -> Path:
-        """Collective: every rank calls it with its own ``rank_state``."""
+    def save(self, step: int, model, optimizer, trainer_state: dict[str, Any]) -> Path:
+        """Collective: the student ``model`` (ShardedGPT), its optimizer and rank 0's trainer state."""
         final = self.root / f"step_{step:06d}"
         partial = self.root / f"step_{step:06d}.partial"
         if _rank() == 0:
@@ -64,7 +70,8 @@ class CheckpointManager:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir()
         _barrier()
-        torch.save({**rank_state, "rng": rng_state()}, partial / f"rank_{_rank():05d}.pt")
+        save_train_state(model, optimizer, partial / "train_state")
+        torch.save(rng_state(), partial / f"rng_{_rank():05d}.pt")
         _barrier()
         if _rank() == 0:
             meta = {"step": step, "world_size": _world(), **trainer_state}
@@ -86,16 +93,13 @@ class CheckpointManager:
         complete = sorted(p for p in self.root.glob("step_*") if p.is_dir() and (p / COMPLETE).exists())
         return complete[-1] if complete else None
 
-    def load(self, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Returns (this rank's state, trainer_state); restores the RNG state."""
+    def load(self, path: Path, model, optimizer) -> dict[str, Any]:
+        """Collective: load weights and optimizer into ``model``/``optimizer`` (any layout) and
+        return the trainer state; restores the RNG state when the world size is unchanged."""
         if not (path / COMPLETE).exists():
             raise RuntimeError(f"checkpoint {path} is incomplete (no {COMPLETE} marker); refusing to load it")
         meta = json.loads((path / "trainer_state.json").read_text())
-        if meta["world_size"] != _world():
-            raise RuntimeError(
-                f"checkpoint {path} was written by {meta['world_size']} ranks, this run has {_world()}; "
-                "resume with the same world size"
-            )
-        state = torch.load(path / f"rank_{_rank():05d}.pt", weights_only=False)
-        set_rng_state(state.pop("rng"))
-        return state, meta
+        load_train_state(model, optimizer, path / "train_state")
+        if meta["world_size"] == _world():
+            set_rng_state(torch.load(path / f"rng_{_rank():05d}.pt", weights_only=False))
+        return meta

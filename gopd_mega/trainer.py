@@ -92,17 +92,14 @@ class Distiller:
 
     # ------------------------------------------------------------------ state
     def save(self) -> None:
-        rank_state = {"model": self.m.student.shard_state_dict(), "optimizer": self.optimizer.state_dict()}
         trainer_state = {"data": self.data.state_dict(), "config": to_dict(self.cfg)}
-        self.ckpt.save(self.step, rank_state, trainer_state)
+        self.ckpt.save(self.step, self.m.student, self.optimizer, trainer_state)
 
     def maybe_resume(self) -> bool:
         path = self.ckpt.latest() if self.cfg.train.resume else None
         if path is None:
             return False
-        state, meta = self.ckpt.load(path)
-        self.m.student.load_shard_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        meta = self.ckpt.load(path, self.m.student, self.optimizer)
         self.data.load_state_dict(meta["data"])
         self.step = meta["step"]
         self.sync_weights()

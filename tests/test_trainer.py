@@ -1,0 +1,160 @@
+"""The G-OPD driver end to end on tiny megatron-core models (CPU, gloo)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from gopd_mega.config import ModelConfig, RunConfig, build_config
+from gopd_mega.data import synthetic
+from gopd_mega.data.prompts import DataError, PromptDataset
+from gopd_mega.data.tokenizer import CharTokenizer
+from gopd_mega.model_io import save_model_dir
+from gopd_mega.run import build_model, build_models, build_student_optimizer
+from gopd_mega.trainer import Distiller, score_teachers
+
+TOK = CharTokenizer()
+TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
+            vocab_size=TOK.vocab_size, max_seq_len=32)
+
+
+def _save_random_model(path, seed, **overrides):
+    model = build_model(ModelConfig(**{**TINY, **overrides}, seed=seed), trainable=False, name=f"seed{seed}")
+    save_model_dir(model, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    # Teachers with a larger init scale have peaked, distinct distributions to distil.
+    return {
+        "student": _save_random_model(root / "student", 1),
+        "add": _save_random_model(root / "t_add", 2, init_std=0.3),
+        "mul": _save_random_model(root / "t_mul", 3, init_std=0.3),
+    }
+
+
+def _run_cfg(model_dirs, out_dir, steps, **extra) -> RunConfig:
+    data = {
+        "student": {"load": model_dirs["student"]},
+        "teachers": [{"name": d, "model": {"load": model_dirs[d]}} for d in ("add", "mul")],
+        "objective": {"lam": 1.25},
+        "rollout": {"max_new_tokens": 6},
+        "optim": {"lr": 1e-3},
+        "data": {"num_train": 64, "num_eval": 8, "max_prompt_len": 12},
+        "train": {"steps": steps, "prompts_per_step": 8, "micro_batch_size": 4, "out_dir": str(out_dir), "progress": False},
+    }
+    overrides = [f"{k}={v}" for k, v in extra.items()]
+    return build_config(RunConfig, data, overrides)
+
+
+def _distiller(cfg: RunConfig) -> Distiller:
+    records, _ = synthetic.from_config(cfg.data)
+    models = build_models(cfg, TOK)
+    data = PromptDataset.from_config(records, TOK, cfg.data, teachers=[t.name for t in cfg.teachers])
+    return Distiller(cfg, models, data, build_student_optimizer(cfg, models))
+
+
+def test_resume_equals_straight_run(model_dirs, tmp_path):
+    """N steps straight == N/2 steps, save, a fresh process-state restart, N/2 more steps."""
+    straight = _distiller(_run_cfg(model_dirs, tmp_path / "straight", 4)).fit()
+
+    first = _distiller(_run_cfg(model_dirs, tmp_path / "resumed", 2)).fit()
+    torch.manual_seed(12345)  # whatever the RNG did in between must not matter
+    second_run = _distiller(_run_cfg(model_dirs, tmp_path / "resumed", 4))
+    second = second_run.fit()
+    assert second_run.step == 4 and len(first) == 2 and len(second) == 2
+    got = [m["loss"] for m in first + second]
+    want = [m["loss"] for m in straight]
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
+    assert [m["grad_norm"] for m in first + second] == pytest.approx([m["grad_norm"] for m in straight], rel=1e-6)
+    # metrics.jsonl continues across the restart
+    lines = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+
+
+def _next_token_kl(student, teachers, prompts, routes) -> float:
+    """Exact KL(pi_student || pi_teacher) of the first response token, averaged over prompts."""
+    tokens = torch.nn.utils.rnn.pad_sequence([torch.tensor(p) for p in prompts], batch_first=True)
+    lengths = torch.tensor([len(p) for p in prompts])
+    log_s = torch.log_softmax(student.next_token_logits(tokens, lengths), -1)
+    kl = []
+    for name, teacher in teachers.items():
+        rows = [i for i, r in enumerate(routes) if r == name]
+        log_t = torch.log_softmax(teacher.next_token_logits(tokens[rows], lengths[rows]), -1)
+        kl.append((log_s[rows].exp() * (log_s[rows] - log_t)).sum(-1))
+    return float(torch.cat(kl).mean())
+
+
+def test_metrics_and_learning(model_dirs, tmp_path):
+    """Training moves the student towards its teachers: the exact next-token KL to each prompt's
+    teacher on held prompts falls, and every metric is logged."""
+    cfg = _run_cfg(model_dirs, tmp_path / "run", 20, **{"optim.lr": 1e-2, "objective.lam": 1.0, "train.prompts_per_step": 32, "train.micro_batch_size": 32})
+    run = _distiller(cfg)
+    _, held = synthetic.from_config(cfg.data)
+    recs = [r for d in held.values() for r in d]
+    prompts = [[TOK.bos_id] + TOK.encode(r["prompt"]) for r in recs]
+    routes = [r["opd_teacher"] for r in recs]
+    before = _next_token_kl(run.m.student, run.m.teachers, prompts, routes)
+    history = run.fit()
+    after = _next_token_kl(run.m.student, run.m.teachers, prompts, routes)
+    for key in ("loss", "grad_norm", "reverse_kl", "implicit_reward", "entropy", "clip_frac",
+                "response_len", "tokens_per_s", "reverse_kl/add", "reverse_kl/mul"):
+        assert key in history[-1], key
+    # Deterministic (seeded rollouts, fixed prompts); a wrong-signed update raises the KL instead.
+    assert after < 0.95 * before, (before, after)
+
+
+def test_each_prompt_is_scored_by_its_teacher(model_dirs, tmp_path):
+    cfg = _run_cfg(model_dirs, tmp_path / "route", 1)
+    models = build_models(cfg, TOK)
+    prompts = [[TOK.bos_id] + TOK.encode(p) for p in ("12+34=", "5*6=", "7+8=", "9*9=")]
+    batch = models.engine.generate(prompts, temperature=1.0, max_new_tokens=5, seed=0)
+    routes = ["add", "mul", "add", "mul"]
+    got = score_teachers(models.teachers, batch, routes, 1.0)
+    for name, teacher in models.teachers.items():
+        own = teacher.logprobs(batch.tokens, batch.loss_mask, 1.0)
+        rows = [i for i, r in enumerate(routes) if r == name]
+        torch.testing.assert_close(got[rows], own[rows], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(models.teachers["add"].logprobs(batch.tokens, batch.loss_mask, 1.0),
+                              models.teachers["mul"].logprobs(batch.tokens, batch.loss_mask, 1.0))
+
+
+def test_vocab_mismatch_is_refused(model_dirs, tmp_path):
+    other = _save_random_model(tmp_path / "wide", 4, vocab_size=TOK.vocab_size + 7)
+    cfg = _run_cfg(model_dirs, tmp_path / "v", 1)
+    cfg.teachers[1].model = dataclasses.replace(cfg.teachers[1].model, load=other)
+    with pytest.raises(ValueError, match="vocabulary mismatch: teacher 'mul' has vocab_size=48"):
+        build_models(cfg, TOK)
+
+
+def test_long_prompts_are_counted_and_reported_and_empty_data_refused(capsys):
+    records = [{"prompt": "1+1=", "opd_teacher": "add"}, {"prompt": "123456789+123456789=", "opd_teacher": "add"}]
+    data = PromptDataset(records, TOK, max_prompt_len=10, teachers=["add"])
+    assert len(data) == 1
+    assert (data.filter_summary.dropped, data.filter_summary.longest) == (1, 21)
+    assert "dropped 1" in str(data.filter_summary)
+    with pytest.raises(DataError, match="empty after filtering"):
+        PromptDataset(records[1:], TOK, max_prompt_len=10, teachers=["add"])
+    with pytest.raises(DataError, match="empty"):
+        PromptDataset([], TOK, max_prompt_len=10, teachers=["add"])
+
+
+def test_incomplete_checkpoint_is_never_loaded(model_dirs, tmp_path):
+    run = _distiller(_run_cfg(model_dirs, tmp_path / "c", 1))
+    run.fit()
+    ckpt = run.ckpt.latest()
+    assert ckpt is not None and ckpt.name == "step_000001"
+    # A save that died half-way: only a .partial directory, which latest() ignores.
+    partial = ckpt.parent / "step_000002.partial"
+    partial.mkdir()
+    (partial / "rng_00000.pt").write_bytes(b"truncated")
+    assert run.ckpt.latest() == ckpt
+    (ckpt / "COMPLETE").unlink()
+    assert run.ckpt.latest() is None
+    with pytest.raises(RuntimeError, match="incomplete"):
+        run.ckpt.load(ckpt, run.m.student, run.optimizer)
