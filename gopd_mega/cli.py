@@ -20,32 +20,34 @@ from gopd_mega.data import synthetic
 from gopd_mega.data.prompts import PromptDataset
 from gopd_mega.data.tokenizer import CharTokenizer
 from gopd_mega.model_io import is_hf_dir, save_model_dir
-from gopd_mega.run import build_models, build_student_optimizer, report
+from gopd_mega.run import build_models, build_student_optimizer, report, synthetic_evaluator
 from gopd_mega.trainer import Distiller
 
 
 def load_prompts(cfg: RunConfig):
-    """(tokenizer, training records) for the configured data source."""
+    """(tokenizer, training records, held-out records by domain or None) for the data source."""
     if cfg.data.source == "synthetic":
-        records, _ = synthetic.from_config(cfg.data)
-        return CharTokenizer(), records
+        records, held_out = synthetic.from_config(cfg.data)
+        return CharTokenizer(), records, held_out
     from gopd_mega.hf import HFTokenizer, load_prompt_records
 
     if cfg.student.load is None or not is_hf_dir(cfg.student.load):
         raise ValueError("data.source is a dataset file: student.load must be a Hugging Face model directory (its tokenizer is used)")
     tokenizer = HFTokenizer(cfg.student.load)
-    return tokenizer, load_prompt_records(cfg.data, tokenizer)
+    # No verifier ships for free-form datasets: periodic evaluation is for the synthetic domains.
+    return tokenizer, load_prompt_records(cfg.data, tokenizer), None
 
 
 def train(cfg: RunConfig) -> Distiller:
-    tokenizer, records = load_prompts(cfg)
+    tokenizer, records, held_out = load_prompts(cfg)
     models = build_models(cfg, tokenizer)
     if hasattr(tokenizer, "check_compatible"):
         for teacher in cfg.teachers:
             tokenizer.check_compatible(teacher.model.load, f"teacher '{teacher.name}'")
     data = PromptDataset.from_config(records, tokenizer, cfg.data, teachers=[t.name for t in cfg.teachers])
     report(str(data.filter_summary))
-    distiller = Distiller(cfg, models, data, build_student_optimizer(cfg, models))
+    evaluate = synthetic_evaluator(cfg, models, tokenizer, held_out) if held_out else None
+    distiller = Distiller(cfg, models, data, build_student_optimizer(cfg, models), evaluate)
     distiller.fit()
     out = Path(cfg.train.out_dir)
     save_model_dir(models.student, out / "student")

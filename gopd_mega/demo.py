@@ -44,7 +44,7 @@ from gopd_mega.evaluation import evaluate
 from gopd_mega.model_io import is_model_dir, save_model_dir
 from gopd_mega.optim import build_optimizer
 from gopd_mega.rollout.embedded import EmbeddedEngine
-from gopd_mega.run import build_model, build_models, build_student_optimizer, report
+from gopd_mega.run import build_model, build_models, build_student_optimizer, report, synthetic_evaluator
 from gopd_mega.sft import train_sft
 from gopd_mega.trainer import Distiller
 
@@ -179,7 +179,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         models = build_models(run_cfg, tokenizer)
         data = PromptDataset.from_config(train_records, tokenizer, run_cfg.data, teachers=list(teachers))
         report(str(data.filter_summary))
-        distiller = Distiller(run_cfg, models, data, build_student_optimizer(run_cfg, models))
+        evaluate = synthetic_evaluator(run_cfg, models, tokenizer, held_out)
+        distiller = Distiller(run_cfg, models, data, build_student_optimizer(run_cfg, models), evaluate)
         t0 = time.perf_counter()
         distiller.fit()
         save_model_dir(models.student, students[name])

@@ -7,9 +7,11 @@ Build order matters in a distributed world: every rank builds the same models in
 from __future__ import annotations
 
 import dataclasses
-import logging
+from typing import Callable
 
 from gopd_mega.config import ModelConfig, RunConfig
+from gopd_mega.data import synthetic
+from gopd_mega.evaluation import evaluate_config
 from gopd_mega.metrics import is_rank0
 from gopd_mega.model_io import load_weights, resolve_model_config
 from gopd_mega.models import ShardedGPT
@@ -18,9 +20,6 @@ from gopd_mega.parallel import build_model_groups
 from gopd_mega.platform import init_distributed
 from gopd_mega.rollout import make_engine
 from gopd_mega.trainer import Models
-
-log = logging.getLogger(__name__)
-
 
 def build_model(cfg: ModelConfig, trainable: bool, name: str) -> ShardedGPT:
     """A ShardedGPT on its own layout, with the weights of ``cfg.load`` if given."""
@@ -68,6 +67,13 @@ def build_models(cfg: RunConfig, tokenizer) -> Models:
     if sampler is not None:
         engine.update_weights(student)
     return Models(student=student, reference=reference, teachers=teachers, engine=engine)
+
+
+def synthetic_evaluator(cfg: RunConfig, models: Models, tokenizer, held_out: dict[str, list[dict]]) -> Callable[[], dict]:
+    """Held-out accuracy of the rollout engine (= the current student) on the synthetic domains,
+    greedy and/or sampled as ``cfg.eval`` asks: the trainer's periodic evaluation."""
+    return lambda: evaluate_config(models.engine, held_out, tokenizer, synthetic.check, cfg.eval, cfg.rollout,
+                                   seed=cfg.data.seed, prompt_field=cfg.data.prompt_field)
 
 
 def build_student_optimizer(cfg: RunConfig, models: Models):

@@ -41,14 +41,17 @@ class Models:
     engine: object  # a RolloutEngine
 
 
+def rows_by_teacher(routes: list[str], teachers: dict) -> dict[str, torch.Tensor]:
+    """Batch rows routed to each teacher (teachers with no rows in this batch are left out)."""
+    rows = {name: torch.tensor([i for i, r in enumerate(routes) if r == name], dtype=torch.long) for name in teachers}
+    return {name: r for name, r in rows.items() if r.numel()}
+
+
 def score_teachers(teachers: dict, batch: RolloutBatch, routes: list[str], temperature: float) -> torch.Tensor:
     """Teacher log-probs [N, S]: each row is scored by the teacher its prompt routes to."""
     out = torch.zeros(batch.tokens.shape, dtype=torch.float32)
-    for name, teacher in teachers.items():
-        rows = torch.tensor([i for i, r in enumerate(routes) if r == name], dtype=torch.long)
-        if rows.numel() == 0:
-            continue
-        out[rows] = teacher.logprobs(batch.tokens[rows], batch.loss_mask[rows], temperature)
+    for name, rows in rows_by_teacher(routes, teachers).items():
+        out[rows] = teachers[name].logprobs(batch.tokens[rows], batch.loss_mask[rows], temperature)
     return out
 
 
@@ -164,17 +167,16 @@ class Distiller:
             "rollout_s": t_rollout - t0,
             "step_s": t_end - t0,
         }
-        for name in self.m.teachers:
-            rows = torch.tensor([i for i, r in enumerate(routes) if r == name], dtype=torch.long)
-            if rows.numel():
-                m = mask[rows].float()
-                metrics[f"reverse_kl/{name}"] = float(((student_logp[rows] - teacher_logp[rows]) * m).sum() / m.sum().clamp(min=1))
+        for name, rows in rows_by_teacher(routes, self.m.teachers).items():
+            m = mask[rows].float()
+            metrics[f"reverse_kl/{name}"] = float(((student_logp[rows] - teacher_logp[rows]) * m).sum() / m.sum().clamp(min=1))
         return metrics
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> list[dict[str, float]]:
         cfg = self.cfg.train
         self.maybe_resume()
+        start = self.step
         history = []
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and is_rank0()), desc=f"G-OPD lam={self.settings.lam}")
         while self.step < cfg.steps:
@@ -189,6 +191,6 @@ class Distiller:
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save()
         bar.close()
-        if cfg.steps and (not cfg.save_every or self.step % cfg.save_every):
-            self.save()
+        if self.step > start and (not cfg.save_every or self.step % cfg.save_every):
+            self.save()  # the final state, unless the loop has just saved it
         return history
