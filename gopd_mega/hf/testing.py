@@ -38,24 +38,12 @@ def tiny_hf_model(family: str, directory: str | os.PathLike, tie: bool = False, 
     return model.eval()
 
 
-def init_single_process(port: int = 29631) -> None:
-    """One-process gloo world with megatron's parallel_state, plus the CPU patches."""
-    import torch.distributed as dist
+def init_single_process() -> None:
+    """One-process gloo world plus the CPU patches and the layout-free megatron globals, exactly as
+    the rest of gopd-mega sets them up (no global model-parallel layout is chosen)."""
+    from gopd_mega.parallel import build_model_groups
 
-    from gopd_mega.platform import setup_platform
-
-    setup_platform()
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(port))
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    from megatron.core import parallel_state
-
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-        model_parallel_cuda_manual_seed(1234)  # attention enters the RNG tracker even at p=0
+    build_model_groups(1, 1, name="test model")
 
 
 def build_gpt(cfg: ModelConfig, padded_vocab: int | None = None):
@@ -74,7 +62,10 @@ def build_gpt(cfg: ModelConfig, padded_vocab: int | None = None):
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
     )
     spec = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization="RMSNorm")
+    from gopd_mega.parallel import build_model_groups
+
     return GPTModel(tc, spec, vocab_size=padded_vocab or cfg.padded_vocab, max_sequence_length=cfg.max_seq_len,
+                    pg_collection=build_model_groups(1, 1, name="test model").pg,
                     position_embedding_type="rope", rotary_base=int(cfg.rope_base) if float(cfg.rope_base).is_integer() else cfg.rope_base,
                     share_embeddings_and_output_weights=cfg.tie_embeddings).eval()
 
