@@ -204,20 +204,31 @@ def grad_pass(hidden, weight, plan: Plan, row_ops: RowOps, lse, mu, g, g_ent, tg
     """Recompute each chunk's logits and apply d logp (and d entropy) -> (dh, dW)."""
     T = hidden.shape[0]
     w = weight[: plan.vocab_valid]
-    dh = torch.empty_like(hidden) if need_dh else None
-    dw_acc = (torch.zeros(plan.vocab_valid, hidden.shape[1], dtype=acc_dtype(hidden),
-                          device=hidden.device) if need_dw else None)
+    dh, dw_acc = grad_buffers(hidden, plan, need_dh, need_dw)
     for sl in _chunks(T, plan.chunk_size):
         z = chunk_logits(hidden[sl], w, plan.inv_temp)
         dz = row_ops.dlogits(z, lse[sl], mu[sl], g[sl], None if g_ent is None else g_ent[sl],
                              tgt[sl], owned[sl], plan.inv_temp, hidden.dtype)
         del z
-        if need_dh:
-            torch.matmul(dz, w, out=dh[sl])
-        if need_dw:
-            addmm_acc_(dw_acc, dz.t(), hidden[sl])
+        accumulate_grads(dz, w, hidden, sl, dh, dw_acc)
         del dz
     return finish_grads(dh, dw_acc, weight, plan)
+
+
+def grad_buffers(hidden, plan: Plan, need_dh: bool, need_dw: bool):
+    """(dh [T, H] or None, fp32 dW accumulator [vocab_valid, H] or None)."""
+    dh = torch.empty_like(hidden) if need_dh else None
+    dw_acc = (torch.zeros(plan.vocab_valid, hidden.shape[1], dtype=acc_dtype(hidden),
+                          device=hidden.device) if need_dw else None)
+    return dh, dw_acc
+
+
+def accumulate_grads(dz, w, hidden, sl: slice, dh, dw_acc) -> None:
+    """One chunk's d logits -> dh[sl] = dz @ W and dW += dz^T @ h[sl] (each when wanted)."""
+    if dh is not None:
+        torch.matmul(dz, w, out=dh[sl])
+    if dw_acc is not None:
+        addmm_acc_(dw_acc, dz.t(), hidden[sl])
 
 
 def finish_grads(dh, dw_acc, weight, plan: Plan):

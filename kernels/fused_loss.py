@@ -30,8 +30,8 @@ from typing import Callable
 import torch
 
 from . import vocab_parallel as vp
-from .chunked import (TORCH_ROW_OPS, Plan, RowOps, _chunks, acc_dtype, addmm_acc_, chunk_logits,
-                      finish_grads, make_plan)
+from .chunked import (TORCH_ROW_OPS, Plan, RowOps, _chunks, acc_dtype, accumulate_grads, chunk_logits,
+                      finish_grads, grad_buffers, make_plan)
 
 TokenLossFn = Callable[[torch.Tensor, slice], torch.Tensor]
 
@@ -54,15 +54,14 @@ class FusedLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, token_loss_fn: TokenLossFn, plan: Plan,
                 row_ops: RowOps):
-        T, H = hidden.shape
+        T = hidden.shape[0]
         dt = acc_dtype(hidden)
         dev = hidden.device
         tgt, owned, valid = vp.local_targets(targets, plan.vocab_start, plan.vocab_valid,
                                              plan.ignore_index)
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         w = weight[: plan.vocab_valid]
-        dh = torch.empty_like(hidden) if need_dh else None
-        dw_acc = torch.zeros(plan.vocab_valid, H, dtype=dt, device=dev) if need_dw else None
+        dh, dw_acc = grad_buffers(hidden, plan, need_dh, need_dw)
         logp = torch.empty(T, dtype=dt, device=dev)
         entropy = torch.empty(T, dtype=dt, device=dev)
         loss = torch.zeros((), dtype=dt, device=dev)
@@ -77,10 +76,7 @@ class FusedLossFunction(torch.autograd.Function):
                 dz = row_ops.dlogits(z, lse, mu, g, None, tgt[sl], owned[sl], plan.inv_temp,
                                      hidden.dtype)
                 del z
-                if need_dh:
-                    torch.matmul(dz, w, out=dh[sl])
-                if need_dw:
-                    addmm_acc_(dw_acc, dz.t(), hidden[sl])
+                accumulate_grads(dz, w, hidden, sl, dh, dw_acc)
                 del dz
         dh, dw = finish_grads(dh, dw_acc, weight, plan)
         ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (dh, dw)))

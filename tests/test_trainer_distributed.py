@@ -5,22 +5,12 @@ from __future__ import annotations
 import pytest
 
 from dist_utils import run_distributed
-from test_trainer import _distiller, _run_cfg, _save_random_model
+from test_trainer import _distiller, _run_cfg, model_dirs  # noqa: F401 (model_dirs: shared fixture)
 
 
 def _train(model_dirs, out_dir, steps, overrides):
     history = _distiller(_run_cfg(model_dirs, out_dir, steps, **overrides)).fit()
     return [v for m in history for v in (m["loss"], m["grad_norm"])]
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist_models")
-    return {
-        "student": _save_random_model(root / "student", 1),
-        "add": _save_random_model(root / "t_add", 2, init_std=0.3),
-        "mul": _save_random_model(root / "t_mul", 3, init_std=0.3),
-    }
 
 
 @pytest.mark.distributed
