@@ -21,6 +21,7 @@ from gopd_mega.platform import init_distributed
 from gopd_mega.rollout import make_engine
 from gopd_mega.trainer import Models
 
+
 def build_model(cfg: ModelConfig, trainable: bool, name: str) -> ShardedGPT:
     """A ShardedGPT on its own layout, with the weights of ``cfg.load`` if given."""
     cfg = resolve_model_config(cfg)
@@ -31,14 +32,25 @@ def build_model(cfg: ModelConfig, trainable: bool, name: str) -> ShardedGPT:
     return model
 
 
-def check_vocab(student: ShardedGPT, others: dict[str, ShardedGPT]) -> None:
-    """Teachers and the reference must score the student's tokens with the same vocabulary."""
+def check_vocab(student: ShardedGPT, others: dict[str, ShardedGPT], tokenizer) -> None:
+    """Teachers and the reference must score the student's tokens with the same vocabulary.
+
+    Equal sizes are required, except for Hugging Face checkpoints whose tokenizers agree on every
+    real id and differ only in padded rows (e.g. 151936 vs 152064 for Qwen): then a model may have
+    MORE rows than the student (it scores every id the student can sample), never fewer.
+    """
     for name, model in others.items():
-        if model.cfg.vocab_size != student.cfg.vocab_size:
+        v_other, v_student = model.cfg.vocab_size, student.cfg.vocab_size
+        if v_other == v_student:
+            continue
+        padded_only = hasattr(tokenizer, "check_compatible") and model.cfg.load is not None
+        if padded_only:
+            tokenizer.check_compatible(model.cfg.load, name)  # raises on any real-id difference
+        if not padded_only or v_other < v_student:
             raise ValueError(
-                f"vocabulary mismatch: {name} has vocab_size={model.cfg.vocab_size} "
-                f"(load={model.cfg.load}), the student has {student.cfg.vocab_size}; log-probs of "
-                "different vocabularies cannot be compared"
+                f"vocabulary mismatch: {name} has vocab_size={v_other} (load={model.cfg.load}), the "
+                f"student has {v_student}; log-probs of different vocabularies cannot be compared"
+                + (" (the student could sample ids this model cannot score)" if padded_only else "")
             )
 
 
@@ -54,7 +66,7 @@ def build_models(cfg: RunConfig, tokenizer) -> Models:
         reference = build_model(ref_cfg, trainable=False, name="reference")
     teachers = {t.name: build_model(t.model, trainable=False, name=f"teacher '{t.name}'") for t in cfg.teachers}
     others = {"reference": reference, **{f"teacher '{k}'": v for k, v in teachers.items()}}
-    check_vocab(student, others)
+    check_vocab(student, others, tokenizer)
     needed = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
     for name, model in {"student": student, **others}.items():
         if model.cfg.max_seq_len < needed:

@@ -160,3 +160,26 @@ def test_incomplete_checkpoint_is_never_loaded(model_dirs, tmp_path):
     assert run.ckpt.latest() is None
     with pytest.raises(RuntimeError, match="incomplete"):
         run.ckpt.load(ckpt, run.m.student, run.optimizer)
+
+
+def test_padded_only_vocab_difference_is_accepted_one_way(tmp_path):
+    """HF checkpoints with the same tokenizer but more embedding rows (Qwen's 151936 vs 152064)
+    may teach a student with fewer rows; the other way round the student could sample ids the
+    teacher cannot score, which is refused."""
+    from gopd_mega.hf import HFTokenizer
+    from gopd_mega.hf.testing import tiny_hf_model
+    from test_hf_tokenizer import make_tokenizer
+
+    def hf_model(name, vocab):
+        d = tmp_path / name
+        tiny_hf_model("llama", d, vocab_size=vocab)
+        make_tokenizer(d)  # 16 real ids
+        return str(d)
+
+    small, padded = hf_model("small", 16), hf_model("padded", 24)
+    base = {"rollout": {"max_new_tokens": 4}, "data": {"max_prompt_len": 8}}
+    ok = build_config(RunConfig, {**base, "student": {"load": small}, "teachers": [{"name": "t", "model": {"load": padded}}]})
+    build_models(ok, HFTokenizer(small))
+    bad = build_config(RunConfig, {**base, "student": {"load": padded}, "teachers": [{"name": "t", "model": {"load": small}}]})
+    with pytest.raises(ValueError, match="could sample ids this model cannot score"):
+        build_models(bad, HFTokenizer(padded))
