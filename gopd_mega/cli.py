@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gopd_mega.config import RunConfig, load_config
+from gopd_mega.config import ConfigError, RunConfig, load_config
 from gopd_mega.data import synthetic
 from gopd_mega.data.prompts import PromptDataset
 from gopd_mega.data.tokenizer import CharTokenizer
@@ -64,7 +64,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipe", required=True, help="YAML or TOML recipe (RunConfig sections)")
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
     args = parser.parse_args(argv)
-    train(load_config(args.recipe, args.overrides))
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+    except ConfigError as exc:
+        parser.error(str(exc))  # exits with status 2 and the message naming the field
+    train(cfg)
 
 
 if __name__ == "__main__":

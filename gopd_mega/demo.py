@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gopd_mega.config import (
+    ConfigError,
     DataConfig,
     EvalConfig,
     ModelConfig,
@@ -62,7 +63,7 @@ class SFTPhase:
 
     def validate(self, where: str) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError(f"config field '{where}': need steps >= 0, batch_size >= 1, lr > 0")
+            raise ConfigError(f"config field '{where}': need steps >= 0, batch_size >= 1, lr > 0")
 
 
 @dataclass
@@ -100,7 +101,7 @@ class DemoConfig:
         self.teacher.validate("teacher")
         for i, lam in enumerate(self.lambdas):
             if lam < 0:
-                raise ValueError(f"config field 'lambdas[{i}]': must be >= 0, got {lam}")
+                raise ConfigError(f"config field 'lambdas[{i}]': must be >= 0, got {lam}")
         return self
 
 
@@ -251,7 +252,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipe", default="recipes/demo.yaml", help="YAML/TOML recipe (DemoConfig sections)")
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
     args = parser.parse_args(argv)
-    cfg = build_config(DemoConfig, read_recipe(args.recipe), args.overrides)
+    try:
+        cfg = build_config(DemoConfig, read_recipe(args.recipe), args.overrides)
+    except ConfigError as exc:
+        parser.error(str(exc))  # exits with status 2 and the message naming the field
     run_demo(cfg)
 
 
