@@ -41,7 +41,7 @@ from gopd_mega.config import (
 from gopd_mega.data import synthetic
 from gopd_mega.data.prompts import PromptDataset
 from gopd_mega.data.tokenizer import CharTokenizer
-from gopd_mega.evaluation import evaluate
+from gopd_mega.evaluation import evaluate_modes
 from gopd_mega.model_io import is_model_dir, save_model_dir
 from gopd_mega.optim import build_optimizer
 from gopd_mega.rollout.embedded import EmbeddedEngine
@@ -139,15 +139,10 @@ def _evaluate_dir(cfg: DemoConfig, path: Path, held_out: dict[str, list[dict]], 
     """Held-out accuracy of the model saved at ``path``: greedy and sampled, per domain."""
     model = build_model(dataclasses.replace(cfg.model, load=str(path)), trainable=False, name=str(path))
     engine = EmbeddedEngine(model, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids)
-    result = {}
-    modes = [("greedy", True)] * cfg.eval.greedy + [("sampled", False)] * cfg.eval.sampled
-    for mode, greedy in modes:
-        r = evaluate(engine, held_out, tokenizer, synthetic.check, greedy=greedy, temperature=cfg.rollout.temperature,
-                     top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.data.seed + 17,
-                     max_prompts=cfg.eval.max_prompts)
-        result[mode] = {d: {"accuracy": r.accuracy[d], "response_len": r.response_len[d], "stop_rate": r.stop_rate[d]}
-                        for d in r.accuracy}
-    return result
+    results = evaluate_modes(engine, held_out, tokenizer, synthetic.check, cfg.eval, cfg.rollout, seed=cfg.data.seed + 17)
+    return {mode: {d: {"accuracy": r.accuracy[d], "response_len": r.response_len[d], "stop_rate": r.stop_rate[d]}
+                   for d in r.accuracy}
+            for mode, r in results.items()}
 
 
 def run_demo(cfg: DemoConfig) -> dict:

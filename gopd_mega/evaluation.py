@@ -92,6 +92,29 @@ def evaluate(
     return result
 
 
+def evaluate_modes(
+    engine: RolloutEngine,
+    records_by_domain: dict[str, list[dict]],
+    tokenizer: Tokenizer,
+    checker: Checker,
+    eval_cfg,
+    rollout_cfg,
+    *,
+    seed: int = 0,
+    prompt_field: str = "prompt",
+) -> dict[str, EvalResult]:
+    """Greedy and/or sampled evaluation as :class:`gopd_mega.config.EvalConfig` asks (sampling at the
+    rollout temperature/top-p): ``{"greedy": EvalResult, "sampled": EvalResult}``."""
+    modes = [("greedy", True)] * bool(eval_cfg.greedy) + [("sampled", False)] * bool(eval_cfg.sampled)
+    return {
+        name: evaluate(engine, records_by_domain, tokenizer, checker, greedy=greedy,
+                       temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
+                       max_new_tokens=rollout_cfg.max_new_tokens, seed=seed,
+                       max_prompts=eval_cfg.max_prompts, prompt_field=prompt_field)
+        for name, greedy in modes
+    }
+
+
 def evaluate_config(
     engine: RolloutEngine,
     records_by_domain: dict[str, list[dict]],
@@ -103,14 +126,9 @@ def evaluate_config(
     seed: int = 0,
     prompt_field: str = "prompt",
 ) -> dict[str, float]:
-    """Greedy and/or sampled evaluation as :class:`gopd_mega.config.EvalConfig` asks (sampling at the
-    rollout temperature/top-p); flat metrics ``eval/greedy/<domain>/acc``, ``eval/sampled/...``."""
+    """:func:`evaluate_modes` as flat metrics ``eval/greedy/<domain>/acc``, ``eval/sampled/...``."""
     metrics: dict[str, float] = {}
-    modes = [("greedy", True)] * bool(eval_cfg.greedy) + [("sampled", False)] * bool(eval_cfg.sampled)
-    for name, greedy in modes:
-        res = evaluate(engine, records_by_domain, tokenizer, checker, greedy=greedy,
-                       temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
-                       max_new_tokens=rollout_cfg.max_new_tokens, seed=seed,
-                       max_prompts=eval_cfg.max_prompts, prompt_field=prompt_field)
+    for name, res in evaluate_modes(engine, records_by_domain, tokenizer, checker, eval_cfg, rollout_cfg,
+                                    seed=seed, prompt_field=prompt_field).items():
         metrics.update(res.as_metrics(f"eval/{name}"))
     return metrics
