@@ -38,8 +38,9 @@ TP_SIZES = (1, 2, 4, 8)
 
 
 # ----------------------------------------------------------------------------------------------
-# Implementations. Each student fn(h, w, y, g) runs forward + backward and returns (dh, dW);
-# each teacher fn(h, w, y) returns logp.
+# Implementations. Each student fn(h, w, y, g, acc) runs forward + backward and returns (dh, dW)
+# (acc: a preallocated fp32 [V, H] main_grad, used only by the "-> main_grad" variant, which
+# returns dW = None and leaves it in acc); each teacher fn(h, w, y) returns logp.
 
 
 def naive_logp(h, w, y):
@@ -60,14 +61,14 @@ def _grads(out_scalar, h, w):
 
 def student_impls(device: str, chunk_size: int | None) -> dict[str, Callable | str]:
     impls: dict[str, Callable | str] = {
-        "naive torch": lambda h, w, y, g: _grads((naive_logp(h, w, y) * g).sum(), h, w),
-        "chunked torch + ckpt": lambda h, w, y, g: _grads((chunked_ckpt_logp(h, w, y) * g).sum(),
-                                                          h, w),
+        "naive torch": lambda h, w, y, g, acc: _grads((naive_logp(h, w, y) * g).sum(), h, w),
+        "chunked torch + ckpt": lambda h, w, y, g, acc: _grads(
+            (chunked_ckpt_logp(h, w, y) * g).sum(), h, w),
     }
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as lce
 
-        def liger(h, w, y, g):
+        def liger(h, w, y, g, acc):
             out = lce(h, w, y, reduction="none")
             out = out[0] if isinstance(out, tuple) else out
             return _grads(out.sum(), h, w)
@@ -78,9 +79,9 @@ def student_impls(device: str, chunk_size: int | None) -> dict[str, Callable | s
     try:
         from cut_cross_entropy import linear_cross_entropy as cce
 
-        impls["CCE exact"] = lambda h, w, y, g: _grads(
+        impls["CCE exact"] = lambda h, w, y, g, acc: _grads(
             (cce(h, w, y, reduction="none", filter_eps=None) * -g).sum(), h, w)
-        impls["CCE filtered"] = lambda h, w, y, g: _grads(
+        impls["CCE filtered"] = lambda h, w, y, g, acc: _grads(
             (cce(h, w, y, reduction="none") * -g).sum(), h, w)
     except ImportError as e:
         impls["CCE exact"] = impls["CCE filtered"] = f"skipped: {e}"
@@ -91,13 +92,23 @@ def student_impls(device: str, chunk_size: int | None) -> dict[str, Callable | s
     else:
         impls["ours triton"] = impls["ours fused-loss triton"] = "skipped: no CUDA"
     for b in backends:
-        impls[f"ours {b}"] = (lambda b: lambda h, w, y, g: _grads(
+        impls[f"ours {b}"] = (lambda b: lambda h, w, y, g, acc: _grads(
             (kernels.linear_logprob(h, w, y, backend=b, chunk_size=chunk_size) * g).sum(),
             h, w))(b)
-        impls[f"ours fused-loss {b}"] = (lambda b: lambda h, w, y, g: _grads(
+        impls[f"ours fused-loss {b}"] = (lambda b: lambda h, w, y, g, acc: _grads(
             kernels.linear_logprob_loss(h, w, y, lambda lp, sl: g[sl] * lp, backend=b,
                                         chunk_size=chunk_size)[0], h, w))(b)
+    impls[f"ours fused-loss {backends[-1]} -> main_grad"] = (
+        lambda h, w, y, g, acc: fused_into(h, w, y, g, acc, backends[-1], chunk_size))
     return impls
+
+
+def fused_into(h, w, y, g, acc, backend, chunk_size):
+    """The trainer-side variant: dW is added into the caller's fp32 main_grad ``acc``."""
+    loss = kernels.linear_logprob_loss(h, w, y, lambda lp, sl: g[sl] * lp, backend=backend,
+                                       chunk_size=chunk_size, grad_weight_acc=acc)[0]
+    (dh,) = torch.autograd.grad(loss, [h])
+    return dh, None
 
 
 def teacher_impls(device: str, chunk_size: int | None) -> dict[str, Callable | str]:
@@ -115,8 +126,12 @@ def teacher_impls(device: str, chunk_size: int | None) -> dict[str, Callable | s
     impls["ours chunked"] = lambda h, w, y: kernels.linear_logprob_inference(
         h, w, y, backend="chunked", chunk_size=chunk_size)
     if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        from kernels import chunked, triton_logprob
+
         impls["ours triton (tl.dot)"] = lambda h, w, y: kernels.linear_logprob_inference(
             h, w, y, backend="triton")
+        impls["ours cuBLAS + triton rows"] = lambda h, w, y: chunked.linear_logprob_inference(
+            h, w, y, row_ops=triton_logprob.TRITON_ROW_OPS, chunk_size=chunk_size)
     else:
         impls["ours triton (tl.dot)"] = "skipped: no CUDA"
     return impls
@@ -154,6 +169,53 @@ def time_ms(fn: Callable[[], object], device: str, budget_s: float, max_reps: in
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+# the "before" of the Triton row kernels (torch row math): measured at the full vocab only
+TP1_ONLY = {"ours chunked", "ours fused-loss chunked", "chunked torch + ckpt", "chunked torch"}
+
+
+def sweep_chunks(T: int, v_local: int, chunk: int | None) -> list[int]:
+    from kernels.chunked import default_chunk_size
+
+    default = chunk or default_chunk_size(T, v_local)
+    return [c for c in (default // 2, default * 2) if 0 < c <= T]
+
+
+def measure(mode, name, fn, T, H, v_local, tp, flops, tflops, device, dtype, budget, max_reps,
+            t_deadline) -> dict:
+    """One timed case: median ms, multiple of the matmul floor, peak extra GiB (a note instead when
+    skipped or failed)."""
+    floor_ms = flops / (tflops * 1e12) * 1e3
+    row = {"mode": mode, "impl": name, "T": T, "H": H, "V_local": v_local, "tp": tp,
+           "floor_ms": floor_ms}
+    student = mode.startswith("student")
+    if isinstance(fn, str):
+        row["note"] = fn
+    elif time.perf_counter() > t_deadline:
+        row["note"] = "skipped: time limit"
+    else:
+        h, w, y, g = make_inputs(T, H, v_local, device, dtype, requires_grad=student)
+        acc = (torch.zeros(v_local, H, device=device, dtype=torch.float32)
+               if "main_grad" in name else None)  # the optimizer's buffer: an input, not extra
+        call = (lambda: fn(h, w, y, g, acc)) if student else (lambda: fn(h, w, y))
+        try:
+            with torch.set_grad_enabled(student):
+                call()  # compile / autotune / cuBLAS workspace outside the peak
+                mem = peak_extra_gib(call, device)
+                ms = time_ms(call, device, budget, max_reps)
+            row.update(ms=ms, x_floor=ms / floor_ms, peak_extra_gib=mem)
+        except torch.cuda.OutOfMemoryError:
+            row["note"] = "skipped: OOM"
+        except Exception as e:  # an optional library failing must not stop the benchmark
+            row["note"] = f"error: {type(e).__name__}: {e}"[:200]
+        del h, w, y, g, acc, call
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    print(f"  {mode:16s} T={T:6d} V={v_local:6d} {name:34s} "
+          f"{row.get('ms', float('nan')):9.2f} ms {row.get('x_floor', float('nan')):6.2f}x "
+          f"{row.get('peak_extra_gib', float('nan')):6.2f} GiB {row.get('note', '')}", flush=True)
+    return row
 
 
 def peak_extra_gib(fn: Callable[[], object], device: str) -> float:
@@ -209,8 +271,10 @@ def accuracy(device, T, H, V, chunk_size) -> list[dict]:
             rows.append({"impl": name, "note": fn})
             continue
         hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        acc = torch.zeros(w.shape, dtype=torch.float32, device=device)
         try:
-            dh, dw = fn(hh, ww, y, minus1)
+            dh, dw = fn(hh, ww, y, minus1, acc)
+            dw = acc if dw is None else dw
             lp = (kernels.linear_logprob_inference(h, w, y, backend="torch")
                   if name.startswith(("liger", "CCE")) else None)
             if name.startswith("CCE"):
@@ -224,7 +288,7 @@ def accuracy(device, T, H, V, chunk_size) -> list[dict]:
                 out = lce(h, w, y, reduction="none")
                 lp = -(out[0] if isinstance(out, tuple) else out)
             elif "fused" in name:
-                lp = kernels.linear_logprob_loss(h, w, y, lambda l, s: l, backend=name.split()[-1],
+                lp = kernels.linear_logprob_loss(h, w, y, lambda l, s: l, backend=name.split()[2],
                                                  chunk_size=chunk_size)[1]
             elif name.startswith("ours"):
                 lp = kernels.linear_logprob(h, w, y, backend=name.split()[-1],
@@ -275,47 +339,36 @@ def main(argv=None):
 
     rows: list[dict] = []
     t_deadline = time.perf_counter() + args.time_limit
-    for T in tokens:
-        for tp in TP_SIZES:
-            v_local = V // tp if not args.smoke else V // tp + (tp > 1)  # odd sizes on CPU too
-            for mode, impls, flops in (
-                ("student fwd+bwd", student_impls(device, chunk), 6 * T * H * v_local),
-                ("teacher fwd", teacher_impls(device, chunk), 2 * T * H * v_local),
-            ):
-                floor_ms = flops / (tflops * 1e12) * 1e3
-                for name, fn in impls.items():
-                    row = {"mode": mode, "impl": name, "T": T, "H": H, "V_local": v_local,
-                           "tp": tp, "floor_ms": floor_ms}
-                    if isinstance(fn, str):
-                        rows.append({**row, "note": fn})
-                        continue
-                    if time.perf_counter() > t_deadline:
-                        rows.append({**row, "note": "skipped: time limit"})
-                        continue
-                    h, w, y, g = make_inputs(T, H, v_local, device, dtype,
-                                             requires_grad=mode.startswith("student"))
-                    call = (lambda fn=fn: fn(h, w, y, g)) if mode.startswith("student") else (
-                        lambda fn=fn: fn(h, w, y))
-                    try:
-                        with torch.set_grad_enabled(mode.startswith("student")):
-                            mem = peak_extra_gib(call, device)
-                            ms = time_ms(call, device, budget, max_reps)
-                        rows.append({**row, "ms": ms, "x_floor": ms / floor_ms,
-                                     "peak_extra_gib": mem})
-                    except torch.cuda.OutOfMemoryError:
-                        rows.append({**row, "note": "skipped: OOM"})
-                    except Exception as e:
-                        rows.append({**row, "note": f"error: {type(e).__name__}: {e}"[:200]})
-                    del h, w, y, g, call
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-                    print(f"  {mode:16s} T={T:6d} V={v_local:6d} {name:24s} "
-                          f"{rows[-1].get('ms', float('nan')):9.2f} ms  "
-                          f"{rows[-1].get('note', '')}", flush=True)
+    # The target shape first (T max, full vocab), so that a time limit cuts the least useful cases.
+    cases = sorted(((T, tp) for T in tokens for tp in TP_SIZES), key=lambda c: (c[1] > 1, -c[0]))
+    for T, tp in cases:
+        v_local = V // tp if not args.smoke else V // tp + (tp > 1)  # odd sizes on CPU too
+        for mode, impls, flops in (
+            ("student fwd+bwd", student_impls(device, chunk), 6 * T * H * v_local),
+            ("teacher fwd", teacher_impls(device, chunk), 2 * T * H * v_local),
+        ):
+            for name, fn in impls.items():
+                if tp > 1 and device == "cuda" and name in TP1_ONLY:
+                    continue
+                rows.append(measure(mode, name, fn, T, H, v_local, tp, flops, tflops, device,
+                                    dtype, budget, max_reps, t_deadline))
+        if T == max(tokens) and tp == 1:  # token-chunk sweep of the student path we ship
+            for cs in sweep_chunks(T, v_local, chunk):
+                name = f"ours fused-loss -> main_grad, chunk {cs}"
+                fn = (lambda cs: lambda h, w, y, g, acc: fused_into(
+                    h, w, y, g, acc, "triton" if device == "cuda" else "chunked", cs))(cs)
+                rows.append(measure("student fwd+bwd", name, fn, T, H, v_local, tp,
+                                    6 * T * H * v_local, tflops, device, dtype, budget,
+                                    max_reps, t_deadline))
 
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "torch": torch.__version__, "matmul_tflops": tflops, "smoke": args.smoke,
-            "wall_s": time.perf_counter() - t_start, "accuracy_shape": acc_shape}
+            "wall_s": time.perf_counter() - t_start, "accuracy_shape": acc_shape,
+            "triton": _version("triton"), "liger": _version("liger_kernel"),
+            "cce": _version("cut_cross_entropy"), "lse_dot_autotune": _autotuned(),
+            "fp32_out_gemms": dict(kernels.chunked.OUT_DTYPE_OK)}
+    print(f"bf16 -> fp32 cuBLAS GEMMs available: {meta['fp32_out_gemms']}")
+    print(f"\nlse_dot autotune choice per key: {meta['lse_dot_autotune']}")
     (out_dir / "bench_logprob.json").write_text(
         json.dumps({"meta": meta, "timings": rows, "accuracy": acc_rows}, indent=1,
                    default=float))
@@ -330,20 +383,37 @@ def main(argv=None):
     print(f"\naccuracy vs fp64, T,H,V={acc_shape}, bf16 inputs:")
     for r in acc_rows:
         if "note" in r:
-            print(f"  {r['impl']:26s} {r['note']}")
+            print(f"  {r['impl']:38s} {r['note']}")
         else:
-            print(f"  {r['impl']:26s} logp {r['logp_rel_err']:.2e}  dh {r['dh_rel_err']:.2e}  "
+            print(f"  {r['impl']:38s} logp {r['logp_rel_err']:.2e}  dh {r['dh_rel_err']:.2e}  "
                   f"dW {r['dW_rel_err']:.2e}")
     print(f"\n{meta['device']}, bf16 matmul {tflops:.0f} TFLOP/s, wall {meta['wall_s']:.0f} s")
-    print(f"{'mode':16s} {'impl':26s} {'T':>6s} {'V_local':>7s} {'ms':>9s} {'x floor':>8s} "
+    print(f"{'mode':16s} {'impl':38s} {'T':>6s} {'V_local':>7s} {'ms':>9s} {'x floor':>8s} "
           f"{'GiB':>6s}")
     for r in rows:
         if "ms" in r:
-            print(f"{r['mode']:16s} {r['impl']:26s} {r['T']:6d} {r['V_local']:7d} "
+            print(f"{r['mode']:16s} {r['impl']:38s} {r['T']:6d} {r['V_local']:7d} "
                   f"{r['ms']:9.2f} {r['x_floor']:8.2f} {r['peak_extra_gib']:6.2f}")
         else:
-            print(f"{r['mode']:16s} {r['impl']:26s} {r['T']:6d} {r['V_local']:7d}  {r['note']}")
+            print(f"{r['mode']:16s} {r['impl']:38s} {r['T']:6d} {r['V_local']:7d}  {r['note']}")
     return rows
+
+
+def _version(module: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(module.replace("_", "-"))
+    except PackageNotFoundError:
+        return None
+
+
+def _autotuned() -> dict:
+    try:
+        from kernels import triton_logprob
+    except ImportError:
+        return {}
+    return {str(k): str(v) for k, v in getattr(triton_logprob._lse_dot_kernel, "cache", {}).items()}
 
 
 def plot(rows, path: Path) -> None:

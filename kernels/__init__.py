@@ -97,16 +97,21 @@ def linear_logprob_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
                         vocab_start: int = 0, vocab_valid: int | None = None, group=None,
                         temperature: float = 1.0, ignore_index: int = -100,
                         reduce_dh: bool = True, backend: str = "auto",
-                        chunk_size: int | None = None):
+                        chunk_size: int | None = None,
+                        grad_weight_acc: torch.Tensor | None = None):
     """Fused student loss: returns (loss scalar, logp [T] detached, entropy [T] detached) with
     loss = sum_t token_loss_fn(logp_chunk, slice)[t] over non-ignored tokens. The gradient is
-    formed during the forward (one pass over the logits); backward scales the saved dh/dW."""
+    formed during the forward (one pass over the logits); backward scales the saved dh/dW.
+    ``grad_weight_acc`` (fp32, the weight shard's shape, e.g. megatron's main_grad): dW is added
+    into it in the forward instead of being returned through autograd (see kernels.fused_loss)."""
     kw = dict(vocab_start=vocab_start, vocab_valid=vocab_valid, group=group,
               temperature=temperature, ignore_index=ignore_index, reduce_dh=reduce_dh,
               chunk_size=chunk_size)
     b = _resolve(backend, hidden)
     if b == "torch":
+        if grad_weight_acc is not None:
+            raise ValueError("grad_weight_acc is for the chunked and triton backends")
         return reference.linear_logprob_loss(hidden, weight, targets, token_loss_fn, **kw)
     row_ops = _triton().TRITON_ROW_OPS if b == "triton" else chunked.TORCH_ROW_OPS
     return fused_loss.linear_logprob_loss(hidden, weight, targets, token_loss_fn,
-                                          row_ops=row_ops, **kw)
+                                          row_ops=row_ops, grad_weight_acc=grad_weight_acc, **kw)

@@ -44,8 +44,14 @@ class Plan:
     reduce_dh: bool
 
 
-def default_chunk_size(num_tokens: int, vocab_local: int, budget_bytes: int = 2**31) -> int:
-    """Largest multiple of 128 tokens whose fp32 logits chunk fits ``budget_bytes`` (2 GiB)."""
+CHUNK_BUDGET_BYTES = int(1.2 * 2**30)
+
+
+def default_chunk_size(num_tokens: int, vocab_local: int,
+                       budget_bytes: int = CHUNK_BUDGET_BYTES) -> int:
+    """Largest multiple of 128 tokens whose fp32 logits chunk fits ``budget_bytes`` (1.2 GiB):
+    2048 tokens at Qwen's 151936-row vocab, a large enough K for the dW GEMM to stay
+    compute-bound while its fp32 accumulator is read and written once per chunk."""
     rows = budget_bytes // (4 * max(vocab_local, 1))
     rows = max(128, rows // 128 * 128)
     return max(1, min(num_tokens, rows))
@@ -89,19 +95,20 @@ def acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-_OUT_DTYPE_OK: dict[str, bool] = {}
+# op name -> whether this torch build runs it with bf16/fp16 operands and an fp32 result
+OUT_DTYPE_OK: dict[str, bool] = {}
 
 
-def _try_out_dtype(device_type: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor | None:
-    """Run a cuBLAS bf16/fp16 -> fp32 GEMM if this torch build has it (cached per device type)."""
-    if device_type != "cuda" or _OUT_DTYPE_OK.get(device_type) is False:
+def _try_out_dtype(device_type: str, op: str, fn: Callable[[], torch.Tensor]):
+    """Run a cuBLAS bf16/fp16 -> fp32 GEMM if this torch build has it (cached per op)."""
+    if device_type != "cuda" or OUT_DTYPE_OK.get(op) is False:
         return None
     try:
         out = fn()
     except (RuntimeError, TypeError, NotImplementedError):
-        _OUT_DTYPE_OK[device_type] = False
+        OUT_DTYPE_OK[op] = False
         return None
-    _OUT_DTYPE_OK[device_type] = True
+    OUT_DTYPE_OK[op] = True
     return out
 
 
@@ -110,7 +117,7 @@ def mm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     dt = acc_dtype(a)
     if a.dtype == dt:
         return a @ b
-    out = _try_out_dtype(a.device.type, lambda: torch.mm(a, b, out_dtype=dt))
+    out = _try_out_dtype(a.device.type, "mm", lambda: torch.mm(a, b, out_dtype=dt))
     return out if out is not None else a.to(dt) @ b.to(dt)
 
 
@@ -119,8 +126,8 @@ def addmm_acc_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
     if a.dtype == acc.dtype:
         return acc.addmm_(a, b)
     out = _try_out_dtype(
-        a.device.type, lambda: torch.ops.aten.addmm.dtype_out(acc, a, b, acc.dtype, out=acc)
-    )
+        a.device.type, "addmm",
+        lambda: torch.ops.aten.addmm.dtype_out(acc, a, b, acc.dtype, out=acc))
     if out is None:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
     return acc
@@ -215,9 +222,12 @@ def grad_pass(hidden, weight, plan: Plan, row_ops: RowOps, lse, mu, g, g_ent, tg
     return finish_grads(dh, dw_acc, weight, plan)
 
 
-def grad_buffers(hidden, plan: Plan, need_dh: bool, need_dw: bool):
-    """(dh [T, H] or None, fp32 dW accumulator [vocab_valid, H] or None)."""
+def grad_buffers(hidden, plan: Plan, need_dh: bool, need_dw: bool, dw_acc=None):
+    """(dh [T, H] or None, fp32 dW accumulator [vocab_valid, H] or None). A caller-owned
+    accumulator ``dw_acc`` (e.g. megatron's fp32 main_grad) is used in place of a new one."""
     dh = torch.empty_like(hidden) if need_dh else None
+    if dw_acc is not None:
+        return dh, dw_acc[: plan.vocab_valid]
     dw_acc = (torch.zeros(plan.vocab_valid, hidden.shape[1], dtype=acc_dtype(hidden),
                           device=hidden.device) if need_dw else None)
     return dh, dw_acc

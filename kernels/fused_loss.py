@@ -21,6 +21,11 @@ loss = sum over non-ignored tokens of token_loss_fn's output (identical on every
 every rank sees the same global logp). Gradients flow only to hidden and weight: whatever the
 closure captures is treated as a constant.
 Memory: O(Tc * vv) transient + dh [T, H] + dW [V_local, H] (+ its fp32 accumulator).
+
+``grad_weight_acc``: an fp32 [V_local, H] buffer the caller already owns (megatron's main_grad,
+as its gradient_accumulation_fusion does). dW is then ADDED into it during the forward, in fp32,
+with no dW tensor and no accumulator of this call's own; autograd returns no weight gradient,
+and ``loss`` must be back-propagated with grad 1 (checked; scale the loss in token_loss_fn).
 """
 
 from __future__ import annotations
@@ -53,15 +58,17 @@ def _loss_grad(token_loss_fn: TokenLossFn, logp_c: torch.Tensor, sl: slice, vali
 class FusedLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, token_loss_fn: TokenLossFn, plan: Plan,
-                row_ops: RowOps):
+                row_ops: RowOps, grad_weight_acc):
         T = hidden.shape[0]
         dt = acc_dtype(hidden)
         dev = hidden.device
         tgt, owned, valid = vp.local_targets(targets, plan.vocab_start, plan.vocab_valid,
                                              plan.ignore_index)
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_dh = ctx.needs_input_grad[0]
+        need_dw = ctx.needs_input_grad[1] or grad_weight_acc is not None
+        ctx.external_dw = grad_weight_acc is not None
         w = weight[: plan.vocab_valid]
-        dh, dw_acc = grad_buffers(hidden, plan, need_dh, need_dw)
+        dh, dw_acc = grad_buffers(hidden, plan, need_dh, need_dw, grad_weight_acc)
         logp = torch.empty(T, dtype=dt, device=dev)
         entropy = torch.empty(T, dtype=dt, device=dev)
         loss = torch.zeros((), dtype=dt, device=dev)
@@ -78,7 +85,7 @@ class FusedLossFunction(torch.autograd.Function):
                 del z
                 accumulate_grads(dz, w, hidden, sl, dh, dw_acc)
                 del dz
-        dh, dw = finish_grads(dh, dw_acc, weight, plan)
+        dh, dw = finish_grads(dh, None if ctx.external_dw else dw_acc, weight, plan)
         ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (dh, dw)))
         ctx.mark_non_differentiable(logp, entropy)
         return loss, logp, entropy
@@ -86,15 +93,27 @@ class FusedLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_logp, _g_ent):
         dh, dw = ctx.saved_tensors
+        if ctx.external_dw:  # dW is already in the caller's buffer, unscaled
+            if float(g_loss) != 1.0:  # one host sync per call, for a clear error
+                raise RuntimeError("grad_weight_acc: backpropagate the loss with gradient 1, "
+                                   f"got {float(g_loss)}")
         dh = dh * g_loss.to(dh.dtype) if ctx.needs_input_grad[0] else None
-        dw = dw * g_loss.to(dw.dtype) if ctx.needs_input_grad[1] else None
-        return dh, dw, None, None, None, None
+        dw = (dw * g_loss.to(dw.dtype)
+              if ctx.needs_input_grad[1] and not ctx.external_dw else None)
+        return dh, dw, None, None, None, None, None
 
 
 def linear_logprob_loss(hidden, weight, targets, token_loss_fn: TokenLossFn, *,
-                        row_ops: RowOps = TORCH_ROW_OPS, **kwargs):
+                        row_ops: RowOps = TORCH_ROW_OPS, grad_weight_acc=None, **kwargs):
     """(loss scalar, logp [T] detached, entropy [T] detached); loss is differentiable w.r.t.
-    hidden and weight. ``kwargs`` are those of :func:`kernels.chunked.make_plan`."""
+    hidden and weight (or, with ``grad_weight_acc``, dW is added into that fp32 buffer).
+    ``kwargs`` are those of :func:`kernels.chunked.make_plan`."""
     kwargs.pop("return_entropy", None)
     plan = make_plan(hidden, weight, targets, **kwargs)
-    return FusedLossFunction.apply(hidden, weight, targets, token_loss_fn, plan, row_ops)
+    if grad_weight_acc is not None:
+        want = (weight.shape, acc_dtype(hidden))
+        if (grad_weight_acc.shape, grad_weight_acc.dtype) != want:
+            raise ValueError(f"grad_weight_acc must be {tuple(want[0])} {want[1]} like the weight "
+                             f"shard, got {tuple(grad_weight_acc.shape)} {grad_weight_acc.dtype}")
+    return FusedLossFunction.apply(hidden, weight, targets, token_loss_fn, plan, row_ops,
+                                   grad_weight_acc)

@@ -4,7 +4,9 @@
    divided by the temperature): online max / sum-exp / sum exp*z over vocab blocks of BLOCK, plus
    the target logit:  m = max_v z,  s = sum_v e^(z-m),  sz = sum_v e^(z-m) z,  zt = z[y] (if owned).
 2. ``_dlogits_kernel`` (one program per row): dz = [g (onehot(y) - p) - g_H p (z - mu)] / temp,
-   p = e^(z - lse), written in the GEMM dtype (in place when that is fp32).
+   p = e^(z - lse), written in the GEMM dtype into z's own storage (in place when that is fp32;
+   for a bf16/fp16 GEMM into the first half of each fp32 row, see _dlogits_out): the fused loss
+   keeps one [Tc, vv] fp32 buffer per chunk and nothing else of that size.
    (1) and (2) sit between cuBLAS GEMMs in the chunked engine (kernels.chunked / fused_loss):
    they replace ~6 plain-torch elementwise passes over the chunk by one read (stats) and one
    read + write (dlogits).
@@ -124,10 +126,28 @@ def _dlogits_kernel(z_ptr, stride_z, d_ptr, stride_d, lse_ptr, mu_ptr, g_ptr, ge
         tl.store(db + cols, d.to(d_ptr.dtype.element_ty), mask=mask)
 
 
+def _dlogits_out(z: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Where the dlogits go: into z itself (same dtype), or, for a 2-byte GEMM dtype and an fp32
+    z, into the first half of each fp32 row of z's own storage (a [Tc, n] view with row stride
+    2n). No second [Tc, n] buffer either way.
+
+    The in-row narrowing is race-free: one program owns a row and walks it left to right; block b
+    stores over bytes [2bB, 2bB + 2B) of the row, i.e. fp32 columns [bB/2, (b+1)B/2), all of
+    which blocks <= b have already loaded, and none of which a later block reads (a pipelined
+    early load of block b+1 reads columns >= (b+1)B only)."""
+    if out_dtype == z.dtype:
+        return z
+    if (z.dtype == torch.float32 and out_dtype.itemsize == 2 and z.stride(1) == 1
+            and z.stride(0) == z.shape[1] and z.storage_offset() == 0):
+        n = z.shape[1]
+        return z.view(out_dtype).view(z.shape[0], 2 * n)[:, :n]
+    return torch.empty(z.shape, dtype=out_dtype, device=z.device)
+
+
 def triton_dlogits(z, lse, mu, g, g_ent, tgt_local, owned, inv_temp, out_dtype):
     _check_device(z)
     Tc, n = z.shape
-    out = z if out_dtype == z.dtype else torch.empty(Tc, n, dtype=out_dtype, device=z.device)
+    out = _dlogits_out(z, out_dtype)
     if Tc == 0 or n == 0:
         return out
     f32 = torch.float32
@@ -146,6 +166,20 @@ TRITON_ROW_OPS = RowOps(triton_row_stats, triton_dlogits)
 # 3. Forward-only online logsumexp over (vocab x H) tiles
 
 
+def _lse_configs():
+    if INTERPRET:  # big tiles: the interpreter's cost is per program / per loop iteration
+        return [triton.Config({"BT": 64, "BV": 128, "BK": 64}, num_warps=4, num_stages=1)]
+    # (BT, BV, BK, warps, stages): Hopper bf16 tiles, timed once per (H, vocab) by autotune
+    shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
+              (256, 128, 64, 8, 3), (128, 256, 64, 8, 4), (64, 256, 64, 4, 4)]
+    return [triton.Config({"BT": bt, "BV": bv, "BK": bk}, num_warps=w, num_stages=st)
+            for bt, bv, bk, w, st in shapes]
+
+
+MAX_BV = 256  # vocab splits are multiples of every config's BV
+
+
+@triton.autotune(configs=_lse_configs(), key=["H", "n_cols", "UPCAST", "IEEE"])
 @triton.jit
 def _lse_dot_kernel(h_ptr, w_ptr, tgt_ptr, owned_ptr, m_ptr, s_ptr, sz_ptr, zt_ptr,
                     T, H, n_cols, cols_per_split, stride_h, stride_w, inv_temp,
@@ -198,12 +232,6 @@ def _lse_dot_kernel(h_ptr, w_ptr, tgt_ptr, owned_ptr, m_ptr, s_ptr, sz_ptr, zt_p
     tl.store(zt_ptr + out, zt, mask=rmask)
 
 
-def _lse_tiles(T: int, H: int):
-    if INTERPRET:  # big tiles: the interpreter's cost is per program / per loop iteration
-        return max(16, min(64, triton.next_power_of_2(T))), 128, max(16, min(64, triton.next_power_of_2(H))), 4, 1
-    return 128, 128, 64, 8, 3
-
-
 def local_stats_dot(hidden, weight, tgt_local, owned, vocab_valid: int, inv_temp: float,
                     n_splits: int | None = None):
     """Local (m, s, sz, zt) [T] of z = h @ W[:vocab_valid]^T * inv_temp, without logits."""
@@ -214,13 +242,13 @@ def local_stats_dot(hidden, weight, tgt_local, owned, vocab_valid: int, inv_temp
         raise TypeError("the triton backend takes fp32/bf16/fp16 inputs (use chunked for fp64)")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"hidden {hidden.dtype} and weight {weight.dtype} must match")
-    BT, BV, BK, warps, stages = _lse_tiles(T, H)
-    n_t = triton.cdiv(T, BT)
-    max_splits = max(1, triton.cdiv(vocab_valid, 4 * BV))
-    if n_splits is None:  # enough programs to fill the GPU (~2 waves on 132 SMs)
-        n_splits = 1 if INTERPRET else triton.cdiv(264, n_t)
+    bt = 64 if INTERPRET else 128  # typical row tile, only to size the split count
+    n_t = triton.cdiv(T, bt)
+    max_splits = max(1, triton.cdiv(vocab_valid, 4 * MAX_BV))
+    if n_splits is None:  # enough programs to fill the GPU (~2 waves)
+        n_splits = 1 if INTERPRET else triton.cdiv(2 * _num_sms(dev), n_t)
     n_splits = max(1, min(n_splits, max_splits))
-    cols_per_split = triton.cdiv(triton.cdiv(max(vocab_valid, 1), n_splits), BV) * BV
+    cols_per_split = triton.cdiv(triton.cdiv(max(vocab_valid, 1), n_splits), MAX_BV) * MAX_BV
     n_splits = triton.cdiv(max(vocab_valid, 1), cols_per_split)
     parts = [torch.empty(n_splits, T, dtype=torch.float32, device=dev) for _ in range(4)]
     if T > 0 and vocab_valid > 0:
@@ -228,15 +256,20 @@ def local_stats_dot(hidden, weight, tgt_local, owned, vocab_valid: int, inv_temp
         weight = weight if weight.stride(1) == 1 else weight.contiguous()
         upcast = INTERPRET and hidden.dtype == torch.bfloat16
         ieee = hidden.dtype == torch.float32 or upcast
-        _lse_dot_kernel[(n_t, n_splits)](
+        grid = lambda meta: (triton.cdiv(T, meta["BT"]), n_splits)  # noqa: E731
+        _lse_dot_kernel[grid](
             hidden, weight, tgt_local, owned.to(torch.int8), *parts, T, H, vocab_valid,
             cols_per_split, hidden.stride(0), weight.stride(0), float(inv_temp),
-            BT=BT, BV=BV, BK=BK, UPCAST=upcast, IEEE=ieee, num_warps=warps, num_stages=stages)
+            UPCAST=upcast, IEEE=ieee)
     elif T > 0:
         parts[0].fill_(float("-inf"))
         for p in parts[1:]:
             p.zero_()
     return vp.merge_stats(*parts, dim=0)
+
+
+def _num_sms(dev) -> int:
+    return torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
 
 
 def linear_logprob_inference(hidden, weight, targets, *, return_entropy=False, reduce_dh=True,

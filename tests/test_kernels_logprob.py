@@ -115,13 +115,18 @@ def test_inference_matches_oracle(backend, dtype):
 def gopd_closure(T, seed, lam, logp_anchor):
     """token_loss_fn over gopd_mega.objective.gopd_token_loss, with aggregation weights."""
     g = torch.Generator().manual_seed(seed)
-    teacher = logp_anchor + 0.5 * torch.randn(T, generator=g, dtype=torch.float64)
-    ref = logp_anchor + 0.3 * torch.randn(T, generator=g, dtype=torch.float64)
-    sampler = logp_anchor + 0.2 * torch.randn(T, generator=g, dtype=torch.float64)
+    dev = logp_anchor.device
+
+    def randn():
+        return torch.randn(T, generator=g, dtype=torch.float64).to(dev)
+
+    teacher = logp_anchor + 0.5 * randn()
+    ref = logp_anchor + 0.3 * randn()
+    sampler = logp_anchor + 0.2 * randn()
     # old log-probs well inside / well outside the clip range so that rounding never flips a branch
     offsets = torch.tensor([-0.5, -0.05, 0.05, 0.5, -1.5], dtype=torch.float64)
-    old = logp_anchor + offsets[torch.randint(0, 5, (T,), generator=g)]
-    omega = torch.rand(T, generator=g, dtype=torch.float64) / T
+    old = logp_anchor + offsets[torch.randint(0, 5, (T,), generator=g)].to(dev)
+    omega = (torch.rand(T, generator=g, dtype=torch.float64) / T).to(dev)
     settings = LossSettings(lam=lam)
 
     def token_loss_fn(logp, sl):
