@@ -100,13 +100,20 @@ def student_impls(device: str, chunk_size: int | None) -> dict[str, Callable | s
                                         chunk_size=chunk_size)[0], h, w))(b)
     impls[f"ours fused-loss {backends[-1]} -> main_grad"] = (
         lambda h, w, y, g, acc: fused_into(h, w, y, g, acc, backends[-1], chunk_size))
+    impls[f"ours fused-loss {backends[-1]} -> main_grad, {BF16_LOGITS}"] = (
+        lambda h, w, y, g, acc: fused_into(h, w, y, g, acc, backends[-1], chunk_size,
+                                           logits_dtype=h.dtype))
     return impls
 
 
-def fused_into(h, w, y, g, acc, backend, chunk_size):
+BF16_LOGITS = "bf16 logits"  # marks the variants with an input-dtype logits chunk
+
+
+def fused_into(h, w, y, g, acc, backend, chunk_size, logits_dtype=None):
     """The trainer-side variant: dW is added into the caller's fp32 main_grad ``acc``."""
     loss = kernels.linear_logprob_loss(h, w, y, lambda lp, sl: g[sl] * lp, backend=backend,
-                                       chunk_size=chunk_size, grad_weight_acc=acc)[0]
+                                       chunk_size=chunk_size, grad_weight_acc=acc,
+                                       logits_dtype=logits_dtype)[0]
     (dh,) = torch.autograd.grad(loss, [h])
     return dh, None
 
@@ -132,6 +139,10 @@ def teacher_impls(device: str, chunk_size: int | None) -> dict[str, Callable | s
             h, w, y, backend="triton")
         impls["ours cuBLAS + triton rows"] = lambda h, w, y: chunked.linear_logprob_inference(
             h, w, y, row_ops=triton_logprob.TRITON_ROW_OPS, chunk_size=chunk_size)
+        impls[f"ours cuBLAS + triton rows, {BF16_LOGITS}"] = (
+            lambda h, w, y: chunked.linear_logprob_inference(
+                h, w, y, row_ops=triton_logprob.TRITON_ROW_OPS, chunk_size=chunk_size,
+                logits_dtype=h.dtype))
     else:
         impls["ours triton (tl.dot)"] = "skipped: no CUDA"
     return impls
@@ -212,7 +223,7 @@ def measure(mode, name, fn, T, H, v_local, tp, flops, tflops, device, dtype, bud
         del h, w, y, g, acc, call
         if device == "cuda":
             torch.cuda.empty_cache()
-    print(f"  {mode:16s} T={T:6d} V={v_local:6d} {name:34s} "
+    print(f"  {mode:16s} T={T:6d} V={v_local:6d} {name:50s} "
           f"{row.get('ms', float('nan')):9.2f} ms {row.get('x_floor', float('nan')):6.2f}x "
           f"{row.get('peak_extra_gib', float('nan')):6.2f} GiB {row.get('note', '')}", flush=True)
     return row
@@ -288,8 +299,9 @@ def accuracy(device, T, H, V, chunk_size) -> list[dict]:
                 out = lce(h, w, y, reduction="none")
                 lp = -(out[0] if isinstance(out, tuple) else out)
             elif "fused" in name:
-                lp = kernels.linear_logprob_loss(h, w, y, lambda l, s: l, backend=name.split()[2],
-                                                 chunk_size=chunk_size)[1]
+                lp = kernels.linear_logprob_loss(
+                    h, w, y, lambda l, s: l, backend=name.split()[2], chunk_size=chunk_size,
+                    logits_dtype=h.dtype if BF16_LOGITS in name else None)[1]
             elif name.startswith("ours"):
                 lp = kernels.linear_logprob(h, w, y, backend=name.split()[-1],
                                             chunk_size=chunk_size)
@@ -301,6 +313,14 @@ def accuracy(device, T, H, V, chunk_size) -> list[dict]:
                          "dW_rel_err": rel(dw, dw64)})
         except Exception as e:  # an optional library failing must not stop the benchmark
             rows.append({"impl": name, "note": f"error: {type(e).__name__}: {e}"[:200]})
+    for name, fn in teacher_impls(device, chunk_size).items():  # forward only: logp
+        if isinstance(fn, str):
+            continue
+        try:
+            with torch.no_grad():
+                rows.append({"impl": f"teacher: {name}", "logp_rel_err": rel(fn(h, w, y), lp64)})
+        except Exception as e:
+            rows.append({"impl": f"teacher: {name}", "note": f"error: {type(e).__name__}: {e}"[:200]})
     return rows
 
 
@@ -383,19 +403,20 @@ def main(argv=None):
     print(f"\naccuracy vs fp64, T,H,V={acc_shape}, bf16 inputs:")
     for r in acc_rows:
         if "note" in r:
-            print(f"  {r['impl']:38s} {r['note']}")
+            print(f"  {r['impl']:50s} {r['note']}")
         else:
-            print(f"  {r['impl']:38s} logp {r['logp_rel_err']:.2e}  dh {r['dh_rel_err']:.2e}  "
-                  f"dW {r['dW_rel_err']:.2e}")
+            grads = (f"  dh {r['dh_rel_err']:.2e}  dW {r['dW_rel_err']:.2e}"
+                     if "dh_rel_err" in r else "")
+            print(f"  {r['impl']:50s} logp {r['logp_rel_err']:.2e}{grads}")
     print(f"\n{meta['device']}, bf16 matmul {tflops:.0f} TFLOP/s, wall {meta['wall_s']:.0f} s")
-    print(f"{'mode':16s} {'impl':38s} {'T':>6s} {'V_local':>7s} {'ms':>9s} {'x floor':>8s} "
+    print(f"{'mode':16s} {'impl':50s} {'T':>6s} {'V_local':>7s} {'ms':>9s} {'x floor':>8s} "
           f"{'GiB':>6s}")
     for r in rows:
         if "ms" in r:
-            print(f"{r['mode']:16s} {r['impl']:38s} {r['T']:6d} {r['V_local']:7d} "
+            print(f"{r['mode']:16s} {r['impl']:50s} {r['T']:6d} {r['V_local']:7d} "
                   f"{r['ms']:9.2f} {r['x_floor']:8.2f} {r['peak_extra_gib']:6.2f}")
         else:
-            print(f"{r['mode']:16s} {r['impl']:38s} {r['T']:6d} {r['V_local']:7d}  {r['note']}")
+            print(f"{r['mode']:16s} {r['impl']:50s} {r['T']:6d} {r['V_local']:7d}  {r['note']}")
     return rows
 
 

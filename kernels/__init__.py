@@ -6,9 +6,16 @@ holding the [T, V] logits (student fwd+bwd, teacher forward-only, fused G-OPD lo
 Public API (same arguments for every backend):
     linear_logprob(hidden, weight, targets, *, vocab_start=0, vocab_valid=None, group=None,
                    temperature=1.0, ignore_index=-100, return_entropy=False, reduce_dh=True,
-                   backend="auto", chunk_size=None) -> logp [T] (, entropy [T])
+                   backend="auto", chunk_size=None, logits_dtype=None)
+        -> logp [T] (, entropy [T])
     linear_logprob_inference(...same...)  forward only, no autograd state
-    linear_logprob_loss(hidden, weight, targets, token_loss_fn, ...) -> (loss, logp, entropy)
+    linear_logprob_loss(hidden, weight, targets, token_loss_fn, ..., grad_weight_acc=None)
+        -> (loss, logp, entropy)
+
+``logits_dtype`` (chunked / triton backends): the dtype of the one logits chunk they keep. None =
+fp32: logits accurate to fp32 (logp ~1e-6 relative error with bf16 inputs). The input dtype
+(bf16) rounds the logits like megatron's own bf16 output layer and the plain torch path (logp
+~4e-4), halves the chunk buffer, and so doubles the token chunk in the same memory.
 
 Backends: "torch" (kernels.reference: full logits, the oracle), "chunked" (token chunks, torch row
 math), "triton" (cuBLAS GEMMs + fused Triton row kernels; tl.dot online-logsumexp kernel for the
@@ -57,14 +64,14 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
                    vocab_start: int = 0, vocab_valid: int | None = None, group=None,
                    temperature: float = 1.0, ignore_index: int = -100,
                    return_entropy: bool = False, reduce_dh: bool = True, backend: str = "auto",
-                   chunk_size: int | None = None):
+                   chunk_size: int | None = None, logits_dtype: torch.dtype | None = None):
     """Per-token log-prob (fp32 [T]; entropy too if asked), differentiable w.r.t. hidden and
     weight. Ignored tokens get logp 0, entropy 0 and zero gradient. With a TP group each rank gets
     its own dW slice and (``reduce_dh``) the full dh; set ``reduce_dh=False`` when the caller's
     layer already all-reduces the input gradient."""
     kw = dict(vocab_start=vocab_start, vocab_valid=vocab_valid, group=group,
               temperature=temperature, ignore_index=ignore_index, reduce_dh=reduce_dh,
-              chunk_size=chunk_size, return_entropy=return_entropy)
+              chunk_size=chunk_size, return_entropy=return_entropy, logits_dtype=logits_dtype)
     b = _resolve(backend, hidden)
     if b == "torch":
         return reference.linear_logprob(hidden, weight, targets, **kw)
@@ -76,7 +83,8 @@ def linear_logprob_inference(hidden: torch.Tensor, weight: torch.Tensor, targets
                              *, vocab_start: int = 0, vocab_valid: int | None = None, group=None,
                              temperature: float = 1.0, ignore_index: int = -100,
                              return_entropy: bool = False, reduce_dh: bool = True,
-                             backend: str = "auto", chunk_size: int | None = None):
+                             backend: str = "auto", chunk_size: int | None = None,
+                             logits_dtype: torch.dtype | None = None):
     """Forward-only log-prob for teachers / the reference model: no autograd graph, O(T) extra
     memory beyond one logits chunk (chunked) or none at all (triton: tl.dot kernel)."""
     kw = dict(vocab_start=vocab_start, vocab_valid=vocab_valid, group=group,
@@ -89,7 +97,7 @@ def linear_logprob_inference(hidden: torch.Tensor, weight: torch.Tensor, targets
         if b == "triton":
             return _triton().linear_logprob_inference(hidden, weight, targets, **kw)
         return chunked.linear_logprob_inference(hidden, weight, targets, chunk_size=chunk_size,
-                                                **kw)
+                                                logits_dtype=logits_dtype, **kw)
 
 
 def linear_logprob_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -98,7 +106,8 @@ def linear_logprob_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
                         temperature: float = 1.0, ignore_index: int = -100,
                         reduce_dh: bool = True, backend: str = "auto",
                         chunk_size: int | None = None,
-                        grad_weight_acc: torch.Tensor | None = None):
+                        grad_weight_acc: torch.Tensor | None = None,
+                        logits_dtype: torch.dtype | None = None):
     """Fused student loss: returns (loss scalar, logp [T] detached, entropy [T] detached) with
     loss = sum_t token_loss_fn(logp_chunk, slice)[t] over non-ignored tokens. The gradient is
     formed during the forward (one pass over the logits); backward scales the saved dh/dW.
@@ -106,7 +115,7 @@ def linear_logprob_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     into it in the forward instead of being returned through autograd (see kernels.fused_loss)."""
     kw = dict(vocab_start=vocab_start, vocab_valid=vocab_valid, group=group,
               temperature=temperature, ignore_index=ignore_index, reduce_dh=reduce_dh,
-              chunk_size=chunk_size)
+              chunk_size=chunk_size, logits_dtype=logits_dtype)
     b = _resolve(backend, hidden)
     if b == "torch":
         if grad_weight_acc is not None:

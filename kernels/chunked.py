@@ -42,17 +42,18 @@ class Plan:
     ignore_index: int
     chunk_size: int
     reduce_dh: bool
+    logits_dtype: torch.dtype
 
 
 CHUNK_BUDGET_BYTES = int(1.2 * 2**30)
 
 
-def default_chunk_size(num_tokens: int, vocab_local: int,
+def default_chunk_size(num_tokens: int, vocab_local: int, itemsize: int = 4,
                        budget_bytes: int = CHUNK_BUDGET_BYTES) -> int:
-    """Largest multiple of 128 tokens whose fp32 logits chunk fits ``budget_bytes`` (1.2 GiB):
-    2048 tokens at Qwen's 151936-row vocab, a large enough K for the dW GEMM to stay
-    compute-bound while its fp32 accumulator is read and written once per chunk."""
-    rows = budget_bytes // (4 * max(vocab_local, 1))
+    """Largest multiple of 128 tokens whose logits chunk fits ``budget_bytes`` (1.2 GiB): 2048
+    tokens of fp32 logits at Qwen's 151936-row vocab (4224 of bf16), a large enough K for the dW
+    GEMM to stay compute-bound while its fp32 accumulator is read and written once per chunk."""
+    rows = budget_bytes // (itemsize * max(vocab_local, 1))
     rows = max(128, rows // 128 * 128)
     return max(1, min(num_tokens, rows))
 
@@ -69,6 +70,7 @@ def make_plan(
     ignore_index: int = -100,
     chunk_size: int | None = None,
     reduce_dh: bool = True,
+    logits_dtype: torch.dtype | None = None,
 ) -> Plan:
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden [T, H] and weight [V, H] expected, got {tuple(hidden.shape)} "
@@ -80,11 +82,16 @@ def make_plan(
         raise ValueError(f"vocab_valid={vv} outside [0, {weight.shape[0]}]")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    cs = default_chunk_size(hidden.shape[0], vv) if chunk_size is None else int(chunk_size)
+    ld = acc_dtype(hidden) if logits_dtype is None else logits_dtype
+    if ld not in (acc_dtype(hidden), hidden.dtype):
+        raise ValueError(f"logits_dtype must be {acc_dtype(hidden)} (default) or the input dtype "
+                         f"{hidden.dtype}, got {ld}")
+    cs = (default_chunk_size(hidden.shape[0], vv, ld.itemsize) if chunk_size is None
+          else int(chunk_size))
     if cs < 1:
         raise ValueError(f"chunk_size must be >= 1, got {cs}")
     return Plan(int(vocab_start), vv, group, 1.0 / float(temperature), int(ignore_index), cs,
-                bool(reduce_dh))
+                bool(reduce_dh), ld)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,11 +140,18 @@ def addmm_acc_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
     return acc
 
 
-def chunk_logits(h_c: torch.Tensor, w_valid: torch.Tensor, inv_temp: float) -> torch.Tensor:
+def chunk_logits(h_c: torch.Tensor, w_valid: torch.Tensor, inv_temp: float,
+                 dtype: torch.dtype | None = None) -> tuple[torch.Tensor, float]:
+    """(zc, zscale) with the logits z = zc * zscale. fp32 (fp64 for fp64) chunk: zc = h_c @ W^T
+    * inv_temp, zscale = 1. Input-dtype chunk (``dtype``): zc = h_c @ W^T rounded once, like the
+    plain bf16 torch path, and the row math scales it in fp32 (zscale = inv_temp), because a
+    second rounding after the scaling would double the logits' error."""
+    if dtype == h_c.dtype != acc_dtype(h_c):
+        return h_c @ w_valid.t(), inv_temp
     z = mm_acc(h_c, w_valid.t())
     if inv_temp != 1.0:
         z.mul_(inv_temp)
-    return z
+    return z, 1.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,14 +159,21 @@ def chunk_logits(h_c: torch.Tensor, w_valid: torch.Tensor, inv_temp: float) -> t
 
 
 class RowOps(NamedTuple):
-    # stats(z [Tc, vv], tgt_local [Tc], owned [Tc]) -> (m, s, sz, zt) each [Tc]
+    # Row math on a chunk zc [Tc, vv] of logits z = zc * zscale (see chunk_logits).
+    # stats(zc, tgt_local [Tc], owned [Tc], zscale) -> (m, s, sz, zt) of z, each [Tc]
     stats: Callable
-    # dlogits(z, lse, mu, g, g_ent or None, tgt_local, owned, inv_temp, out_dtype) -> dz [Tc, vv]
-    # (may overwrite z in place)
+    # dlogits(zc, lse, mu, g, g_ent or None, tgt_local, owned, inv_temp, out_dtype, zscale)
+    #   -> dz [Tc, vv] (may overwrite zc's storage)
     dlogits: Callable
 
 
-def torch_row_stats(z, tgt_local, owned):
+def _wide(z, zscale: float):
+    z = z if z.dtype in (torch.float32, torch.float64) else z.float()
+    return z if zscale == 1.0 else z * zscale
+
+
+def torch_row_stats(z, tgt_local, owned, zscale: float = 1.0):
+    z = _wide(z, zscale)
     if z.shape[1] == 0:
         inf = z.new_full((z.shape[0],), float("-inf"))
         return inf, torch.zeros_like(inf), torch.zeros_like(inf), torch.zeros_like(inf)
@@ -164,7 +185,9 @@ def torch_row_stats(z, tgt_local, owned):
     return m, s, sz, zt
 
 
-def torch_dlogits(z, lse, mu, g, g_ent, tgt_local, owned, inv_temp, out_dtype):
+def torch_dlogits(z, lse, mu, g, g_ent, tgt_local, owned, inv_temp, out_dtype,
+                  zscale: float = 1.0):
+    z = _wide(z, zscale)
     p = torch.exp(z - lse[:, None])
     if g_ent is None:
         dz = p.mul_(-g[:, None])
@@ -199,8 +222,8 @@ def forward_stats(hidden, weight, targets, plan: Plan, row_ops: RowOps):
     m, s, sz, zt = (torch.empty(T, dtype=dt, device=hidden.device) for _ in range(4))
     w = weight[: plan.vocab_valid]
     for sl in _chunks(T, plan.chunk_size):
-        z = chunk_logits(hidden[sl], w, plan.inv_temp)
-        m[sl], s[sl], sz[sl], zt[sl] = row_ops.stats(z, tgt[sl], owned[sl])
+        z, zscale = chunk_logits(hidden[sl], w, plan.inv_temp, plan.logits_dtype)
+        m[sl], s[sl], sz[sl], zt[sl] = row_ops.stats(z, tgt[sl], owned[sl], zscale)
         del z
     lse, zt, mu = vp.combine_stats(m, s, sz, zt, plan.group)
     return lse, zt, mu, tgt, owned, valid
@@ -213,9 +236,9 @@ def grad_pass(hidden, weight, plan: Plan, row_ops: RowOps, lse, mu, g, g_ent, tg
     w = weight[: plan.vocab_valid]
     dh, dw_acc = grad_buffers(hidden, plan, need_dh, need_dw)
     for sl in _chunks(T, plan.chunk_size):
-        z = chunk_logits(hidden[sl], w, plan.inv_temp)
+        z, zscale = chunk_logits(hidden[sl], w, plan.inv_temp, plan.logits_dtype)
         dz = row_ops.dlogits(z, lse[sl], mu[sl], g[sl], None if g_ent is None else g_ent[sl],
-                             tgt[sl], owned[sl], plan.inv_temp, hidden.dtype)
+                             tgt[sl], owned[sl], plan.inv_temp, hidden.dtype, zscale)
         del z
         accumulate_grads(dz, w, hidden, sl, dh, dw_acc)
         del dz

@@ -73,15 +73,15 @@ class FusedLossFunction(torch.autograd.Function):
         entropy = torch.empty(T, dtype=dt, device=dev)
         loss = torch.zeros((), dtype=dt, device=dev)
         for sl in _chunks(T, plan.chunk_size):
-            z = chunk_logits(hidden[sl], w, plan.inv_temp)
-            m, s, sz, zt = row_ops.stats(z, tgt[sl], owned[sl])
+            z, zscale = chunk_logits(hidden[sl], w, plan.inv_temp, plan.logits_dtype)
+            m, s, sz, zt = row_ops.stats(z, tgt[sl], owned[sl], zscale)
             lse, zt, mu = vp.combine_stats(m, s, sz, zt, plan.group)
             logp[sl], entropy[sl] = vp.finish(lse, zt, mu, valid[sl])
             loss_c, g = _loss_grad(token_loss_fn, logp[sl], sl, valid[sl])
             loss += loss_c.to(dt)
             if need_dh or need_dw:
                 dz = row_ops.dlogits(z, lse, mu, g, None, tgt[sl], owned[sl], plan.inv_temp,
-                                     hidden.dtype)
+                                     hidden.dtype, zscale)
                 del z
                 accumulate_grads(dz, w, hidden, sl, dh, dw_acc)
                 del dz

@@ -11,8 +11,9 @@
    they replace ~6 plain-torch elementwise passes over the chunk by one read (stats) and one
    read + write (dlogits).
 3. ``_lse_dot_kernel`` (forward only, teachers / reference): never materialises logits. Grid
-   (cdiv(T, BT), n_splits); each program owns BT tokens and a contiguous vocab range, tiles it by
-   BV columns and H by BK with tl.dot (fp32 accumulator), and keeps per-row online (m, s, sz, zt).
+   cdiv(T, BT) x n_splits programs in grouped order; each owns BT tokens and a contiguous vocab
+   range, tiles it by BV columns and H by BK with tl.dot (fp32 accumulator), and keeps per-row
+   online (m, s, sz, zt).
    Partial stats [n_splits, T] are merged on the host (vocab_parallel.merge_stats), then combined
    across the TP group (all_reduce MAX [T], all_reduce SUM [3, T]). Extra memory O(n_splits * T).
 
@@ -54,7 +55,7 @@ def _row_block(n_cols: int) -> int:
 
 @triton.jit
 def _row_stats_kernel(z_ptr, stride_z, tgt_ptr, owned_ptr, m_ptr, s_ptr, sz_ptr, zt_ptr, n_cols,
-                      BLOCK: tl.constexpr):
+                      zscale, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = z_ptr + row.to(tl.int64) * stride_z
     offs = tl.arange(0, BLOCK)
@@ -65,7 +66,7 @@ def _row_stats_kernel(z_ptr, stride_z, tgt_ptr, owned_ptr, m_ptr, s_ptr, sz_ptr,
     for start in range(0, n_cols, BLOCK):
         cols = start + offs
         mask = cols < n_cols
-        x = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        x = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32) * zscale
         m_new = tl.maximum(m_vec, x)
         # lanes that have seen no column yet keep m = -inf: shift by 0 there (exp(-inf) = 0)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -81,11 +82,11 @@ def _row_stats_kernel(z_ptr, stride_z, tgt_ptr, owned_ptr, m_ptr, s_ptr, sz_ptr,
     tl.store(sz_ptr + row, tl.sum(sz_vec * scale, axis=0))
     owned = tl.load(owned_ptr + row)
     tgt = tl.load(tgt_ptr + row)
-    zt = tl.load(base + tgt).to(tl.float32)
+    zt = tl.load(base + tgt).to(tl.float32) * zscale
     tl.store(zt_ptr + row, tl.where(owned != 0, zt, 0.0))
 
 
-def triton_row_stats(z, tgt_local, owned):
+def triton_row_stats(z, tgt_local, owned, zscale: float = 1.0):
     _check_device(z)
     Tc, n = z.shape
     outs = [torch.empty(Tc, dtype=torch.float32, device=z.device) for _ in range(4)]
@@ -95,7 +96,7 @@ def triton_row_stats(z, tgt_local, owned):
         return (outs[0].fill_(float("-inf")),) + tuple(o.zero_() for o in outs[1:])
     assert z.stride(1) == 1
     _row_stats_kernel[(Tc,)](z, z.stride(0), tgt_local, owned.to(torch.int8), *outs, n,
-                             BLOCK=_row_block(n))
+                             float(zscale), BLOCK=_row_block(n))
     return tuple(outs)
 
 
@@ -105,7 +106,9 @@ def triton_row_stats(z, tgt_local, owned):
 
 @triton.jit
 def _dlogits_kernel(z_ptr, stride_z, d_ptr, stride_d, lse_ptr, mu_ptr, g_ptr, ge_ptr, tgt_ptr,
-                    owned_ptr, n_cols, inv_temp, HAS_GE: tl.constexpr, BLOCK: tl.constexpr):
+                    owned_ptr, n_cols, inv_temp, zscale, HAS_GE: tl.constexpr,
+                    NARROW: tl.constexpr,
+                    BLOCK: tl.constexpr):
     row = tl.program_id(0)
     zb = z_ptr + row.to(tl.int64) * stride_z
     db = d_ptr + row.to(tl.int64) * stride_d
@@ -117,12 +120,17 @@ def _dlogits_kernel(z_ptr, stride_z, d_ptr, stride_d, lse_ptr, mu_ptr, g_ptr, ge
     for start in range(0, n_cols, BLOCK):
         cols = start + offs
         mask = cols < n_cols
-        x = tl.load(zb + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(zb + cols, mask=mask, other=0.0).to(tl.float32) * zscale
         p = tl.exp(x - lse)
         d = -g * p
         if HAS_GE:
             d -= tl.load(ge_ptr + row) * p * (x - tl.load(mu_ptr + row))
         d = tl.where((cols == tgt) & owned, d + g, d) * inv_temp
+        if NARROW:
+            # the stores below overwrite fp32 columns that OTHER threads of this program loaded,
+            # in this block or an earlier one: every load of blocks <= this one must be done
+            # first (seen on an H200 without this barrier: a few dlogits read half-overwritten)
+            tl.debug_barrier()
         tl.store(db + cols, d.to(d_ptr.dtype.element_ty), mask=mask)
 
 
@@ -131,10 +139,11 @@ def _dlogits_out(z: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     z, into the first half of each fp32 row of z's own storage (a [Tc, n] view with row stride
     2n). No second [Tc, n] buffer either way.
 
-    The in-row narrowing is race-free: one program owns a row and walks it left to right; block b
-    stores over bytes [2bB, 2bB + 2B) of the row, i.e. fp32 columns [bB/2, (b+1)B/2), all of
-    which blocks <= b have already loaded, and none of which a later block reads (a pipelined
-    early load of block b+1 reads columns >= (b+1)B only)."""
+    The in-row narrowing: one program owns a row and walks it left to right; block b stores over
+    bytes [2bB, 2bB + 2B) of the row, i.e. fp32 columns [bB/2, (b+1)B/2), all of which blocks
+    <= b load, and none of which a later block reads (a pipelined early load of block b+1 reads
+    columns >= (b+1)B only). Those columns were loaded by other threads of the program, so the
+    kernel puts a barrier between each block's loads and its stores (NARROW)."""
     if out_dtype == z.dtype:
         return z
     if (z.dtype == torch.float32 and out_dtype.itemsize == 2 and z.stride(1) == 1
@@ -144,7 +153,8 @@ def _dlogits_out(z: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(z.shape, dtype=out_dtype, device=z.device)
 
 
-def triton_dlogits(z, lse, mu, g, g_ent, tgt_local, owned, inv_temp, out_dtype):
+def triton_dlogits(z, lse, mu, g, g_ent, tgt_local, owned, inv_temp, out_dtype,
+                   zscale: float = 1.0):
     _check_device(z)
     Tc, n = z.shape
     out = _dlogits_out(z, out_dtype)
@@ -154,7 +164,9 @@ def triton_dlogits(z, lse, mu, g, g_ent, tgt_local, owned, inv_temp, out_dtype):
     ge = g.to(f32) if g_ent is None else g_ent.to(f32).contiguous()
     _dlogits_kernel[(Tc,)](z, z.stride(0), out, out.stride(0), lse.to(f32).contiguous(),
                            mu.to(f32).contiguous(), g.to(f32).contiguous(), ge, tgt_local,
-                           owned.to(torch.int8), n, float(inv_temp), HAS_GE=g_ent is not None,
+                           owned.to(torch.int8), n, float(inv_temp), float(zscale),
+                           HAS_GE=g_ent is not None,
+                           NARROW=out.data_ptr() == z.data_ptr() and out.dtype != z.dtype,
                            BLOCK=_row_block(n))
     return out
 
@@ -168,25 +180,37 @@ TRITON_ROW_OPS = RowOps(triton_row_stats, triton_dlogits)
 
 def _lse_configs():
     if INTERPRET:  # big tiles: the interpreter's cost is per program / per loop iteration
-        return [triton.Config({"BT": 64, "BV": 128, "BK": 64}, num_warps=4, num_stages=1)]
-    # (BT, BV, BK, warps, stages): Hopper bf16 tiles, timed once per (H, vocab) by autotune
-    shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
-              (256, 128, 64, 8, 3), (128, 256, 64, 8, 4), (64, 256, 64, 4, 4)]
-    return [triton.Config({"BT": bt, "BV": bv, "BK": bk}, num_warps=w, num_stages=st)
-            for bt, bv, bk, w, st in shapes]
+        return [triton.Config({"BT": 64, "BV": 128, "BK": 64, "GROUP_T": 4}, num_warps=4,
+                              num_stages=1)]
+    # (BT, BV, BK, GROUP_T, warps, stages): Hopper bf16 tiles, timed once per (H, vocab)
+    shapes = [(128, 256, 64, 8, 8, 3), (128, 256, 64, 4, 8, 3), (128, 256, 64, 8, 8, 4),
+              (128, 128, 64, 8, 8, 4), (256, 128, 64, 4, 8, 3), (64, 256, 64, 8, 4, 4)]
+    return [triton.Config({"BT": bt, "BV": bv, "BK": bk, "GROUP_T": g}, num_warps=w,
+                          num_stages=st) for bt, bv, bk, g, w, st in shapes]
 
 
 MAX_BV = 256  # vocab splits are multiples of every config's BV
 
 
 @triton.autotune(configs=_lse_configs(), key=["H", "n_cols", "UPCAST", "IEEE"])
+@triton.heuristics({"EVEN_K": lambda a: a["H"] % a["BK"] == 0})
 @triton.jit
 def _lse_dot_kernel(h_ptr, w_ptr, tgt_ptr, owned_ptr, m_ptr, s_ptr, sz_ptr, zt_ptr,
-                    T, H, n_cols, cols_per_split, stride_h, stride_w, inv_temp,
+                    T, H, n_cols, cols_per_split, n_splits, stride_h, stride_w, inv_temp,
                     BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
+                    GROUP_T: tl.constexpr, EVEN_K: tl.constexpr,
                     UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    pid_t = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    # Grouped launch order: the programs resident at one time cover GROUP_T token tiles x all
+    # vocab splits, so their GROUP_T hidden panels [BT, H] stay in L2 while each W tile they
+    # stream is shared by GROUP_T programs (token-tile-major order re-read every hidden panel
+    # from HBM for each vocab tile: 1.57x the floor on an H200).
+    pid = tl.program_id(0)
+    n_t = tl.cdiv(T, BT)
+    per_group = GROUP_T * n_splits
+    first_t = (pid // per_group) * GROUP_T
+    group_rows = tl.minimum(n_t - first_t, GROUP_T)
+    pid_t = first_t + (pid % per_group) % group_rows
+    pid_s = (pid % per_group) // group_rows
     rows = pid_t * BT + tl.arange(0, BT)
     rmask = rows < T
     tgt = tl.load(tgt_ptr + rows, mask=rmask, other=0)
@@ -206,9 +230,15 @@ def _lse_dot_kernel(h_ptr, w_ptr, tgt_ptr, owned_ptr, m_ptr, s_ptr, sz_ptr, zt_p
         acc = tl.zeros([BT, BV], tl.float32)
         for k0 in range(0, H, BK):
             ks = k0 + tl.arange(0, BK)
-            kmask = ks < H
-            a = tl.load(h_rows + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            b = tl.load(w_cols + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
+            if EVEN_K:
+                a = tl.load(h_rows + ks[None, :], mask=rmask[:, None], other=0.0)
+                b = tl.load(w_cols + ks[:, None], mask=cmask[None, :], other=0.0)
+            else:
+                kmask = ks < H
+                a = tl.load(h_rows + ks[None, :], mask=rmask[:, None] & kmask[None, :],
+                            other=0.0)
+                b = tl.load(w_cols + ks[:, None], mask=kmask[:, None] & cmask[None, :],
+                            other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
@@ -242,11 +272,11 @@ def local_stats_dot(hidden, weight, tgt_local, owned, vocab_valid: int, inv_temp
         raise TypeError("the triton backend takes fp32/bf16/fp16 inputs (use chunked for fp64)")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"hidden {hidden.dtype} and weight {weight.dtype} must match")
-    bt = 64 if INTERPRET else 128  # typical row tile, only to size the split count
-    n_t = triton.cdiv(T, bt)
     max_splits = max(1, triton.cdiv(vocab_valid, 4 * MAX_BV))
-    if n_splits is None:  # enough programs to fill the GPU (~2 waves)
-        n_splits = 1 if INTERPRET else triton.cdiv(2 * _num_sms(dev), n_t)
+    if n_splits is None:
+        # GPU: ~16 vocab splits, so that GROUP_T token tiles x the splits fill the SMs, and more
+        # when there are few token tiles (~2 waves of programs)
+        n_splits = 1 if INTERPRET else max(16, triton.cdiv(2 * _num_sms(dev), triton.cdiv(T, 128)))
     n_splits = max(1, min(n_splits, max_splits))
     cols_per_split = triton.cdiv(triton.cdiv(max(vocab_valid, 1), n_splits), MAX_BV) * MAX_BV
     n_splits = triton.cdiv(max(vocab_valid, 1), cols_per_split)
@@ -256,10 +286,10 @@ def local_stats_dot(hidden, weight, tgt_local, owned, vocab_valid: int, inv_temp
         weight = weight if weight.stride(1) == 1 else weight.contiguous()
         upcast = INTERPRET and hidden.dtype == torch.bfloat16
         ieee = hidden.dtype == torch.float32 or upcast
-        grid = lambda meta: (triton.cdiv(T, meta["BT"]), n_splits)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(T, meta["BT"]) * n_splits,)  # noqa: E731
         _lse_dot_kernel[grid](
             hidden, weight, tgt_local, owned.to(torch.int8), *parts, T, H, vocab_valid,
-            cols_per_split, hidden.stride(0), weight.stride(0), float(inv_temp),
+            cols_per_split, n_splits, hidden.stride(0), weight.stride(0), float(inv_temp),
             UPCAST=upcast, IEEE=ieee)
     elif T > 0:
         parts[0].fill_(float("-inf"))

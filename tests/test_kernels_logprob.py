@@ -35,8 +35,8 @@ def run_logprob(backend, h, w, y, dtype, fn=kernels.linear_logprob, **kw):
     ww = w.detach().to(dtype).requires_grad_()
     logp, ent = fn(hh, ww, y, return_entropy=True, backend=backend, **kw)
     gen = torch.Generator().manual_seed(123)
-    g = torch.randn(y.shape[0], generator=gen, dtype=torch.float64)
-    ge = torch.randn(y.shape[0], generator=gen, dtype=torch.float64) * 0.3
+    g = torch.randn(y.shape[0], generator=gen, dtype=torch.float64).to(y.device)
+    ge = torch.randn(y.shape[0], generator=gen, dtype=torch.float64).to(y.device) * 0.3
     ((logp * g.to(logp.dtype)).sum() + (ent * ge.to(ent.dtype)).sum()).backward()
     return logp, ent, hh.grad, ww.grad
 
@@ -187,3 +187,31 @@ def test_default_backend_and_errors():
         kernels.linear_logprob(h, w, y, backend="cuda")
     with pytest.raises(ValueError):
         kernels.linear_logprob(h, w, y, vocab_valid=31)
+
+
+@pytest.mark.parametrize("kind", ["logprob", "loss"])
+def test_bf16_logits_chunk(kind):
+    """logits_dtype = the input dtype (bf16 logits chunk, as megatron's bf16 output layer): no
+    worse than twice the plain bf16 torch path, which rounds its logits the same way."""
+    h, w, y = make_inputs(seed=8)
+    V = w.shape[0] - 24
+    kw = dict(vocab_valid=V, temperature=0.7, chunk_size=12, logits_dtype=torch.bfloat16)
+    if kind == "logprob":
+        check_against_oracle("chunked", h, w, y, torch.bfloat16, run_logprob, LOGPROB_NAMES, **kw)
+        return
+    anchor = kernels.linear_logprob(h, w, y, vocab_valid=V, temperature=0.7, backend="torch")
+    fn = gopd_closure(h.shape[0], seed=9, lam=1.25, logp_anchor=anchor.detach())
+
+    def run(backend, hq, wq, yy, dt, **kw):
+        if dt == torch.float64:
+            kw.pop("logits_dtype")
+        return run_loss(backend, hq, wq, yy, dt, token_loss_fn=fn, **kw)
+
+    check_against_oracle("chunked", h, w, y, torch.bfloat16, run, ("loss", "logp", "dh", "dW"),
+                         **kw)
+
+
+def test_logits_dtype_is_checked():
+    h, w, y = make_inputs(T=5, H=8, V=30, pad=0, n_ignored=0)
+    with pytest.raises(ValueError, match="logits_dtype"):
+        kernels.linear_logprob(h.bfloat16(), w.bfloat16(), y, logits_dtype=torch.float16)

@@ -44,12 +44,13 @@ def test_triton_linear_logprob_matches_oracle(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n_splits", [1, 3])
-def test_triton_inference_dot_kernel(dtype, n_splits):
-    """tl.dot online-logsumexp kernel; bf16 is upcast before tl.dot under the interpreter."""
+@pytest.mark.parametrize("T,n_splits", [(37, 1), (37, 3), (150, 2)])
+def test_triton_inference_dot_kernel(dtype, T, n_splits):
+    """tl.dot online-logsumexp kernel; bf16 is upcast before tl.dot under the interpreter.
+    T=150: several token tiles and a partial launch group."""
     from kernels import triton_logprob
 
-    h, w, y = make_inputs(T=37, H=96, V=1000, seed=7)
+    h, w, y = make_inputs(T=T, H=96, V=1000, seed=7)
     V = w.shape[0] - 24
     hq, wq = quantised(h, w, dtype)
     kw = dict(vocab_valid=V, temperature=0.7, return_entropy=True)
@@ -64,9 +65,11 @@ def test_triton_inference_dot_kernel(dtype, n_splits):
     assert torch.all(lp[ign] == 0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_fused_gopd_loss(dtype):
-    """fp16 exercises the dlogits written over the first half of each fp32 logits row."""
+@pytest.mark.parametrize("dtype,logits_dtype", [(torch.float32, None), (torch.float16, None),
+                                                 (torch.float16, torch.float16)])
+def test_triton_fused_gopd_loss(dtype, logits_dtype):
+    """fp16 exercises the dlogits written over the first half of each fp32 logits row; an fp16
+    logits chunk, the dlogits written in place."""
     h, w, y = make_inputs(seed=2)
     V = w.shape[0] - 24
     anchor = kernels.linear_logprob(h, w, y, vocab_valid=V, temperature=0.7, backend="torch")
@@ -76,7 +79,7 @@ def test_triton_fused_gopd_loss(dtype):
         return run_loss(backend, hq, wq, yy, dt, token_loss_fn=fn, **kw)
 
     check_against_oracle("triton", h, w, y, dtype, run, ("loss", "logp", "dh", "dW"),
-                         vocab_valid=V, temperature=0.7, chunk_size=16)
+                         vocab_valid=V, temperature=0.7, chunk_size=16, logits_dtype=logits_dtype)
 
 
 def test_dlogits_narrowed_into_the_logits_rows():
