@@ -133,18 +133,14 @@ def teacher_impls(device: str, chunk_size: int | None) -> dict[str, Callable | s
     impls["ours chunked"] = lambda h, w, y: kernels.linear_logprob_inference(
         h, w, y, backend="chunked", chunk_size=chunk_size)
     if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        from kernels import chunked, triton_logprob
-
-        impls["ours triton (tl.dot)"] = lambda h, w, y: kernels.linear_logprob_inference(
-            h, w, y, backend="triton")
-        impls["ours cuBLAS + triton rows"] = lambda h, w, y: chunked.linear_logprob_inference(
-            h, w, y, row_ops=triton_logprob.TRITON_ROW_OPS, chunk_size=chunk_size)
-        impls[f"ours cuBLAS + triton rows, {BF16_LOGITS}"] = (
-            lambda h, w, y: chunked.linear_logprob_inference(
-                h, w, y, row_ops=triton_logprob.TRITON_ROW_OPS, chunk_size=chunk_size,
-                logits_dtype=h.dtype))
+        impls["ours triton (cuBLAS + triton rows)"] = lambda h, w, y: (
+            kernels.linear_logprob_inference(h, w, y, backend="triton", chunk_size=chunk_size))
+        impls[f"ours triton, {BF16_LOGITS}"] = lambda h, w, y: kernels.linear_logprob_inference(
+            h, w, y, backend="triton", chunk_size=chunk_size, logits_dtype=h.dtype)
+        impls["ours triton low_memory (tl.dot)"] = lambda h, w, y: (
+            kernels.linear_logprob_inference(h, w, y, backend="triton", low_memory=True))
     else:
-        impls["ours triton (tl.dot)"] = "skipped: no CUDA"
+        impls["ours triton"] = "skipped: no CUDA"
     return impls
 
 
@@ -334,6 +330,8 @@ def main(argv=None):
     ap.add_argument("--chunk-size", type=int, default=None,
                     help="token chunk for our backends (default: fp32 logits chunk <= 2 GiB)")
     ap.add_argument("--tokens", type=int, nargs="*", default=None)
+    ap.add_argument("--tp", type=int, nargs="*", default=list(TP_SIZES),
+                    help="tensor-parallel sizes whose per-rank vocab is measured")
     ap.add_argument("--time-limit", type=float, default=240.0,
                     help="seconds for the timed cases; the rest are skipped with a note")
     args = ap.parse_args(argv)
@@ -360,7 +358,7 @@ def main(argv=None):
     rows: list[dict] = []
     t_deadline = time.perf_counter() + args.time_limit
     # The target shape first (T max, full vocab), so that a time limit cuts the least useful cases.
-    cases = sorted(((T, tp) for T in tokens for tp in TP_SIZES), key=lambda c: (c[1] > 1, -c[0]))
+    cases = sorted(((T, tp) for T in tokens for tp in args.tp), key=lambda c: (c[1] > 1, -c[0]))
     for T, tp in cases:
         v_local = V // tp if not args.smoke else V // tp + (tp > 1)  # odd sizes on CPU too
         for mode, impls, flops in (

@@ -78,12 +78,12 @@ def load_weights(model, path: str | os.PathLike) -> None:
         raise FileNotFoundError(f"{path}: neither a gopd-mega model directory ({MODEL_CONFIG}) nor a Hugging Face one (config.json)")
 
 
-LAYOUT_FIELDS = ("tp", "pp", "params_dtype", "load")
+LAYOUT_FIELDS = ("tp", "pp", "params_dtype", "logits_dtype", "load")
 
 
 def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
     """With ``cfg.load`` set, the architecture comes from the checkpoint and only the layout
-    (tp, pp, params_dtype) from ``cfg``; without it, ``cfg`` is returned as it is."""
+    (tp, pp, params_dtype, logits_dtype) from ``cfg``; without it, ``cfg`` is returned as it is."""
     if cfg.load is None:
         return cfg
     path = Path(cfg.load)

@@ -477,8 +477,9 @@ class ShardedGPT:
 
     def _kernel_kwargs(self, temperature: float) -> dict:
         start, valid = self._vocab_shard()
+        logits = None if self.cfg.logits_dtype == "float32" else _DTYPES[self.cfg.params_dtype]
         return dict(vocab_start=start, vocab_valid=valid, group=self.groups.pg.tp,
-                    temperature=temperature, ignore_index=IGNORE)
+                    temperature=temperature, ignore_index=IGNORE, logits_dtype=logits)
 
     # ------------------------------------------------------------------ public compute
 

@@ -18,8 +18,9 @@ fp32: logits accurate to fp32 (logp ~1e-6 relative error with bf16 inputs). The 
 ~4e-4), halves the chunk buffer, and so doubles the token chunk in the same memory.
 
 Backends: "torch" (kernels.reference: full logits, the oracle), "chunked" (token chunks, torch row
-math), "triton" (cuBLAS GEMMs + fused Triton row kernels; tl.dot online-logsumexp kernel for the
-forward-only path), "auto" = triton on CUDA tensors, chunked otherwise.
+math), "triton" (cuBLAS GEMMs + fused Triton row kernels; with ``low_memory`` the forward-only
+path uses a tl.dot online-logsumexp kernel instead, O(T) memory), "auto" = triton on CUDA
+tensors, chunked otherwise.
 
 Tensor parallelism (vocab-parallel output layer): pass the TP ``group`` (a plain
 torch.distributed ProcessGroup), this rank's first global vocab id ``vocab_start`` and the number
@@ -84,9 +85,11 @@ def linear_logprob_inference(hidden: torch.Tensor, weight: torch.Tensor, targets
                              temperature: float = 1.0, ignore_index: int = -100,
                              return_entropy: bool = False, reduce_dh: bool = True,
                              backend: str = "auto", chunk_size: int | None = None,
-                             logits_dtype: torch.dtype | None = None):
-    """Forward-only log-prob for teachers / the reference model: no autograd graph, O(T) extra
-    memory beyond one logits chunk (chunked) or none at all (triton: tl.dot kernel)."""
+                             logits_dtype: torch.dtype | None = None, low_memory: bool = False):
+    """Forward-only log-prob for teachers / the reference model: no autograd graph, nothing
+    saved. Extra memory: one logits chunk (chunked; triton: cuBLAS GEMM + Triton row stats), or
+    O(T) with ``low_memory`` on the triton backend (tl.dot kernel that never writes logits,
+    slower on an H200: benchmarks/RESULTS.md)."""
     kw = dict(vocab_start=vocab_start, vocab_valid=vocab_valid, group=group,
               temperature=temperature, ignore_index=ignore_index,
               return_entropy=return_entropy)
@@ -94,10 +97,11 @@ def linear_logprob_inference(hidden: torch.Tensor, weight: torch.Tensor, targets
     with torch.no_grad():
         if b == "torch":
             return reference.linear_logprob_inference(hidden, weight, targets, **kw)
-        if b == "triton":
+        if b == "triton" and low_memory:
             return _triton().linear_logprob_inference(hidden, weight, targets, **kw)
+        row_ops = _triton().TRITON_ROW_OPS if b == "triton" else chunked.TORCH_ROW_OPS
         return chunked.linear_logprob_inference(hidden, weight, targets, chunk_size=chunk_size,
-                                                logits_dtype=logits_dtype, **kw)
+                                                logits_dtype=logits_dtype, row_ops=row_ops, **kw)
 
 
 def linear_logprob_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -43,6 +43,7 @@ def test_yaml_and_toml_recipes_with_overrides(tmp_path, teacher_dir):
         ("train.stepz=3", "train.stepz"),
         ("bogus.x=1", "bogus"),
         ("student.max_seq_len=8", "student.max_seq_len"),
+        ("student.logits_dtype=bf16", "student.logits_dtype"),
     ],
 )
 def test_invalid_values_name_the_field(teacher_dir, override, field):

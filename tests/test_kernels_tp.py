@@ -99,6 +99,12 @@ def _worker(rank: int, world: int, init_file: str, backends: tuple[str, ...]):
                                                          backend=backend, **tp)
             _close(lpi, lp_ref, f"{backend} inference logp", rank)
             _close(enti, ent_ref, f"{backend} inference entropy", rank)
+            if backend == "triton":  # the O(T)-memory tl.dot kernel
+                lpi, enti = kernels.linear_logprob_inference(h, shard, y, return_entropy=True,
+                                                             backend=backend, low_memory=True,
+                                                             **tp)
+                _close(lpi, lp_ref, "triton low_memory inference logp", rank)
+                _close(enti, ent_ref, "triton low_memory inference entropy", rank)
 
             hh, ww = h.clone().requires_grad_(), shard.clone().requires_grad_()
             loss, lpl, _ = kernels.linear_logprob_loss(hh, ww, y, fn, backend=backend, **tp)

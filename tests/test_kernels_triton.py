@@ -156,9 +156,11 @@ def test_gpu_realistic_tiles(dtype):
     hq, wq = h.to(dtype).double(), w.to(dtype).double()
     lp64 = kernels.linear_logprob_inference(hq, wq, y, backend="torch")
     lpn = kernels.linear_logprob_inference(h.to(dtype), w.to(dtype), y, backend="torch")
-    for b in ("triton", "chunked"):
-        lp = kernels.linear_logprob_inference(h.to(dtype), w.to(dtype), y, backend=b)
-        assert rel_err(lp, lp64) <= 2 * rel_err(lpn, lp64) + FLOOR[dtype], b
+    for b, low in (("triton", False), ("triton", True), ("chunked", False)):
+        for ld in (None, dtype):
+            lp = kernels.linear_logprob_inference(h.to(dtype), w.to(dtype), y, backend=b,
+                                                  low_memory=low, logits_dtype=ld)
+            assert rel_err(lp, lp64) <= 2 * rel_err(lpn, lp64) + FLOOR[dtype], (b, low, ld)
     check_against_oracle("triton", h, w, y, dtype, run_logprob, LOGPROB_NAMES, chunk_size=256)
 
 
