@@ -1,7 +1,9 @@
 """Triton kernels for the log-prob of the sampled token.
 
-1. ``_row_stats_kernel`` (one program per token row of an fp32 logits chunk z [Tc, vv], already
-   divided by the temperature): online max / sum-exp / sum exp*z over vocab blocks of BLOCK, plus
+1. ``_row_stats_kernel`` (one program per token row of a logits chunk zc [Tc, vv]; the logits
+   are z = zc * zscale: an fp32 chunk already holds z/temperature (zscale 1), a bf16 chunk holds
+   the unscaled GEMM output, scaled here in fp32): online max / sum-exp / sum exp*z over vocab
+   blocks of BLOCK, plus
    the target logit:  m = max_v z,  s = sum_v e^(z-m),  sz = sum_v e^(z-m) z,  zt = z[y] (if owned).
 2. ``_dlogits_kernel`` (one program per row): dz = [g (onehot(y) - p) - g_H p (z - mu)] / temp,
    p = e^(z - lse), written in the GEMM dtype into z's own storage (in place when that is fp32;
