@@ -88,6 +88,12 @@ def pack_rollouts(
     return RolloutBatch(tokens, prompt_lens, response_lens, loss_mask, sampler_logp, list(finish_reasons))
 
 
+def check_prompts(prompts: Sequence[Sequence[int]]) -> None:
+    """The input check every engine's ``generate`` starts with."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: needs at least one prompt and no empty prompt")
+
+
 class RolloutEngine(ABC):
     """Samples responses; receives new student weights after each update."""
 

@@ -28,7 +28,8 @@ from typing import Any, Protocol
 
 import torch
 
-from gopd_mega.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutBatch, RolloutEngine, pack_rollouts
+from gopd_mega.rollout.base import (FINISH_LENGTH, FINISH_STOP, RolloutBatch, RolloutEngine, check_prompts,
+                                    pack_rollouts)
 
 
 class LogitsModel(Protocol):
@@ -83,8 +84,7 @@ class EmbeddedEngine(RolloutEngine):
         greedy: bool = False,
         seed: int = 0,
     ) -> RolloutBatch:
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("generate: needs at least one prompt and no empty prompt")
+        check_prompts(prompts)
         n = len(prompts)
         lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
         tokens = torch.full((n, int(lengths.max()) + max_new_tokens), self.pad_id, dtype=torch.int64)

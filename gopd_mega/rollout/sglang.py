@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from gopd_mega.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutBatch, RolloutEngine, pack_rollouts
+from gopd_mega.rollout.base import (FINISH_LENGTH, FINISH_STOP, RolloutBatch, RolloutEngine, check_prompts,
+                                    pack_rollouts)
 
 
 class SGLangError(RuntimeError):
@@ -94,8 +95,7 @@ class SGLangEngine(RolloutEngine):
         greedy: bool = False,
         seed: int = 0,
     ) -> RolloutBatch:
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("generate: needs at least one prompt and no empty prompt")
+        check_prompts(prompts)
         params = {
             "temperature": 0.0 if greedy else float(temperature),
             "top_p": float(top_p),
