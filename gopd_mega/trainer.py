@@ -144,7 +144,11 @@ class Distiller:
         weights = token_weights(batch.loss_mask, self.settings.aggregation)
         builder = gopd_loss_builder(teacher_logp, ref_logp, batch.sampler_logp, weights, self.settings)
 
-        out = self.m.student.train_step(batch.tokens, batch.loss_mask, builder, cfg.train.micro_batch_size)
+        # The student's log-probs use the rollout temperature like every other model's (loss,
+        # importance weight and metrics alike); at T != 1 anything else compares different
+        # distributions.
+        out = self.m.student.train_step(batch.tokens, batch.loss_mask, builder, cfg.train.micro_batch_size,
+                                        temperature=temperature)
         self.optimizer.step_schedule()
         self.sync_weights()
         t_end = time.perf_counter()
