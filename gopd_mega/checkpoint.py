@@ -14,6 +14,11 @@ Layout of ``<out_dir>/checkpoints/``:
 
 A run killed mid-save leaves only a ``.partial`` directory, which nothing mistakes for a good
 checkpoint.
+
+Retention (``keep_last=N``, from ``train.keep_last``): after a save has completed, rank 0 deletes
+the complete checkpoints older than the N newest. The one just written is never deleted (so the
+only complete checkpoint survives too), nor anything incomplete or ``.partial``. None or 0 keeps
+every checkpoint.
 """
 
 from __future__ import annotations
@@ -58,8 +63,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, out_dir: str | os.PathLike):
+    def __init__(self, out_dir: str | os.PathLike, keep_last: int | None = None):
         self.root = Path(out_dir) / "checkpoints"
+        self.keep_last = keep_last
 
     def save(self, step: int, model, optimizer, trainer_state: dict[str, Any]) -> Path:
         """Collective: the student ``model`` (ShardedGPT), its optimizer and rank 0's trainer state."""
@@ -83,14 +89,34 @@ class CheckpointManager:
             tmp = self.root / "latest.tmp"
             tmp.write_text(final.name)
             os.replace(tmp, self.root / "latest")
+            self.prune(keep=final)
         _barrier()
         return final
 
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first (by step)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.glob("step_*") if p.is_dir() and (p / COMPLETE).exists())
+
+    def prune(self, keep: Path | None = None) -> list[Path]:
+        """Delete complete checkpoints older than the ``keep_last`` newest (rank 0, after a
+        successful save); ``keep`` (the one just written) is never deleted. Returns what went."""
+        if not self.keep_last:
+            return []
+        done = self.complete()
+        newest = set(done[-self.keep_last:])
+        removed = [p for p in done if p not in newest and p != keep]
+        for p in removed:
+            # Take the COMPLETE marker away first: a deletion interrupted half-way leaves a
+            # directory that is never mistaken for a good checkpoint.
+            (p / COMPLETE).unlink()
+            shutil.rmtree(p)
+        return removed
+
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or None."""
-        if not self.root.is_dir():
-            return None
-        complete = sorted(p for p in self.root.glob("step_*") if p.is_dir() and (p / COMPLETE).exists())
+        complete = self.complete()
         return complete[-1] if complete else None
 
     def load(self, path: Path, model, optimizer) -> dict[str, Any]:

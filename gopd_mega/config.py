@@ -282,6 +282,9 @@ class TrainConfig:
     """Evaluate every N steps (0: only at the end)."""
     save_every: int = 0
     """Checkpoint every N steps (0: only at the end)."""
+    keep_last: int | None = None
+    """Keep only the N newest complete checkpoints: older ones are deleted after each successful
+    save (the one just written is never deleted). None or 0 keeps them all."""
     out_dir: str = "runs/gopd"
     """Where checkpoints, metrics.jsonl and TensorBoard events go."""
     resume: bool = True
@@ -294,8 +297,16 @@ class TrainConfig:
     """Show a progress bar."""
 
     def validate(self, where: str = "") -> None:
-        if self.steps < 0 or self.prompts_per_step < 1 or self.micro_batch_size < 1:
-            _fail(f"{where}.steps", "steps >= 0, prompts_per_step >= 1 and micro_batch_size >= 1 are required")
+        if self.steps < 0:
+            _fail(f"{where}.steps", f"must be >= 0, got {self.steps}")
+        for name in ("prompts_per_step", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                _fail(f"{where}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                _fail(f"{where}.{name}", f"must be >= 0 (0: never), got {getattr(self, name)}")
+        if self.keep_last is not None and self.keep_last < 0:
+            _fail(f"{where}.keep_last", f"must be >= 1, or 0/null to keep every checkpoint, got {self.keep_last}")
         if self.log_backend not in ("jsonl", "tensorboard", "both"):
             _fail(f"{where}.log_backend", f"must be jsonl, tensorboard or both, got {self.log_backend!r}")
 

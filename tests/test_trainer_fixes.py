@@ -39,3 +39,47 @@ def test_student_logprobs_use_the_rollout_temperature(model_dirs, tmp_path):
     assert mask.sum() > 10
     torch.testing.assert_close(out["logp"][mask], batch.sampler_logp[mask], rtol=0, atol=1e-5)
     assert metrics["sampler_mismatch"] < 1e-5
+
+
+def _fake_checkpoint(root, step, complete=True):
+    d = root / "checkpoints" / f"step_{step:06d}"
+    d.mkdir(parents=True)
+    if complete:
+        (d / "COMPLETE").write_text("ok\n")
+    return d
+
+
+def test_keep_last_prunes_only_older_complete_checkpoints(tmp_path):
+    from gopd_mega.checkpoint import CheckpointManager
+
+    for step in (1, 2, 3):
+        _fake_checkpoint(tmp_path, step)
+    broken = _fake_checkpoint(tmp_path, 4, complete=False)
+    partial = tmp_path / "checkpoints" / "step_000005.partial"
+    partial.mkdir()
+    assert CheckpointManager(tmp_path).prune() == []  # keep_last None: keep everything
+    assert CheckpointManager(tmp_path, keep_last=0).prune() == []
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    assert [p.name for p in mgr.prune()] == ["step_000001"]
+    assert [p.name for p in mgr.complete()] == ["step_000002", "step_000003"]
+    assert broken.is_dir() and partial.is_dir()  # never touched: not complete checkpoints
+    # The checkpoint being written is kept even when newer ones exist (a re-run into an old dir).
+    mgr1 = CheckpointManager(tmp_path, keep_last=1)
+    assert [p.name for p in mgr1.prune(keep=tmp_path / "checkpoints" / "step_000002")] == []
+    assert [p.name for p in mgr1.complete()] == ["step_000002", "step_000003"]
+
+
+def test_keep_last_in_a_run(model_dirs, tmp_path):
+    """save_every=1, keep_last=2: after 3 steps only steps 2 and 3 remain, and resuming works."""
+    cfg = _run_cfg(model_dirs, tmp_path / "k", 3, **{"train.save_every": 1, "train.keep_last": 2,
+                                                     "train.prompts_per_step": 2})
+    run = _distiller(cfg)
+    run.fit()
+    names = sorted(p.name for p in (tmp_path / "k" / "checkpoints").iterdir())
+    assert names == ["latest", "step_000002", "step_000003"]
+    assert run.ckpt.latest().name == "step_000003"
+    cfg4 = _run_cfg(model_dirs, tmp_path / "k", 4, **{"train.save_every": 1, "train.keep_last": 2,
+                                                      "train.prompts_per_step": 2})
+    again = _distiller(cfg4)
+    assert len(again.fit()) == 1
+    assert sorted(p.name for p in (tmp_path / "k" / "checkpoints").iterdir()) == ["latest", "step_000003", "step_000004"]
