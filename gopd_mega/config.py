@@ -141,8 +141,11 @@ class ObjectiveConfig:
 
     lam: float = 1.0
     """Reward scaling lambda: 1 = OPD, (0, 1) interpolates to the reference, > 1 = ExOPD."""
-    reference: str = "initial"
-    """'initial' = the student's initial weights, or the path of any checkpoint (reward correction)."""
+    reference: str | ModelConfig = "initial"
+    """pi_ref. 'initial' = the student's initial weights (a frozen copy on the student's layout);
+    a path = that checkpoint on the student's layout (tp, pp, params_dtype, logits_dtype of
+    ``student``); or a model mapping ``{load: PATH, tp: .., pp: .., params_dtype: ..}`` (a
+    ModelConfig) for a reference with its own layout, e.g. a teacher-sized one (reward correction)."""
     clip_eps_low: float = 0.2
     """PPO clip: ratio floor is 1 - clip_eps_low."""
     clip_eps_high: float = 0.2
@@ -157,10 +160,16 @@ class ObjectiveConfig:
     def validate(self, where: str = "") -> None:
         if not (self.lam >= 0.0):
             _fail(f"{where}.lam", f"reward scale lambda must be >= 0, got {self.lam}")
-        if self.reference != "initial" and not Path(self.reference).exists():
-            _fail(f"{where}.reference", f"must be 'initial' or an existing checkpoint path, got {self.reference!r}")
-        if not (0 <= self.clip_eps_low < 1) or self.clip_eps_high < 0:
-            _fail(f"{where}.clip_eps_low", f"need 0 <= clip_eps_low < 1 and clip_eps_high >= 0")
+        if isinstance(self.reference, ModelConfig):
+            if self.reference.load is None:
+                _fail(f"{where}.reference.load", "a reference model needs weights: set the path of its checkpoint")
+            self.reference.validate(f"{where}.reference")
+        elif self.reference != "initial" and not Path(self.reference).exists():
+            _fail(f"{where}.reference", f"must be 'initial', an existing checkpoint path or a model mapping, got {self.reference!r}")
+        if not (0 <= self.clip_eps_low < 1):
+            _fail(f"{where}.clip_eps_low", f"need 0 <= clip_eps_low < 1, got {self.clip_eps_low}")
+        if self.clip_eps_high < 0:
+            _fail(f"{where}.clip_eps_high", f"must be >= 0, got {self.clip_eps_high}")
         if self.dual_clip is not None and self.dual_clip <= 1:
             _fail(f"{where}.dual_clip", f"must be > 1 or null, got {self.dual_clip}")
         if self.is_cap is not None and self.is_cap <= 0:
@@ -196,8 +205,9 @@ class RolloutConfig:
             _fail(f"{where}.temperature", f"must be > 0, got {self.temperature}")
         if not (0 < self.top_p <= 1):
             _fail(f"{where}.top_p", f"must be in (0, 1], got {self.top_p}")
-        if self.max_new_tokens < 1 or self.samples_per_prompt < 1:
-            _fail(f"{where}.max_new_tokens", "max_new_tokens and samples_per_prompt must be >= 1")
+        for name in ("max_new_tokens", "samples_per_prompt"):
+            if getattr(self, name) < 1:
+                _fail(f"{where}.{name}", f"must be >= 1, got {getattr(self, name)}")
         if self.engine == "sglang" and not self.sglang_url:
             _fail(f"{where}.sglang_url", "engine='sglang' needs the server URL")
 
@@ -226,12 +236,18 @@ class OptimConfig:
     """Global gradient-norm clip (0 disables)."""
 
     def validate(self, where: str = "") -> None:
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            _fail(f"{where}.lr", f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.lr <= 0:
+            _fail(f"{where}.lr", f"must be > 0, got {self.lr}")
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            _fail(f"{where}.min_lr", f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
         if self.schedule not in ("constant", "cosine", "linear"):
             _fail(f"{where}.schedule", f"must be constant, cosine or linear, got {self.schedule!r}")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            _fail(f"{where}.warmup_steps", "warmup_steps, weight_decay and grad_clip must be >= 0")
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "eps"):
+            if getattr(self, name) < 0:
+                _fail(f"{where}.{name}", f"must be >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not (0 <= getattr(self, name) < 1):
+                _fail(f"{where}.{name}", f"must be in [0, 1), got {getattr(self, name)}")
 
 
 @dataclass
@@ -264,8 +280,13 @@ class DataConfig:
             _fail(f"{where}.source", f"dataset path does not exist: {self.source}")
         if self.max_prompt_len < 1:
             _fail(f"{where}.max_prompt_len", f"must be >= 1, got {self.max_prompt_len}")
-        if self.source == "synthetic" and (self.num_train < 1 or not self.domains):
-            _fail(f"{where}.num_train", "synthetic data needs num_train >= 1 and at least one domain")
+        if self.source == "synthetic" and self.num_train < 1:
+            _fail(f"{where}.num_train", f"synthetic data needs num_train >= 1, got {self.num_train}")
+        if self.source == "synthetic" and not self.domains:
+            _fail(f"{where}.domains", "synthetic data needs at least one domain")
+        for name in ("prompt_field", "teacher_field"):
+            if not getattr(self, name):
+                _fail(f"{where}.{name}", "must be a non-empty column name")
 
 
 @dataclass
@@ -394,6 +415,12 @@ def _build(cls: type, data: Any, where: str) -> Any:
         if data is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        # A mapping builds the dataclass member of the union (e.g. str | ModelConfig), anything
+        # else the first plain member.
+        if isinstance(data, dict):
+            inner = [a for a in inner if dataclasses.is_dataclass(a)] or inner
+        elif len(inner) > 1:
+            inner = [a for a in inner if not dataclasses.is_dataclass(a)] or inner
         return _build(inner[0], data, where)
     if cls is float and isinstance(data, (int, float)) and not isinstance(data, bool):
         return float(data)

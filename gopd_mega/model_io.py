@@ -19,7 +19,7 @@ from pathlib import Path
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from gopd_mega.config import ModelConfig, build_config
+from gopd_mega.config import ConfigError, ModelConfig, build_config
 
 MODEL_CONFIG = "model_config.json"
 WEIGHTS = "model.safetensors"
@@ -81,9 +81,11 @@ def load_weights(model, path: str | os.PathLike) -> None:
 LAYOUT_FIELDS = ("tp", "pp", "params_dtype", "logits_dtype", "load")
 
 
-def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
+def resolve_model_config(cfg: ModelConfig, where: str | None = None) -> ModelConfig:
     """With ``cfg.load`` set, the architecture comes from the checkpoint and only the layout
-    (tp, pp, params_dtype, logits_dtype) from ``cfg``; without it, ``cfg`` is returned as it is."""
+    (tp, pp, params_dtype, logits_dtype) from ``cfg``; without it, ``cfg`` is returned as it is.
+    ``where`` is the config field of this model (e.g. 'student', 'teachers[0].model'): a layout
+    that does not fit the checkpoint's architecture is reported under it."""
     if cfg.load is None:
         return cfg
     path = Path(cfg.load)
@@ -96,5 +98,8 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
     else:
         raise FileNotFoundError(f"{path}: neither a gopd-mega model directory ({MODEL_CONFIG}) nor a Hugging Face one (config.json)")
     resolved = dataclasses.replace(saved, **{f: getattr(cfg, f) for f in LAYOUT_FIELDS})
-    resolved.validate(f"model at {path}")
+    try:
+        resolved.validate(where or f"model at {path}")
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (architecture read from {path})") from None
     return resolved

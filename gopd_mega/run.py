@@ -22,9 +22,10 @@ from gopd_mega.rollout import make_engine
 from gopd_mega.trainer import Models
 
 
-def build_model(cfg: ModelConfig, trainable: bool, name: str) -> ShardedGPT:
-    """A ShardedGPT on its own layout, with the weights of ``cfg.load`` if given."""
-    cfg = resolve_model_config(cfg)
+def build_model(cfg: ModelConfig, trainable: bool, name: str, where: str | None = None) -> ShardedGPT:
+    """A ShardedGPT on its own layout, with the weights of ``cfg.load`` if given. ``where`` is its
+    config field (errors about the layout name it)."""
+    cfg = resolve_model_config(cfg, where)
     groups = build_model_groups(cfg.tp, cfg.pp, name=name)
     model = ShardedGPT(cfg, groups, trainable=trainable)
     if cfg.load is not None:
@@ -56,15 +57,21 @@ def check_vocab(student: ShardedGPT, others: dict[str, ShardedGPT], tokenizer) -
 
 def build_models(cfg: RunConfig, tokenizer) -> Models:
     init_distributed()
-    student = build_model(cfg.student, trainable=True, name="student")
-    if cfg.objective.reference == "initial":
+    student = build_model(cfg.student, trainable=True, name="student", where="student")
+    ref = cfg.objective.reference
+    if isinstance(ref, ModelConfig):
+        # A reference with its own layout (e.g. teacher-sized, at the teachers' TP).
+        reference = build_model(ref, trainable=False, name="reference", where="objective.reference")
+    elif ref == "initial":
         # pi_ref = the student before distillation: a frozen copy on the student's layout.
         reference = ShardedGPT(student.cfg, student.groups, trainable=False)
         reference.copy_weights_from(student)
     else:
-        ref_cfg = dataclasses.replace(student.cfg, load=cfg.objective.reference)
-        reference = build_model(ref_cfg, trainable=False, name="reference")
-    teachers = {t.name: build_model(t.model, trainable=False, name=f"teacher '{t.name}'") for t in cfg.teachers}
+        # A checkpoint path: on the student's layout (its tp, pp and dtypes).
+        ref_cfg = dataclasses.replace(student.cfg, load=ref)
+        reference = build_model(ref_cfg, trainable=False, name="reference", where="objective.reference")
+    teachers = {t.name: build_model(t.model, trainable=False, name=f"teacher '{t.name}'", where=f"teachers[{i}].model")
+                for i, t in enumerate(cfg.teachers)}
     others = {"reference": reference, **{f"teacher '{k}'": v for k, v in teachers.items()}}
     check_vocab(student, others, tokenizer)
     needed = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens

@@ -44,6 +44,18 @@ def test_yaml_and_toml_recipes_with_overrides(tmp_path, teacher_dir):
         ("bogus.x=1", "bogus"),
         ("student.max_seq_len=8", "student.max_seq_len"),
         ("student.logits_dtype=bf16", "student.logits_dtype"),
+        # each field is named itself, not the first of a group of checks
+        ("train.micro_batch_size=0", "train.micro_batch_size"),
+        ("train.prompts_per_step=0", "train.prompts_per_step"),
+        ("train.save_every=-1", "train.save_every"),
+        ("train.keep_last=-1", "train.keep_last"),
+        ("rollout.samples_per_prompt=0", "rollout.samples_per_prompt"),
+        ("objective.clip_eps_high=-0.1", "objective.clip_eps_high"),
+        ("optim.min_lr=1.0", "optim.min_lr"),
+        ("optim.weight_decay=-1", "optim.weight_decay"),
+        ("optim.grad_clip=-1", "optim.grad_clip"),
+        ("optim.beta2=1.5", "optim.beta2"),
+        ("data.domains=[]", "data.domains"),
     ],
 )
 def test_invalid_values_name_the_field(teacher_dir, override, field):
