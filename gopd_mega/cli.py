@@ -8,16 +8,23 @@ a local dataset file/directory (parquet/JSONL/arrow/saved dataset) read with the
 Hugging Face tokenizer and chat template. The trained student is written to
 ``<train.out_dir>/student`` (gopd-mega model directory) and, for a Hugging Face student, also
 exported as a Hugging Face checkpoint to ``<train.out_dir>/hf``.
+
+Errors a user can fix (a bad config field, an unreadable or incomplete dataset, a checkpoint or
+tokenizer that does not fit: :func:`user_errors`) are printed as ONE line naming the file, line
+or field, by rank 0 only, and every rank exits with status 2; anything else is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 from gopd_mega.config import ConfigError, RunConfig, load_config
 from gopd_mega.data import synthetic
-from gopd_mega.data.prompts import PromptDataset
+from gopd_mega.data.prompts import DataError, PromptDataset
 from gopd_mega.data.tokenizer import CharTokenizer
 from gopd_mega.model_io import is_hf_dir, save_model_dir
 from gopd_mega.run import build_models, build_student_optimizer, report, synthetic_evaluator
@@ -32,7 +39,8 @@ def load_prompts(cfg: RunConfig):
     from gopd_mega.hf import HFTokenizer, load_prompt_records
 
     if cfg.student.load is None or not is_hf_dir(cfg.student.load):
-        raise ValueError("data.source is a dataset file: student.load must be a Hugging Face model directory (its tokenizer is used)")
+        raise ConfigError("config field 'student.load': data.source is a dataset file, so the student must be a "
+                          "Hugging Face model directory (its tokenizer is used)")
     tokenizer = HFTokenizer(cfg.student.load)
     # No verifier ships for free-form datasets: periodic evaluation is for the synthetic domains.
     return tokenizer, load_prompt_records(cfg.data, tokenizer), None
@@ -59,16 +67,34 @@ def train(cfg: RunConfig) -> Distiller:
     return distiller
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types whose message alone tells the user what to fix (no traceback needed)."""
+    from gopd_mega.hf.families import UnsupportedCheckpoint
+    from gopd_mega.hf.safetensors_io import CheckpointError
+    from gopd_mega.hf.tokenizer import TokenizerMismatch
+
+    return ConfigError, DataError, CheckpointError, TokenizerMismatch, UnsupportedCheckpoint
+
+
+def report_user_error(exc: BaseException) -> None:
+    """One line on stderr, from rank 0 only (every rank of a torchrun job fails the same way)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        message = " ".join(str(exc).split())  # one line, whatever the message held
+        print(f"gopd-train: error: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True, help="YAML or TOML recipe (RunConfig sections)")
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.recipe, args.overrides)
-    except ConfigError as exc:
-        parser.error(str(exc))  # exits with status 2 and the message naming the field
-    train(cfg)
+        train(load_config(args.recipe, args.overrides))
+    except Exception as exc:
+        if not isinstance(exc, user_errors()):
+            raise
+        report_user_error(exc)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from gopd_mega.config import ModelConfig, RunConfig
+from gopd_mega.config import ConfigError, ModelConfig, RunConfig
 from gopd_mega.data import synthetic
 from gopd_mega.evaluation import evaluate_config
 from gopd_mega.metrics import is_rank0
@@ -48,7 +48,7 @@ def check_vocab(student: ShardedGPT, others: dict[str, ShardedGPT], tokenizer) -
         if padded_only:
             tokenizer.check_compatible(model.cfg.load, name)  # raises on any real-id difference
         if not padded_only or v_other < v_student:
-            raise ValueError(
+            raise ConfigError(
                 f"vocabulary mismatch: {name} has vocab_size={v_other} (load={model.cfg.load}), the "
                 f"student has {v_student}; log-probs of different vocabularies cannot be compared"
                 + (" (the student could sample ids this model cannot score)" if padded_only else "")
@@ -77,7 +77,7 @@ def build_models(cfg: RunConfig, tokenizer) -> Models:
     needed = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
     for name, model in {"student": student, **others}.items():
         if model.cfg.max_seq_len < needed:
-            raise ValueError(f"{name} handles {model.cfg.max_seq_len} tokens, but data.max_prompt_len + "
+            raise ConfigError(f"{name} handles {model.cfg.max_seq_len} tokens, but data.max_prompt_len + "
                              f"rollout.max_new_tokens = {needed}")
     # The embedded engine samples from its own copy of the student, refreshed after each update
     # (as a separate inference engine would be); SGLang gets exported checkpoints instead.

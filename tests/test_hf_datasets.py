@@ -84,3 +84,48 @@ def test_paper_mix(tmp_path):
     assert json.loads(records[1]["answer"]) == {"inputs": ["1"], "outputs": ["2"]}
     with pytest.raises(DataError, match=r"eurus_code\.parquet: dataset has no field 'question'"):
         load_paper_mix(math=code)
+
+
+def test_teacher_route_nested_under_extra_info(tmp_path):
+    """The official G-OPD parquet files keep the route as extra_info.opd_teacher."""
+    import datasets
+
+    path = tmp_path / "official.parquet"
+    datasets.Dataset.from_list([
+        {"q": "hello world", "extra_info": {"index": 0, "opd_teacher": "math"}},
+        {"q": "the answer", "extra_info": {"index": 1, "opd_teacher": "code"}},
+    ]).to_parquet(str(path))
+    cfg = DataConfig(source=str(path), prompt_field="q", max_prompt_len=64)
+    records = load_prompt_records(cfg)
+    assert [r["opd_teacher"] for r in records] == ["math", "code"]
+    tok = HFTokenizer(make_tokenizer(tmp_path / "tok"))
+    data = PromptDataset.from_config(records, tok, cfg, teachers=["math", "code"])
+    assert [p.teacher for p in data.prompts] == ["math", "code"]
+    # a configured teacher_field is looked up under extra_info too; records given directly as well
+    renamed = DataConfig(source=str(path), prompt_field="q", teacher_field="index")
+    assert [r["index"] for r in load_prompt_records(renamed)] == ["0", "1"]
+    direct = PromptDataset([{"q": "hello world", "extra_info": {"opd_teacher": "code"}}], tok,
+                           max_prompt_len=64, teachers=["math", "code"], prompt_field="q")
+    assert direct.prompts[0].teacher == "code"
+
+
+def test_truncated_jsonl_line_names_file_and_line(tmp_path):
+    path = tmp_path / "cut.jsonl"
+    lines = [json.dumps(r) for r in ROWS] + [json.dumps(ROWS[0])[:15]]  # a write cut short
+    path.write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(source=str(path), prompt_field="q")
+    with pytest.raises(DataError, match=r"cut\.jsonl:3: not valid JSON") as err:
+        load_prompt_records(cfg)
+    assert "\n" not in str(err.value)
+    folder = tmp_path / "many"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS))
+    (folder / "b.jsonl").write_text(lines[0] + "\n" + lines[2] + "\n")
+    with pytest.raises(DataError, match=r"b\.jsonl:2: not valid JSON"):
+        load_prompt_records(DataConfig(source=str(folder), prompt_field="q"))
+
+
+def test_missing_column_names_column_file_and_columns(tmp_path):
+    path = write(tmp_path, "jsonl")
+    with pytest.raises(DataError, match=r"d\.jsonl: dataset has no field 'problem' \(its columns: \['q', 'a', 'opd_teacher'\]\)"):
+        load_prompt_records(DataConfig(source=str(path), prompt_field="problem"))

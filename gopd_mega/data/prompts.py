@@ -83,7 +83,8 @@ class PromptDataset:
     ):
         """``teachers``: the configured route keys. When given, every prompt must route to one of
         them; a record without the teacher field goes to the only teacher if there is exactly one.
-        When None, routes are taken from the records as they are (or None)."""
+        When None, routes are taken from the records as they are (or None). The route is
+        ``rec[teacher_field]``, else ``rec['extra_info'][teacher_field]``."""
         if not records:
             raise DataError("prompt dataset is empty: no records were given")
         self.seed = seed
@@ -156,6 +157,8 @@ class PromptDataset:
 
 def _route(rec: dict, i: int, teacher_field: str, teachers: list[str] | None) -> str | None:
     route = rec.get(teacher_field)
+    if route is None and isinstance(rec.get("extra_info"), dict):
+        route = rec["extra_info"].get(teacher_field)  # verl-style records keep it under extra_info
     if teachers is None:
         return None if route is None else str(route)
     if route is None:

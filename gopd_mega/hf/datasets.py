@@ -7,7 +7,13 @@
     {prompt_field: str, answer_field: str (if the dataset has it), teacher_field: str (if it has it)}
 
 The prompt column may hold a string or a chat (a list of ``{"role", "content"}`` messages, as in
-verl-style parquet files). With ``DataConfig.chat_template`` the tokenizer's chat template is
+verl-style parquet files). The teacher route is read from the ``teacher_field`` column, or, when
+there is no such column, from the same key nested under ``extra_info`` (the official G-OPD
+parquet files: ``extra_info: {opd_teacher: "math"}``).
+
+Unreadable files fail with a one-line :class:`DataError` naming the file, and for JSON lines the
+line number of the first record that is not valid JSON (a truncated last line, say).
+ With ``DataConfig.chat_template`` the tokenizer's chat template is
 applied (Qwen3 in non-thinking mode) and the text of the model's own bos token is stripped from
 the front, because PromptDataset prepends ``tokenizer.bos_id`` itself.
 
@@ -22,6 +28,7 @@ The paper's data (:func:`load_paper_mix`), written as records with ``prompt``, `
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -47,11 +54,11 @@ def open_dataset(path: str | os.PathLike):
         if not files:
             raise DataError(f"{path}: folder holds no saved dataset and no parquet/JSONL files")
         kind = "parquet" if files[0].suffix == ".parquet" else "json"
-        ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
+        ds = _load_files(datasets, kind, files)
     elif path.suffix == ".arrow":
         ds = datasets.Dataset.from_file(str(path))
     elif kind is not None:
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        ds = _load_files(datasets, kind, [path])
     else:
         raise DataError(f"{path}: unknown dataset format (expected .parquet, .jsonl, .json, .csv, .arrow or a saved dataset folder)")
     if isinstance(ds, datasets.DatasetDict):
@@ -61,9 +68,55 @@ def open_dataset(path: str | os.PathLike):
     return ds
 
 
+def _load_files(datasets, kind: str, files: list[Path]):
+    """``datasets.load_dataset`` of local files; a failure becomes a DataError that names the
+    file (and, for JSON lines, the line) instead of datasets' generation error."""
+    # datasets logs its own multi-line ERROR before raising; ours replaces it (progress bars stay).
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        return datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
+    except Exception as exc:  # noqa: BLE001 - re-raised as a DataError naming the file
+        if kind == "json":
+            for f in files:
+                _check_json_lines(f)
+        cause = str(exc.__cause__ or exc).strip().splitlines()
+        where = files[0] if len(files) == 1 else f"{files[0].parent} ({len(files)} {kind} files)"
+        raise DataError(f"{where}: cannot be read as {kind}: {type(exc).__name__}: "
+                        f"{cause[0] if cause else ''}") from exc
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+
+
+def _check_json_lines(path: Path) -> None:
+    """Raise a DataError naming the first line of ``path`` that is not a JSON value (a file
+    that is one JSON document as a whole passes)."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        json.loads(text)
+        return  # one JSON document (an array or an object): not a JSON-lines problem
+    except json.JSONDecodeError:
+        pass
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as exc:
+            shown = line if len(line) <= 60 else line[:57] + "..."
+            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}): {shown!r}; "
+                            "a JSONL file needs one complete JSON object per line") from None
+
+
 def _require(ds, path, field: str, setting: str) -> None:
     if field not in ds.column_names:
-        raise DataError(f"{path}: dataset has no field {field!r} (its fields: {ds.column_names}); set {setting}")
+        raise DataError(f"{path}: dataset has no field {field!r} (its columns: {ds.column_names}); set {setting}")
+
+
+def _nested_route(row: dict, field: str) -> Any:
+    """``row['extra_info'][field]`` (verl-style parquet files keep the route there), or None."""
+    extra = row.get("extra_info")
+    return extra.get(field) if isinstance(extra, dict) else None
 
 
 def _prompt_text(value: Any, tokenizer, chat_template: bool, where: str) -> str:
@@ -93,12 +146,15 @@ def load_prompt_records(cfg, tokenizer=None, path: str | os.PathLike | None = No
     ds = open_dataset(path)
     _require(ds, path, cfg.prompt_field, "data.prompt_field")
     keep = [f for f in (cfg.answer_field, cfg.teacher_field) if f in ds.column_names]
+    nested = cfg.teacher_field not in ds.column_names and "extra_info" in ds.column_names
     records = []
     for i, row in enumerate(ds):
         rec = {cfg.prompt_field: _prompt_text(row[cfg.prompt_field], tokenizer, cfg.chat_template, f"{path} record {i}")}
         for f in keep:
             if row[f] is not None:
                 rec[f] = str(row[f])
+        if nested and _nested_route(row, cfg.teacher_field) is not None:
+            rec[cfg.teacher_field] = str(_nested_route(row, cfg.teacher_field))
         records.append(rec)
     return records
 
