@@ -299,6 +299,11 @@ class TrainConfig:
     """Prompts per rollout batch (each gives samples_per_prompt responses)."""
     micro_batch_size: int = 16
     """Sequences per forward/backward micro-batch (gradient accumulation over the batch)."""
+    updates_per_rollout: int = 1
+    """Optimizer steps per rollout batch. 1 (the paper): one update on the whole batch, ratio 1.
+    N > 1 (PPO style): the batch's sequences are split into N mini-batches, one update each,
+    against pi_old from a no-grad pass of the student before the first (ratio and clip matter).
+    The LR schedule counts updates: optim.warmup_steps and the decay span steps * N updates."""
     eval_every: int = 0
     """Evaluate every N steps (0: only at the end)."""
     save_every: int = 0
@@ -320,7 +325,7 @@ class TrainConfig:
     def validate(self, where: str = "") -> None:
         if self.steps < 0:
             _fail(f"{where}.steps", f"must be >= 0, got {self.steps}")
-        for name in ("prompts_per_step", "micro_batch_size"):
+        for name in ("prompts_per_step", "micro_batch_size", "updates_per_rollout"):
             if getattr(self, name) < 1:
                 _fail(f"{where}.{name}", f"must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "save_every"):
@@ -380,6 +385,10 @@ class RunConfig:
             teacher.validate(f"teachers[{i}]")
         for name in ("objective", "rollout", "optim", "data", "train", "eval"):
             getattr(self, name).validate(name)
+        rows = self.train.prompts_per_step * self.rollout.samples_per_prompt
+        if self.train.updates_per_rollout > rows:
+            _fail("train.updates_per_rollout", f"{self.train.updates_per_rollout} mini-batches cannot split a rollout batch of "
+                  f"{rows} sequences (train.prompts_per_step * rollout.samples_per_prompt)")
         prompt_plus_response = self.data.max_prompt_len + self.rollout.max_new_tokens
         for where, model in [("student", self.student)] + [(f"teachers[{i}].model", t.model) for i, t in enumerate(self.teachers)]:
             # A loaded model's length comes from its checkpoint: checked when it is built.

@@ -96,7 +96,8 @@ def synthetic_evaluator(cfg: RunConfig, models: Models, tokenizer, held_out: dic
 
 
 def build_student_optimizer(cfg: RunConfig, models: Models):
-    return build_optimizer(models.student, cfg.optim, total_steps=cfg.train.steps)
+    """AdamW of the student; its LR schedule spans every update (steps * updates_per_rollout)."""
+    return build_optimizer(models.student, cfg.optim, total_steps=cfg.train.steps * cfg.train.updates_per_rollout)
 
 
 def report(message: str) -> None:

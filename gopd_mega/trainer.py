@@ -6,6 +6,7 @@
         t_logp    = teacher[route].logprobs(rollout)       # every teacher, its own layout
         r_logp    = reference.logprobs(rollout)            # pi_ref (initial student by default)
         student.train_step(rollout, gopd_token_loss(...))  # advantage, clipped IS loss, AdamW
+                                                           # (train.updates_per_rollout steps)
         engine.update_weights(student)                     # weight sync to the rollout engine
 
 SPMD: every rank runs this loop and holds the whole (small) rollout batch as token ids; each
@@ -61,15 +62,19 @@ def gopd_loss_builder(
     sampler_logp: torch.Tensor,
     weights: torch.Tensor,
     settings,
+    old_logp: torch.Tensor | None = None,
 ) -> Callable:
-    """For ShardedGPT.train_step: rows of the full batch -> per-token weighted G-OPD loss fn."""
+    """For ShardedGPT.train_step: rows of the full batch -> per-token weighted G-OPD loss fn.
+    ``old_logp`` [N, S]: pi_old of the batch (None: the student's own detached log-probs)."""
 
     def build(rows: torch.Tensor) -> Callable:
         t, r, q, w = (x[rows].reshape(-1) for x in (teacher_logp, ref_logp, sampler_logp, weights))
+        o = None if old_logp is None else old_logp[rows].reshape(-1)
 
         def token_loss(logp: torch.Tensor, sl: slice) -> torch.Tensor:
             loss, _, _ = gopd_token_loss(
-                logp, teacher_logp=t[sl], ref_logp=r[sl], sampler_logp=q[sl], old_logp=None, settings=settings
+                logp, teacher_logp=t[sl], ref_logp=r[sl], sampler_logp=q[sl],
+                old_logp=None if o is None else o[sl], settings=settings
             )
             return loss * w[sl]
 
@@ -92,6 +97,8 @@ class Distiller:
         # With a progress bar the console gets a metrics line every 10 steps, else every step.
         self.logger = MetricsLogger(cfg.train.out_dir, cfg.train.log_backend, console_every=10 if cfg.train.progress else 1)
         self.step = 0
+        self.update_stats: list[dict[str, float]] = []
+        """Per-update statistics of the last step with updates_per_rollout > 1."""
 
     # ------------------------------------------------------------------ state
     def save(self) -> None:
@@ -141,21 +148,13 @@ class Distiller:
         temperature = cfg.rollout.temperature
         teacher_logp = score_teachers(self.m.teachers, batch, routes, temperature)
         ref_logp = self.m.reference.logprobs(batch.tokens, batch.loss_mask, temperature)
-        weights = token_weights(batch.loss_mask, self.settings.aggregation)
-        builder = gopd_loss_builder(teacher_logp, ref_logp, batch.sampler_logp, weights, self.settings)
-
-        # The student's log-probs use the rollout temperature like every other model's (loss,
-        # importance weight and metrics alike); at T != 1 anything else compares different
-        # distributions.
-        out = self.m.student.train_step(batch.tokens, batch.loss_mask, builder, cfg.train.micro_batch_size,
-                                        temperature=temperature)
-        self.optimizer.step_schedule()
+        out = self.update_student(batch, teacher_logp, ref_logp, temperature)
         self.sync_weights()
         t_end = time.perf_counter()
 
         mask = batch.loss_mask
         student_logp = out["logp"]
-        # Diagnostics are computed from the pre-update log-probs the loss used (ratio = 1).
+        # Diagnostics are computed from the pre-update log-probs (pi_old; ratio = 1).
         _, advantage, clipped = gopd_token_loss(
             student_logp, teacher_logp=teacher_logp, ref_logp=ref_logp, sampler_logp=None, old_logp=None, settings=self.settings
         )
@@ -171,10 +170,57 @@ class Distiller:
             "rollout_s": t_rollout - t0,
             "step_s": t_end - t0,
         }
+        if cfg.train.updates_per_rollout > 1:  # what the clip did over the updates
+            metrics.update(clip_frac=out["clip_frac"], ratio_dev=out["ratio_dev"], updates=float(len(self.update_stats)))
         for name, rows in rows_by_teacher(routes, self.m.teachers).items():
             m = mask[rows].float()
             metrics[f"reverse_kl/{name}"] = float(((student_logp[rows] - teacher_logp[rows]) * m).sum() / m.sum().clamp(min=1))
         return metrics
+
+    def update_student(self, batch: RolloutBatch, teacher_logp: torch.Tensor, ref_logp: torch.Tensor,
+                       temperature: float) -> dict:
+        """The policy update(s) on one rollout batch; the student's log-probs use the rollout
+        temperature like every other model's (loss, importance weight and metrics alike).
+
+        ``train.updates_per_rollout`` = 1 (the paper): one optimizer step on the whole batch with
+        pi_old = the student's own detached log-probs of that forward (ratio 1: the clip never
+        binds). N > 1 (PPO style): pi_old = a no-grad pass of the student before the first
+        update; the rows are split into N contiguous mini-batches, one optimizer step each, and
+        each mini-batch's aggregation weights are normalised over that mini-batch
+        (objective.token_weights), so every update's loss has the scale of a whole-batch loss.
+
+        Returns loss, grad_norm, entropy (means over the updates), logp [N, S] (pi_old), and for
+        N > 1 clip_frac and ratio_dev = mean |rho - 1| (token means over all updates, rho from each
+        update's own forward); per-update values go to ``self.update_stats``.
+        """
+        train, mask, agg = self.cfg.train, batch.loss_mask, self.settings.aggregation
+        if train.updates_per_rollout == 1:
+            weights = token_weights(mask, agg)
+            builder = gopd_loss_builder(teacher_logp, ref_logp, batch.sampler_logp, weights, self.settings)
+            out = self.m.student.train_step(batch.tokens, mask, builder, train.micro_batch_size, temperature=temperature)
+            self.optimizer.step_schedule()
+            return out
+        old = self.m.student.logprobs(batch.tokens, mask, temperature, train.micro_batch_size)
+        self.update_stats = []
+        for rows in torch.tensor_split(torch.arange(mask.shape[0]), train.updates_per_rollout):
+            sub = mask[rows]
+            builder = gopd_loss_builder(teacher_logp[rows], ref_logp[rows], batch.sampler_logp[rows],
+                                        token_weights(sub, agg), self.settings, old_logp=old[rows])
+            out = self.m.student.train_step(batch.tokens[rows], sub, builder, train.micro_batch_size, temperature=temperature)
+            self.optimizer.step_schedule()
+            _, _, clipped = gopd_token_loss(out["logp"], teacher_logp=teacher_logp[rows], ref_logp=ref_logp[rows],
+                                            sampler_logp=None, old_logp=old[rows], settings=self.settings)
+            m = sub.clone().float()
+            m[:, 0] = 0
+            self.update_stats.append({
+                "loss": out["loss"], "grad_norm": out["grad_norm"], "entropy": out["entropy"], "tokens": float(m.sum()),
+                "clipped": float((clipped.float() * m).sum()),
+                "ratio_dev": float(((out["logp"] - old[rows]).exp().sub(1).abs() * m).sum()),
+            })
+        stats = self.update_stats
+        n = max(1.0, sum(u["tokens"] for u in stats))
+        return {"logp": old, **{k: sum(u[k] for u in stats) / len(stats) for k in ("loss", "grad_norm", "entropy")},
+                "clip_frac": sum(u["clipped"] for u in stats) / n, "ratio_dev": sum(u["ratio_dev"] for u in stats) / n}
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> list[dict[str, float]]:

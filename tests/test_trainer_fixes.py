@@ -83,3 +83,80 @@ def test_keep_last_in_a_run(model_dirs, tmp_path):
     again = _distiller(cfg4)
     assert len(again.fit()) == 1
     assert sorted(p.name for p in (tmp_path / "k" / "checkpoints").iterdir()) == ["latest", "step_000003", "step_000004"]
+
+
+def _record_builders(monkeypatch):
+    """Keep the arguments of every gopd_loss_builder call the trainer makes."""
+    import gopd_mega.trainer as trainer
+
+    calls, real = [], trainer.gopd_loss_builder
+
+    def record(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "gopd_loss_builder", record)
+    return calls
+
+
+def _expected_loss(out, args, kwargs, settings):
+    from gopd_mega.objective import gopd_loss
+
+    teacher, ref, sampler, weights = args[:4]
+    mask = weights > 0
+    loss, _ = gopd_loss(out["logp"], mask, teacher_logp=teacher, ref_logp=ref, sampler_logp=sampler,
+                        old_logp=kwargs.get("old_logp"), settings=settings, weights=weights)
+    return float(loss)
+
+
+def test_one_update_per_rollout_is_the_paper(model_dirs, tmp_path, monkeypatch):
+    """N = 1: one optimizer step on the whole batch, weights normalised over the whole batch,
+    no pi_old pass (old_logp None: ratio 1), clip fraction 0, and the loss is objective.gopd_loss."""
+    calls = _record_builders(monkeypatch)
+    run = _distiller(_run_cfg(model_dirs, tmp_path / "n1", 1))
+    seen = _capture(run)
+    passes = []
+    logprobs = run.m.student.logprobs
+    run.m.student.logprobs = lambda *a, **k: passes.append(1) or logprobs(*a, **k)
+    metrics = run.train_step()
+    assert len(seen["steps"]) == 1 and run.optimizer.schedule_step == 1 and not passes
+    (args, kwargs), = calls
+    assert kwargs.get("old_logp") is None
+    batch = seen["batches"][0]
+    from gopd_mega.objective import token_weights
+
+    torch.testing.assert_close(args[3], token_weights(batch.loss_mask, "seq-mean-token-mean"), rtol=0, atol=0)
+    assert metrics["loss"] == pytest.approx(_expected_loss(seen["steps"][0], args, kwargs, run.settings), rel=1e-5, abs=1e-7)
+    assert metrics["clip_frac"] == 0.0 and "ratio_dev" not in metrics
+
+
+def test_two_updates_per_rollout(model_dirs, tmp_path, monkeypatch):
+    """N = 2: pi_old from a no-grad pass, two optimizer steps on the two halves of the batch, each
+    normalised over its own half; ratio ~1 on the first update (same weights, eval vs train
+    forward), != 1 on the second (the first moved the weights); clip fraction reported."""
+    calls = _record_builders(monkeypatch)
+    cfg = _run_cfg(model_dirs, tmp_path / "n2", 1, **{"train.updates_per_rollout": 2, "optim.lr": 0.05})
+    run = _distiller(cfg)
+    assert run.optimizer.total_steps == 2  # the LR schedule counts updates
+    seen = _capture(run)
+    metrics = run.train_step()
+    assert len(seen["steps"]) == 2 and run.optimizer.schedule_step == 2
+    batch = seen["batches"][0]
+    halves = torch.tensor_split(torch.arange(batch.tokens.shape[0]), 2)
+    from gopd_mega.objective import token_weights
+
+    devs = []
+    for rows, (args, kwargs), out in zip(halves, calls, seen["steps"]):
+        old = kwargs["old_logp"]
+        assert old is not None and old.shape == (len(rows), batch.tokens.shape[1])
+        torch.testing.assert_close(args[3], token_weights(batch.loss_mask[rows], "seq-mean-token-mean"), rtol=0, atol=0)
+        assert out["loss"] == pytest.approx(_expected_loss(out, args, kwargs, run.settings), rel=1e-5, abs=1e-7)
+        m = batch.loss_mask[rows].clone()
+        m[:, 0] = False
+        devs.append(float((out["logp"][m] - old[m]).abs().max()))
+    # fp32: the no-grad pass and the training forward differ only in summation order (~1e-7)
+    assert devs[0] < 1e-5 and devs[1] > 1e-2, devs
+    assert run.update_stats[0]["ratio_dev"] < 1e-4 * run.update_stats[0]["tokens"]
+    assert 0.0 <= metrics["clip_frac"] <= 1.0 and metrics["ratio_dev"] > 0 and metrics["updates"] == 2
+    # lr 0.05 moves the student far in one update: some second-update ratios leave [0.8, 1.2]
+    assert run.update_stats[1]["clipped"] > 0
