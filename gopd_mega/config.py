@@ -214,7 +214,15 @@ class RolloutConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and the learning-rate schedule of the student."""
+    """AdamW and the learning-rate schedule of the student.
+
+    The defaults are the paper's official runs: a fork of verl 0.6.1 whose scripts set only
+    ``actor.optim.lr=1e-5`` and ``lr_warmup_steps_ratio=0.0`` and keep verl's defaults for the
+    rest (verl/verl/trainer/config/optim/fsdp.yaml and verl/verl/workers/config/optimizer.py in
+    github.com/ravindermishra00001-blip/G-OPD, commit 2e57cea: torch.optim.AdamW with
+    weight_decay 0.01 on every parameter, betas (0.9, 0.999), torch's eps 1e-8, clip_grad 1.0,
+    lr_scheduler_type constant, min_lr_ratio 0.0).
+    """
 
     lr: float = 1e-5
     """Peak learning rate."""
@@ -224,8 +232,9 @@ class OptimConfig:
     """'constant', 'cosine' or 'linear' decay after warm-up."""
     warmup_steps: int = 0
     """Linear warm-up steps."""
-    weight_decay: float = 0.0
-    """AdamW decoupled weight decay."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay, applied to every parameter (verl's default, kept by the
+    paper's runs)."""
     beta1: float = 0.9
     """Adam beta1."""
     beta2: float = 0.999
