@@ -91,21 +91,23 @@ def _load_files(datasets, kind: str, files: list[Path]):
 def _check_json_lines(path: Path) -> None:
     """Raise a DataError naming the first line of ``path`` that is not a JSON value (a file
     that is one JSON document as a whole passes)."""
-    text = path.read_text(encoding="utf-8", errors="replace")
-    try:
-        json.loads(text)
-        return  # one JSON document (an array or an object): not a JSON-lines problem
-    except json.JSONDecodeError:
-        pass
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    if path.suffix == ".json":
         try:
-            json.loads(line)
-        except json.JSONDecodeError as exc:
-            shown = line if len(line) <= 60 else line[:57] + "..."
-            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}): {shown!r}; "
-                            "a JSONL file needs one complete JSON object per line") from None
+            json.loads(path.read_text(encoding="utf-8", errors="replace"))
+            return  # one JSON document (an array or an object): not a JSON-lines problem
+        except json.JSONDecodeError:
+            pass
+    with open(path, encoding="utf-8", errors="replace") as lines:  # streamed: files may be large
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as exc:
+                line = line.rstrip("\n")
+                shown = line if len(line) <= 60 else line[:57] + "..."
+                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}): {shown!r}; "
+                                "a JSONL file needs one complete JSON object per line") from None
 
 
 def _require(ds, path, field: str, setting: str) -> None:
