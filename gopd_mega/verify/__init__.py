@@ -1,0 +1,13 @@
+"""Verifiers: ``verifier(record, response_text) -> Verdict(reward, passed, details)``.
+
+* gopd_mega/verify/base.py       Verdict, the Verifier protocol, verify_batch
+* gopd_mega/verify/math.py       MathVerifier: last \\boxed{} answer vs the gold with math-verify
+* gopd_mega/verify/synthetic.py  SyntheticVerifier: the arithmetic domains' exact-match check
+* gopd_mega/verify/workers.py    time-limited worker processes (math-verify may hang)
+"""
+
+from gopd_mega.verify.base import Verdict, Verifier, verify_batch
+from gopd_mega.verify.math import MathVerifier, grade, last_boxed
+from gopd_mega.verify.synthetic import SyntheticVerifier
+
+__all__ = ["MathVerifier", "SyntheticVerifier", "Verdict", "Verifier", "grade", "last_boxed", "verify_batch"]
