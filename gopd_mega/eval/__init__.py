@@ -6,14 +6,26 @@ judged by the verifiers of gopd_mega.verify, scored as avg@k / pass@k.
 * gopd_mega/eval/harness.py     sampling + judging; evaluate_records (training-time hook)
 * gopd_mega/eval/report.py      results.json, markdown table, matplotlib plot
 * gopd_mega/eval/cli.py         the gopd-eval command
+
+Names are loaded on first use, so ``python -m gopd_mega.eval.cli`` reports argument errors before
+torch is imported.
 """
 
-from gopd_mega.eval.benchmarks import Benchmark, BenchmarkError, load_benchmark, load_evalplus, load_livecodebench, load_math
-from gopd_mega.eval.harness import (DEFAULT_SAMPLES, BenchmarkResult, SamplingSettings, evaluate_benchmark,
-                                    evaluate_records, judge, sample_responses)
-from gopd_mega.eval.metrics import pass_at_k, scores
-from gopd_mega.eval.report import markdown_table, plot, write_report
+import importlib
 
-__all__ = ["Benchmark", "BenchmarkError", "BenchmarkResult", "DEFAULT_SAMPLES", "SamplingSettings", "evaluate_benchmark",
-           "evaluate_records", "judge", "load_benchmark", "load_evalplus", "load_livecodebench", "load_math",
-           "markdown_table", "pass_at_k", "plot", "sample_responses", "scores", "write_report"]
+_WHERE = {
+    "Benchmark": "benchmarks", "BenchmarkError": "benchmarks", "DEFAULT_SAMPLES": "benchmarks",
+    "load_benchmark": "benchmarks", "load_evalplus": "benchmarks", "load_livecodebench": "benchmarks",
+    "load_math": "benchmarks",
+    "BenchmarkResult": "harness", "SamplingSettings": "harness", "evaluate_benchmark": "harness",
+    "evaluate_records": "harness", "judge": "harness", "sample_responses": "harness",
+    "pass_at_k": "metrics", "scores": "metrics",
+    "markdown_table": "report", "plot": "report", "write_report": "report",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'gopd_mega.eval' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"gopd_mega.eval.{_WHERE[name]}"), name)

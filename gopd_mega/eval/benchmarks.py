@@ -43,6 +43,10 @@ CODE_STDIN_INSTRUCTION = ("Write a Python program that reads the input from stdi
 CODE_FUNCTION_INSTRUCTION = "Complete the starter code below. Enclose your full solution in a ```python code block."
 
 
+DEFAULT_SAMPLES = {"math": 32, "code": 4}
+"""Samples per problem by benchmark kind (the paper's avg@32 for math, avg@4 for code)."""
+
+
 class BenchmarkError(ValueError):
     """A benchmark file or record does not have the published format (the message says where)."""
 

@@ -19,9 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gopd_mega.eval.benchmarks import FORMATS, BenchmarkError, load_benchmark
-from gopd_mega.eval.harness import DEFAULT_SAMPLES, SamplingSettings, evaluate_benchmark
-from gopd_mega.eval.report import markdown_table, write_report
+from gopd_mega.eval.benchmarks import DEFAULT_SAMPLES, FORMATS, BenchmarkError, load_benchmark
 
 
 def _pairs(values: list[str], what: str, parser) -> dict[str, str]:
@@ -65,14 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_tokenizer(model: str, tokenizer: str | None):
-    from gopd_mega.model_io import is_hf_dir
-
     if tokenizer == "char":
         from gopd_mega.data.tokenizer import CharTokenizer
 
         return CharTokenizer()
     path = tokenizer or model
-    if not is_hf_dir(path) and not (Path(path) / "tokenizer.json").is_file() and not (Path(path) / "tokenizer_config.json").is_file():
+    if not any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise ValueError(f"{path}: no Hugging Face tokenizer there; pass --tokenizer HF_DIR (or 'char')")
     from gopd_mega.hf import HFTokenizer
 
@@ -129,6 +125,10 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = load_tokenizer(args.model, args.tokenizer)
     except (BenchmarkError, ValueError, IsolationUnavailable) as exc:
         parser.error(str(exc))
+    # torch-heavy imports only now: argument and file errors above come back quickly
+    from gopd_mega.eval.harness import SamplingSettings, evaluate_benchmark
+    from gopd_mega.eval.report import markdown_table, write_report
+
     engine = build_engine(args, tokenizer)
     results = []
     try:

@@ -15,13 +15,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-from gopd_mega.eval.benchmarks import Benchmark
+from gopd_mega.eval.benchmarks import DEFAULT_SAMPLES, Benchmark
 from gopd_mega.eval.metrics import scores
 from gopd_mega.rollout.base import FINISH_STOP, RolloutEngine
 from gopd_mega.verify.base import Verifier, verify_batch
 
-DEFAULT_SAMPLES = {"math": 32, "code": 4}
-"""Samples per problem by benchmark kind (the paper's avg@32 for math, avg@4 for code)."""
+__all__ = ["DEFAULT_SAMPLES", "BenchmarkResult", "SamplingSettings", "encode_prompt", "evaluate_benchmark",
+           "evaluate_records", "judge", "sample_responses"]
 
 
 @dataclass
