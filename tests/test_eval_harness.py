@@ -199,3 +199,17 @@ def test_bad_benchmark_files(tmp_path):
     lcb.write_text(json.dumps(row) + "\n")
     with pytest.raises(BenchmarkError, match="refusing to unpickle builtins.print"):
         load_benchmark("livecodebench", lcb)
+
+
+def test_training_evaluator_callable():
+    from gopd_mega.eval import training_evaluator
+
+    add = [{"prompt": "1+1=", "opd_teacher": "add"}, {"prompt": "2+2=", "opd_teacher": "add"}]
+    mul = [{"prompt": "3*3=", "opd_teacher": "mul"}]
+    engine = ScriptedEngine({"1+1=": ["2"] * 10, "2+2=": ["5"] * 10, "3*3=": ["9"] * 10})
+    evaluate = training_evaluator(engine, TOK, {"add": (add, SyntheticVerifier()), "mul": (mul, SyntheticVerifier())},
+                                  max_new_tokens=4, max_prompts=2)
+    m = evaluate()
+    assert m["eval/add/avg@1"] == 0.5 and m["eval/mul/avg@1"] == 1.0
+    assert m["eval/mean_avg@1"] == 0.75  # unweighted over datasets
+    assert evaluate()["eval/add/avg@1"] == 0.5  # callable again (every eval_every steps)

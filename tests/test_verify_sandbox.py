@@ -173,3 +173,18 @@ def test_bad_tests_and_refusal_without_isolation(monkeypatch):
     assert r.passed
     r = run_tests("while True: pass", [{"stdin": "", "expected_stdout": "1"}], SandboxLimits(isolate=False, timeout_s=1))
     assert r.tests[0]["status"] == "timeout"
+
+
+def test_apps_style_ground_truth_as_in_the_paper_code_data():
+    from gopd_mega.verify import normalize_tests
+
+    stdin = normalize_tests('{"inputs": ["1 2\\n", ["3", "4"]], "outputs": ["3\\n", ["7"]]}')
+    assert stdin == [{"stdin": "1 2\n", "expected_stdout": "3\n"}, {"stdin": "3\n4", "expected_stdout": "7"}]
+    call = normalize_tests({"inputs": [[1, 2], [5, 5]], "outputs": [[3], 10], "fn_name": "add"})
+    assert call[0] == {"fn": "add", "args": [1, 2], "expected": [3], "expected_any": [[3], 3]}
+    with pytest.raises(ValueError, match="answer.*same length"):
+        normalize_tests({"inputs": [1], "outputs": []}, "answer")
+    v = CodeVerifier(tests_field="answer")
+    rec = {"answer": '{"inputs": [[1, 2], [5, 5]], "outputs": [[3], 10], "fn_name": "add"}'}
+    assert v(rec, "```python\ndef add(a, b):\n    return a + b\n```").passed
+    assert not v(rec, "```python\ndef add(a, b):\n    return a - b\n```").passed

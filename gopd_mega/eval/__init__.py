@@ -19,6 +19,7 @@ _WHERE = {
     "load_math": "benchmarks",
     "BenchmarkResult": "harness", "SamplingSettings": "harness", "evaluate_benchmark": "harness",
     "evaluate_records": "harness", "judge": "harness", "sample_responses": "harness",
+    "training_evaluator": "harness",
     "pass_at_k": "metrics", "scores": "metrics",
     "markdown_table": "report", "plot": "report", "write_report": "report",
 }

@@ -13,7 +13,7 @@ per-problem detail that gopd-eval reports.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 from gopd_mega.eval.benchmarks import DEFAULT_SAMPLES, Benchmark
 from gopd_mega.eval.metrics import scores
@@ -21,7 +21,7 @@ from gopd_mega.rollout.base import FINISH_STOP, RolloutEngine
 from gopd_mega.verify.base import Verifier, verify_batch
 
 __all__ = ["DEFAULT_SAMPLES", "BenchmarkResult", "SamplingSettings", "encode_prompt", "evaluate_benchmark",
-           "evaluate_records", "judge", "sample_responses"]
+           "evaluate_records", "judge", "sample_responses", "training_evaluator"]
 
 
 @dataclass
@@ -157,3 +157,29 @@ def evaluate_records(engine: RolloutEngine, tokenizer, records: Sequence[dict], 
     out[f"{prefix}/{name}/response_len"] = res.mean_response_len
     out[f"{prefix}/{name}/stop_rate"] = res.stop_rate
     return out
+
+
+def training_evaluator(engine: RolloutEngine, tokenizer, datasets: dict[str, tuple[Sequence[dict], Verifier]], *,
+                       samples: int = 1, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 1024,
+                       seed: int = 0, chat_template: bool = False, max_prompts: int | None = None,
+                       prefix: str = "eval", prompt_field: str = "prompt") -> Callable[[], dict[str, float]]:
+    """The trainer's ``evaluate`` callable: :func:`evaluate_records` on every ``name -> (records,
+    verifier)`` dataset (its first ``max_prompts`` records), plus ``{prefix}/mean_avg@{samples}``
+    over the datasets. E.g. held-out paper-mix records with
+    ``{"math": (math_records, MathVerifier()), "code": (code_records, CodeVerifier(tests_field="answer"))}``."""
+    if not datasets:
+        raise ValueError("training_evaluator: no datasets")
+
+    def evaluate() -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for name, (records, verifier) in datasets.items():
+            recs = list(records)[:max_prompts] if max_prompts is not None else list(records)
+            metrics.update(evaluate_records(engine, tokenizer, recs, verifier, samples=samples, temperature=temperature,
+                                            top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                                            chat_template=chat_template, name=name, prefix=prefix,
+                                            prompt_field=prompt_field))
+        avg = [metrics[f"{prefix}/{name}/avg@{samples}"] for name in datasets]
+        metrics[f"{prefix}/mean_avg@{samples}"] = sum(avg) / len(avg)
+        return metrics
+
+    return evaluate

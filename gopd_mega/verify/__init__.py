@@ -9,9 +9,9 @@
 """
 
 from gopd_mega.verify.base import Verdict, Verifier, verify_batch
-from gopd_mega.verify.code import CodeVerifier, extract_code
+from gopd_mega.verify.code import CodeVerifier, extract_code, normalize_tests
 from gopd_mega.verify.math import MathVerifier, grade, last_boxed
 from gopd_mega.verify.sandbox import CodeResult, IsolationUnavailable, SandboxLimits, run_tests
 from gopd_mega.verify.synthetic import SyntheticVerifier
 
-__all__ = ["CodeResult", "CodeVerifier", "IsolationUnavailable", "MathVerifier", "SandboxLimits", "extract_code", "run_tests", "SyntheticVerifier", "Verdict", "Verifier", "grade", "last_boxed", "verify_batch"]
+__all__ = ["CodeResult", "CodeVerifier", "IsolationUnavailable", "MathVerifier", "SandboxLimits", "extract_code", "normalize_tests", "run_tests", "SyntheticVerifier", "Verdict", "Verifier", "grade", "last_boxed", "verify_batch"]
