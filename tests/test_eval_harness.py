@@ -134,7 +134,7 @@ LCB_OK_1_BUT_ONLY_PUBLIC = "```python\nclass Solution:\n    def maxPair(self, nu
 
 @needs_sandbox
 def test_code_benchmarks_scores_by_hand():
-    verifier = CodeVerifier(workers=2, limits=SandboxLimits(timeout_s=5, stop_on_failure=True))
+    verifier = CodeVerifier(workers=2, limits=SandboxLimits(timeout_s=60, stop_on_failure=True))  # roomy: loaded machines
     he = load_benchmark("humaneval_plus", FIX / "humaneval_plus.jsonl")
     lcb = load_benchmark("livecodebench", FIX / "livecodebench.jsonl")
     mbpp = load_benchmark("mbpp_plus", FIX / "mbpp_plus.jsonl")

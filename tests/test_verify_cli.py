@@ -34,7 +34,7 @@ def test_code_command(tmp_path):
     prog.write_text("print(int(input()) + 1)\n")
     tests = tmp_path / "tests.json"
     tests.write_text(json.dumps([{"stdin": "1", "expected_stdout": "2"}, {"stdin": "41\n", "expected_stdout": "42\n"}]))
-    r = _cli("code", prog, tests)
+    r = _cli("code", prog, tests, "--timeout-s", 60)  # roomy: loaded test machines
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["passed"] is True and [t["status"] for t in out["tests"]] == ["passed", "passed"]

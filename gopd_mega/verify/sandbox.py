@@ -404,8 +404,8 @@ def _execute(script: list[str], workdir: str, stdin_fd: int, uid: int, limits: S
     info_r, info_w = os.pipe()  # A/B -> supervisor: B's pid, then C's status (JSON lines)
     start = time.monotonic()
     if limits.isolate:
-        kill_pid = os.fork()
-        if kill_pid == 0:  # A
+        child = os.fork()
+        if child == 0:  # A
             os.close(out_r), os.close(err_r), os.close(info_r)
             try:
                 _enter_namespaces(workdir)
@@ -429,27 +429,45 @@ def _execute(script: list[str], workdir: str, stdin_fd: int, uid: int, limits: S
             os.write(info_w, (json.dumps({"pid_b": b}) + "\n").encode())
             os.waitpid(b, 0)
             os._exit(0)
-        helper = kill_pid
     else:
-        kill_pid = os.fork()
-        if kill_pid == 0:
+        child = os.fork()
+        if child == 0:
             os.close(out_r), os.close(err_r), os.close(info_r), os.close(info_w)
             _candidate(script, workdir, stdin_fd, out_w, err_w, None, limits)
-        helper = None
     os.close(out_w), os.close(err_w), os.close(info_w)
 
-    def kill_tree() -> None:
-        if limits.isolate:
-            if pid_b is not None:
-                try:
-                    os.kill(pid_b, signal.SIGKILL)  # pid 1 of the namespace: all of it dies
-                except ProcessLookupError:
-                    pass
-        else:
-            _kill_group(kill_pid)
-
-    pid_b = None
     info_buf = b""
+
+    def pid_b() -> int | None:
+        for line in info_buf.split(b"\n")[:-1]:
+            msg = json.loads(line)
+            if "isolation_error" in msg:
+                raise IsolationUnavailable(msg["isolation_error"])
+            if "pid_b" in msg:
+                return msg["pid_b"]
+        return None
+
+    def kill_tree() -> None:
+        nonlocal info_buf
+        if not limits.isolate:
+            _kill_group(child)
+            return
+        # A reports B's pid right after forking it; wait for that report if it is still in flight.
+        wait_until = time.monotonic() + 10.0
+        while pid_b() is None and info_r in open_fds and time.monotonic() < wait_until:
+            if select.select([info_r], [], [], 0.5)[0]:
+                chunk = os.read(info_r, 1 << 16)
+                if not chunk:
+                    open_fds.remove(info_r)
+                info_buf += chunk
+        target = pid_b()
+        try:
+            # B is pid 1 of the namespace: killing it kills everything in it. Without B (A never
+            # forked it), A is all there is.
+            os.kill(target if target is not None else child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
     bufs = {out_r: bytearray(), err_r: bytearray()}
     open_fds = [out_r, err_r, info_r]
     deadline = start + limits.timeout_s
@@ -466,11 +484,7 @@ def _execute(script: list[str], workdir: str, stdin_fd: int, uid: int, limits: S
                 open_fds.remove(fd)
             elif fd == info_r:
                 info_buf += chunk
-                for line in info_buf.split(b"\n")[:-1]:
-                    msg = json.loads(line)
-                    if "isolation_error" in msg:
-                        raise IsolationUnavailable(msg["isolation_error"])
-                    pid_b = msg.get("pid_b", pid_b)
+                pid_b()  # raises when A could not set up the namespaces
             else:
                 bufs[fd] += chunk
         if len(bufs[out_r]) + len(bufs[err_r]) > limits.max_output_bytes:
@@ -490,7 +504,7 @@ def _execute(script: list[str], workdir: str, stdin_fd: int, uid: int, limits: S
     cpu_s = None
     status = None
     if limits.isolate:
-        os.waitpid(helper, 0)
+        os.waitpid(child, 0)  # A
         for line in info_buf.split(b"\n"):
             if line.strip():
                 msg = json.loads(line)
@@ -498,7 +512,7 @@ def _execute(script: list[str], workdir: str, stdin_fd: int, uid: int, limits: S
                 cpu_s = msg.get("cpu_s", cpu_s)
     else:
         kill_tree()
-        _, status, ru = os.wait4(kill_pid, 0)
+        _, status, ru = os.wait4(child, 0)
         cpu_s = ru.ru_utime + ru.ru_stime
     return _judge(test, bytes(bufs[out_r]), bytes(bufs[err_r]), status, cpu_s, elapsed, limit, limits)
 
