@@ -26,8 +26,8 @@ refused unless ``isolate=False`` (CLI: --no-isolation) is passed explicitly; the
 rlimits and the temporary directory apply.
 
 Test styles (each a dict; TESTS.json of gopd-verify is a list of them):
-  stdin/stdout  {"stdin": str, "expected_stdout": str}: lines compared with trailing whitespace
-                and trailing blank lines ignored
+  stdin/stdout  {"stdin": str, "expected_stdout": str}: compared line by line, whitespace around
+                each line and trailing blank lines ignored (as LiveCodeBench does)
   function call {"fn": name, "args": [...], "expected": value}: ``name`` is a top-level function
                 or a method of ``class Solution`` (LiveCodeBench); the JSON result is compared
                 with ``expected`` (lists = tuples; floats to 1e-6 relative / absolute); an optional
@@ -553,7 +553,7 @@ def _judge(test: dict, out: bytes, err: bytes, status: int | None, cpu_s: float 
 
 
 def _lines(text: str) -> list[str]:
-    lines = [line.rstrip() for line in text.replace("\r\n", "\n").split("\n")]
+    lines = [line.strip() for line in text.replace("\r\n", "\n").split("\n")]
     while lines and not lines[-1]:
         lines.pop()
     return lines
