@@ -203,21 +203,14 @@ def require_isolation() -> None:
 
 
 def _probe() -> None:
-    """Exit 0 iff a child can enter new net/mount/pid namespaces and remount read-only."""
-    workdir = tempfile.mkdtemp(prefix="gopd-sbx-probe-")
+    """Exit 0 iff a trivial program runs and passes through the whole isolated path (namespaces,
+    read-only mounts, uid switch, exec of this Python); otherwise say why on stderr."""
     try:
-        pid = os.fork()
-        if pid == 0:
-            try:
-                _enter_namespaces(workdir)
-                os._exit(0)
-            except BaseException as exc:  # noqa: BLE001 -- report any failure
-                os.write(2, f"{exc}\n".encode())
-                os._exit(1)
-        _, status = os.waitpid(pid, 0)
-        sys.exit(os.waitstatus_to_exitcode(status))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        res = _run_one("print('ok')", {"stdin": "", "expected_stdout": "ok"}, SandboxLimits(timeout_s=60))
+    except (OSError, IsolationUnavailable) as exc:
+        sys.exit(f"sandbox isolation failed: {exc}")
+    if not res["passed"]:
+        sys.exit(f"sandbox isolation probe program failed ({res['status']}): {res['stderr_tail'].strip()[-300:]}")
 
 
 # ------------------------------------------------------------------------- supervisor side
