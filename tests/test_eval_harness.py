@@ -146,7 +146,7 @@ def test_code_benchmarks_scores_by_hand():
         (he, {"Complete the following Python function. Give the complete function (with its imports) in a ```python code block.\n```python\nfrom typing": [HE_OK_0, HE_BAD_0],
               "Complete the following Python function. Give the complete function (with its imports) in a ```python code block.\n```python\ndef mean": [HE_OK_1, HE_OK_1B]}),
         (lcb, {"Read two integers": [LCB_BAD_0, LCB_OK_0], "Given a list nums": [LCB_BAD_1, LCB_OK_1_BUT_ONLY_PUBLIC]}),
-        (mbpp, {"Complete the following": ["```python\ndef shared(a, b):\n    return sorted(set(a).intersection(b))\n```"]}),
+        (mbpp, {"Write the Python function described below.": ["```python\ndef shared(a, b):\n    return sorted(set(a).intersection(b))\n```"]}),
     ]:
         bench.verifier = verifier
         k = 1 if bench.name == "mbpp_plus" else 2

@@ -174,8 +174,11 @@ def load_evalplus(path: str | os.PathLike, name: str = "evalplus", verifier: Ver
     for i, row in enumerate(read_rows(path)):
         where = f"{path} record {i} ({row.get('task_id', '?')})"
         prompt = _field(row, ("prompt",), where)
-        text = ("Complete the following Python function. Give the complete function (with its imports) "
-                f"in a ```python code block.\n```python\n{prompt.rstrip()}\n```")
+        # HumanEval+ prompts are a signature + docstring; MBPP+ prompts only a docstring with an
+        # example assertion (the function name comes from it).
+        ask = "Complete the following Python function." if "def " in prompt else "Write the Python function described below."
+        text = (f"{ask} Give the complete function (with its imports) in a ```python code block.\n"
+                f"```python\n{prompt.rstrip()}\n```")
         records.append({"id": str(_field(row, ("task_id",), where)), "prompt": text,
                         "tests": evalplus_tests(row, where), "code_prefix": _prompt_imports(prompt)})
     return Benchmark(name, "code", records, verifier or CodeVerifier(), str(path))
