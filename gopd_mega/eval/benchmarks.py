@@ -31,7 +31,7 @@ import json
 import os
 import pickle
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
