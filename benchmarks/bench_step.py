@@ -185,7 +185,7 @@ def build(args, out_dir: str) -> tuple[Distiller, Probe, dict]:
     model = dict(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
                  num_query_groups=args.kv_heads, kv_channels=args.head_dim, ffn_hidden_size=args.ffn,
                  vocab_size=args.vocab, max_seq_len=args.prompt_max + args.max_new_tokens,
-                 qk_layernorm=args.qk_norm, tie_embeddings=True, params_dtype=args.dtype, tp=args.tp)
+                 qk_layernorm=args.qk_norm, tie_embeddings=True, params_dtype=args.dtype)
     names = [f"t{i}" for i in range(args.teachers)]
     cfg = RunConfig(
         student=ModelConfig(**model, seed=1),
@@ -312,7 +312,6 @@ def parse(argv=None):
     ap.add_argument("--vocab", type=int, default=256)
     ap.add_argument("--qk-norm", action="store_true")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--teachers", type=int, default=2, help="teachers (same shape as the student), prompts in turn")
     ap.add_argument("--prompts", type=int, default=8, help="prompts per step (one response each)")
     ap.add_argument("--prompt-min", type=int, default=4)

@@ -52,7 +52,10 @@ def train(cfg: RunConfig) -> Distiller:
     if hasattr(tokenizer, "check_compatible"):
         for teacher in cfg.teachers:
             tokenizer.check_compatible(teacher.model.load, f"teacher '{teacher.name}'")
-    data = PromptDataset.from_config(records, tokenizer, cfg.data, teachers=[t.name for t in cfg.teachers])
+    try:
+        data = PromptDataset.from_config(records, tokenizer, cfg.data, teachers=[t.name for t in cfg.teachers])
+    except DataError as exc:  # 'record i ...': say which file the records came from
+        raise DataError(f"{cfg.data.source}: {exc}") from None
     report(str(data.filter_summary))
     evaluate = synthetic_evaluator(cfg, models, tokenizer, held_out) if held_out else None
     distiller = Distiller(cfg, models, data, build_student_optimizer(cfg, models), evaluate)

@@ -109,3 +109,12 @@ def test_dataset_source_needs_an_hf_student(capsys, tmp_path, two_head_model):
     data.write_text(json.dumps({"prompt": "hello world"}) + "\n")
     line = _fails(capsys, tmp_path, _recipe(two_head_model, two_head_model, tmp_path, source=str(data)))
     assert "'student.load'" in line
+
+
+def test_unknown_teacher_route_names_the_file(capsys, tmp_path, hf_student):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "hello world", "extra_info": {"opd_teacher": "physics"}}) + "\n")
+    recipe = _recipe(hf_student, hf_student, tmp_path, source=str(data))
+    recipe["teachers"].append({"name": "code", "model": {"load": hf_student}})
+    line = _fails(capsys, tmp_path, recipe)
+    assert f"{data}: record 0 routes to teacher 'physics'" in line and "['add', 'code']" in line
