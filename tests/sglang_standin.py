@@ -121,6 +121,7 @@ class StandinSGLang:
         self.released: set[str] = set()
         self.running = 0
         self.dead = False
+        self.closing = threading.Event()
         self.groups: dict[str, object] = {}
         self.served_rids: list[str] = []
         self.aborted: set[str] = set()
@@ -179,6 +180,7 @@ class StandinSGLang:
     def kill(self) -> None:
         """Die: stop answering and refuse new connections (like a crashed server)."""
         self.dead = True
+        self.closing.set()
         threading.Thread(target=self._stop, daemon=True).start()
 
     def _stop(self) -> None:
@@ -188,6 +190,7 @@ class StandinSGLang:
     def close(self) -> None:
         if not self.dead:
             self.dead = True
+            self.closing.set()
             self._stop()
 
     def posted(self, path: str) -> list[dict]:
@@ -329,9 +332,11 @@ class StandinSGLang:
         if self.released & {"weights"}:
             raise RuntimeError("weights are released (/release_memory_occupation); resume them first")
         if self.delay_s:
-            time.sleep(self.delay_s)
+            self.closing.wait(self.delay_s)  # cut short when the server dies
         while self.paused.is_set() and not self.dead:
             time.sleep(0.01)
+        if self.dead:
+            raise _Died()
         ids = p["input_ids"]
         single = bool(ids) and isinstance(ids[0], int)
         batch = [ids] if single else ids

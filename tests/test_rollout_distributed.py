@@ -1,0 +1,104 @@
+"""Server rollouts in a distributed job (gloo, CPU) against the stand-in SGLang server.
+
+The users' report: on 2 ranks with rollout.engine=sglang, 2 steps x 4 prompts sent 16 prompts,
+4 weight refreshes, and rank 1 could post /update_weights_from_disk before rank 0 had written the
+checkpoint. Here: every prompt goes to the server once per step, every rank trains on the same
+batch, one refresh per step (plus the initial one), each of a complete bf16 checkpoint.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from sglang_standin import StandinSGLang
+from test_trainer import TOK, _distiller, _run_cfg, model_dirs  # noqa: F401 (model_dirs: shared fixture)
+
+from gopd_mega.config import ModelConfig
+from gopd_mega.rollout.servers import ServerScoringMismatch
+
+
+@pytest.fixture(scope="module")
+def student_hf(model_dirs, tmp_path_factory):
+    """The test student exported as a Hugging Face folder: what the stand-in server serves."""
+    from gopd_mega.hf import export_hf
+    from gopd_mega.run import build_model
+
+    path = tmp_path_factory.mktemp("hf") / "student"
+    export_hf(build_model(ModelConfig(load=model_dirs["student"]), trainable=False, name="export"), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def _server(student_hf):
+    server = StandinSGLang(student_hf)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def server(_server, student_hf):
+    _server.calls.clear()
+    _server.loads.clear()
+    _server.served_rids.clear()
+    _server.scoring_ignores_temperature, _server.report_version = False, None
+    return _server
+
+
+def _fit_recording(model_dirs, out_dir, url, steps, extra):
+    cfg = _run_cfg(model_dirs, out_dir, steps, **{"rollout.engine": "sglang", "rollout.sglang_url": url,
+                                                  "train.prompts_per_step": 4, **extra})
+    run = _distiller(cfg)
+    seen = []
+    original = run.next_rollout
+
+    def recording():
+        prompts, batch = original()
+        seen.append((list(batch.sample_ids), batch.tokens.clone(), list(batch.weight_versions)))
+        return prompts, batch
+
+    run.next_rollout = recording
+    history = run.fit()
+    return seen, [m["loss"] for m in history]
+
+
+@pytest.mark.distributed
+def test_two_ranks_one_global_batch_and_one_refresh_per_step(model_dirs, server, tmp_path):
+    results = run_distributed(_fit_recording, 2, (model_dirs, tmp_path / "run", server.url, 2, {}))
+    (seen0, loss0), (seen1, loss1) = results
+    assert loss0 == loss1
+    for (ids0, tok0, ver0), (ids1, tok1, ver1) in zip(seen0, seen1, strict=True):
+        assert ids0 == ids1 and torch.equal(tok0, tok1) and ver0 == ver1  # every rank: the same batch
+    assert [v for _, _, v in seen0] == [["0"] * 4, ["1"] * 4]  # step k sampled after k updates
+    # s-1-*: the start-up check's samples; standin-*: its prefill scoring (no rid sent)
+    served = [r for r in server.served_rids if not r.startswith(("s-1-", "standin-"))]
+    assert sorted(served) == sorted(f"s{k}-p{i}-n0" for k in range(2) for i in range(4))  # once each
+    posts = server.posted("/update_weights_from_disk")
+    assert [p["weight_version"] for p in posts] == ["0", "1", "2"]  # initial + one per step, one rank
+    assert all(load["complete"] and load["dtypes"] == ["torch.bfloat16"] for load in server.loads)
+    assert server.weight_version == "2"
+    folders = sorted(p.name for p in (tmp_path / "run" / "rollout_weights").iterdir())
+    assert folders == ["v000002"]  # older exports removed once the server confirmed the new one
+    # pause/continue around every update, never two updates at once
+    paths = [p for p, _ in server.calls if p in ("/pause_generation", "/update_weights_from_disk", "/continue_generation")]
+    assert paths == ["/pause_generation", "/update_weights_from_disk", "/continue_generation"] * 3
+
+
+def test_server_scoring_disagreement_is_reported(model_dirs, server, tmp_path, capsys):
+    """A server that ignores the temperature for prefill log-probs: the start-up check measures the
+    gap at T = 0.5 and refuses (or, with server_check=warn, reports it and runs)."""
+    server.scoring_ignores_temperature = True
+    base = {"rollout.engine": "sglang", "rollout.sglang_url": server.url, "rollout.temperature": 0.5,
+            "train.prompts_per_step": 2}
+    run = _distiller(_run_cfg(model_dirs, tmp_path / "refuse", 1, **base))
+    with pytest.raises(ServerScoringMismatch, match=r"rollout server \(student\).*temperature 0.5: mean \|server - "
+                                                    r"trainer\| = \d+\.\d+ nats per token"):
+        run.fit()
+    run = _distiller(_run_cfg(model_dirs, tmp_path / "warn", 1, **base, **{"rollout.server_check": "warn"}))
+    assert len(run.fit()) == 1
+    assert "WARNING: rollout server (student)" in capsys.readouterr().out
+    # the same server scoring at the asked temperature passes the check
+    server.scoring_ignores_temperature = False
+    run = _distiller(_run_cfg(model_dirs, tmp_path / "agree", 1, **base))
+    assert len(run.fit()) == 1
