@@ -29,6 +29,7 @@ greedy, temperature 0), as SGLang reports them. Endpoints and fields follow SGLa
       flush_cache, weight_version}, /destroy_weights_update_group {group_name}
   POST /update_weights_from_tensor {serialized_named_tensors (base64 pickles, one per TP rank),
       load_format, flush_cache, weight_version}
+  POST /update_weight_version {new_version, abort_all_requests}
   POST /release_memory_occupation {tags}, /resume_memory_occupation {tags} (generation refused
       while weights are released), /abort_request {rid, abort_all}
 
@@ -232,6 +233,10 @@ class StandinSGLang:
             return 200, None, False
         if path == "/generate":
             return 200, self.generate(p), False
+        if path == "/update_weight_version":
+            self.weight_version = str(p["new_version"])
+            return 200, {"success": True, "message": f"Weight version updated to {p['new_version']}",
+                         "new_version": p["new_version"]}, False
         if path == "/update_weights_from_disk":
             return self._weights_answer(self._load_disk(p), p, num_paused=True)
         if path == "/init_weights_update_group":

@@ -122,39 +122,38 @@ def test_pool_config_errors():
 
 
 def _collect(url, steps, prompts_per_step, spp):
+    import torch.distributed as dist
+
+    from gopd_mega.rollout.sglang import http_call
+
     rollout = RolloutCoordinator(SGLangPool([url], pad_id=0, stop_ids=[EOS], chunk_size=3))
     out = []
     for step in range(steps):
         prompts = [[1, 3 + i, 4 + step] for i in range(prompts_per_step)]
         batch = rollout.collect(step, prompts, spp, Sampling(1.0, 1.0, 4, seed=step))
         out.append((batch.sample_ids, batch.tokens, batch.sampler_logp, batch.weight_versions))
-    return out
+    # Someone switches the server to other weights behind the trainer's back: every rank must stop.
+    if dist.get_rank() == 0:
+        http_call(url + "/update_weight_version", {"new_version": "7"})
+    with pytest.raises(SGLangError, match=r"weight version mismatch: 2 of 2 samples .*'7'.* instead of '0'") as info:
+        rollout.collect(steps, [[1, 5], [1, 6]], 1, Sampling(1.0, 1.0, 3, seed=0))
+    return out, str(info.value)
 
 
 @pytest.mark.distributed
 def test_three_ranks_every_prompt_once_per_step_same_batch_everywhere(servers):
+    """Also: a version mismatch (the server reports other weights) is raised on every rank."""
     (server,) = servers(1)
     results = run_distributed(_collect, 3, (server.url, 2, 5, 2))
-    for other in results[1:]:
-        for mine, theirs in zip(results[0], other, strict=True):
+    batches = [r[0] for r in results]
+    for other in batches[1:]:
+        for mine, theirs in zip(batches[0], other, strict=True):
             assert mine[0] == theirs[0] and torch.equal(mine[1], theirs[1]) and torch.equal(mine[2], theirs[2])
     want = [f"s{k}-p{i}-n{j}" for k in range(2) for i in range(5) for j in range(2)]
-    assert sorted(server.served_rids) == sorted(want)
-    assert [ids for ids, *_ in results[0]] == [want[:10], want[10:]]
-    assert sum(len(p["input_ids"]) for p in server.posted("/generate")) == 20  # one rank sent them
-    assert all(v == ["0"] * 10 for *_, v in results[0])
-
-
-def _collect_expecting_mismatch(url):
-    pool = SGLangPool([url], pad_id=0, stop_ids=[EOS])
-    with pytest.raises(SGLangError, match=r"weight version mismatch: 2 of 2 samples .*'7'.* instead of '0'") as info:
-        RolloutCoordinator(pool).collect(0, [[1, 5], [1, 6]], 1, Sampling(1.0, 1.0, 3, seed=0))
-    return str(info.value)
-
-
-@pytest.mark.distributed
-def test_version_mismatch_is_detected_on_every_rank(servers):
-    (server,) = servers(1)
-    server.report_version = "7"  # the server samples with other weights than the trainer pushed
-    messages = run_distributed(_collect_expecting_mismatch, 2, (server.url,))
-    assert messages[0] == messages[1] and server.url in messages[0]
+    served = [r for r in server.served_rids if r.startswith("s0") or r.startswith("s1")]
+    assert sorted(served) == sorted(want)
+    assert [ids for ids, *_ in batches[0]] == [want[:10], want[10:]]
+    assert sum(len(p["input_ids"]) for p in server.posted("/generate")) == 22  # 20 + the 2 refused, one rank
+    assert all(v == ["0"] * 10 for *_, v in batches[0])
+    messages = [r[1] for r in results]
+    assert messages[0] == messages[1] == messages[2] and server.url in messages[0]
