@@ -19,6 +19,7 @@ greedy, temperature 0), as SGLang reports them. Endpoints and fields follow SGLa
       -> {text, output_ids, meta_info {id, finish_reason {type, matched | length}, prompt_tokens,
          completion_tokens, cached_tokens, weight_version, output_token_logprobs [[lp, id, null]],
          input_token_logprobs (from logprob_start_len; entry 0 null)}} (a list for a batch)
+  GET /standin_log (not SGLang: calls, loads, version - for a stand-in in its own process)
   GET /health, /health_generate, /get_model_info, /model_info, /get_weight_version, /get_server_info
   GET|POST /flush_cache (plain text; 400 while requests run)
   POST /pause_generation, /continue_generation ({message, status})
@@ -202,6 +203,9 @@ class StandinSGLang:
     def route(self, path: str, p: dict | None):
         path = path.split("?")[0]
         version = self.report_version or self.weight_version
+        if path == "/standin_log":  # not SGLang: the call and load log, for a stand-in in its own process
+            return 200, {"calls": [[q, d] for q, d in self.calls if q != "/standin_log"], "loads": self.loads,
+                         "weight_version": self.weight_version}, False
         if path in ("/health", "/health_generate"):
             return 200, "", True
         if path in ("/get_model_info", "/model_info"):
@@ -233,6 +237,9 @@ class StandinSGLang:
             return 200, None, False
         if path == "/generate":
             return 200, self.generate(p), False
+        if path == "/standin_fail_next_load":  # not SGLang: failure injection from another process
+            self.fail_next_load = p.get("message", "injected failure")
+            return 200, {"success": True}, False
         if path == "/update_weight_version":
             self.weight_version = str(p["new_version"])
             return 200, {"success": True, "message": f"Weight version updated to {p['new_version']}",
@@ -285,7 +292,7 @@ class StandinSGLang:
 
     def _load_disk(self, p: dict) -> str:
         tensors, why = read_hf_folder(p["model_path"])
-        record = {"path": p["model_path"], "complete": tensors is not None, "why": why,
+        record = {"path": p["model_path"], "complete": tensors is not None, "why": why, "time": time.time(),
                   "dtypes": sorted({str(t.dtype) for t in (tensors or {}).values()})}
         self.loads.append(record)
         failure = self._take_failure()
