@@ -102,3 +102,24 @@ def test_server_scoring_disagreement_is_reported(model_dirs, server, tmp_path, c
     server.scoring_ignores_temperature = False
     run = _distiller(_run_cfg(model_dirs, tmp_path / "agree", 1, **base))
     assert len(run.fit()) == 1
+
+
+def test_overlap_samples_next_batch_with_previous_weights(model_dirs, server, tmp_path):
+    """rollout.overlap: batch k+1 is sampled while step k trains, so it carries version k (one step
+    off-policy); the prompts of every step are those of a run without overlap, and a checkpoint
+    taken with a batch in flight resumes from that batch's prompts."""
+    plain, _ = _fit_recording(model_dirs, tmp_path / "plain", server.url, 3, {"train.save_every": 2})
+    overlapped, _ = _fit_recording(model_dirs, tmp_path / "overlap", server.url, 3,
+                                   {"rollout.overlap": True, "train.save_every": 2})
+    assert [v for _, _, v in plain] == [["0"] * 4, ["1"] * 4, ["2"] * 4]
+    assert [v for _, _, v in overlapped] == [["0"] * 4, ["0"] * 4, ["1"] * 4]
+    assert [ids for ids, _, _ in plain] == [ids for ids, _, _ in overlapped]
+    prompt_len = lambda toks: toks[:, :4]  # noqa: E731 - synthetic prompts are longer than 4 tokens
+    for (_, a, _), (_, b, _) in zip(plain, overlapped):
+        assert torch.equal(prompt_len(a), prompt_len(b))  # the same prompts, step by step
+    import json
+
+    def data_state(run):  # the data position saved with the checkpoint of step 2
+        return json.loads((tmp_path / run / "checkpoints" / "step_000002" / "trainer_state.json").read_text())["data"]
+
+    assert data_state("overlap") == data_state("plain")  # the prefetched step-2 prompts are drawn again on resume
