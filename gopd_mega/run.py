@@ -135,7 +135,8 @@ def build_rollout(cfg: RunConfig, engine, teachers: dict, reference) -> RolloutC
 def synthetic_evaluator(cfg: RunConfig, models: Models, tokenizer, held_out: dict[str, list[dict]]) -> Callable[[], dict]:
     """Held-out accuracy of the rollout engine (= the current student) on the synthetic domains,
     greedy and/or sampled as ``cfg.eval`` asks: the trainer's periodic evaluation."""
-    return lambda: evaluate_config(models.engine, held_out, tokenizer, synthetic.check, cfg.eval, cfg.rollout,
+    engine = models.rollout.shared_engine() if models.rollout is not None else models.engine
+    return lambda: evaluate_config(engine, held_out, tokenizer, synthetic.check, cfg.eval, cfg.rollout,
                                    seed=cfg.data.seed, prompt_field=cfg.data.prompt_field)
 
 

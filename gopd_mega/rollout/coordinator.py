@@ -175,7 +175,25 @@ class RolloutCoordinator:
                          "resume of the servers' KV cache")
         self.version = version
 
+    def shared_engine(self):
+        """The engine for other collective callers (evaluation): a server engine is driven by
+        rank 0 alone and its batch broadcast, so the servers see each request once."""
+        return self.engine if self.spmd else _RankZeroEngine(self.engine)
+
     def close(self) -> None:
         self._wait_prefetch()
         if self.weight_sync is not None:
             self.weight_sync.close()
+
+
+class _RankZeroEngine:
+    """``generate`` on global rank 0, the batch broadcast to every rank (see shared_engine)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def generate(self, prompts, **kwargs) -> RolloutBatch:
+        return run_on_rank0(lambda: self.engine.generate(prompts, **kwargs), "generation")
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
