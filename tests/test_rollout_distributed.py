@@ -123,3 +123,32 @@ def test_overlap_samples_next_batch_with_previous_weights(model_dirs, server, tm
         return json.loads((tmp_path / run / "checkpoints" / "step_000002" / "trainer_state.json").read_text())["data"]
 
     assert data_state("overlap") == data_state("plain")  # the prefetched step-2 prompts are drawn again on resume
+
+
+def test_teacher_served_by_sglang_scores_like_the_local_teacher(model_dirs, tmp_path):
+    """teachers[0].server: the 'add' teacher is scored by prefill on a server (the stand-in holds its
+    fp32 HF export); its log-probs equal the trainer-side teacher's up to fp32 rounding, and the
+    start-up check compared them (the local copy comes from teachers[0].model.load)."""
+    from gopd_mega.hf import export_hf
+    from gopd_mega.run import build_model
+    from gopd_mega.trainer import score_teachers
+
+    local = build_model(ModelConfig(load=model_dirs["add"]), trainable=False, name="add")
+    export_hf(local, tmp_path / "add_hf")
+    server = StandinSGLang(str(tmp_path / "add_hf"))
+    try:
+        cfg = _run_cfg(model_dirs, tmp_path / "run", 1, **{"teachers.0.server": server.url})
+        run = _distiller(cfg)
+        assert type(run.m.teachers["add"]).__name__ == "ServerScorer"
+        history = run.fit()
+        assert len(history) == 1
+        scored = [p for p in server.posted("/generate") if p["sampling_params"]["max_new_tokens"] == 0]
+        assert scored and all(p["return_logprob"] and p["logprob_start_len"] == 0 for p in scored)
+        prompts, batch = run.next_rollout()
+        routes = [p.teacher for p in prompts]
+        served = score_teachers(run.m.teachers, batch, routes, 1.0)
+        trained = score_teachers({"add": local, "mul": run.m.teachers["mul"]}, batch, routes, 1.0)
+        assert torch.allclose(served, trained, atol=1e-4)  # fp32 weights both sides, other kernels
+        assert (served[[r == "add" for r in routes]] != 0).any()
+    finally:
+        server.close()
