@@ -24,7 +24,8 @@ from gopd_mega.rollout import make_engine
 from gopd_mega.rollout.coordinator import RolloutCoordinator
 from gopd_mega.rollout.pool import SGLangPool
 from gopd_mega.rollout.servers import ServerScorer
-from gopd_mega.rollout.weight_sync import make_weight_sync, run_on_rank0
+from gopd_mega.rollout.collective import run_on_rank0
+from gopd_mega.rollout.weight_sync import make_weight_sync
 from gopd_mega.trainer import Models
 
 

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from gopd_mega.rollout.base import RolloutBatch
 from gopd_mega.rollout.sglang import SGLangError
-from gopd_mega.rollout.weight_sync import _rank, run_on_rank0
+from gopd_mega.rollout.collective import global_rank, run_on_rank0
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ class RolloutCoordinator:
                 pre["error"] = exc
 
         pre["thread"] = threading.Thread(target=work, daemon=True, name=f"rollout-prefetch-{step}")
-        if _rank() == 0:
+        if global_rank() == 0:
             pre["thread"].start()
         self._prefetch = pre
 
@@ -142,7 +142,7 @@ class RolloutCoordinator:
         return self._prefetch is not None
 
     def _wait_prefetch(self) -> None:
-        if self._prefetch is not None and _rank() == 0 and self._prefetch["thread"].is_alive():
+        if self._prefetch is not None and global_rank() == 0 and self._prefetch["thread"].is_alive():
             self._prefetch["thread"].join()
 
     # ------------------------------------------------------------------ weights and memory

@@ -21,7 +21,7 @@ import logging
 
 import torch
 
-from gopd_mega.rollout.weight_sync import run_on_rank0
+from gopd_mega.rollout.collective import run_on_rank0
 
 logger = logging.getLogger(__name__)
 

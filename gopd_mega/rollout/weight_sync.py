@@ -47,6 +47,7 @@ from typing import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from gopd_mega.rollout.collective import barrier, global_rank, run_on_rank0
 from gopd_mega.rollout.pool import SGLangPool
 from gopd_mega.rollout.sglang import SGLangError
 
@@ -54,34 +55,6 @@ logger = logging.getLogger(__name__)
 
 WEIGHT_SYNC_MODES = ("disk", "nccl", "ipc")
 GROUP_NAME = "gopd_weight_update"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def run_on_rank0(fn, what: str):
-    """Run ``fn()`` on global rank 0 and give every rank its result; an exception on rank 0 is
-    raised on every rank as SGLangError with rank 0's message (no rank is left waiting)."""
-    outcome: list = [None]
-    if _rank() == 0:
-        try:
-            outcome[0] = ("ok", fn())
-        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
-            outcome[0] = ("error", f"{what}: {exc}")
-            if not (dist.is_initialized() and dist.get_world_size() > 1):
-                raise
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(outcome, src=0)
-    kind, value = outcome[0]
-    if kind == "error":
-        raise SGLangError(value)
-    return value
 
 
 def buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
@@ -192,10 +165,10 @@ class DiskSync(WeightSync):
         from gopd_mega.hf import export_hf
 
         path = self.folder(version)
-        if _rank() == 0 and path.exists():
+        if global_rank() == 0 and path.exists():
             shutil.rmtree(path)  # a stale folder of an interrupted run (never the one the server holds)
         export_hf(student, path, family=self.family, source_dir=self.source_dir, dtype=self.dtype)  # collective
-        _barrier()  # the folder is complete and in place before any server is told about it
+        barrier()  # the folder is complete and in place before any server is told about it
 
         def post():
             payload = {"model_path": str(path.resolve()), "weight_version": str(version), "flush_cache": True}
@@ -204,7 +177,7 @@ class DiskSync(WeightSync):
         run_on_rank0(post, f"weight refresh from {path}")
 
     def _after_confirmed(self, version: int) -> None:
-        if _rank() != 0:
+        if global_rank() != 0:
             return
         keep = self.folder(version)
         for old in self.weight_dir.glob("v*"):
@@ -285,7 +258,7 @@ class NcclSync(WeightSync):
     def _push(self, student, version: int) -> None:
         if self.group is None:
             run_on_rank0(self._init_group, "NCCL weight-update group")
-        rank0 = _rank() == 0
+        rank0 = global_rank() == 0
         state: dict = {"error": None}
 
         def run(body):
@@ -318,7 +291,7 @@ class NcclSync(WeightSync):
         run_on_rank0(outcome, f"NCCL weight refresh to version {version}")
 
     def close(self) -> None:
-        if self.group is not None and _rank() == 0:
+        if self.group is not None and global_rank() == 0:
             try:
                 self.pool.control_call("/destroy_weights_update_group", {"group_name": GROUP_NAME}, timeout=60)
             except SGLangError as exc:
@@ -353,7 +326,7 @@ class IpcSync(WeightSync):
         return base64.b64encode(buf.getvalue()).decode("ascii")
 
     def _push(self, student, version: int) -> None:
-        rank0 = _rank() == 0
+        rank0 = global_rank() == 0
         state: dict = {"error": None}
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         if rank0:
