@@ -2,13 +2,14 @@
 
     for each step:
         prompts   = data.next_batch()                      # each names its teacher
-        rollout   = engine.generate(prompts)               # responses + sampler log-probs
+        rollout   = coordinator.collect(step, prompts)     # responses + sampler log-probs
         t_logp    = teacher[route].logprobs(rollout)       # every teacher, its own layout
         r_logp    = reference.logprobs(rollout)            # pi_ref (initial student by default)
         student.train_step(rollout, gopd_token_loss(...))  # advantage, clipped IS loss, AdamW
-        engine.update_weights(student)                     # weight sync to the rollout engine
+        coordinator.refresh(student, step + 1)             # weight sync, once, to the engine
 
-SPMD: every rank runs this loop and holds the whole (small) rollout batch as token ids; each
+SPMD: every rank runs this loop and holds the whole (small) rollout batch as token ids (one global
+batch: a server engine is driven by rank 0 and its batch broadcast, see rollout/coordinator.py); each
 model splits the rows over its own data-parallel group and all-gathers its log-probs, so models
 with different TP/PP layouts can score the same batch. The G-OPD math is in objective.py.
 """
