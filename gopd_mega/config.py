@@ -30,6 +30,24 @@ def _fail(where: str, message: str) -> None:
     raise ConfigError(f"config field '{where.lstrip('.')}': {message}")
 
 
+def _urls(value) -> list[str]:
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [u.strip() for u in items if u and u.strip()]
+
+
+def _check_urls(where: str, value) -> None:
+    urls = _urls(value)
+    if not urls:
+        _fail(where, "must be a URL or a non-empty list of URLs")
+    for u in urls:
+        if not (u.startswith("http://") or u.startswith("https://")):
+            _fail(where, f"{u!r} is not an http(s):// URL")
+    if len(set(urls)) != len(urls):
+        _fail(where, f"a URL is listed twice: {urls}")
+
+
 @dataclass
 class ModelConfig:
     """Architecture, weights and parallel layout of one megatron-core GPT model."""
@@ -125,13 +143,24 @@ class TeacherConfig:
     name: str = "default"
     """Route key matched against each prompt's teacher field (e.g. 'math', 'code')."""
     model: ModelConfig = field(default_factory=ModelConfig)
-    """The teacher's architecture, weights (``model.load`` is required) and own TP/PP layout."""
+    """The teacher's architecture, weights (``model.load`` is required unless ``server`` is set)
+    and own TP/PP layout."""
+    server: str | list[str] | None = None
+    """SGLang server URL(s) serving this teacher: it then scores by prefill on the server(s)
+    (max_new_tokens 0, input_token_logprobs) instead of in the trainer. If ``model.load`` is also
+    set, that local copy is built only for the start-up scoring check (rollout.server_check)."""
 
     def validate(self, where: str = "") -> None:
         if not self.name:
             _fail(f"{where}.name", "must be a non-empty route key")
+        if self.server is not None and not _urls(self.server):
+            _fail(f"{where}.server", "must be a URL or a non-empty list of URLs")
+        if self.server is not None:
+            _check_urls(f"{where}.server", self.server)
+            if self.model.load is None:
+                return
         if self.model.load is None:
-            _fail(f"{where}.model.load", "a teacher needs weights: set the path of its checkpoint")
+            _fail(f"{where}.model.load", "a teacher needs weights: set the path of its checkpoint (or teachers[i].server)")
         self.model.validate(f"{where}.model")
 
 
@@ -146,6 +175,9 @@ class ObjectiveConfig:
     a path = that checkpoint on the student's layout (tp, pp, params_dtype, logits_dtype of
     ``student``); or a model mapping ``{load: PATH, tp: .., pp: .., params_dtype: ..}`` (a
     ModelConfig) for a reference with its own layout, e.g. a teacher-sized one (reward correction)."""
+    reference_server: str | list[str] | None = None
+    """SGLang server URL(s) serving the reference model (prefill scoring, like teachers[i].server);
+    None scores it in the trainer. The server must hold the weights ``reference`` names."""
     clip_eps_low: float = 0.2
     """PPO clip: ratio floor is 1 - clip_eps_low."""
     clip_eps_high: float = 0.2
@@ -160,11 +192,13 @@ class ObjectiveConfig:
     def validate(self, where: str = "") -> None:
         if not (self.lam >= 0.0):
             _fail(f"{where}.lam", f"reward scale lambda must be >= 0, got {self.lam}")
+        if self.reference_server is not None:
+            _check_urls(f"{where}.reference_server", self.reference_server)
         if isinstance(self.reference, ModelConfig):
             if self.reference.load is None:
                 _fail(f"{where}.reference.load", "a reference model needs weights: set the path of its checkpoint")
             self.reference.validate(f"{where}.reference")
-        elif self.reference != "initial" and not Path(self.reference).exists():
+        elif self.reference != "initial" and self.reference_server is None and not Path(self.reference).exists():
             _fail(f"{where}.reference", f"must be 'initial', an existing checkpoint path or a model mapping, got {self.reference!r}")
         if not (0 <= self.clip_eps_low < 1):
             _fail(f"{where}.clip_eps_low", f"need 0 <= clip_eps_low < 1, got {self.clip_eps_low}")
@@ -195,8 +229,51 @@ class RolloutConfig:
     """Longest response."""
     samples_per_prompt: int = 1
     """Responses per prompt."""
-    sglang_url: str | None = None
-    """Base URL of the SGLang server (engine='sglang')."""
+    sglang_url: str | list[str] | None = None
+    """SGLang server URL(s) (engine='sglang'): one URL, a list, or one router URL (then list the
+    servers behind it in ``sglang_workers``). Requests are split over the servers and a failed
+    server's requests are retried on the others."""
+    sglang_workers: list[str] | None = None
+    """The servers behind a router at ``sglang_url``: weight sync and memory control go to each of
+    them directly (a router does not forward those). None: ``sglang_url`` lists the servers."""
+    request_timeout_s: float = 3600.0
+    """Timeout of one /generate request (a chunk of ``request_batch`` prompts); a server that
+    exceeds it is dropped for the step and its requests go to the others."""
+    request_batch: int = 64
+    """Prompts per /generate request: the unit of work handed to a server and retried elsewhere."""
+    send_seed: bool = False
+    """Send sampling_seed per request (recent SGLang only); otherwise the server's RNG is used."""
+    weight_sync: str = "disk"
+    """How the servers get new weights after each step: 'disk' (bf16 HF export on a shared
+    filesystem + /update_weights_from_disk; works everywhere), 'nccl' (broadcast from trainer
+    rank 0 over a process group joined by the servers, disaggregated GPUs), 'ipc' (CUDA-IPC
+    handles to colocated servers on the same GPUs)."""
+    weight_dir: str | None = None
+    """Folder for the 'disk' exports (must be readable by every server); None: out_dir/rollout_weights."""
+    bucket_mb: int = 512
+    """Largest bucket of bf16 tensors per 'nccl'/'ipc' update request."""
+    server_ranks: int = 1
+    """GPUs of each SGLang server (its TP size): its ranks in the 'nccl' group, its IPC entries."""
+    weight_sync_address: str | None = None
+    """Address of trainer rank 0 that the servers can reach for 'nccl' (None: MASTER_ADDR, else the hostname)."""
+    weight_sync_port: int = 0
+    """Port for the 'nccl' group rendezvous (0: a free port)."""
+    weight_sync_backend: str = "nccl"
+    """Backend of the weight-update group ('nccl'; 'gloo' for CPU tests)."""
+    colocate: bool = False
+    """Servers share the trainer's GPUs: /release_memory_occupation before each training phase,
+    /resume_memory_occupation (weights, then KV cache) around the weight sync."""
+    overlap: bool = False
+    """Sample batch k+1 (in a background thread) while training on batch k: one step off-policy,
+    corrected by the objective's truncated importance weight. Server engines only."""
+    server_check: str = "refuse"
+    """At start, server scoring (rollout server, teacher/reference servers) is compared with the
+    trainer's: 'refuse' stops the run, 'warn' reports the measured gap, 'off' skips the check."""
+    server_check_tolerance: float = 0.05
+    """Largest mean |server - trainer| log-prob gap per token (nats) the check accepts (bf16 servers
+    differ from an fp32 trainer by ~1e-2)."""
+    server_check_sequences: int = 4
+    """Sequences sampled and scored both ways by the start-up check."""
 
     def validate(self, where: str = "") -> None:
         if self.engine not in ("embedded", "sglang"):
@@ -208,8 +285,30 @@ class RolloutConfig:
         for name in ("max_new_tokens", "samples_per_prompt"):
             if getattr(self, name) < 1:
                 _fail(f"{where}.{name}", f"must be >= 1, got {getattr(self, name)}")
-        if self.engine == "sglang" and not self.sglang_url:
-            _fail(f"{where}.sglang_url", "engine='sglang' needs the server URL")
+        if self.engine == "sglang" and not _urls(self.sglang_url):
+            _fail(f"{where}.sglang_url", "engine='sglang' needs the server URL(s)")
+        if self.sglang_url is not None:
+            _check_urls(f"{where}.sglang_url", self.sglang_url)
+        if self.sglang_workers is not None:
+            _check_urls(f"{where}.sglang_workers", self.sglang_workers)
+        if self.weight_sync not in ("disk", "nccl", "ipc"):
+            _fail(f"{where}.weight_sync", f"must be 'disk', 'nccl' or 'ipc', got {self.weight_sync!r}")
+        if self.weight_sync_backend not in ("nccl", "gloo"):
+            _fail(f"{where}.weight_sync_backend", f"must be 'nccl' or 'gloo', got {self.weight_sync_backend!r}")
+        if self.request_timeout_s <= 0 or self.request_batch < 1:
+            _fail(f"{where}.request_timeout_s", "request_timeout_s must be > 0 and request_batch >= 1")
+        if self.bucket_mb < 1 or self.server_ranks < 1:
+            _fail(f"{where}.bucket_mb", "bucket_mb and server_ranks must be >= 1")
+        if not 0 <= self.weight_sync_port < 65536:
+            _fail(f"{where}.weight_sync_port", f"must be a port number (0: free port), got {self.weight_sync_port}")
+        if self.overlap and self.engine != "sglang":
+            _fail(f"{where}.overlap", "needs engine='sglang' (the embedded engine samples on the training ranks)")
+        if self.colocate and self.engine != "sglang":
+            _fail(f"{where}.colocate", "needs engine='sglang'")
+        if self.server_check not in ("refuse", "warn", "off"):
+            _fail(f"{where}.server_check", f"must be 'refuse', 'warn' or 'off', got {self.server_check!r}")
+        if self.server_check_tolerance < 0 or self.server_check_sequences < 1:
+            _fail(f"{where}.server_check_tolerance", "server_check_tolerance >= 0 and server_check_sequences >= 1")
 
 
 @dataclass
@@ -433,13 +532,18 @@ def _build(cls: type, data: Any, where: str) -> Any:
         if data is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        # A mapping builds the dataclass member of the union (e.g. str | ModelConfig), anything
-        # else the first plain member.
+        # A mapping builds the dataclass member of the union (e.g. str | ModelConfig); anything
+        # else the first plain member it fits (e.g. ``str | list[str]``).
         if isinstance(data, dict):
             inner = [a for a in inner if dataclasses.is_dataclass(a)] or inner
         elif len(inner) > 1:
             inner = [a for a in inner if not dataclasses.is_dataclass(a)] or inner
-        return _build(inner[0], data, where)
+        for option in inner[:-1]:
+            try:
+                return _build(option, data, where)
+            except ConfigError:
+                pass
+        return _build(inner[-1], data, where)
     if cls is float and isinstance(data, (int, float)) and not isinstance(data, bool):
         return float(data)
     if cls is float and isinstance(data, str):  # PyYAML reads '1e-5' (no dot) as a string

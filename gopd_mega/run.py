@@ -7,6 +7,8 @@ Build order matters in a distributed world: every rank builds the same models in
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Callable
 
 from gopd_mega.config import ConfigError, ModelConfig, RunConfig
@@ -19,6 +21,11 @@ from gopd_mega.optim import build_optimizer
 from gopd_mega.parallel import build_model_groups
 from gopd_mega.platform import init_distributed
 from gopd_mega.rollout import make_engine
+from gopd_mega.rollout.coordinator import RolloutCoordinator
+from gopd_mega.rollout.pool import SGLangPool
+from gopd_mega.rollout.servers import ServerScorer
+from gopd_mega.rollout.collective import run_on_rank0
+from gopd_mega.rollout.weight_sync import make_weight_sync
 from gopd_mega.trainer import Models
 
 
@@ -59,7 +66,9 @@ def build_models(cfg: RunConfig, tokenizer) -> Models:
     init_distributed()
     student = build_model(cfg.student, trainable=True, name="student", where="student")
     ref = cfg.objective.reference
-    if isinstance(ref, ModelConfig):
+    if cfg.objective.reference_server is not None:
+        reference = None  # served by SGLang: built below
+    elif isinstance(ref, ModelConfig):
         # A reference with its own layout (e.g. teacher-sized, at the teachers' TP).
         reference = build_model(ref, trainable=False, name="reference", where="objective.reference")
     elif ref == "initial":
@@ -70,9 +79,21 @@ def build_models(cfg: RunConfig, tokenizer) -> Models:
         # A checkpoint path: on the student's layout (its tp, pp and dtypes).
         ref_cfg = dataclasses.replace(student.cfg, load=ref)
         reference = build_model(ref_cfg, trainable=False, name="reference", where="objective.reference")
-    teachers = {t.name: build_model(t.model, trainable=False, name=f"teacher '{t.name}'", where=f"teachers[{i}].model")
-                for i, t in enumerate(cfg.teachers)}
-    others = {"reference": reference, **{f"teacher '{k}'": v for k, v in teachers.items()}}
+    teachers, local_copies = {}, {}
+    for i, t in enumerate(cfg.teachers):
+        local = (build_model(t.model, trainable=False, name=f"teacher '{t.name}'", where=f"teachers[{i}].model")
+                 if t.model.load else None)
+        if t.server is not None:
+            teachers[t.name] = ServerScorer(server_pool(t.server, cfg.rollout, tokenizer), f"teacher '{t.name}'")
+            if local is not None:
+                local_copies[t.name] = local  # kept only for the start-up scoring check
+        else:
+            teachers[t.name] = local
+    if cfg.objective.reference_server is not None:
+        reference = ServerScorer(server_pool(cfg.objective.reference_server, cfg.rollout, tokenizer), "reference")
+    others = {k: v for k, v in {"reference": reference, **{f"teacher '{k}'": v for k, v in teachers.items()},
+                                **{f"teacher '{k}' (check copy)": v for k, v in local_copies.items()}}.items()
+              if isinstance(v, ShardedGPT)}
     check_vocab(student, others, tokenizer)
     needed = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
     for name, model in {"student": student, **others}.items():
@@ -85,13 +106,45 @@ def build_models(cfg: RunConfig, tokenizer) -> Models:
     engine = make_engine(cfg.rollout, model=sampler, tokenizer=tokenizer)
     if sampler is not None:
         engine.update_weights(student)
-    return Models(student=student, reference=reference, teachers=teachers, engine=engine)
+    rollout = build_rollout(cfg, engine, teachers, reference)
+    return Models(student=student, reference=reference, teachers=teachers, engine=engine, rollout=rollout,
+                  check_copies=local_copies)
+
+
+def server_pool(urls, rollout_cfg, tokenizer) -> SGLangPool:
+    """An SGLang pool for a teacher or reference server (scoring only)."""
+    return SGLangPool(urls, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids, timeout=rollout_cfg.request_timeout_s,
+                      chunk_size=rollout_cfg.request_batch)
+
+
+def hf_source_dir(load: str | None) -> str | None:
+    """``load`` when it is a Hugging Face folder (its tokenizer files go with each export)."""
+    if load is None or not (Path(load) / "config.json").is_file():
+        return None
+    try:
+        return load if "model_type" in json.loads((Path(load) / "config.json").read_text()) else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def build_rollout(cfg: RunConfig, engine, teachers: dict, reference) -> RolloutCoordinator:
+    """The rollout coordinator; for server engines first a /health check of every server (rollout,
+    teachers, reference), which names any that does not answer."""
+    pools = [engine] if not engine.spmd else []
+    pools += [m.pool for m in [*teachers.values(), reference] if isinstance(m, ServerScorer)]
+    for pool in pools:
+        run_on_rank0(pool.check_health, "SGLang health check")
+    sync = None
+    if not engine.spmd:
+        sync = make_weight_sync(cfg.rollout, engine, out_dir=cfg.train.out_dir, source_dir=hf_source_dir(cfg.student.load))
+    return RolloutCoordinator(engine, weight_sync=sync, overlap=cfg.rollout.overlap, colocate=cfg.rollout.colocate)
 
 
 def synthetic_evaluator(cfg: RunConfig, models: Models, tokenizer, held_out: dict[str, list[dict]]) -> Callable[[], dict]:
     """Held-out accuracy of the rollout engine (= the current student) on the synthetic domains,
     greedy and/or sampled as ``cfg.eval`` asks: the trainer's periodic evaluation."""
-    return lambda: evaluate_config(models.engine, held_out, tokenizer, synthetic.check, cfg.eval, cfg.rollout,
+    engine = models.rollout.shared_engine() if models.rollout is not None else models.engine
+    return lambda: evaluate_config(engine, held_out, tokenizer, synthetic.check, cfg.eval, cfg.rollout,
                                    seed=cfg.data.seed, prompt_field=cfg.data.prompt_field)
 
 

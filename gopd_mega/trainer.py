@@ -2,14 +2,15 @@
 
     for each step:
         prompts   = data.next_batch()                      # each names its teacher
-        rollout   = engine.generate(prompts)               # responses + sampler log-probs
+        rollout   = coordinator.collect(step, prompts)     # responses + sampler log-probs
         t_logp    = teacher[route].logprobs(rollout)       # every teacher, its own layout
         r_logp    = reference.logprobs(rollout)            # pi_ref (initial student by default)
         student.train_step(rollout, gopd_token_loss(...))  # advantage, clipped IS loss, AdamW
                                                            # (train.updates_per_rollout steps)
-        engine.update_weights(student)                     # weight sync to the rollout engine
+        coordinator.refresh(student, step + 1)             # weight sync, once, to the engine
 
-SPMD: every rank runs this loop and holds the whole (small) rollout batch as token ids; each
+SPMD: every rank runs this loop and holds the whole (small) rollout batch as token ids (one global
+batch: a server engine is driven by rank 0 and its batch broadcast, see rollout/coordinator.py); each
 model splits the rows over its own data-parallel group and all-gathers its log-probs, so models
 with different TP/PP layouts can score the same batch. The G-OPD math is in objective.py.
 """
@@ -17,8 +18,7 @@ with different TP/PP layouts can score the same batch. The G-OPD math is in obje
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -29,7 +29,8 @@ from gopd_mega.config import RunConfig, to_dict
 from gopd_mega.metrics import MetricsLogger, is_rank0
 from gopd_mega.objective import gopd_token_loss, token_metrics, token_weights
 from gopd_mega.rollout.base import RolloutBatch
-from gopd_mega.rollout.embedded import EmbeddedEngine
+from gopd_mega.rollout.coordinator import RolloutCoordinator, Sampling
+from gopd_mega.rollout.servers import startup_checks
 
 
 @dataclass
@@ -38,8 +39,10 @@ class Models:
 
     student: object
     reference: object
-    teachers: dict  # route key -> ShardedGPT
+    teachers: dict  # route key -> ShardedGPT (or a rollout.servers.ServerScorer: same logprobs())
     engine: object  # a RolloutEngine
+    rollout: object = None  # a rollout.coordinator.RolloutCoordinator (None: one around ``engine``)
+    check_copies: dict = field(default_factory=dict)  # route key -> local copy of a served teacher
 
 
 def rows_by_teacher(routes: list[str], teachers: dict) -> dict[str, torch.Tensor]:
@@ -99,10 +102,15 @@ class Distiller:
         self.step = 0
         self.update_stats: list[dict[str, float]] = []
         """Per-update statistics of the last step with updates_per_rollout > 1."""
+        self.rollout = models.rollout or RolloutCoordinator(models.engine)
+        self._pending = None  # (prompts, data state before drawing them) of a prefetched batch
 
     # ------------------------------------------------------------------ state
     def save(self) -> None:
-        trainer_state = {"data": self.data.state_dict(), "config": to_dict(self.cfg)}
+        # With a prefetched batch the data has already moved past its prompts: save the state
+        # before them, so a resumed run draws them again.
+        data_state = self._pending[1] if self._pending is not None else self.data.state_dict()
+        trainer_state = {"data": data_state, "config": to_dict(self.cfg)}
         self.ckpt.save(self.step, self.m.student, self.optimizer, trainer_state)
 
     def maybe_resume(self) -> bool:
@@ -112,44 +120,51 @@ class Distiller:
         meta = self.ckpt.load(path, self.m.student, self.optimizer)
         self.data.load_state_dict(meta["data"])
         self.step = meta["step"]
-        self.sync_weights()
+        self.sync_weights(self.step)
         if is_rank0():
             print(f"resumed from {path} at step {self.step}", flush=True)
         return True
 
-    def sync_weights(self) -> None:
-        """Weight refresh of the rollout engine after an update."""
-        if isinstance(self.m.engine, EmbeddedEngine):
-            self.m.engine.update_weights(self.m.student)
-            return
-        # A server engine (SGLang) loads an exported Hugging Face checkpoint from disk.
-        from gopd_mega.hf import export_hf
+    def sync_weights(self, version: int) -> None:
+        """Weight refresh of the rollout engine (collective, once): it samples from the student,
+        whose weights are ``version`` (updates applied), from now on (rollout/coordinator.py)."""
+        self.rollout.refresh(self.m.student, version)
 
-        path = Path(self.cfg.train.out_dir) / "rollout_weights"
-        export_hf(self.m.student, path, source_dir=self.cfg.student.load)
-        self.m.engine.update_weights(str(path))
+    def _sampling(self, step: int) -> Sampling:
+        r = self.cfg.rollout
+        return Sampling(r.temperature, r.top_p, r.max_new_tokens, seed=self.cfg.train.seed * 1_000_003 + step)
+
+    def next_rollout(self) -> tuple[list, RolloutBatch]:
+        """The prompts and the global rollout batch of this step (every rank the same); with
+        rollout.overlap also starts sampling the next step's batch in the background."""
+        cfg = self.cfg
+        if self._pending is not None:
+            prompts, self._pending = self._pending[0], None
+        else:
+            prompts = self.data.next_batch(cfg.train.prompts_per_step)
+        spp = cfg.rollout.samples_per_prompt
+        batch = self.rollout.collect(self.step, [p.ids for p in prompts], spp, self._sampling(self.step))
+        if self.rollout.overlap and self.step + 1 < cfg.train.steps:
+            state = self.data.state_dict()
+            upcoming = self.data.next_batch(cfg.train.prompts_per_step)
+            self.rollout.prefetch(self.step + 1, [p.ids for p in upcoming], spp, self._sampling(self.step + 1))
+            self._pending = (upcoming, state)
+        return [p for p in prompts for _ in range(spp)], batch
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        prompts = self.data.next_batch(cfg.train.prompts_per_step)
-        prompts = [p for p in prompts for _ in range(cfg.rollout.samples_per_prompt)]
+        prompts, batch = self.next_rollout()
         routes = [p.teacher for p in prompts]
-        batch = self.m.engine.generate(
-            [p.ids for p in prompts],
-            temperature=cfg.rollout.temperature,
-            top_p=cfg.rollout.top_p,
-            max_new_tokens=cfg.rollout.max_new_tokens,
-            seed=cfg.train.seed * 1_000_003 + self.step,
-        )
         t_rollout = time.perf_counter()
 
         temperature = cfg.rollout.temperature
         teacher_logp = score_teachers(self.m.teachers, batch, routes, temperature)
         ref_logp = self.m.reference.logprobs(batch.tokens, batch.loss_mask, temperature)
+        self.rollout.before_training()
         out = self.update_student(batch, teacher_logp, ref_logp, temperature)
-        self.sync_weights()
+        self.sync_weights(self.step + 1)
         t_end = time.perf_counter()
 
         mask = batch.loss_mask
@@ -169,6 +184,8 @@ class Distiller:
             "tokens_per_s": float(mask.sum()) / (t_end - t0),
             "rollout_s": t_rollout - t0,
             "step_s": t_end - t0,
+            "policy_lag": float(self.step - min(int(v) for v in batch.weight_versions)) if all(
+                v.isdigit() for v in batch.weight_versions) else 0.0,
         }
         if cfg.train.updates_per_rollout > 1:  # what the clip did over the updates
             metrics.update(clip_frac=out["clip_frac"], ratio_dev=out["ratio_dev"], updates=float(len(self.update_stats)))
@@ -225,7 +242,11 @@ class Distiller:
     # ------------------------------------------------------------------ loop
     def fit(self) -> list[dict[str, float]]:
         cfg = self.cfg.train
-        self.maybe_resume()
+        resumed = self.maybe_resume()
+        if not resumed and not self.rollout.spmd:
+            self.sync_weights(0)  # the servers start from exactly the trainer's student, version '0'
+        if self.step < cfg.steps:
+            startup_checks(self.cfg, self.m, self.rollout, self.data, fresh=not resumed)
         start = self.step
         history = []
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and is_rank0()), desc=f"G-OPD lam={self.settings.lam}")

@@ -1,4 +1,9 @@
-"""SGLang HTTP client against a local fake server that mimics SGLang's JSON shapes."""
+"""SGLang HTTP client against a local fake server with FIXED answers in SGLang's JSON shapes.
+
+The fake stays beside the model-backed stand-in (tests/sglang_standin.py, used by the pool, sync
+and distributed tests) because these checks need exact, known outputs: a trimmed stop token, an
+HTTP 503 body, a failed load. The last test runs against a real server when GOPD_SGLANG_URL is set.
+"""
 
 import json
 import os

@@ -1,4 +1,13 @@
-"""Rollout engines: sample responses from the student (in-process or an SGLang server)."""
+"""Rollout engines: sample responses from the student (in-process or SGLang servers).
+
+* base.py         RolloutBatch, the RolloutEngine interface
+* embedded.py     in-process sampling from the trainer's copy of the student (SPMD)
+* sglang.py       HTTP client of one SGLang server
+* pool.py         many servers as one engine: concurrent chunks, retries on the survivors
+* coordinator.py  one global batch per step (rank 0 drives servers, broadcasts), overlap, memory
+* weight_sync.py  weight refresh of the servers: disk | nccl | ipc
+* servers.py      teachers / reference served by SGLang, start-up scoring check
+"""
 
 from gopd_mega.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutBatch, RolloutEngine, pack_rollouts
 from gopd_mega.rollout.embedded import EmbeddedEngine, sample_tokens
@@ -15,7 +24,9 @@ def make_engine(cfg, *, model=None, tokenizer):
             raise ValueError("rollout.engine='embedded' needs the model to sample from")
         return EmbeddedEngine(model, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids)
     if cfg.engine == "sglang":
-        from gopd_mega.rollout.sglang import SGLangEngine
+        from gopd_mega.rollout.pool import SGLangPool
 
-        return SGLangEngine(cfg.sglang_url, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids)
+        return SGLangPool(cfg.sglang_url, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids,
+                          timeout=cfg.request_timeout_s, chunk_size=cfg.request_batch, send_seed=cfg.send_seed,
+                          control_urls=cfg.sglang_workers)
     raise ValueError(f"unknown rollout engine {cfg.engine!r} (known: 'embedded', 'sglang')")

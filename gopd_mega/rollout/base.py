@@ -12,6 +12,10 @@ RolloutBatch layout (N sequences, S = longest prompt + response of the batch):
     sampler_logp  [N, S] fp32    at each response-token position: the log-prob the sampler gave
                                  that token; 0 elsewhere
     finish_reasons list[str]     'stop' (a stop id was produced) or 'length' (max_new_tokens)
+    sample_ids     list[str]     unique id of each sample, 's{step}-p{prompt}-n{sample}' (the
+                                 SGLang request id 'rid'; a retried request keeps it)
+    weight_versions list[str]    the policy version each sample was drawn with ('0' = initial
+                                 weights, k = after k updates); a server reports its own
 Masks and log-probs mark the token's own position; the prediction of the token at position t
 comes from the logits at position t-1 (the trainer does that shift).
 
@@ -27,7 +31,7 @@ With greedy decoding the reported value is the same quantity at temperature T of
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -45,6 +49,18 @@ class RolloutBatch:
     loss_mask: torch.Tensor
     sampler_logp: torch.Tensor
     finish_reasons: list[str]
+    sample_ids: list[str] = field(default_factory=list)
+    weight_versions: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = self.tokens.shape[0]
+        if not self.sample_ids:
+            self.sample_ids = [str(i) for i in range(n)]
+        if not self.weight_versions:
+            self.weight_versions = [""] * n
+        if not (len(self.finish_reasons) == len(self.sample_ids) == len(self.weight_versions) == n):
+            raise ValueError(f"RolloutBatch: {n} rows but {len(self.finish_reasons)} finish reasons, "
+                             f"{len(self.sample_ids)} sample ids, {len(self.weight_versions)} weight versions")
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -56,7 +72,8 @@ class RolloutBatch:
 
     def to(self, device: torch.device | str) -> "RolloutBatch":
         return RolloutBatch(self.tokens.to(device), self.prompt_lens.to(device), self.response_lens.to(device),
-                            self.loss_mask.to(device), self.sampler_logp.to(device), list(self.finish_reasons))
+                            self.loss_mask.to(device), self.sampler_logp.to(device), list(self.finish_reasons),
+                            list(self.sample_ids), list(self.weight_versions))
 
 
 def pack_rollouts(
@@ -65,6 +82,8 @@ def pack_rollouts(
     logps: Sequence[Sequence[float]],
     finish_reasons: Sequence[str],
     pad_id: int,
+    sample_ids: Sequence[str] | None = None,
+    weight_versions: Sequence[str] | None = None,
 ) -> RolloutBatch:
     """Lay out per-sequence prompts, responses and response log-probs as a :class:`RolloutBatch`."""
     n = len(prompts)
@@ -85,7 +104,8 @@ def pack_rollouts(
             tokens[i, lp_:lp_ + lr] = torch.as_tensor(list(r), dtype=torch.int64)
             loss_mask[i, lp_:lp_ + lr] = True
             sampler_logp[i, lp_:lp_ + lr] = torch.as_tensor(list(lp), dtype=torch.float32)
-    return RolloutBatch(tokens, prompt_lens, response_lens, loss_mask, sampler_logp, list(finish_reasons))
+    return RolloutBatch(tokens, prompt_lens, response_lens, loss_mask, sampler_logp, list(finish_reasons),
+                        list(sample_ids or []), list(weight_versions or []))
 
 
 def check_prompts(prompts: Sequence[Sequence[int]]) -> None:
@@ -96,6 +116,10 @@ def check_prompts(prompts: Sequence[Sequence[int]]) -> None:
 
 class RolloutEngine(ABC):
     """Samples responses; receives new student weights after each update."""
+
+    spmd = True
+    """Every rank runs the engine collectively and gets the same batch (in-process engines);
+    False for server engines, which global rank 0 alone drives (gopd_mega.rollout.coordinator)."""
 
     @abstractmethod
     def generate(
