@@ -47,11 +47,13 @@ def rows_by_teacher(routes: list[str], teachers: dict) -> dict[str, torch.Tensor
     return {name: r for name, r in rows.items() if r.numel()}
 
 
-def score_teachers(teachers: dict, batch: RolloutBatch, routes: list[str], temperature: float) -> torch.Tensor:
-    """Teacher log-probs [N, S]: each row is scored by the teacher its prompt routes to."""
+def score_teachers(teachers: dict, batch: RolloutBatch, routes: list[str], temperature: float,
+                   max_tokens: int | None = None) -> torch.Tensor:
+    """Teacher log-probs [N, S]: each row is scored by the teacher its prompt routes to
+    (micro-batches of at most ``max_tokens`` packed positions)."""
     out = torch.zeros(batch.tokens.shape, dtype=torch.float32)
     for name, rows in rows_by_teacher(routes, teachers).items():
-        out[rows] = teachers[name].logprobs(batch.tokens[rows], batch.loss_mask[rows], temperature)
+        out[rows] = teachers[name].logprobs(batch.tokens[rows], batch.loss_mask[rows], temperature, max_tokens=max_tokens)
     return out
 
 
@@ -62,20 +64,19 @@ def gopd_loss_builder(
     weights: torch.Tensor,
     settings,
 ) -> Callable:
-    """For ShardedGPT.train_step: rows of the full batch -> per-token weighted G-OPD loss fn."""
+    """For ShardedGPT.train_step: per-token weighted G-OPD loss fn(logp, flat_index), where
+    flat_index indexes the full batch's [N * S] tensors."""
+    t, r, q, w = (x.reshape(-1) for x in (teacher_logp, ref_logp, sampler_logp, weights))
 
-    def build(rows: torch.Tensor) -> Callable:
-        t, r, q, w = (x[rows].reshape(-1) for x in (teacher_logp, ref_logp, sampler_logp, weights))
+    def token_loss(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        idx = idx.cpu()
+        loss, _, _ = gopd_token_loss(
+            logp, teacher_logp=t[idx].to(logp), ref_logp=r[idx].to(logp), sampler_logp=q[idx].to(logp),
+            old_logp=None, settings=settings
+        )
+        return loss * w[idx].to(logp)
 
-        def token_loss(logp: torch.Tensor, sl: slice) -> torch.Tensor:
-            loss, _, _ = gopd_token_loss(
-                logp, teacher_logp=t[sl], ref_logp=r[sl], sampler_logp=q[sl], old_logp=None, settings=settings
-            )
-            return loss * w[sl]
-
-        return token_loss
-
-    return build
+    return token_loss
 
 
 class Distiller:
@@ -139,12 +140,14 @@ class Distiller:
         t_rollout = time.perf_counter()
 
         temperature = cfg.rollout.temperature
-        teacher_logp = score_teachers(self.m.teachers, batch, routes, temperature)
-        ref_logp = self.m.reference.logprobs(batch.tokens, batch.loss_mask, temperature)
+        budget = cfg.train.max_tokens_per_micro_batch
+        teacher_logp = score_teachers(self.m.teachers, batch, routes, temperature, budget)
+        ref_logp = self.m.reference.logprobs(batch.tokens, batch.loss_mask, temperature, max_tokens=budget)
         weights = token_weights(batch.loss_mask, self.settings.aggregation)
         builder = gopd_loss_builder(teacher_logp, ref_logp, batch.sampler_logp, weights, self.settings)
 
-        out = self.m.student.train_step(batch.tokens, batch.loss_mask, builder, cfg.train.micro_batch_size)
+        out = self.m.student.train_step(batch.tokens, batch.loss_mask, builder, cfg.train.micro_batch_size,
+                                        max_tokens=budget)
         self.optimizer.step_schedule()
         self.sync_weights()
         t_end = time.perf_counter()
