@@ -207,7 +207,7 @@ class ShardedGPT:
     def _reduce_grads(self) -> None:
         """The reductions megatron's finalize_model_grads does, for our layout:
         1. q/k layernorm weights (TP-replicated, but each TP rank applies them only to its own
-           heads): sum over TP;
+           heads) and, with sequence parallelism, every norm weight: sum over TP;
         2. every gradient: sum over DP (each DP rank's loss is its share of the global sum);
         3. tied embeddings with PP > 1: sum the first stage's embedding and the last stage's copy.
         """
@@ -217,8 +217,11 @@ class ShardedGPT:
                 p.grad = torch.zeros_like(p)
         if self.groups.tp > 1:
             for info in self.layout:
-                if "q_layernorm" in info.canonical_name or "k_layernorm" in info.canonical_name:
-                    dist.all_reduce(self._params[info.local_name].grad, group=self.groups.pg.tp)
+                p = self._params[info.local_name]
+                # sequence parallelism: norms saw only this rank's [T/tp] slice (model/build.py)
+                if ("q_layernorm" in info.canonical_name or "k_layernorm" in info.canonical_name
+                        or getattr(p, "sequence_parallel", False)):
+                    dist.all_reduce(p.grad, group=self.groups.pg.tp)
         if self.groups.dp > 1 and params:
             flat = torch._utils._flatten_dense_tensors([p.grad for p in params])
             dist.all_reduce(flat, group=self.groups.pg.dp)

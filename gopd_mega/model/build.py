@@ -10,8 +10,9 @@ gopd_mega.model.batch) HiddenGPT instead rotates token t by ``position_ids[0, t]
 restart at 0 for each sequence. Under Transformer Engine's THD format megatron restarts them
 itself from ``packed_seq_params.cu_seqlens_q``.
 
-Spec: Transformer Engine's when it imports (GPU clusters), megatron's local spec otherwise. Only
-the TE spec has THD packed attention and context parallelism; the local spec takes an explicit
+Spec: Transformer Engine's when it imports (GPU clusters), megatron's local spec otherwise (with
+a sequence-parallel-capable torch RMSNorm when sequence_parallel is on). Only the TE spec has THD
+packed attention and context parallelism; the local spec takes an explicit
 attention mask instead ([1, 1, T, T] bool, True = masked out; megatron fills those scores with
 -10000 before the softmax: fusions/fused_softmax.py, transformer/utils.attention_mask_func).
 """
@@ -46,23 +47,44 @@ def has_transformer_engine() -> bool:
     return True
 
 
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """torch RMSNorm for megatron's local spec under sequence parallelism (megatron's own
+    WrappedTorchNorm refuses SP and Apex is not installed). Under SP each TP rank normalises its
+    [T/tp] slice, so the weight's gradient is partial: it is tagged ``sequence_parallel`` (as
+    megatron tags its own norms) and summed over TP when gradients are finalised."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
 def layer_spec(cfg: ModelConfig):
-    """Transformer-Engine spec when TE imports (GPU clusters), megatron's local spec otherwise."""
+    """Transformer-Engine spec when TE imports (GPU clusters), megatron's local spec otherwise.
+    With sequence parallelism and no TE: the local spec with :class:`SequenceParallelRMSNorm`
+    for every norm (a TransformerBlockSubmodules, so the final norm is one too)."""
     if has_transformer_engine():
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    return get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization="RMSNorm")
+    if not cfg.sequence_parallel:
+        return spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    layer = spec.submodules
+    layer.input_layernorm = layer.pre_mlp_layernorm = SequenceParallelRMSNorm
+    if cfg.qk_layernorm:  # per-head norms after the QKV all-gather: full sequence, TP-local heads
+        layer.self_attention.submodules.q_layernorm = SequenceParallelRMSNorm
+        layer.self_attention.submodules.k_layernorm = SequenceParallelRMSNorm
+    return TransformerBlockSubmodules(layer_specs=[spec] * (cfg.num_layers // cfg.pp),
+                                      layer_norm=SequenceParallelRMSNorm)
 
 
 def check_platform_support(cfg: ModelConfig, name: str) -> None:
     """Refuse, with one line naming the field, the memory knobs this platform cannot run."""
     te = has_transformer_engine()
-    if cfg.sequence_parallel and not te:
-        raise ValueError(f"{name}: model.sequence_parallel=true needs Transformer Engine (megatron's local "
-                         "spec norm, WrappedTorchNorm, refuses sequence parallelism; Apex is not installed)")
     if cfg.context_parallel_size > 1 and not te:
         raise ValueError(f"{name}: model.context_parallel_size={cfg.context_parallel_size} needs Transformer "
                          "Engine attention (GPU only)")
