@@ -307,12 +307,12 @@ class TrainConfig:
     """Policy updates."""
     prompts_per_step: int = 32
     """Prompts per rollout batch (each gives samples_per_prompt responses)."""
-    max_tokens_per_micro_batch: int = 4096
+    max_tokens_per_micro_batch: int | None = None
     """Token budget of one forward (student, teachers, reference): sequences are packed back to
     back without padding into micro-batches of at most this many positions (gradient
-    accumulation over the batch). A longer sequence runs alone; none is dropped. Without
-    Transformer Engine (CPU) a packed micro-batch uses a [T, T] block-diagonal attention mask, so
-    attention cost grows with the square of this budget: keep it ~512 there."""
+    accumulation over the batch). A longer sequence runs alone; none is dropped. None: 4096 with
+    Transformer Engine, 512 without (CPU), where a packed micro-batch uses a [T, T]
+    block-diagonal attention mask whose cost grows with the square of the budget."""
     micro_batch_size: int | None = None
     """Optional cap on sequences per micro-batch on top of the token budget (None: no cap)."""
     eval_every: int = 0
@@ -333,7 +333,7 @@ class TrainConfig:
     def validate(self, where: str = "") -> None:
         if self.steps < 0 or self.prompts_per_step < 1:
             _fail(f"{where}.steps", "steps >= 0 and prompts_per_step >= 1 are required")
-        if self.max_tokens_per_micro_batch < 1:
+        if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
             _fail(f"{where}.max_tokens_per_micro_batch", f"must be >= 1, got {self.max_tokens_per_micro_batch}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             _fail(f"{where}.micro_batch_size", f"must be >= 1 or null, got {self.micro_batch_size}")

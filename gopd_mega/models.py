@@ -37,8 +37,10 @@ from gopd_mega.platform import device, setup_platform
 __all__ = ["ShardedGPT", "ParamInfo", "ForwardStats", "TokenLossFn", "IGNORE", "ffn_size",
            "DEFAULT_MAX_TOKENS"]
 
-DEFAULT_MAX_TOKENS = 4096
-"""Token budget of one micro-batch forward when neither the call nor the model sets one."""
+DEFAULT_MAX_TOKENS = {"thd": 4096, "mask": 512}
+"""Token budget of one micro-batch forward when neither the call nor the model sets one: with
+Transformer Engine (THD attention) / without it (a [T, T] block-diagonal mask: attention cost
+grows with the square of the budget, e.g. for the embedded rollout engine's decode steps)."""
 
 
 class ShardedGPT:
@@ -46,7 +48,7 @@ class ShardedGPT:
 
     def __init__(self, cfg: ModelConfig, groups: ModelGroups, *, trainable: bool = False,
                  optim: OptimConfig | None = None, total_steps: int | None = None,
-                 name: str = "model", max_tokens_per_micro_batch: int = DEFAULT_MAX_TOKENS):
+                 name: str = "model", max_tokens_per_micro_batch: int | None = None):
         setup_platform()
         if (cfg.tp, cfg.pp) != (groups.tp, groups.pp):
             raise ValueError(f"{name}: config layout tp={cfg.tp}, pp={cfg.pp} != groups tp={groups.tp}, pp={groups.pp}")
@@ -54,14 +56,15 @@ class ShardedGPT:
             raise ValueError(f"{name}: padded vocab {cfg.padded_vocab} is not divisible by tp={cfg.tp}")
         check_platform_support(cfg, name)
         self.cfg, self.groups, self.name, self.trainable = cfg, groups, name, trainable
-        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
-        """Default token budget of one micro-batch forward (a call's ``max_tokens`` overrides it)."""
         self.tconfig = transformer_config(cfg)
         self.model = build_gpt(cfg, groups, self.tconfig)
         self.layout = W.build_layout(self.model, cfg, groups)
         self._params = dict(self.model.named_parameters())
         W.init_weights(self._params, self.layout, cfg)
         self.forward = PipelineForward(self.model, cfg, groups, self.tconfig, self._output_weight)
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch or DEFAULT_MAX_TOKENS[
+            "thd" if self.forward.thd else "mask"]
+        """Default token budget of one micro-batch forward (a call's ``max_tokens`` overrides it)."""
         self.optimizer: StudentOptimizer | None = None
         if trainable:
             self.model.train()
