@@ -27,7 +27,8 @@ import torch.distributed as dist
 
 from gopd_mega.config import ModelConfig, OptimConfig
 from gopd_mega.model import weights as W
-from gopd_mega.model.build import build_gpt, check_platform_support, ffn_size, transformer_config
+from gopd_mega.model.build import (build_gpt, check_platform_support, ffn_size, has_transformer_engine,
+                                   transformer_config)
 from gopd_mega.model.forward import IGNORE, ForwardStats, PipelineForward, TokenLossFn
 from gopd_mega.model.weights import ParamInfo
 from gopd_mega.optim import StudentOptimizer, build_optimizer
@@ -61,9 +62,8 @@ class ShardedGPT:
         self.layout = W.build_layout(self.model, cfg, groups)
         self._params = dict(self.model.named_parameters())
         W.init_weights(self._params, self.layout, cfg)
-        self.forward = PipelineForward(self.model, cfg, groups, self.tconfig, self._output_weight)
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch or DEFAULT_MAX_TOKENS[
-            "thd" if self.forward.thd else "mask"]
+            "thd" if has_transformer_engine() else "mask"]
         """Default token budget of one micro-batch forward (a call's ``max_tokens`` overrides it)."""
         self.optimizer: StudentOptimizer | None = None
         if trainable:
@@ -74,6 +74,8 @@ class ShardedGPT:
             self.model.eval()
             for p in self.model.parameters():
                 p.requires_grad_(False)
+        # Last: it runs whatever module self.model is by now (e.g. a DDP wrapper of it).
+        self.forward = PipelineForward(self.model, cfg, groups, self.tconfig, self._output_weight)
 
     @property
     def stats(self) -> ForwardStats:
