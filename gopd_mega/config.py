@@ -101,6 +101,23 @@ class ModelConfig:
     """The output layer's logits chunk in the log-prob kernels: 'float32' (log-probs accurate to
     ~1e-6 relative) or 'params' (rounded to params_dtype like megatron's own output layer, ~4e-4
     with bf16; about 6% faster and twice the token chunk: benchmarks/RESULTS.md)."""
+    recompute_granularity: str | None = None
+    """Activation recompute (megatron TransformerConfig): None (keep activations), 'selective'
+    (recompute core attention only) or 'full' (recompute whole layers; needs recompute_method
+    and recompute_num_layers). Trades compute for activation memory; results are unchanged."""
+    recompute_method: str | None = None
+    """With recompute_granularity='full': 'uniform' (checkpoint every recompute_num_layers-layer
+    chunk) or 'block' (checkpoint the first recompute_num_layers layers of each stage)."""
+    recompute_num_layers: int | None = None
+    """With recompute_granularity='full': layers per recompute unit ('uniform') or recomputed
+    layers per pipeline stage ('block'). Must be None for 'selective'."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tp > 1): norms and dropout run on [T/tp] slices of
+    the packed sequence. Needs Transformer Engine (megatron's local-spec norm refuses it): a
+    clear error without it."""
+    context_parallel_size: int = 1
+    """Context parallelism (split long sequences over ranks). Needs Transformer Engine attention
+    and a context-parallel process group: refused with a clear error for now unless 1."""
 
     def validate(self, where: str = "") -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_seq_len", "tp", "pp"):
@@ -127,6 +144,20 @@ class ModelConfig:
             _fail(f"{where}.padded_vocab_size", f"{self.padded_vocab_size} < vocab_size={self.vocab_size}")
         if self.load is not None and not Path(self.load).exists():
             _fail(f"{where}.load", f"path does not exist: {self.load}")
+        if self.recompute_granularity not in (None, "selective", "full"):
+            _fail(f"{where}.recompute_granularity", f"must be null, 'selective' or 'full', got {self.recompute_granularity!r}")
+        if self.recompute_granularity == "full":
+            if self.recompute_method not in ("uniform", "block"):
+                _fail(f"{where}.recompute_method", f"recompute_granularity='full' needs 'uniform' or 'block', got {self.recompute_method!r}")
+            layers = self.num_layers // self.pp
+            if self.recompute_num_layers is None or not 1 <= self.recompute_num_layers <= layers:
+                _fail(f"{where}.recompute_num_layers", f"recompute_granularity='full' needs 1..{layers} (layers per stage), got {self.recompute_num_layers}")
+        elif self.recompute_method is not None or self.recompute_num_layers is not None:
+            _fail(f"{where}.recompute_method", "recompute_method and recompute_num_layers are only for recompute_granularity='full'")
+        if self.sequence_parallel and self.tp < 2:
+            _fail(f"{where}.sequence_parallel", f"needs tp > 1, got tp={self.tp}")
+        if self.context_parallel_size < 1:
+            _fail(f"{where}.context_parallel_size", f"must be >= 1, got {self.context_parallel_size}")
 
     @property
     def padded_vocab(self) -> int:
@@ -405,8 +436,14 @@ class TrainConfig:
     """Policy updates."""
     prompts_per_step: int = 32
     """Prompts per rollout batch (each gives samples_per_prompt responses)."""
-    micro_batch_size: int = 16
-    """Sequences per forward/backward micro-batch (gradient accumulation over the batch)."""
+    max_tokens_per_micro_batch: int | None = None
+    """Token budget of one forward (student, teachers, reference): sequences are packed back to
+    back without padding into micro-batches of at most this many positions (gradient
+    accumulation over the batch). A longer sequence runs alone; none is dropped. None: 4096 with
+    Transformer Engine, 512 without (CPU), where a packed micro-batch uses a [T, T]
+    block-diagonal attention mask whose cost grows with the square of the budget."""
+    micro_batch_size: int | None = None
+    """Optional cap on sequences per micro-batch on top of the token budget (None: no cap)."""
     updates_per_rollout: int = 1
     """Optimizer steps per rollout batch. 1 (the paper): one update on the whole batch, ratio 1.
     N > 1 (PPO style): the batch's sequences are split into N mini-batches, one update each,
@@ -433,9 +470,13 @@ class TrainConfig:
     def validate(self, where: str = "") -> None:
         if self.steps < 0:
             _fail(f"{where}.steps", f"must be >= 0, got {self.steps}")
-        for name in ("prompts_per_step", "micro_batch_size", "updates_per_rollout"):
+        for name in ("prompts_per_step", "updates_per_rollout"):
             if getattr(self, name) < 1:
                 _fail(f"{where}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
+            _fail(f"{where}.max_tokens_per_micro_batch", f"must be >= 1, got {self.max_tokens_per_micro_batch}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            _fail(f"{where}.micro_batch_size", f"must be >= 1 or null, got {self.micro_batch_size}")
         for name in ("eval_every", "save_every"):
             if getattr(self, name) < 0:
                 _fail(f"{where}.{name}", f"must be >= 0 (0: never), got {getattr(self, name)}")

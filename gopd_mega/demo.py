@@ -115,7 +115,8 @@ def _sft_model(cfg: DemoConfig, init: str | None, records: list[dict], phase: SF
     optimizer = build_optimizer(model, optim_cfg, total_steps=phase.steps)
     t0 = time.perf_counter()
     losses = train_sft(model, optimizer, records, tokenizer, steps=phase.steps, batch_size=phase.batch_size,
-                       micro_batch_size=cfg.train.micro_batch_size, max_len=cfg.model.max_seq_len, seed=seed, desc=desc)
+                       micro_batch_size=cfg.train.micro_batch_size, max_len=cfg.model.max_seq_len, seed=seed, desc=desc,
+                       max_tokens=cfg.train.max_tokens_per_micro_batch)
     save_model_dir(model, out)
     report(f"{desc}: {phase.steps} steps in {time.perf_counter() - t0:.0f}s, final loss {losses[-1] if losses else float('nan'):.3f}")
 

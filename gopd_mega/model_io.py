@@ -52,7 +52,7 @@ def save_model_dir(model, path: str | os.PathLike, extra_files: dict[str, str] |
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS))
-        cfg = dataclasses.replace(model.cfg, load=None, tp=1, pp=1)
+        cfg = dataclasses.replace(model.cfg, load=None, tp=1, pp=1, sequence_parallel=False, context_parallel_size=1)
         (tmp / MODEL_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
@@ -78,12 +78,13 @@ def load_weights(model, path: str | os.PathLike) -> None:
         raise FileNotFoundError(f"{path}: neither a gopd-mega model directory ({MODEL_CONFIG}) nor a Hugging Face one (config.json)")
 
 
-LAYOUT_FIELDS = ("tp", "pp", "params_dtype", "logits_dtype", "load")
+LAYOUT_FIELDS = ("tp", "pp", "params_dtype", "logits_dtype", "load", "recompute_granularity", "recompute_method",
+                 "recompute_num_layers", "sequence_parallel", "context_parallel_size")
 
 
 def resolve_model_config(cfg: ModelConfig, where: str | None = None) -> ModelConfig:
     """With ``cfg.load`` set, the architecture comes from the checkpoint and only the layout
-    (tp, pp, params_dtype, logits_dtype) from ``cfg``; without it, ``cfg`` is returned as it is.
+    and memory knobs (LAYOUT_FIELDS) from ``cfg``; without it, ``cfg`` is returned as it is.
     ``where`` is the config field of this model (e.g. 'student', 'teachers[0].model'): a layout
     that does not fit the checkpoint's architecture is reported under it."""
     if cfg.load is None:

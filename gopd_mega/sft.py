@@ -18,17 +18,14 @@ from gopd_mega.objective import token_weights
 
 
 def nll_loss_builder(weights: torch.Tensor) -> Callable:
-    """rows -> token loss fn: -log p(y_t) weighted (token mean over the batch)."""
-
-    def build(rows: torch.Tensor) -> Callable:
-        w = weights[rows].reshape(-1)
-        return lambda logp, sl: -logp * w[sl]
-
-    return build
+    """Token loss fn(logp, flat_index): -log p(y_t) weighted (token mean over the batch)."""
+    w = weights.reshape(-1)
+    return lambda logp, idx: -logp * w[idx.cpu()].to(logp)
 
 
 def train_sft(model, optimizer, records: list[dict], tokenizer, *, steps: int, batch_size: int,
-              micro_batch_size: int, max_len: int, seed: int, desc: str = "SFT") -> list[float]:
+              micro_batch_size: int | None, max_len: int, seed: int, desc: str = "SFT",
+              max_tokens: int | None = None) -> list[float]:
     """``steps`` updates on batches drawn (seeded) from ``records``; returns the losses."""
     rng = random.Random(seed)
     losses = []
@@ -36,7 +33,8 @@ def train_sft(model, optimizer, records: list[dict], tokenizer, *, steps: int, b
     for _ in bar:
         batch = [records[rng.randrange(len(records))] for _ in range(batch_size)]
         tokens, mask = sft_batch(batch, tokenizer, max_len)
-        out = model.train_step(tokens, mask, nll_loss_builder(token_weights(mask, "token-mean")), micro_batch_size)
+        out = model.train_step(tokens, mask, nll_loss_builder(token_weights(mask, "token-mean")), micro_batch_size,
+                               max_tokens=max_tokens)
         optimizer.step_schedule()
         losses.append(out["loss"])
         bar.set_postfix(loss=f"{out['loss']:.3f}")

@@ -51,11 +51,13 @@ def rows_by_teacher(routes: list[str], teachers: dict) -> dict[str, torch.Tensor
     return {name: r for name, r in rows.items() if r.numel()}
 
 
-def score_teachers(teachers: dict, batch: RolloutBatch, routes: list[str], temperature: float) -> torch.Tensor:
-    """Teacher log-probs [N, S]: each row is scored by the teacher its prompt routes to."""
+def score_teachers(teachers: dict, batch: RolloutBatch, routes: list[str], temperature: float,
+                   max_tokens: int | None = None) -> torch.Tensor:
+    """Teacher log-probs [N, S]: each row is scored by the teacher its prompt routes to
+    (micro-batches of at most ``max_tokens`` packed positions)."""
     out = torch.zeros(batch.tokens.shape, dtype=torch.float32)
     for name, rows in rows_by_teacher(routes, teachers).items():
-        out[rows] = teachers[name].logprobs(batch.tokens[rows], batch.loss_mask[rows], temperature)
+        out[rows] = teachers[name].logprobs(batch.tokens[rows], batch.loss_mask[rows], temperature, max_tokens=max_tokens)
     return out
 
 
@@ -67,23 +69,21 @@ def gopd_loss_builder(
     settings,
     old_logp: torch.Tensor | None = None,
 ) -> Callable:
-    """For ShardedGPT.train_step: rows of the full batch -> per-token weighted G-OPD loss fn.
-    ``old_logp`` [N, S]: pi_old of the batch (None: the student's own detached log-probs)."""
+    """For ShardedGPT.train_step: per-token weighted G-OPD loss fn(logp, flat_index), where
+    flat_index indexes the full batch's [N * S] tensors. ``old_logp`` [N, S]: pi_old of the batch
+    (None: the student's own detached log-probs)."""
+    t, r, q, w = (x.reshape(-1) for x in (teacher_logp, ref_logp, sampler_logp, weights))
+    o = None if old_logp is None else old_logp.reshape(-1)
 
-    def build(rows: torch.Tensor) -> Callable:
-        t, r, q, w = (x[rows].reshape(-1) for x in (teacher_logp, ref_logp, sampler_logp, weights))
-        o = None if old_logp is None else old_logp[rows].reshape(-1)
+    def token_loss(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        idx = idx.cpu()
+        loss, _, _ = gopd_token_loss(
+            logp, teacher_logp=t[idx].to(logp), ref_logp=r[idx].to(logp), sampler_logp=q[idx].to(logp),
+            old_logp=None if o is None else o[idx].to(logp), settings=settings
+        )
+        return loss * w[idx].to(logp)
 
-        def token_loss(logp: torch.Tensor, sl: slice) -> torch.Tensor:
-            loss, _, _ = gopd_token_loss(
-                logp, teacher_logp=t[sl], ref_logp=r[sl], sampler_logp=q[sl],
-                old_logp=None if o is None else o[sl], settings=settings
-            )
-            return loss * w[sl]
-
-        return token_loss
-
-    return build
+    return token_loss
 
 
 class Distiller:
@@ -160,8 +160,9 @@ class Distiller:
         t_rollout = time.perf_counter()
 
         temperature = cfg.rollout.temperature
-        teacher_logp = score_teachers(self.m.teachers, batch, routes, temperature)
-        ref_logp = self.m.reference.logprobs(batch.tokens, batch.loss_mask, temperature)
+        budget = cfg.train.max_tokens_per_micro_batch
+        teacher_logp = score_teachers(self.m.teachers, batch, routes, temperature, budget)
+        ref_logp = self.m.reference.logprobs(batch.tokens, batch.loss_mask, temperature, max_tokens=budget)
         self.rollout.before_training()
         out = self.update_student(batch, teacher_logp, ref_logp, temperature)
         self.sync_weights(self.step + 1)
@@ -214,16 +215,19 @@ class Distiller:
         if train.updates_per_rollout == 1:
             weights = token_weights(mask, agg)
             builder = gopd_loss_builder(teacher_logp, ref_logp, batch.sampler_logp, weights, self.settings)
-            out = self.m.student.train_step(batch.tokens, mask, builder, train.micro_batch_size, temperature=temperature)
+            out = self.m.student.train_step(batch.tokens, mask, builder, train.micro_batch_size, temperature=temperature,
+                                            max_tokens=train.max_tokens_per_micro_batch)
             self.optimizer.step_schedule()
             return out
-        old = self.m.student.logprobs(batch.tokens, mask, temperature, train.micro_batch_size)
+        old = self.m.student.logprobs(batch.tokens, mask, temperature, train.micro_batch_size,
+                                     max_tokens=train.max_tokens_per_micro_batch)
         self.update_stats = []
         for rows in torch.tensor_split(torch.arange(mask.shape[0]), train.updates_per_rollout):
             sub = mask[rows]
             builder = gopd_loss_builder(teacher_logp[rows], ref_logp[rows], batch.sampler_logp[rows],
                                         token_weights(sub, agg), self.settings, old_logp=old[rows])
-            out = self.m.student.train_step(batch.tokens[rows], sub, builder, train.micro_batch_size, temperature=temperature)
+            out = self.m.student.train_step(batch.tokens[rows], sub, builder, train.micro_batch_size, temperature=temperature,
+                                            max_tokens=train.max_tokens_per_micro_batch)
             self.optimizer.step_schedule()
             _, _, clipped = gopd_token_loss(out["logp"], teacher_logp=teacher_logp[rows], ref_logp=ref_logp[rows],
                                             sampler_logp=None, old_logp=old[rows], settings=self.settings)

@@ -81,7 +81,7 @@ def _save_load(ckpt_dir):
     (g,) = build_layout_groups([(2, 1)])
     tokens, mask = batch(n=4)
     w = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(3))
-    builder = lambda rows: (lambda lp, sl: -(lp * w[rows].reshape(-1)[sl]))  # noqa: E731
+    builder = lambda lp, idx: -(lp * w.reshape(-1)[idx])  # noqa: E731  (idx: flat ids into [N * S])
     optim = OptimConfig(lr=1e-3, schedule="cosine", warmup_steps=1, min_lr=1e-4, weight_decay=0.1)
     a = ShardedGPT(tiny_cfg(2, 1, seed=5), g, trainable=True, optim=optim, total_steps=4, name="student")
     def step(m):
@@ -107,7 +107,11 @@ def test_save_load_continues_bitwise(tmp_path):
             assert r["loss"] == g["loss"] and r["grad_norm"] == g["grad_norm"] and r["lr"] == g["lr"]
             assert torch.equal(r["logp"], g["logp"])
         assert ref[0]["lr"] != ref[1]["lr"]  # the schedule moved and was resumed
-        assert torch.equal(lp_frozen, lp_b)
+        # Same weights (copy_weights_from), but megatron sends frozen weights through
+        # LinearWithFrozenWeight and trainable ones through LinearWithGradAccumulation...: on the
+        # packed [T, 1, H] activations at TP=2 the two round differently in the last ulp (measured
+        # 4.8e-7 abs on log-probs ~ -3): equal to fp32 rounding, not bitwise.
+        torch.testing.assert_close(lp_frozen, lp_b, rtol=1e-6, atol=1e-6)
 
 
 def test_lr_schedule():
@@ -131,7 +135,7 @@ def _edge_cases():
     tokens, mask = batch(n=3)
     mask[0] = 0  # a sequence without response tokens -> a micro-batch with nothing to score
     w = torch.ones(tokens.shape) / mask.sum()
-    builder = lambda rows: (lambda lp, sl: -(lp * w[rows].reshape(-1)[sl]))  # noqa: E731
+    builder = lambda lp, idx: -(lp * w.reshape(-1)[idx])  # noqa: E731  (idx: flat ids into [N * S])
     out = {}
     for name, g in (("dp2", g_dp), ("pp2", g_pp)):
         m = ShardedGPT(tiny_cfg(*((1, 1) if name == "dp2" else (1, 2))), g, trainable=True,

@@ -49,15 +49,12 @@ def _train_layouts(tie):
     omega = token_weights(mask, "seq-mean-token-mean")
     settings = LossSettings(lam=1.25)
 
-    def builder(rows):
-        t, r, w = (x[rows].reshape(-1) for x in (teacher, ref, omega))
+    t, r, w = (x.reshape(-1) for x in (teacher, ref, omega))
 
-        def fn(logp, sl):
-            loss, _, _ = gopd_token_loss(logp, teacher_logp=t[sl], ref_logp=r[sl], sampler_logp=None,
-                                         old_logp=None, settings=settings)
-            return loss * w[sl]
-
-        return fn
+    def builder(logp, idx):  # idx: flat ids into the full batch's [N * S]
+        loss, _, _ = gopd_token_loss(logp, teacher_logp=t[idx], ref_logp=r[idx], sampler_logp=None,
+                                     old_logp=None, settings=settings)
+        return loss * w[idx]
 
     out = {}
     for (tp, pp), g in zip(layouts, groups):

@@ -1,0 +1,9 @@
+"""A megatron-core GPT model on its own TP/PP layout, one job per file:
+
+    build.py    how a model is built: ModelConfig -> TransformerConfig, layer spec, HiddenGPT
+    weights.py  canonical weight names, shard / unshard, layout-free init, full state dicts
+    batch.py    how a batch is packed: token-budget micro-batches, DP balance, masks / THD
+    forward.py  how a step runs: the pipeline-schedule scaffold -> kernels -> gathered results
+
+The public facade is gopd_mega.models.ShardedGPT.
+"""

@@ -1,0 +1,215 @@
+"""How a step runs: the ONE scaffold that takes packed micro-batches through megatron's pipeline
+schedule and scores them with ``kernels``.
+
+    full batch [N, S] (every rank)  --gopd_mega.model.batch-->  this DP rank's packed micro-batches
+    for each micro-batch (megatron get_forward_backward_func, over this model's PP group):
+        hidden [T, 1, H] = HiddenGPT(tokens [1, T], position_ids, block-diagonal mask | THD)
+        h = hidden[score_pos]                       [R, H]  only positions whose target is a response token
+        kernels: logp [R] (forward only) | loss + grads (train, fused)   over the vocab-parallel weight
+    results scattered by flat_index into [C, N * S] on the last stage
+        -> broadcast over PP from the last stage -> SUM over DP (each index has one DP owner)
+
+Log-probs: logp[i, j] = log p(tokens[i, j] | tokens[i, :j]) / temperature-scaled, for loss_mask
+1 and j >= 1, else 0. Train: loss = sum over scored tokens of token_loss_fn(logp, flat_index),
+with flat_index = i * S + j into the full batch (the callback reads its per-token weights there);
+gradients accumulate into the parameters (.grad). Finalising them (DP/TP/PP reductions) and the
+optimizer step are the caller's (ShardedGPT._finish_step).
+
+``ForwardStats`` counts what the forwards did on this rank (tests and benchmarks read it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+import kernels
+from gopd_mega.config import ModelConfig
+from gopd_mega.model.batch import MicroBatch, last_token_micro_batches, scoring_micro_batches
+from gopd_mega.model.build import DTYPES, has_transformer_engine
+from gopd_mega.parallel import ModelGroups
+from gopd_mega.platform import device
+
+IGNORE = -100
+TokenLossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""fn(logp [R] fp32 (differentiable), flat_index [R] long into the full batch's [N * S]) ->
+per-token loss [R]."""
+
+
+@dataclass
+class ForwardStats:
+    """What this rank's model forwards did since the last reset (one entry per micro-batch)."""
+
+    forward_calls: int = 0
+    """Micro-batch forwards run."""
+    max_tokens_per_forward: int = 0
+    """Most positions in one forward (the packed length T)."""
+    positions_computed: int = 0
+    """Positions run through the transformer (sum of T)."""
+    positions_scored: int = 0
+    """Positions whose hidden state reached the output layer / kernel."""
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class PipelineForward:
+    """The scaffold of one model (see the module docstring); built by ShardedGPT."""
+
+    def __init__(self, model: torch.nn.Module, cfg: ModelConfig, groups: ModelGroups, tconfig,
+                 output_weight: Callable[[], torch.Tensor]):
+        self.model, self.cfg, self.groups, self.tconfig = model, cfg, groups, tconfig
+        self.output_weight = output_weight
+        self.stats = ForwardStats()
+        self.thd = has_transformer_engine()
+        # Sequence parallelism splits the packed length over TP ranks: T must divide by tp.
+        self.multiple = cfg.tp if cfg.sequence_parallel else 1
+
+    # ------------------------------------------------------------------ plumbing
+    def _kernel_kwargs(self, temperature: float) -> dict:
+        per = self.cfg.padded_vocab // self.cfg.tp
+        start = self.groups.tp_rank * per
+        valid = max(0, min(per, self.cfg.vocab_size - start))
+        logits = None if self.cfg.logits_dtype == "float32" else DTYPES[self.cfg.params_dtype]
+        # Under SP the hidden all-gather's backward reduce-scatters dh: the kernel must not reduce.
+        return dict(vocab_start=start, vocab_valid=valid, group=self.groups.pg.tp, temperature=temperature,
+                    ignore_index=IGNORE, logits_dtype=logits, reduce_dh=not self.cfg.sequence_parallel)
+
+    def _run(self, mbs: list[MicroBatch], loss_func, forward_only: bool) -> list[dict]:
+        """Megatron's pipeline schedule over ``mbs``; returns the per-micro-batch dicts of
+        ``loss_func`` on the last stage ([] elsewhere and when there is nothing to run)."""
+        if not mbs:
+            return []
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+        dev = device()
+        stats = self.stats
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            kw = {"attention_mask": None}
+            if self.thd:
+                kw["packed_seq_params"] = mb.packed_seq_params(dev)
+            else:
+                kw["attention_mask"] = mb.attention_mask(dev)
+            stats.forward_calls += 1
+            stats.max_tokens_per_forward = max(stats.max_tokens_per_forward, mb.num_tokens)
+            stats.positions_computed += mb.num_tokens
+            stats.positions_scored += len(mb.score_pos)
+            hidden = model(input_ids=mb.tokens.to(dev), position_ids=mb.position_ids.to(dev), **kw)
+            return hidden, partial(loss_func, mb)
+
+        kwargs = {}
+        if self.groups.pp > 1:
+            kwargs["p2p_communicator"] = P2PCommunicator(pp_group=self.groups.pg.pp, config=self.tconfig)
+        fb = get_forward_backward_func(pp_size=self.groups.pp, vp_size=None)
+        return fb(forward_step_func=forward_step, data_iterator=iter(mbs), model=[self.model],
+                  num_microbatches=len(mbs), seq_length=max(mb.num_tokens for mb in mbs), micro_batch_size=1,
+                  forward_only=forward_only, pg_collection=self.groups.pg, **kwargs)
+
+    def _collect(self, results: list[dict], keys: tuple[str, ...], size: int, width: int = 1) -> torch.Tensor:
+        """Scatter the last stage's per-micro-batch results (``flat`` indices) into a
+        [len(keys), size, width] tensor present on every rank of this model."""
+        out = torch.zeros(len(keys), size, width, device=device())
+        for r in results:
+            for c, k in enumerate(keys):
+                out[c, r["flat"]] = r[k].reshape(len(r["flat"]), width)
+        if self.groups.pp > 1:
+            dist.broadcast(out, src=self.groups.last_stage_global_rank, group=self.groups.pg.pp)
+        if self.groups.dp > 1:
+            dist.all_reduce(out, group=self.groups.pg.dp)  # each index is written by one DP rank
+        return out
+
+    def _scoring(self, tokens, loss_mask, max_tokens, max_rows):
+        return scoring_micro_batches(tokens.cpu(), loss_mask.cpu(), self.groups.dp, self.groups.dp_rank,
+                                     max_tokens, max_rows, self.multiple)
+
+    @staticmethod
+    def _scored_hidden(mb: MicroBatch, hidden: torch.Tensor) -> torch.Tensor:
+        """[T, 1, H] -> [R, H]: the states that predict the scored targets."""
+        return hidden[mb.score_pos.to(hidden.device), 0]
+
+    # ------------------------------------------------------------------ the three computations
+    @torch.no_grad()
+    def logprobs(self, tokens: torch.Tensor, loss_mask: torch.Tensor, temperature: float,
+                 max_tokens: int, max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logp, entropy), fp32 [N, S] CPU, 0 at j = 0 and where loss_mask is 0."""
+        N, S = tokens.shape
+        mbs = self._scoring(tokens, loss_mask, max_tokens, max_rows)
+        kw = self._kernel_kwargs(temperature)
+
+        def loss_func(mb, hidden):
+            h = self._scored_hidden(mb, hidden)
+            logp, ent = kernels.linear_logprob_inference(h, self.output_weight(), mb.targets.to(h.device),
+                                                         return_entropy=True, **kw)
+            out = {"flat": mb.flat_index.to(h.device), "logp": logp.float(), "entropy": ent.float()}
+            return torch.zeros((), device=h.device), torch.tensor(0, dtype=torch.int), out
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            results = self._run(mbs, loss_func, forward_only=True)
+        finally:
+            self.model.train(was_training)
+        out = self._collect(results, ("logp", "entropy"), N * S).view(2, N, S).cpu()
+        return out[0], out[1]
+
+    def loss_and_grads(self, tokens: torch.Tensor, loss_mask: torch.Tensor, token_loss_fn: TokenLossFn,
+                       temperature: float, max_tokens: int, max_rows: int | None = None) -> dict:
+        """Forward + backward of the whole batch: accumulates parameter gradients (not reduced
+        over DP/TP/PP) and returns loss (full batch, every rank), logp [N, S] and entropy [N, S]."""
+        N, S = tokens.shape
+        mbs = self._scoring(tokens, loss_mask, max_tokens, max_rows)
+        kw = self._kernel_kwargs(temperature)
+
+        def loss_func(mb, hidden):
+            h = self._scored_hidden(mb, hidden)
+            flat = mb.flat_index.to(h.device)
+            fn = lambda logp, sl: token_loss_fn(logp, flat[sl])  # noqa: E731  (kernel chunk -> flat ids)
+            loss, logp, ent = kernels.linear_logprob_loss(h, self.output_weight(), mb.targets.to(h.device), fn, **kw)
+            out = {"flat": flat, "loss": loss.detach().reshape(()).float(), "logp": logp.float(), "entropy": ent.float()}
+            return loss, torch.tensor(0, dtype=torch.int), out
+
+        self.model.train()
+        results = self._run(mbs, loss_func, forward_only=False)
+        out = self._collect(results, ("logp", "entropy"), N * S).view(2, N, S).cpu()
+        loss = torch.zeros((), device=device(), dtype=torch.float64)
+        loss += sum(float(r["loss"]) for r in results)
+        if self.groups.pp > 1:
+            dist.broadcast(loss, src=self.groups.last_stage_global_rank, group=self.groups.pg.pp)
+        if self.groups.dp > 1:
+            dist.all_reduce(loss, group=self.groups.pg.dp)
+        return {"loss": float(loss), "logp": out[0], "entropy": out[1]}
+
+    @torch.no_grad()
+    def next_token_logits(self, tokens: torch.Tensor, lengths: torch.Tensor, max_tokens: int) -> torch.Tensor:
+        """fp32 [N, vocab_size] CPU logits of the token after tokens[i, :lengths[i]]."""
+        N = tokens.shape[0]
+        V = self.cfg.vocab_size
+        mbs = last_token_micro_batches(tokens.cpu(), lengths, self.groups.dp, self.groups.dp_rank,
+                                       max_tokens, self.multiple)
+
+        def loss_func(mb, hidden):
+            z = self._scored_hidden(mb, hidden).float() @ self.output_weight().float().t()  # [R, Vp/tp]
+            if self.groups.tp > 1:
+                parts = [torch.empty_like(z) for _ in range(self.groups.tp)]
+                dist.all_gather(parts, z.contiguous(), group=self.groups.pg.tp)
+                z = torch.cat(parts, dim=1)
+            out = {"flat": mb.flat_index.to(z.device), "logits": z[:, :V]}
+            return torch.zeros((), device=z.device), torch.tensor(0, dtype=torch.int), out
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            results = self._run(mbs, loss_func, forward_only=True)
+        finally:
+            self.model.train(was_training)
+        return self._collect(results, ("logits",), N, V)[0].cpu()
