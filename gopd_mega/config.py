@@ -78,7 +78,8 @@ class ModelConfig:
     pp: int = 1
     """Pipeline-parallel size of THIS model."""
     params_dtype: str = "float32"
-    """'float32', 'bfloat16' or 'float16' (non-fp32 needs a GPU)."""
+    """'float32', 'bfloat16' or 'float16' weights for the forward/backward; a trainable model also
+    keeps fp32 master weights in its optimizer (bf16 runs on CPU too)."""
     logits_dtype: str = "float32"
     """The output layer's logits chunk in the log-prob kernels: 'float32' (log-probs accurate to
     ~1e-6 relative) or 'params' (rounded to params_dtype like megatron's own output layer, ~4e-4
@@ -223,9 +224,26 @@ class OptimConfig:
     eps: float = 1e-8
     """Adam epsilon."""
     grad_clip: float = 1.0
-    """Global gradient-norm clip (0 disables)."""
+    """Global gradient-norm clip (0 disables), megatron's clip_grad_norm_fp32 on the fp32 grads."""
+    use_distributed_optimizer: bool = False
+    """Shard the fp32 master weights and Adam moments over the data-parallel group (megatron's
+    DistributedOptimizer: gradients are reduce-scattered, updated weights all-gathered)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the bucketed data-parallel gradient reduction with the backward pass (GPU runs)."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's weight all-gather with the next forward (needs
+    use_distributed_optimizer)."""
+    loss_scale: float = 0.0
+    """fp16 only: constant loss scale; 0 = megatron's dynamic loss scaler (bf16/fp32 never scale)."""
+    initial_loss_scale: float = 2.0**16
+    """fp16 only: starting value of the dynamic loss scale."""
 
     def validate(self, where: str = "") -> None:
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            _fail(f"{where}.overlap_param_gather", "needs use_distributed_optimizer=true")
+        if self.loss_scale < 0 or self.initial_loss_scale <= 0:
+            _fail(f"{where}.loss_scale", f"need loss_scale >= 0 and initial_loss_scale > 0, got "
+                  f"{self.loss_scale}, {self.initial_loss_scale}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             _fail(f"{where}.lr", f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if self.schedule not in ("constant", "cosine", "linear"):

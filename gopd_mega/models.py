@@ -338,6 +338,8 @@ class ShardedGPT:
         for info in self.layout:
             p = self._params[info.local_name]
             p.copy_(self.shard_of(info, sd[info.canonical_name].to(torch.float32)).to(p.dtype))
+        if self.optimizer is not None:  # the fp32 master weights follow (gopd_mega.optim)
+            self.optimizer.reload_from_model()
 
     @torch.no_grad()
     def copy_weights_from(self, other: "ShardedGPT") -> None:
@@ -379,17 +381,6 @@ class ShardedGPT:
             self.optimizer.load_state_dict(state["optim"])
 
     # ------------------------------------------------------------------ parallel plumbing
-
-    def _counted_params(self) -> list[torch.nn.Parameter]:
-        """Parameters counted once in the global grad norm (see gopd_mega.optim)."""
-        out = []
-        for info in self.layout:
-            if info.local_name == "output_layer.weight" and self.cfg.tie_embeddings:
-                continue  # last stage's copy of the tied embedding: counted on the first stage
-            if info.partition_dim is None and self.groups.tp_rank != 0:
-                continue  # TP-replicated: identical on every TP rank
-            out.append(self._params[info.local_name])
-        return out
 
     def _output_weight(self) -> torch.Tensor:
         return self.model.shared_embedding_or_output_weight() if self.cfg.tie_embeddings else self.model.output_layer.weight
@@ -466,7 +457,7 @@ class ShardedGPT:
         return fb(
             forward_step_func=forward_step,
             data_iterator=data(),
-            model=[self.model],
+            model=[self.optimizer.ddp if self.optimizer is not None else self.model],  # megatron DDP (optim)
             num_microbatches=len(rows),
             seq_length=S,
             micro_batch_size=micro_batch_size,
@@ -554,15 +545,17 @@ class ShardedGPT:
             h = self._aligned_hidden(hidden)
             tgt = self._aligned_targets(mb["tokens"], mb["loss_mask"])
             fn = token_loss_fn_builder(mine[mb["rows"]])
-            loss, logp, ent = kernels.linear_logprob_loss(h, weight, tgt, fn, **self._kernel_kwargs(temperature))
+            # dW goes straight into the fp32 main_grad of megatron's DDP (gopd_mega.optim)
+            loss, logp, ent = kernels.linear_logprob_loss(h, weight, tgt, fn, grad_weight_acc=self.optimizer.output_grad_acc(weight),
+                                                          **self._kernel_kwargs(temperature))
+            loss = self.optimizer.mark_output_grad(loss, weight)
             out = {"loss": loss.detach().reshape(()).float(), "logp": logp.view(-1, S).float(), "entropy": ent.view(-1, S).float()}
             return loss, torch.tensor(0, dtype=torch.int), out
 
         self.model.train()
         self.optimizer.zero_grad()
         results = self._run(rows, batch, loss_func, False, micro_batch_size) if rows else []
-        self._reduce_grads()
-        stats = self.optimizer.step()
+        stats = self.optimizer.step()  # megatron finalize_model_grads + optimizer step (gopd_mega.optim)
 
         out = torch.zeros(2, n, S, device=device())
         loss = torch.zeros((), device=device(), dtype=torch.float64)
@@ -579,30 +572,6 @@ class ShardedGPT:
         mask[:, 0] = 0
         entropy = float((full[1] * mask).sum() / mask.sum().clamp(min=1))
         return {"loss": float(loss), "logp": full[0] * mask, "entropy": entropy, **stats}
-
-    def _reduce_grads(self) -> None:
-        """The reductions megatron's finalize_model_grads does, for our layout:
-        1. q/k layernorm weights (TP-replicated, but each TP rank applies them only to its own
-           heads): sum over TP;
-        2. every gradient: sum over DP (each DP rank's loss is its share of the global sum);
-        3. tied embeddings with PP > 1: sum the first stage's embedding and the last stage's copy.
-        """
-        params = [p for p in self._params.values() if p.requires_grad]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        if self.groups.tp > 1:
-            for info in self.layout:
-                if "q_layernorm" in info.canonical_name or "k_layernorm" in info.canonical_name:
-                    dist.all_reduce(self._params[info.local_name].grad, group=self.groups.pg.tp)
-        if self.groups.dp > 1 and params:
-            flat = torch._utils._flatten_dense_tensors([p.grad for p in params])
-            dist.all_reduce(flat, group=self.groups.pg.dp)
-            for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in params])):
-                p.grad.copy_(g)
-        if self.cfg.tie_embeddings and self.groups.pp > 1 and self.groups.pg.embd is not None:
-            w = self._output_weight()
-            dist.all_reduce(w.grad, group=self.groups.pg.embd)
 
     @torch.no_grad()
     def next_token_logits(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
