@@ -21,14 +21,19 @@ def _fake_grads(model, seed):
     """Deterministic canonical 'gradients' sharded onto this rank (same on every DP replica)."""
     g = torch.Generator().manual_seed(seed)
     full = {k: torch.randn(v.shape, generator=g) for k, v in sorted(model.full_state_dict().items())}
+    opt = model.optimizer
+    opt.zero_grad()
     for info in model.param_layout():
         p = model._params[info.local_name]
-        p.grad = model.shard_of(info, full[info.canonical_name]).clone()
+        p.main_grad.copy_(model.shard_of(info, full[info.canonical_name]))
 
 
 def _step(model, opt, seed):
     _fake_grads(model, seed)
-    opt.opt.step()  # plain AdamW (no clipping): the state is what is under test
+    # megatron's optimizer without the DP reduction (the fake gradients are already global) and
+    # without clipping: the state is what is under test
+    assert not opt.opt.prepare_grads()
+    opt.opt.step_with_ready_grads()
     opt.step_schedule()
 
 
