@@ -308,14 +308,16 @@ class ShardedGPT:
             p.copy_(self.shard_of(info, full))
 
     @torch.no_grad()
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """{canonical name: full unsharded CPU tensor}, gathered over TP and PP, on every rank."""
+    def full_state_dict(self, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """{canonical name: full unsharded CPU tensor}, gathered over TP and PP, on every rank.
+        ``tensors`` ({local name: tensor shaped like that parameter}, e.g. fp32 master weights or
+        Adam moments): gather those instead of the weights, in their own dtype."""
         g = self.groups
         local: dict[str, torch.Tensor] = {}
         for info in self.layout:
             if info.local_name == "output_layer.weight" and self.cfg.tie_embeddings:
                 continue  # a copy of the first stage's embedding
-            p = self._params[info.local_name].detach()
+            p = (self._params if tensors is None else tensors)[info.local_name].detach()
             if info.partition_dim is not None and g.tp > 1:
                 shards = [torch.empty_like(p) for _ in range(g.tp)]
                 dist.all_gather(shards, p.contiguous(), group=g.pg.tp)

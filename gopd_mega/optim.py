@@ -346,14 +346,6 @@ def full_master_state_dict(model) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def gather_like_params(model, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Full canonical tensors of per-parameter tensors ``local`` ({local name: tensor shaped
-    like the param}, kept in their own dtype), gathered by the model's own full_state_dict
-    (collective over TP/PP); parameters missing from ``local`` gather as zeros."""
-    params = dict(model.model.named_parameters())
-    saved = {n: p.data for n, p in params.items()}
-    try:
-        for n, p in params.items():
-            p.data = local[n].to(p.device) if n in local else torch.zeros_like(p.data, dtype=torch.float32)
-        return model.full_state_dict()
-    finally:
-        for n, p in params.items():
-            p.data = saved[n]
+    like the param}, kept in their own dtype), gathered like the weights by the model's
+    ``full_state_dict(tensors=...)`` (collective over TP/PP)."""
+    return model.full_state_dict(tensors=local)
