@@ -200,12 +200,16 @@ def test_dp2_and_distributed_optimizer_equal_dp1():
                 assert abs(l1 - l2) < 1e-5 * abs(l1) and abs(n1 - n2) < 1e-5 * n1, (dtype, dist_opt, tie, ref_stats, stats)
             err = max((weights[k] - ref_weights[k]).abs().max().item() for k in ref_weights)
             assert err < 1e-6, (dtype, dist_opt, tie, err)
-        # bf16: the distributed optimizer (reduce-scatter, sharded masters, all-gather) equals
-        # plain DDP (all-reduce, replicated masters) on the same bf16 forward: the same two
-        # numbers are summed, the same fp32 Adam runs per element.
+        # bf16: the distributed optimizer (reduce-scatter, sharded fp32 masters, all-gather)
+        # equals plain DDP (all-reduce, replicated fp32 masters) on the same bf16 forward: the
+        # same two numbers are summed per gradient element, so losses are identical; the norm is
+        # summed from DP shards in another order (~1e-8 relative), which moves the clip factor
+        # by as much and the masters by a few fp32 ulps (measured 1.2e-7 = 1 ulp of a norm weight ~1).
         (s_ddp, w_ddp, _), (s_do, w_do, _) = rank_results[3], rank_results[4]
-        assert s_ddp == s_do, (s_ddp, s_do)
-        assert all(torch.equal(w_ddp[k], w_do[k]) for k in w_ddp)
+        assert [l for l, _ in s_ddp] == [l for l, _ in s_do], (s_ddp, s_do)
+        assert all(abs(n1 - n2) < 1e-6 * n1 for (_, n1), (_, n2) in zip(s_ddp, s_do)), (s_ddp, s_do)
+        err = max((w_ddp[k] - w_do[k]).abs().max().item() for k in w_ddp)
+        assert err < 1e-6, err
     # every DP rank ends with the same weights
     for k, v in dp2[0][1][1].items():
         assert torch.equal(v, dp2[1][1][1][k])
