@@ -205,7 +205,7 @@ class RolloutConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and the learning-rate schedule of the student."""
+    """The student's optimizer (megatron-core DDP + AdamW on fp32 master weights) and LR schedule."""
 
     lr: float = 1e-5
     """Peak learning rate."""
@@ -216,7 +216,7 @@ class OptimConfig:
     warmup_steps: int = 0
     """Linear warm-up steps."""
     weight_decay: float = 0.0
-    """AdamW decoupled weight decay."""
+    """AdamW decoupled weight decay (megatron's rule: not applied to biases and 1-D weights)."""
     beta1: float = 0.9
     """Adam beta1."""
     beta2: float = 0.999
