@@ -367,10 +367,10 @@ class ShardedGPT:
     def save(self, directory: str) -> None:
         """Write this rank's model shard (+ optimizer state) to ``directory``; DP rank 0 writes,
         every rank returns after all have finished (collective over the world)."""
+        optim = self.optimizer.state_dict() if self.optimizer else None  # collective over DP (optim)
         if self.groups.dp_rank == 0:
             os.makedirs(directory, exist_ok=True)
-            state = {"model": self.shard_state_dict(),
-                     "optim": self.optimizer.state_dict() if self.optimizer else None}
+            state = {"model": self.shard_state_dict(), "optim": optim}
             torch.save(state, self._shard_file(directory))
         dist.barrier()
 

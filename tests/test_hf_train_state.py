@@ -1,6 +1,7 @@
-"""Layout-free training state: save at DP=2 (TP=1), resume at TP=2 (DP=1) and at PP=2, on 2 gloo
-processes. Weights, AdamW moments, Adam step and schedule step must come back exactly, and the
-next AdamW update from the resumed state must equal the update of the original run."""
+"""Layout-free training state: save at DP=2 (TP=1), resume at TP=2 (DP=1), at PP=2 and at DP=2
+with the distributed optimizer, on 2 gloo processes. Master weights, Adam moments, Adam step and
+schedule step must come back exactly, and the next update from the resumed state must equal the
+update of the original run."""
 
 import pytest
 import torch
@@ -48,6 +49,10 @@ def _worker(root):
     groups = build_layout_groups(layouts)
     models = [ShardedGPT(_cfg(tp, pp), g, trainable=True) for (tp, pp), g in zip(layouts, groups)]
     opts = [build_optimizer(m, OptimConfig(lr=1e-2)) for m in models]
+    # and DP=2 with megatron's distributed optimizer (masters and moments sharded over DP)
+    models.append(ShardedGPT(_cfg(1, 1), groups[0], trainable=True))
+    opts.append(build_optimizer(models[-1], OptimConfig(lr=1e-2, use_distributed_optimizer=True)))
+    assert type(opts[-1].opt).__name__ == "DistributedOptimizer"
     _step(models[0], opts[0], 1)
     _step(models[0], opts[0], 2)
     save_train_state(models[0], opts[0], f"{root}/state")
