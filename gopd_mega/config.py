@@ -229,18 +229,15 @@ class OptimConfig:
     """Shard the fp32 master weights and Adam moments over the data-parallel group (megatron's
     DistributedOptimizer: gradients are reduce-scattered, updated weights all-gathered)."""
     overlap_grad_reduce: bool = False
-    """Overlap the bucketed data-parallel gradient reduction with the backward pass (GPU runs)."""
-    overlap_param_gather: bool = False
-    """Overlap the distributed optimizer's weight all-gather with the next forward (needs
-    use_distributed_optimizer)."""
+    """Overlap the bucketed data-parallel gradient reduction with the backward pass (GPU runs).
+    (The distributed optimizer's weight all-gather is not overlapped with the next forward: the
+    trainer reads the full weights right after every update, for the rollout weight sync.)"""
     loss_scale: float = 0.0
     """fp16 only: constant loss scale; 0 = megatron's dynamic loss scaler (bf16/fp32 never scale)."""
     initial_loss_scale: float = 2.0**16
     """fp16 only: starting value of the dynamic loss scale."""
 
     def validate(self, where: str = "") -> None:
-        if self.overlap_param_gather and not self.use_distributed_optimizer:
-            _fail(f"{where}.overlap_param_gather", "needs use_distributed_optimizer=true")
         if self.loss_scale < 0 or self.initial_loss_scale <= 0:
             _fail(f"{where}.loss_scale", f"need loss_scale >= 0 and initial_loss_scale > 0, got "
                   f"{self.loss_scale}, {self.initial_loss_scale}")

@@ -115,7 +115,6 @@ class StudentOptimizer:
         ddp_cfg = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=cfg.overlap_grad_reduce,
-            overlap_param_gather=cfg.overlap_param_gather,
             use_distributed_optimizer=cfg.use_distributed_optimizer,
         )
         self.ddp = DistributedDataParallel(tcfg, ddp_cfg, model.model, pg_collection=self.pg)
@@ -124,7 +123,6 @@ class StudentOptimizer:
             adam_beta1=cfg.beta1, adam_beta2=cfg.beta2, adam_eps=cfg.eps, clip_grad=cfg.grad_clip,
             bf16=tcfg.bf16, fp16=tcfg.fp16, params_dtype=tcfg.params_dtype,
             use_distributed_optimizer=cfg.use_distributed_optimizer,
-            overlap_param_gather=cfg.overlap_param_gather,
             loss_scale=cfg.loss_scale or None, initial_loss_scale=cfg.initial_loss_scale,
         )
         chained = get_megatron_optimizer(ocfg, [self.ddp], use_gloo_process_groups=False, pg_collection=self.pg)
@@ -138,8 +136,6 @@ class StudentOptimizer:
         if cfg.overlap_grad_reduce:
             tcfg.no_sync_func = self.ddp.no_sync
             tcfg.grad_sync_func = self.ddp.start_grad_sync
-        if cfg.overlap_param_gather:
-            tcfg.param_sync_func = self.ddp.start_param_sync
         self._names = {p: n for n, p in model.model.named_parameters()}
 
     # ------------------------------------------------------------------ schedule

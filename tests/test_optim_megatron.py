@@ -5,7 +5,7 @@
    the model directory and the HF export carry the masters, in fp32.
 2. Data parallelism: DDP and the distributed optimizer at DP=2 equal DP=1 (fp32): loss, gradient
    norm and weights after 3 steps; in bf16 the distributed optimizer equals plain DDP; the
-   overlapped bucket reduce / weight gather equal the synchronous ones.
+   overlapped bucket reduce equals the synchronous one.
 3. fp16: megatron's dynamic loss scaler skips overflowed steps, then matches fp32.
 """
 
@@ -173,7 +173,7 @@ def _run_layout(dtype, distributed_optimizer, tie, overlap=False, micro_batch_si
     model = ShardedGPT(_cfg(dtype, tie), build_model_groups(1, 1), trainable=True)
     opt = build_optimizer(model, OptimConfig(lr=1e-3, grad_clip=0.5, weight_decay=0.01,
                                              use_distributed_optimizer=distributed_optimizer,
-                                             overlap_grad_reduce=overlap, overlap_param_gather=overlap))
+                                             overlap_grad_reduce=overlap))
     stats, _ = _train(model, micro_batch_size=micro_batch_size)
     return stats, full_master_state_dict(model), type(opt.opt).__name__
 
@@ -215,10 +215,9 @@ def test_dp2_and_distributed_optimizer_equal_dp1():
         assert all(abs(n1 - n2) < 1e-6 * n1 for (_, n1), (_, n2) in zip(s_ddp, s_do)), (s_ddp, s_do)
         err = max((w_ddp[k] - w_do[k]).abs().max().item() for k in w_ddp)
         assert err < 1e-6, err
-        # overlap_grad_reduce + overlap_param_gather (bucket reduce launched by DDP's hooks, the
-        # output weight's by the kernel path's placeholder gradient; no_sync on all but the last
-        # micro-batch; weight all-gather before the next forward) change when the collectives
-        # run, not what they sum: identical results.
+        # overlap_grad_reduce (bucket reduce launched by DDP's hooks, the output weight's by the
+        # kernel path's placeholder gradient; no_sync on all but the last micro-batch) changes
+        # when the collectives run, not what they sum: identical results.
         (s_plain, w_plain, _), (s_over, w_over, _) = rank_results[4], rank_results[5]
         assert s_plain == s_over, (s_plain, s_over)
         assert all(torch.equal(w_plain[k], w_over[k]) for k in w_plain)
