@@ -340,8 +340,8 @@ class ShardedGPT:
         for info in self.layout:
             p = self._params[info.local_name]
             p.copy_(self.shard_of(info, sd[info.canonical_name].to(torch.float32)).to(p.dtype))
-        if self.optimizer is not None:  # the fp32 master weights follow (gopd_mega.optim)
-            self.optimizer.reload_from_model()
+        if self.optimizer is not None:  # the fp32 masters get the full-precision values (gopd_mega.optim)
+            self.optimizer.load_master_state({i.local_name: self.shard_of(i, sd[i.canonical_name].float()) for i in self.layout})
 
     @torch.no_grad()
     def copy_weights_from(self, other: "ShardedGPT") -> None:

@@ -271,7 +271,9 @@ class StudentOptimizer:
     def load_master_state(self, weights: dict[str, torch.Tensor],
                           moments: dict[str, dict[str, torch.Tensor]] | None = None, step: float = 0.0) -> None:
         """Set masters AND model weights from ``weights`` ({local name: full local tensor}, any
-        float dtype; fp32 keeps full precision), and, when ``step > 0``, the Adam moments."""
+        float dtype; fp32 keeps full precision). With ``moments``: also the Adam moments and
+        step (``step == 0``: no Adam state, as before a first update); without: the Adam state
+        is left as it is."""
         params = dict(self.model.model.named_parameters())
         missing = sorted(set(params) - set(weights))
         if missing:
@@ -286,19 +288,15 @@ class StudentOptimizer:
             n = main.numel()
             src = weights[name].to(main.device, torch.float32).reshape(-1)[offset: offset + n]
             main.copy_(src.view(main.shape))
-            if step > 0 and moments is not None:
+            if moments is None:
+                continue
+            if step > 0:
                 st = {"step": torch.tensor(float(step), dtype=torch.float32)}
                 for m in MOMENTS:
                     st[m] = moments[m][name].to(main.device, torch.float32).reshape(-1)[offset: offset + n].view(main.shape).clone()
                 state[main] = st
             elif main in state:
                 del state[main]
-
-    @torch.no_grad()
-    def reload_from_model(self) -> None:
-        """Masters := the model's current weights (after weights were loaded into the model;
-        a bf16 model hands over only bf16 precision: prefer ``load_master_state``)."""
-        self.opt.reload_model_params()
 
     def state_dict(self) -> dict:
         """Same-layout optimizer state (ShardedGPT.save): masters, moments, step, schedule."""
