@@ -2,7 +2,8 @@
 
 megatron-core is written for CUDA + NCCL. With the redirections below it also runs (fp32, and
 bf16/fp16 with fp32 master weights) on CPU processes talking over gloo (tests, CI, the laptop
-demo). ``setup_platform()`` applies them only when CUDA is unavailable; on GPU machines it does nothing and megatron runs untouched.
+demo). ``setup_platform()`` applies them only when CUDA is unavailable; on GPU machines it does
+nothing and megatron runs untouched.
 No other module branches on CPU vs GPU: they call ``device()`` and ``init_distributed()``.
 
 CUDA-only spots of megatron-core 0.16.1 (same code in 0.19) and what each patch does:
