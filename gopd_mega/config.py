@@ -96,7 +96,8 @@ class ModelConfig:
     pp: int = 1
     """Pipeline-parallel size of THIS model."""
     params_dtype: str = "float32"
-    """'float32', 'bfloat16' or 'float16' (non-fp32 needs a GPU)."""
+    """'float32', 'bfloat16' or 'float16' weights for the forward/backward; a trainable model also
+    keeps fp32 master weights in its optimizer (bf16 runs on CPU too)."""
     logits_dtype: str = "float32"
     """The output layer's logits chunk in the log-prob kernels: 'float32' (log-probs accurate to
     ~1e-6 relative) or 'params' (rounded to params_dtype like megatron's own output layer, ~4e-4
@@ -344,7 +345,7 @@ class RolloutConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and the learning-rate schedule of the student.
+    """The student's optimizer (megatron-core DDP + AdamW on fp32 master weights) and LR schedule.
 
     The defaults are the paper's official runs: a fork of verl 0.6.1 whose scripts set only
     ``actor.optim.lr=1e-5`` and ``lr_warmup_steps_ratio=0.0`` and keep verl's defaults for the
@@ -363,8 +364,10 @@ class OptimConfig:
     warmup_steps: int = 0
     """Linear warm-up steps."""
     weight_decay: float = 0.01
-    """AdamW decoupled weight decay, applied to every parameter (verl's default, kept by the
-    paper's runs)."""
+    """AdamW decoupled weight decay (verl's default, kept by the paper's runs)."""
+    decay_all_params: bool = True
+    """Apply weight_decay to every parameter, as torch AdamW in the paper's runs does; false
+    follows megatron's rule (no decay on biases and 1-D weights such as norms)."""
     beta1: float = 0.9
     """Adam beta1."""
     beta2: float = 0.999
@@ -372,9 +375,23 @@ class OptimConfig:
     eps: float = 1e-8
     """Adam epsilon."""
     grad_clip: float = 1.0
-    """Global gradient-norm clip (0 disables)."""
+    """Global gradient-norm clip (0 disables), megatron's clip_grad_norm_fp32 on the fp32 grads."""
+    use_distributed_optimizer: bool = False
+    """Shard the fp32 master weights and Adam moments over the data-parallel group (megatron's
+    DistributedOptimizer: gradients are reduce-scattered, updated weights all-gathered)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the bucketed data-parallel gradient reduction with the backward pass (GPU runs).
+    (The distributed optimizer's weight all-gather is not overlapped with the next forward: the
+    trainer reads the full weights right after every update, for the rollout weight sync.)"""
+    loss_scale: float = 0.0
+    """fp16 only: constant loss scale; 0 = megatron's dynamic loss scaler (bf16/fp32 never scale)."""
+    initial_loss_scale: float = 2.0**16
+    """fp16 only: starting value of the dynamic loss scale."""
 
     def validate(self, where: str = "") -> None:
+        if self.loss_scale < 0 or self.initial_loss_scale <= 0:
+            _fail(f"{where}.loss_scale", f"need loss_scale >= 0 and initial_loss_scale > 0, got "
+                  f"{self.loss_scale}, {self.initial_loss_scale}")
         if self.lr <= 0:
             _fail(f"{where}.lr", f"must be > 0, got {self.lr}")
         if self.min_lr < 0 or self.min_lr > self.lr:

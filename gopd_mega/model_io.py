@@ -16,10 +16,12 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from gopd_mega.config import ConfigError, ModelConfig, build_config
+from gopd_mega.optim import full_master_state_dict
 
 MODEL_CONFIG = "model_config.json"
 WEIGHTS = "model.safetensors"
@@ -42,16 +44,19 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
         raise ValueError(f"{file}: {exc}") from exc
 
 
-def save_model_dir(model, path: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
+def save_model_dir(model, path: str | os.PathLike, extra_files: dict[str, str] | None = None,
+                   dtype: torch.dtype = torch.float32) -> Path:
     """Collective. Gathers the full weights and writes them atomically (rank 0): a directory that
-    exists under ``path`` is always complete."""
+    exists under ``path`` is always complete. A model with an optimizer (the student) writes its
+    fp32 MASTER weights, not the bf16/fp16 copies it computes with; ``dtype`` is the dtype of the
+    written tensors (fp32 keeps every bit of the masters)."""
     path = Path(path)
-    state = model.full_state_dict()
+    state = full_master_state_dict(model)
     if not dist.is_initialized() or dist.get_rank() == 0:
         tmp = path.with_name(path.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS))
+        save_file({k: v.detach().to(dtype).contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS))
         cfg = dataclasses.replace(model.cfg, load=None, tp=1, pp=1, sequence_parallel=False, context_parallel_size=1)
         (tmp / MODEL_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         for name, text in (extra_files or {}).items():

@@ -5,7 +5,8 @@ The public face of gopd_mega.model; each job lives in one file there:
     gopd_mega/model/weights.py  canonical weight names, shard / unshard, init, full state dicts
     gopd_mega/model/batch.py    how a batch is packed (token-budget micro-batches, DP balance)
     gopd_mega/model/forward.py  how a step runs (pipeline schedule -> kernels -> gathered results)
-This class ties them together and owns checkpoint I/O, gradient finalisation and the update.
+This class ties them together and owns checkpoint I/O; gradient finalisation and the update
+are megatron's DDP and optimizer (gopd_mega/optim.py).
 
 SPMD: the trainer holds the FULL batch on every rank; each model packs its DP rank's share of the
 rows into micro-batches, runs them through its own PP group and returns full-batch results on
@@ -96,14 +97,18 @@ class ShardedGPT:
         """This rank's shard of canonical full tensor ``full`` for parameter ``info``."""
         return W.shard_of(self.cfg, info, full)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """{canonical name: full unsharded CPU tensor}, gathered over TP and PP, on every rank."""
-        return W.gather_full_state_dict(self._params, self.layout, self.cfg, self.groups)
+    def full_state_dict(self, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """{canonical name: full unsharded CPU tensor}, gathered over TP and PP, on every rank.
+        ``tensors`` ({local name: tensor shaped like that parameter}, e.g. fp32 master weights or
+        Adam moments): gather those instead of the weights, in their own dtype."""
+        return W.gather_full_state_dict(self._params if tensors is None else tensors, self.layout, self.cfg, self.groups)
 
     def load_full_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         """Shard canonical full tensors onto this rank (vocab tensors may carry any number of
         rows >= vocab_size; rows past vocab_size are ignored)."""
         W.load_full_state_dict(self._params, self.layout, self.cfg, sd, self.name)
+        if self.optimizer is not None:  # the fp32 masters get the full-precision values (gopd_mega.optim)
+            self.optimizer.load_master_state({i.local_name: self.shard_of(i, sd[i.canonical_name].float()) for i in self.layout})
 
     @torch.no_grad()
     def copy_weights_from(self, other: "ShardedGPT") -> None:
@@ -129,10 +134,10 @@ class ShardedGPT:
     def save(self, directory: str) -> None:
         """Write this rank's model shard (+ optimizer state) to ``directory``; DP rank 0 writes,
         every rank returns after all have finished (collective over the world)."""
+        optim = self.optimizer.state_dict() if self.optimizer else None  # collective over DP (optim)
         if self.groups.dp_rank == 0:
             os.makedirs(directory, exist_ok=True)
-            state = {"model": self.shard_state_dict(),
-                     "optim": self.optimizer.state_dict() if self.optimizer else None}
+            state = {"model": self.shard_state_dict(), "optim": optim}
             torch.save(state, self._shard_file(directory))
         dist.barrier()
 
@@ -143,17 +148,6 @@ class ShardedGPT:
         self.load_shard_state_dict(state["model"])
         if self.optimizer is not None and state["optim"] is not None:
             self.optimizer.load_state_dict(state["optim"])
-
-    def _counted_params(self) -> list[torch.nn.Parameter]:
-        """Parameters counted once in the global grad norm (see gopd_mega.optim)."""
-        out = []
-        for info in self.layout:
-            if info.local_name == "output_layer.weight" and self.cfg.tie_embeddings:
-                continue  # last stage's copy of the tied embedding: counted on the first stage
-            if info.partition_dim is None and self.groups.tp_rank != 0:
-                continue  # TP-replicated: identical on every TP rank
-            out.append(self._params[info.local_name])
-        return out
 
     def _output_weight(self) -> torch.Tensor:
         return self.model.shared_embedding_or_output_weight() if self.cfg.tie_embeddings else self.model.output_layer.weight
@@ -196,45 +190,12 @@ class ShardedGPT:
                                "(gopd_mega.optim.build_optimizer or optim=...)")
         self.optimizer.zero_grad()
         out = self.forward.loss_and_grads(tokens, loss_mask, token_loss_fn, temperature,
-                                          self._budget(max_tokens), micro_batch_size)
-        stats = self._finish_step()
+                                          self._budget(max_tokens), micro_batch_size, grads=self.optimizer)
+        stats = self.optimizer.step()  # megatron's finalize_model_grads + clip + AdamW (gopd_mega.optim)
         mask = loss_mask.float().clone()
         mask[:, 0] = 0
         entropy = float((out["entropy"] * mask).sum() / mask.sum().clamp(min=1))
         return {"loss": out["loss"], "logp": out["logp"], "entropy": entropy, **stats}
-
-    def _finish_step(self) -> dict:
-        """Gradient finalisation (reductions over DP/TP/PP) and the optimizer step after the
-        micro-batches' backward passes; returns the optimizer's stats (grad_norm, lr, skipped)."""
-        self._reduce_grads()
-        return self.optimizer.step()
-
-    def _reduce_grads(self) -> None:
-        """The reductions megatron's finalize_model_grads does, for our layout:
-        1. q/k layernorm weights (TP-replicated, but each TP rank applies them only to its own
-           heads) and, with sequence parallelism, every norm weight: sum over TP;
-        2. every gradient: sum over DP (each DP rank's loss is its share of the global sum);
-        3. tied embeddings with PP > 1: sum the first stage's embedding and the last stage's copy.
-        """
-        params = [p for p in self._params.values() if p.requires_grad]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        if self.groups.tp > 1:
-            for info in self.layout:
-                p = self._params[info.local_name]
-                # sequence parallelism: norms saw only this rank's [T/tp] slice (model/build.py)
-                if ("q_layernorm" in info.canonical_name or "k_layernorm" in info.canonical_name
-                        or getattr(p, "sequence_parallel", False)):
-                    dist.all_reduce(p.grad, group=self.groups.pg.tp)
-        if self.groups.dp > 1 and params:
-            flat = torch._utils._flatten_dense_tensors([p.grad for p in params])
-            dist.all_reduce(flat, group=self.groups.pg.dp)
-            for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in params])):
-                p.grad.copy_(g)
-        if self.cfg.tie_embeddings and self.groups.pp > 1 and self.groups.pg.embd is not None:
-            w = self._output_weight()
-            dist.all_reduce(w.grad, group=self.groups.pg.embd)
 
     def next_token_logits(self, tokens: torch.Tensor, lengths: torch.Tensor, *,
                           max_tokens: int | None = None) -> torch.Tensor:

@@ -1,36 +1,58 @@
-"""AdamW for the student, with a TP/PP-correct global gradient-norm clip and the LR schedule.
+"""The student's optimizer: megatron-core's DDP + optimizer (fp32 master weights) and the LR schedule.
 
-Why not megatron's get_megatron_optimizer: its clip (clip_grad_norm_fp32) asserts CUDA tensors and
-its mixed-precision/distributed variants refuse CPU tensors, so on CPU it would need more
-patches; a plain ``torch.optim.AdamW`` over this rank's local shard is exact in fp32 on both
-platforms and its state_dict resumes bit for bit. (On GPUs with bf16 weights a distributed
-optimizer with fp32 master weights is the natural next step; the interface below stays.)
+Pieces (all megatron-core's own; gopd_mega.platform makes them run on CPU/gloo too):
+  * ``DistributedDataParallel`` (DistributedDataParallelConfig: grad_reduce_in_fp32): every
+    trainable parameter p gets ``p.main_grad``, an fp32 view into contiguous, bucketed gradient
+    buffers. Autograd's gradient of p (bf16 for a bf16 model) is added into it by DDP's
+    post-accumulate hook and p.grad is freed. The output layer's dW is written straight into its
+    main_grad by the fused kernel (``output_grad_acc``), so no V x H weight gradient exists.
+  * ``finalize_model_grads``: DP reduction of the buffers (all-reduce, or reduce-scatter with the
+    distributed optimizer; a SUM: with calculate_per_token_loss megatron does not average, and
+    each DP rank's loss is its share of the globally normalised sum), TP sum of the q/k-norm
+    gradients (TP-replicated weights applied to each rank's own heads), and the first/last-stage
+    sum of a tied embedding (PP > 1).
+  * ``get_megatron_optimizer`` (OptimizerConfig): Adam with decoupled weight decay (AdamW) on
+    fp32 MASTER weights when the model runs in bf16/fp16 (Float16OptimizerWithFloat16Params, or
+    DistributedOptimizer which shards masters and moments over DP); the bf16 weights are copies
+    of the masters refreshed after every step. fp16 adds megatron's loss scaler (dynamic unless
+    OptimConfig.loss_scale). Gradient clipping is megatron's clip_grad_norm_fp32 over the fp32
+    gradients, norm summed once per parameter (TP duplicates and the tied copy excluded) over the
+    model-parallel group (the whole world with the distributed optimizer).
+    Weight decay follows megatron: not applied to biases and 1-D weights (norms).
 
-Global gradient norm over a model split by TP and PP (after the DP all-reduce, DP replicas hold
-identical gradients, so DP is not summed again):
+Why fp32 masters: a bf16 weight w has a spacing of 2^-8 |w| around it, so an AdamW update of
+~lr (1e-5) to weights of size ~1e-2 is below half a spacing and rounds away; fp32 masters keep
+every update (tests/test_optim_megatron.py shows both).
 
-    ||g||^2 = all_reduce_SUM over the model-parallel group (tp x pp) of
-              sum over this rank's *counted* parameters of ||g_p||^2
-
-A parameter is counted on exactly one rank of its copies: TP-sharded parameters on every TP rank
-(each holds a different slice), TP-replicated ones (norms, q/k norms) only on tp_rank 0, and the
-last stage's copy of a tied embedding (PP > 1) not at all. The caller says which parameters count.
+Step (``step()``, called by ShardedGPT.train_step after the backward of all micro-batches):
+    finalize_model_grads -> set lr / weight decay of every param group -> prepare_grads
+    (main_grad -> master .grad; fp16: unscale, inf check) -> grad norm (clip if grad_clip > 0)
+    -> skip the update if the norm is not finite -> step_with_ready_grads (Adam on the masters,
+    copy back to the model weights; all-gather them with the distributed optimizer).
 
 LR schedule (step = number of optimizer steps already taken):
     warm-up  lr = peak * (step + 1) / warmup_steps            for step < warmup_steps
     constant lr = peak
     cosine   lr = min + (peak - min) * (1 + cos(pi * p)) / 2,  p = (step - warmup) / (total - warmup)
     linear   lr = peak + (min - peak) * p
+
+Layout-free state (used by gopd_mega.hf.train_state, model_io, the HF export):
+``master_weights()`` / ``moments()`` give, per local parameter name, fp32 tensors shaped like the
+local (TP/PP) parameter, complete on every DP rank (the distributed optimizer's DP shards are
+summed into place); ``load_master_state`` takes the same and re-shards.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 import torch.distributed as dist
 
 from gopd_mega.config import OptimConfig
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def lr_at(cfg: OptimConfig, step: int, total_steps: int | None) -> float:
@@ -45,32 +67,82 @@ def lr_at(cfg: OptimConfig, step: int, total_steps: int | None) -> float:
     return cfg.lr + (cfg.min_lr - cfg.lr) * p
 
 
-def global_grad_norm(counted: list[torch.nn.Parameter], mp_group) -> float:
-    """sqrt of the sum of squared gradients of the whole model (see module docstring)."""
-    sq = torch.zeros((), dtype=torch.float64)
-    for p in counted:
-        if p.grad is not None:
-            sq += p.grad.detach().to(torch.float64).pow(2).sum().cpu()
-    if mp_group is not None and dist.get_world_size(mp_group) > 1:
-        sq = sq.to(counted[0].device if counted else sq.device)
-        dist.all_reduce(sq, group=mp_group)
-    return float(sq.sqrt())
+def _megatron_groups(pg):
+    """A copy of the model's ProcessGroupCollection with the groups megatron's DDP/optimizer ask
+    for that a dense model without expert/context parallelism does not otherwise need."""
+    pg = copy.copy(pg)
+    pg.expt_dp = pg.dp  # no expert parameters: their buffers stay empty
+    pg.ep = None
+    pg.tp_ep_pp = pg.mp
+    pg.intra_dist_opt = dist.group.WORLD  # a model spans the world (gopd_mega.parallel)
+    return pg
+
+
+class _ExternalGradReady(torch.autograd.Function):
+    """Identity on the loss. Its backward hands ``weight`` a placeholder gradient with
+    ``weight.grad_added_to_main_grad = True`` (megatron's gradient_accumulation_fusion protocol):
+    DDP's hook for the weight then runs (marking it ready for the overlapped bucket reduce) and
+    adds nothing, because the kernel already wrote dW into main_grad."""
+
+    @staticmethod
+    def forward(ctx, loss, weight):
+        ctx.weight = weight
+        weight.grad_added_to_main_grad = True
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, g):
+        w = ctx.weight
+        return g, torch.empty(w.shape, dtype=w.dtype, device=w.device)
 
 
 class StudentOptimizer:
-    """AdamW over this rank's parameters + global-norm clipping + LR schedule.
+    """megatron DDP + megatron optimizer over one ShardedGPT, and the LR schedule.
 
-    ``step()`` (called by ShardedGPT.train_step) clips and applies AdamW at the current LR;
-    ``step_schedule()`` (called by the training loop once per update) advances the schedule.
+    ``step()`` (called by ShardedGPT.train_step) reduces the gradients and applies AdamW at the
+    current LR; ``step_schedule()`` (called by the training loop once per update) advances the
+    schedule.
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], counted: list[torch.nn.Parameter],
-                 mp_group, cfg: OptimConfig, total_steps: int | None = None):
-        self.params, self.counted, self.mp_group, self.cfg = params, counted, mp_group, cfg
-        self.total_steps = total_steps
+    def __init__(self, model, cfg: OptimConfig, total_steps: int | None = None):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        self.model, self.cfg, self.total_steps = model, cfg, total_steps
         self.schedule_step = 0
-        self.opt = torch.optim.AdamW(params, lr=self.lr, betas=(cfg.beta1, cfg.beta2),
-                                     eps=cfg.eps, weight_decay=cfg.weight_decay)
+        tcfg = model.tconfig
+        self.pg = _megatron_groups(model.groups.pg)
+        ddp_cfg = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=cfg.overlap_grad_reduce,
+            use_distributed_optimizer=cfg.use_distributed_optimizer,
+        )
+        self.ddp = DistributedDataParallel(tcfg, ddp_cfg, model.model, pg_collection=self.pg)
+        ocfg = OptimizerConfig(
+            optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.beta1, adam_beta2=cfg.beta2, adam_eps=cfg.eps, clip_grad=cfg.grad_clip,
+            bf16=tcfg.bf16, fp16=tcfg.fp16, params_dtype=tcfg.params_dtype,
+            use_distributed_optimizer=cfg.use_distributed_optimizer,
+            loss_scale=cfg.loss_scale or None, initial_loss_scale=cfg.initial_loss_scale,
+        )
+        # config_overrides={} decays every parameter (torch AdamW, the paper's runs); None is megatron's
+        # standard rule (no decay on biases and 1-D weights).
+        overrides = {} if cfg.decay_all_params else None
+        chained = get_megatron_optimizer(ocfg, [self.ddp], config_overrides=overrides,
+                                         use_gloo_process_groups=False, pg_collection=self.pg)
+        parts = getattr(chained, "chained_optimizers", [chained])
+        if len(parts) != 1:
+            raise RuntimeError(f"{model.name}: expected one megatron optimizer for a dense model, got {len(parts)}")
+        self.opt = parts[0]
+        self.scaler = getattr(self.opt, "grad_scaler", None)
+        if self.scaler is not None:  # fp16: the schedules scale each micro-batch's loss
+            tcfg.grad_scale_func = self.opt.scale_loss
+        if cfg.overlap_grad_reduce:
+            tcfg.no_sync_func = self.ddp.no_sync
+            tcfg.grad_sync_func = self.ddp.start_grad_sync
+        self._names = {p: n for n, p in model.model.named_parameters()}
+
+    # ------------------------------------------------------------------ schedule
 
     @property
     def lr(self) -> float:
@@ -80,39 +152,198 @@ class StudentOptimizer:
     def step_schedule(self) -> None:
         self.schedule_step += 1
 
+    # ------------------------------------------------------------------ gradients and step
+
     def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
+        """Zero the fp32 gradient buffers (and forget any .grad)."""
+        self.ddp.zero_grad_buffer()
+        self.opt.zero_grad()
+
+    def output_grad_acc(self, weight: torch.nn.Parameter) -> torch.Tensor | None:
+        """fp32 buffer for the fused kernel's ``grad_weight_acc``: the output weight's main_grad
+        (the same tensor as the embedding's when they are tied on this stage, where autograd adds
+        the embedding gradient through DDP's hook: the kernel adds no autograd gradient, so
+        nothing is counted twice). None with fp16 loss scaling: the kernel needs loss gradient 1,
+        so its dW then goes through autograd and the hook like every other gradient."""
+        if self.scaler is not None:
+            return None
+        return weight.main_grad
+
+    def mark_output_grad(self, loss: torch.Tensor, weight: torch.nn.Parameter) -> torch.Tensor:
+        """With overlap_grad_reduce, make DDP's hook for an output weight whose dW the kernel
+        wrote into main_grad run in backward (see _ExternalGradReady). Not applied where the
+        weight is also this stage's input embedding: its own gradient runs the hook already, and
+        a placeholder gradient would be summed into it."""
+        if not self.cfg.overlap_grad_reduce or self.scaler is not None:
+            return loss
+        emb = getattr(getattr(self.model.model, "embedding", None), "word_embeddings", None)
+        if emb is not None and emb.weight is weight:
+            return loss
+        return _ExternalGradReady.apply(loss, weight)
 
     def step(self) -> dict[str, float]:
-        """Clip to cfg.grad_clip by the global norm and apply AdamW (skipped on a non-finite
-        norm). Returns grad_norm (before clipping), lr and skipped."""
-        norm = global_grad_norm(self.counted, self.mp_group)
+        """Reduce the gradients, clip to cfg.grad_clip by the global norm and apply AdamW
+        (skipped on a non-finite norm or an fp16 overflow). Returns grad_norm (before
+        clipping), lr and skipped."""
+        from megatron.core.distributed import finalize_model_grads
+
+        finalize_model_grads([self.ddp], num_tokens=None, pg_collection=self.pg)
         lr = self.lr
         for group in self.opt.param_groups:
-            group["lr"] = lr
-        if math.isfinite(norm):
-            if self.cfg.grad_clip > 0 and norm > self.cfg.grad_clip:
-                scale = self.cfg.grad_clip / (norm + 1e-6)
-                for p in self.params:
-                    if p.grad is not None:
-                        p.grad.mul_(scale)
-            self.opt.step()
-        return {"grad_norm": norm, "lr": lr, "skipped": float(not math.isfinite(norm))}
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["weight_decay"] = self.cfg.weight_decay * group.get("wd_mult", 1.0)
+        if self.opt.prepare_grads():  # fp16 overflow: megatron already lowered the loss scale
+            return {"grad_norm": float("inf"), "lr": lr, "skipped": 1.0}
+        if self.cfg.grad_clip > 0:
+            norm = float(self.opt.clip_grad_norm(self.cfg.grad_clip))
+        else:
+            norm = float(self.opt.get_grad_norm())
+        finite = math.isfinite(norm)
+        if finite:
+            self.opt.step_with_ready_grads()
+        return {"grad_norm": norm, "lr": lr, "skipped": float(not finite)}
+
+    # ------------------------------------------------------------------ master weights and state
+
+    def _slots(self):
+        """(local name, model param, master tensor, flat offset) for every master tensor on this
+        rank: the master holds elements [offset, offset + master.numel()) of the flattened
+        param (all of it, except with the distributed optimizer's DP shards)."""
+        o = self.opt
+        out = []
+        if hasattr(o, "shard_fp32_from_float16_groups"):  # DistributedOptimizer
+            pairs = [(m, s, v) for mg, sg, vg in zip(o.model_float16_groups, o.shard_fp32_from_float16_groups,
+                                                     o.shard_float16_groups) for m, s, v in zip(mg, sg, vg)]
+            pairs += [(m, s, s) for mg, sg in zip(o.model_fp32_groups, o.shard_fp32_groups) for m, s in zip(mg, sg)]
+            for model_p, main, view in pairs:  # view: the shard of the model param itself
+                out.append((self._names[model_p], model_p, main, view.storage_offset() - model_p.storage_offset()))
+        elif hasattr(o, "fp32_from_float16_groups"):  # Float16OptimizerWithFloat16Params
+            for mg, sg in zip(o.float16_groups, o.fp32_from_float16_groups):
+                out += [(self._names[m], m, s, 0) for m, s in zip(mg, sg)]
+            out += [(self._names[p], p, p, 0) for g in o.fp32_from_fp32_groups for p in g]
+        else:  # FP32Optimizer: the model params are the masters
+            out += [(self._names[p], p, p, 0) for g in o.optimizer.param_groups for p in g["params"]]
+        return out
+
+    def _complete(self, parts: dict[str, list[tuple[int, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+        """{name: [(offset, flat values)]} -> {name: fp32 tensor shaped like the param}, summed
+        over DP when the optimizer is sharded (each element is held by exactly one DP rank)."""
+        params = dict(self.model.model.named_parameters())
+        out = {}
+        for name, p in params.items():
+            full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+            for offset, flat in parts.get(name, []):
+                full[offset: offset + flat.numel()] = flat
+            out[name] = full
+        if self.cfg.use_distributed_optimizer and self.model.groups.dp > 1:
+            names = list(out)
+            flat = torch._utils._flatten_dense_tensors([out[n] for n in names])
+            dist.all_reduce(flat, group=self.model.groups.pg.dp)
+            out = dict(zip(names, torch._utils._unflatten_dense_tensors(flat, [out[n] for n in names])))
+        return {n: out[n].view(params[n].shape).clone() for n in params}
+
+    @torch.no_grad()
+    def master_weights(self) -> dict[str, torch.Tensor]:
+        """{local param name: fp32 master weights shaped like the param} (collective over DP
+        with the distributed optimizer)."""
+        parts: dict[str, list] = {}
+        for name, _, main, offset in self._slots():
+            parts.setdefault(name, []).append((offset, main.detach().float().reshape(-1)))
+        return self._complete(parts)
+
+    @torch.no_grad()
+    def moments(self) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
+        """({moment: {local param name: fp32 tensor shaped like the param}}, Adam step); the
+        moments are zero and the step 0 before the first update."""
+        state = self.opt.optimizer.state
+        out, step = {}, 0.0
+        for moment in MOMENTS:
+            parts: dict[str, list] = {}
+            for name, _, main, offset in self._slots():
+                st = state.get(main, {})
+                if moment in st:
+                    parts.setdefault(name, []).append((offset, st[moment].detach().float().reshape(-1)))
+                    step = float(st["step"])
+            out[moment] = self._complete(parts)
+        if self.cfg.use_distributed_optimizer and self.model.groups.dp > 1:
+            t = torch.tensor([step], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.model.groups.pg.dp)
+            step = float(t)
+        return out, step
+
+    @torch.no_grad()
+    def load_master_state(self, weights: dict[str, torch.Tensor],
+                          moments: dict[str, dict[str, torch.Tensor]] | None = None, step: float = 0.0) -> None:
+        """Set masters AND model weights from ``weights`` ({local name: full local tensor}, any
+        float dtype; fp32 keeps full precision). With ``moments``: also the Adam moments and
+        step (``step == 0``: no Adam state, as before a first update); without: the Adam state
+        is left as it is."""
+        params = dict(self.model.model.named_parameters())
+        missing = sorted(set(params) - set(weights))
+        if missing:
+            raise KeyError(f"{self.model.name}: master state lacks {missing[:5]}")
+        for name, p in params.items():
+            if tuple(weights[name].shape) != tuple(p.shape):
+                raise ValueError(f"{self.model.name}: master weight {name} has shape "
+                                 f"{tuple(weights[name].shape)}, the parameter {tuple(p.shape)}")
+            p.data.copy_(weights[name].to(p.device, p.dtype))
+        state = self.opt.optimizer.state
+        for name, _, main, offset in self._slots():
+            n = main.numel()
+            src = weights[name].to(main.device, torch.float32).reshape(-1)[offset: offset + n]
+            main.copy_(src.view(main.shape))
+            if moments is None:
+                continue
+            if step > 0:
+                st = {"step": torch.tensor(float(step), dtype=torch.float32)}
+                for m in MOMENTS:
+                    st[m] = moments[m][name].to(main.device, torch.float32).reshape(-1)[offset: offset + n].view(main.shape).clone()
+                state[main] = st
+            elif main in state:
+                del state[main]
 
     def state_dict(self) -> dict:
-        return {"adamw": self.opt.state_dict(), "schedule_step": self.schedule_step}
+        """Same-layout optimizer state (ShardedGPT.save): masters, moments, step, schedule."""
+        moments, step = self.moments()
+        sd = {"master": self.master_weights(), "moments": moments, "adam_step": step,
+              "schedule_step": self.schedule_step}
+        if self.scaler is not None:
+            sd["grad_scaler"] = self.scaler.state_dict()
+        return sd
 
     def load_state_dict(self, sd: dict) -> None:
-        self.opt.load_state_dict(sd["adamw"])
+        self.load_master_state(sd["master"], sd["moments"], sd["adam_step"])
         self.schedule_step = int(sd["schedule_step"])
+        if self.scaler is not None and "grad_scaler" in sd:
+            self.scaler.load_state_dict(sd["grad_scaler"])
 
 
 def build_optimizer(model, cfg: OptimConfig, total_steps: int | None = None) -> StudentOptimizer:
-    """The optimizer of a trainable ShardedGPT (attached to it: ``model.optimizer``)."""
+    """The optimizer of a trainable ShardedGPT (attached to it: ``model.optimizer``); wraps its
+    GPTModel in megatron's DDP. Collective over the world. Build it after the weights are loaded
+    (the masters start as copies of the model weights) or load them with ``load_master_state``."""
     if not model.trainable:
         raise ValueError(f"{model.name}: a frozen model (teacher/reference) gets no optimizer")
-    opt = StudentOptimizer(list(model._params.values()), model._counted_params(), model.groups.pg.mp,
-                           cfg, total_steps)
+    if getattr(model, "optimizer", None) is not None:
+        raise ValueError(f"{model.name}: already has an optimizer (megatron's DDP wraps a model once)")
+    opt = StudentOptimizer(model, cfg, total_steps)
     model.optimizer = opt
     return opt
+
+
+@torch.no_grad()
+def full_master_state_dict(model) -> dict[str, torch.Tensor]:
+    """Canonical full fp32 weights of a ShardedGPT: its optimizer's master weights when it has
+    one, else its weights in fp32. Collective (TP/PP gather, DP for the distributed optimizer)."""
+    opt = getattr(model, "optimizer", None)
+    if opt is None:
+        return {k: v.float() for k, v in model.full_state_dict().items()}
+    return gather_like_params(model, opt.master_weights())
+
+
+@torch.no_grad()
+def gather_like_params(model, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full canonical tensors of per-parameter tensors ``local`` ({local name: tensor shaped
+    like the param}, kept in their own dtype), gathered like the weights by the model's
+    ``full_state_dict(tensors=...)`` (collective over TP/PP)."""
+    return model.full_state_dict(tensors=local)

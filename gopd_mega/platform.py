@@ -1,8 +1,9 @@
 """The one place that knows whether we run on GPUs or on CPUs.
 
-megatron-core is written for CUDA + NCCL. With the redirections below it also runs, in fp32, on
-CPU processes talking over gloo (tests, CI, the laptop demo). ``setup_platform()`` applies them
-only when CUDA is unavailable; on GPU machines it does nothing and megatron runs untouched.
+megatron-core is written for CUDA + NCCL. With the redirections below it also runs (fp32, and
+bf16/fp16 with fp32 master weights) on CPU processes talking over gloo (tests, CI, the laptop
+demo). ``setup_platform()`` applies them only when CUDA is unavailable; on GPU machines it does
+nothing and megatron runs untouched.
 No other module branches on CPU vs GPU: they call ``device()`` and ``init_distributed()``.
 
 CUDA-only spots of megatron-core 0.16.1 (same code in 0.19) and what each patch does:
@@ -21,10 +22,21 @@ CUDA-only spots of megatron-core 0.16.1 (same code in 0.19) and what each patch 
    CPU (there is no asynchronous device queue to wait for).
 5. models/common/language_module: with tied embeddings and PP > 1 the last stage's copy of the
    embedding is all-reduced after ``weight.data.cuda()``; on CPU that call keeps the tensor.
-Not patched, because this project does not use them: megatron's DDP grad buffers (CUDA streams),
-``clip_grad_norm_fp32`` (asserts CUDA tensors), the mixed-precision/distributed optimizers, and
-sequence parallelism (needs TE/Apex norms). gopd_mega/optim.py does the gradient reduction,
-norm and clipping itself, which is correct on both platforms.
+6. The optimizer stack (optimizer/optimizer.py, clip_grads.py, distrib_optimizer.py,
+   grad_scaler.py) and utils.local_multi_tensor_l2_norm build their flags, norms and loss scales
+   with ``device='cuda'``: those modules see the same ``torch`` proxy as in 4.
+7. The mixed-precision (Float16OptimizerWithFloat16Params) and distributed optimizers sort
+   parameters by ``param.type()`` strings ('torch.cuda.BFloat16Tensor', ...) and refuse anything
+   else, and clip_grad_by_total_norm_fp32 asserts ``grad.type() == 'torch.cuda.FloatTensor'``:
+   while those run, ``Tensor.type()`` (no argument) of a CPU tensor reports the CUDA name of its
+   dtype, so bf16/fp16 CPU parameters get fp32 master copies exactly as GPU ones do.
+8. DynamicGradScaler.load_state_dict moves the scale with ``.cuda(device)``: kept on the CPU.
+Megatron's DDP grad buffers need nothing more than 2./3. on CPU: their CUDA streams/events are
+only created with several distributed-optimizer instances or NCCL user buffers, which this
+project does not use. torch 2.13's gloo backend has reduce_scatter_tensor,
+all_gather_into_tensor and coalesced collectives (checked), which the DDP buffers and the
+distributed optimizer call, so no collective needs emulating.
+Not patched, because this project does not use it: sequence parallelism (needs TE/Apex norms).
 """
 
 from __future__ import annotations
@@ -122,6 +134,61 @@ def _patch_tied_embedding_setup() -> None:
     LanguageModule.setup_embeddings_and_output_layer = setup
 
 
+class _CudaTypeNames:
+    """While active, ``Tensor.type()`` without arguments names a CPU tensor's type as its CUDA
+    twin ('torch.BFloat16Tensor' -> 'torch.cuda.BFloat16Tensor'); ``Tensor.cuda`` keeps CPU
+    tensors where they are. Used around the megatron functions of patches 5, 7 and 8."""
+
+    def __enter__(self):
+        self.saved = torch.Tensor.type, torch.Tensor.cuda
+        original_type = self.saved[0]
+
+        def type_(t, *args, **kwargs):
+            name = original_type(t, *args, **kwargs)
+            if args or kwargs or not isinstance(name, str) or t.is_cuda:
+                return name
+            return name.replace("torch.", "torch.cuda.", 1)
+
+        torch.Tensor.type = type_
+        torch.Tensor.cuda = lambda t, *a, **k: t
+        return self
+
+    def __exit__(self, *exc):
+        torch.Tensor.type, torch.Tensor.cuda = self.saved
+        return False
+
+
+def _as_on_cuda(fn):
+    """``fn`` run inside :class:`_CudaTypeNames`."""
+    if getattr(fn, "_gopd_patched", False):
+        return fn
+
+    def wrapped(*args, **kwargs):
+        with _CudaTypeNames():
+            return fn(*args, **kwargs)
+
+    wrapped._gopd_patched = True
+    wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
+    return wrapped
+
+
+def _patch_optimizers() -> None:
+    """Patches 6-8: megatron's DDP / mixed-precision / distributed optimizer stack on CPU."""
+    from megatron.core import utils as mutils
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, grad_scaler
+    from megatron.core.optimizer import optimizer as moptimizer
+
+    for module in (moptimizer, clip_grads, distrib_optimizer, grad_scaler, mutils):
+        module.torch = _TorchCudaToCpu()  # patch 6
+    moptimizer.Float16OptimizerWithFloat16Params.__init__ = _as_on_cuda(
+        moptimizer.Float16OptimizerWithFloat16Params.__init__)  # patch 7
+    distrib_optimizer.DistributedOptimizer.__init__ = _as_on_cuda(distrib_optimizer.DistributedOptimizer.__init__)
+    clip = _as_on_cuda(clip_grads.clip_grad_by_total_norm_fp32)
+    clip_grads.clip_grad_by_total_norm_fp32 = moptimizer.clip_grad_by_total_norm_fp32 = clip
+    grad_scaler.DynamicGradScaler.load_state_dict = _as_on_cuda(
+        grad_scaler.DynamicGradScaler.load_state_dict)  # patch 8
+
+
 def setup_platform() -> None:
     """Make megatron-core usable on this machine. Idempotent; a no-op when CUDA is available."""
     global _PATCHED
@@ -137,6 +204,7 @@ def setup_platform() -> None:
     schedules.torch = _TorchCudaToCpu()  # patch 4
     transformer_utils.torch = _TorchCudaToCpu()
     _patch_tied_embedding_setup()
+    _patch_optimizers()
     _PATCHED = True
 
 

@@ -1,6 +1,7 @@
-"""Layout-free training state: save at DP=2 (TP=1), resume at TP=2 (DP=1) and at PP=2, on 2 gloo
-processes. Weights, AdamW moments, Adam step and schedule step must come back exactly, and the
-next AdamW update from the resumed state must equal the update of the original run."""
+"""Layout-free training state: save at DP=2 (TP=1), resume at TP=2 (DP=1), at PP=2 and at DP=2
+with the distributed optimizer, on 2 gloo processes. Master weights, Adam moments, Adam step and
+schedule step must come back exactly, and the next update from the resumed state must equal the
+update of the original run."""
 
 import pytest
 import torch
@@ -21,14 +22,19 @@ def _fake_grads(model, seed):
     """Deterministic canonical 'gradients' sharded onto this rank (same on every DP replica)."""
     g = torch.Generator().manual_seed(seed)
     full = {k: torch.randn(v.shape, generator=g) for k, v in sorted(model.full_state_dict().items())}
+    opt = model.optimizer
+    opt.zero_grad()
     for info in model.param_layout():
         p = model._params[info.local_name]
-        p.grad = model.shard_of(info, full[info.canonical_name]).clone()
+        p.main_grad.copy_(model.shard_of(info, full[info.canonical_name]))
 
 
 def _step(model, opt, seed):
     _fake_grads(model, seed)
-    opt.opt.step()  # plain AdamW (no clipping): the state is what is under test
+    # megatron's optimizer without the DP reduction (the fake gradients are already global) and
+    # without clipping: the state is what is under test
+    assert not opt.opt.prepare_grads()
+    opt.opt.step_with_ready_grads()
     opt.step_schedule()
 
 
@@ -43,6 +49,10 @@ def _worker(root):
     groups = build_layout_groups(layouts)
     models = [ShardedGPT(_cfg(tp, pp), g, trainable=True) for (tp, pp), g in zip(layouts, groups)]
     opts = [build_optimizer(m, OptimConfig(lr=1e-2)) for m in models]
+    # and DP=2 with megatron's distributed optimizer (masters and moments sharded over DP)
+    models.append(ShardedGPT(_cfg(1, 1), groups[0], trainable=True))
+    opts.append(build_optimizer(models[-1], OptimConfig(lr=1e-2, use_distributed_optimizer=True)))
+    assert type(opts[-1].opt).__name__ == "DistributedOptimizer"
     _step(models[0], opts[0], 1)
     _step(models[0], opts[0], 2)
     save_train_state(models[0], opts[0], f"{root}/state")

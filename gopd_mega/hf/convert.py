@@ -35,6 +35,7 @@ import torch
 from gopd_mega.config import ModelConfig
 from gopd_mega.hf.families import Family, Rule, family_for_model, get_family
 from gopd_mega.hf.safetensors_io import CheckpointError, CheckpointReader, write_checkpoint
+from gopd_mega.optim import full_master_state_dict
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -268,11 +269,13 @@ def load_hf_checkpoint(model, directory: str | os.PathLike, cfg: ModelConfig | N
 load_hf_weights = load_hf_checkpoint  # the name gopd_mega/model_io.py uses
 
 
-def full_megatron_state(model) -> dict[str, torch.Tensor]:
+def full_megatron_state(model, master: bool = False) -> dict[str, torch.Tensor]:
     """Canonical name -> full tensor: the model's ``full_state_dict()`` if it has one (ShardedGPT,
-    collective over its TP/PP groups), else the GPTModel's own parameters (TP=1, PP=1 only)."""
+    collective over its TP/PP groups), else the GPTModel's own parameters (TP=1, PP=1 only).
+    ``master``: a ShardedGPT with an optimizer gives its fp32 master weights instead."""
     if hasattr(model, "full_state_dict"):
-        return {k: v for k, v in model.full_state_dict().items() if not k.endswith("_extra_state")}
+        state = full_master_state_dict(model) if master else model.full_state_dict()
+        return {k: v for k, v in state.items() if not k.endswith("_extra_state")}
     slots = model_slots(model)
     if any(s.tp_size > 1 for s in slots) or _gpt_module(model).pg_collection.pp.size() > 1:
         raise TypeError("a sharded GPTModel needs a wrapper with full_state_dict() to export")
@@ -281,13 +284,14 @@ def full_megatron_state(model) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def hf_named_tensors(model, cfg: ModelConfig | None = None, family: Family | str | None = None,
-                     dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                     dtype: torch.dtype | None = None, master: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, full tensor) for every weight of ``model`` in HF layout (the rollout
-    engine's weight refresh consumes this). The tied output layer is not yielded (HF ties it)."""
+    engine's weight refresh consumes this). The tied output layer is not yielded (HF ties it).
+    ``master``: the optimizer's fp32 master weights (see :func:`full_megatron_state`)."""
     cfg = _model_cfg(model, cfg)
     family = get_family(family) if isinstance(family, str) else (family or family_for_model(cfg))
     geo = Geometry.of(cfg, _padded_vocab(model))
-    for name, tensor in full_megatron_state(model).items():
+    for name, tensor in full_megatron_state(model, master).items():
         if name == "output_layer.weight" and cfg.tie_embeddings:
             continue
         rule, hf = match_rule(family, name, geo)
@@ -302,6 +306,8 @@ def export_hf(model, directory: str | os.PathLike, cfg: ModelConfig | None = Non
     and generation_config copied from ``source_dir``, the HF folder the model was loaded from,
     whose config.json also names the family) at ``directory``, atomically.
 
+    A model with an optimizer (the student) exports its fp32 MASTER weights, cast to ``dtype``
+    (default fp32: nothing of the masters is lost; pass torch.bfloat16 for a smaller checkpoint).
     Collective when the model is sharded (every rank calls it); global rank 0 writes. Returns the
     directory on the writing rank, None elsewhere.
     """
@@ -309,7 +315,7 @@ def export_hf(model, directory: str | os.PathLike, cfg: ModelConfig | None = Non
     if family is None and source_dir is not None:
         family = read_hf_config(source_dir).get("model_type")
     family = get_family(family) if isinstance(family, str) else (family or family_for_model(cfg))
-    tensors = list(hf_named_tensors(model, cfg, family, dtype))  # collective: all ranks
+    tensors = list(hf_named_tensors(model, cfg, family, dtype, master=True))  # collective: all ranks
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return None
 

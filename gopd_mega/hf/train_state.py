@@ -1,4 +1,4 @@
-"""Layout-free training state (weights + AdamW moments) with torch.distributed.checkpoint.
+"""Layout-free training state (fp32 master weights + Adam moments) with torch.distributed.checkpoint.
 
 gopd_mega/checkpoint.py saves each rank's own shard, so a run resumes only on the same world
 size. This module saves the student's state under CANONICAL names as full (unsharded) tensors, so
@@ -6,17 +6,19 @@ a run can resume with a different DP size, and also a different TP/PP layout:
 
     <dir>/                          written by DCP (rank 0 writes the replicated full tensors)
         .metadata, __0_0.distcp ...
-        model/<canonical name>          full weight          (ShardedGPT.full_state_dict)
-        exp_avg/<canonical name>        full AdamW 1st moment, gathered like the weight
-        exp_avg_sq/<canonical name>     full AdamW 2nd moment
+        model/<canonical name>          full fp32 MASTER weight (the optimizer's, not the bf16 copy)
+        exp_avg/<canonical name>        full Adam 1st moment, gathered like the weight
+        exp_avg_sq/<canonical name>     full Adam 2nd moment
         scalars/adam_step, scalars/schedule_step
+        scalars/scale, scalars/growth_tracker, scalars/hysteresis_tracker   (fp16 dynamic loss scale)
 
-Why this works for DP: the student's AdamW state is replicated over DP (every DP rank updates
-the same TP/PP shard with all-reduced gradients), so the state of one DP replica is the state of
-all; the moments are gathered over TP/PP exactly like the weights (same [gate; up] per-shard
-order, vocab padding rows dropped) and re-sharded with ``ShardedGPT.shard_of`` on load.
-The tied output layer of the last PP stage is not stored: it equals the embedding (weight and,
-since its gradient is all-reduced with the embedding's, its moments).
+How: ``StudentOptimizer.master_weights()/moments()`` (gopd_mega.optim) give per-local-parameter
+fp32 tensors, complete on every DP rank (the distributed optimizer's DP shards are summed into
+place; without it the state is replicated over DP). They are gathered over TP/PP exactly like the
+weights (same [gate; up] per-shard order, vocab padding rows dropped) and re-sharded with
+``ShardedGPT.shard_of`` on load, where ``load_master_state`` sets masters, model weights and
+moments of any layout. The tied output layer of the last PP stage is not stored: it equals the
+embedding (weight and, since its gradient is all-reduced with the embedding's, its moments).
 
 Cost: every rank materialises the full tensors while saving and loading (fine for models that
 fit in host memory; a TB-scale model needs per-shard ShardedTensor saving instead).
@@ -34,7 +36,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
+from gopd_mega.optim import MOMENTS, gather_like_params
+
+_SCALER = ("scale", "growth_tracker", "hysteresis_tracker")
 
 
 def _rank0() -> bool:
@@ -46,25 +50,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-@torch.no_grad()
-def _gather_like_params(model, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Full canonical tensors of per-parameter tensors ``local`` (local name -> tensor shaped like
-    the param), gathered by the model's own full_state_dict (collective)."""
-    params = model._params
-    saved = {n: p.data for n, p in params.items()}
-    try:
-        for n, p in params.items():
-            p.data = local[n].to(p.dtype) if n in local else torch.zeros_like(p.data)
-        return model.full_state_dict()
-    finally:
-        for n, p in params.items():
-            p.data = saved[n]
-
-
-def _adam(optimizer) -> torch.optim.Optimizer:
-    return getattr(optimizer, "opt", optimizer)
-
-
 def save_train_state(model, optimizer, directory: str | os.PathLike) -> Path:
     """Collective: save ``model`` (a ShardedGPT) and its ``optimizer`` (StudentOptimizer) layout-free."""
     final = Path(directory)
@@ -72,19 +57,15 @@ def save_train_state(model, optimizer, directory: str | os.PathLike) -> Path:
     if _rank0():
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
-    adam = _adam(optimizer)
-    state: dict[str, torch.Tensor] = {f"model/{k}": v for k, v in model.full_state_dict().items()}
-    step = 0.0
+    state: dict[str, torch.Tensor] = {f"model/{k}": v for k, v in gather_like_params(model, optimizer.master_weights()).items()}
+    moments, step = optimizer.moments()
     for moment in MOMENTS:
-        local = {}
-        for n, p in model._params.items():
-            st = adam.state.get(p, {})
-            if moment in st:
-                local[n] = st[moment]
-                step = float(st["step"])
-        state.update({f"{moment}/{k}": v for k, v in _gather_like_params(model, local).items()})
+        state.update({f"{moment}/{k}": v for k, v in gather_like_params(model, moments[moment]).items()})
     state["scalars/adam_step"] = torch.tensor(step)
-    state["scalars/schedule_step"] = torch.tensor(float(getattr(optimizer, "schedule_step", 0)))
+    state["scalars/schedule_step"] = torch.tensor(float(optimizer.schedule_step))
+    if optimizer.scaler is not None:
+        sd = optimizer.scaler.state_dict()
+        state.update({f"scalars/{k}": torch.tensor(float(sd[k])) for k in _SCALER if k in sd})
     dcp.save(state, checkpoint_id=str(tmp))
     _barrier()
     if _rank0():
@@ -98,21 +79,25 @@ def save_train_state(model, optimizer, directory: str | os.PathLike) -> Path:
 @torch.no_grad()
 def load_train_state(model, optimizer, directory: str | os.PathLike) -> None:
     """Collective: load a :func:`save_train_state` directory into ``model`` / ``optimizer`` of ANY
-    layout (DP, TP, PP may differ from the saving run's)."""
+    layout (DP, TP, PP, distributed optimizer or not may differ from the saving run's)."""
     template = model.full_state_dict()  # canonical names and full shapes of this architecture
-    state = {f"{prefix}/{k}": torch.zeros_like(v) for prefix in ("model",) + MOMENTS for k, v in template.items()}
+    state = {f"{prefix}/{k}": torch.zeros(v.shape, dtype=torch.float32)
+             for prefix in ("model",) + MOMENTS for k, v in template.items()}
     state["scalars/adam_step"] = torch.tensor(0.0)
     state["scalars/schedule_step"] = torch.tensor(0.0)
+    dynamic = optimizer.scaler is not None and bool(optimizer.scaler.state_dict())
+    if dynamic:
+        state.update({f"scalars/{k}": torch.tensor(0.0) for k in _SCALER})
     dcp.load(state, checkpoint_id=str(directory))
-    model.load_full_state_dict({k: state[f"model/{k}"] for k in template})
-    adam = _adam(optimizer)
-    step = state["scalars/adam_step"]
-    if float(step) > 0:
-        for info in model.param_layout():
-            p = model._params[info.local_name]
-            adam.state[p] = {
-                "step": step.clone(),
-                **{m: model.shard_of(info, state[f"{m}/{info.canonical_name}"]).to(p.dtype).clone() for m in MOMENTS},
-            }
-    if hasattr(optimizer, "schedule_step"):
-        optimizer.schedule_step = int(state["scalars/schedule_step"])
+    layout = model.param_layout()
+
+    def local(prefix):
+        return {i.local_name: model.shard_of(i, state[f"{prefix}/{i.canonical_name}"]) for i in layout}
+
+    step = float(state["scalars/adam_step"])
+    optimizer.load_master_state(local("model"), {m: local(m) for m in MOMENTS}, step)
+    optimizer.schedule_step = int(state["scalars/schedule_step"])
+    if dynamic:
+        optimizer.scaler.load_state_dict({"scale": state["scalars/scale"].reshape(1).float(),
+                                          "growth_tracker": int(state["scalars/growth_tracker"]),
+                                          "hysteresis_tracker": int(state["scalars/hysteresis_tracker"])})

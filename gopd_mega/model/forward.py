@@ -12,8 +12,9 @@ schedule and scores them with ``kernels``.
 Log-probs: logp[i, j] = log p(tokens[i, j] | tokens[i, :j]) / temperature-scaled, for loss_mask
 1 and j >= 1, else 0. Train: loss = sum over scored tokens of token_loss_fn(logp, flat_index),
 with flat_index = i * S + j into the full batch (the callback reads its per-token weights there);
-gradients accumulate into the parameters (.grad). Finalising them (DP/TP/PP reductions) and the
-optimizer step are the caller's (ShardedGPT._finish_step).
+gradients accumulate into megatron DDP's fp32 main_grad buffers (the output layer's dW straight
+from the fused kernel). Finalising them (DP/TP/PP reductions) and the optimizer step are the
+caller's (ShardedGPT.train_step -> gopd_mega.optim.StudentOptimizer.step).
 
 ``ForwardStats`` counts what the forwards did on this rank (tests and benchmarks read it).
 """
@@ -82,9 +83,10 @@ class PipelineForward:
         return dict(vocab_start=start, vocab_valid=valid, group=self.groups.pg.tp, temperature=temperature,
                     ignore_index=IGNORE, logits_dtype=logits, reduce_dh=not self.cfg.sequence_parallel)
 
-    def _run(self, mbs: list[MicroBatch], loss_func, forward_only: bool) -> list[dict]:
+    def _run(self, mbs: list[MicroBatch], loss_func, forward_only: bool, module: torch.nn.Module | None = None) -> list[dict]:
         """Megatron's pipeline schedule over ``mbs``; returns the per-micro-batch dicts of
-        ``loss_func`` on the last stage ([] elsewhere and when there is nothing to run)."""
+        ``loss_func`` on the last stage ([] elsewhere and when there is nothing to run).
+        ``module``: what the schedule runs (the DDP wrapper of a trained model; default the model)."""
         if not mbs:
             return []
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -111,7 +113,7 @@ class PipelineForward:
         if self.groups.pp > 1:
             kwargs["p2p_communicator"] = P2PCommunicator(pp_group=self.groups.pg.pp, config=self.tconfig)
         fb = get_forward_backward_func(pp_size=self.groups.pp, vp_size=None)
-        return fb(forward_step_func=forward_step, data_iterator=iter(mbs), model=[self.model],
+        return fb(forward_step_func=forward_step, data_iterator=iter(mbs), model=[module or self.model],
                   num_microbatches=len(mbs), seq_length=max(mb.num_tokens for mb in mbs), micro_batch_size=1,
                   forward_only=forward_only, pg_collection=self.groups.pg, **kwargs)
 
@@ -163,9 +165,13 @@ class PipelineForward:
         return out[0], out[1]
 
     def loss_and_grads(self, tokens: torch.Tensor, loss_mask: torch.Tensor, token_loss_fn: TokenLossFn,
-                       temperature: float, max_tokens: int, max_rows: int | None = None) -> dict:
+                       temperature: float, max_tokens: int, max_rows: int | None = None, grads=None) -> dict:
         """Forward + backward of the whole batch: accumulates parameter gradients (not reduced
-        over DP/TP/PP) and returns loss (full batch, every rank), logp [N, S] and entropy [N, S]."""
+        over DP/TP/PP) and returns loss (full batch, every rank), logp [N, S] and entropy [N, S].
+
+        ``grads`` (the student's gopd_mega.optim.StudentOptimizer) owns the gradient buffers: the
+        schedule runs its megatron DDP wrapper, and the fused kernel adds the output layer's dW
+        straight into that weight's fp32 ``main_grad`` (``output_grad_acc`` / ``mark_output_grad``)."""
         N, S = tokens.shape
         mbs = self._scoring(tokens, loss_mask, max_tokens, max_rows)
         kw = self._kernel_kwargs(temperature)
@@ -174,12 +180,16 @@ class PipelineForward:
             h = self._scored_hidden(mb, hidden)
             flat = mb.flat_index.to(h.device)
             fn = lambda logp, sl: token_loss_fn(logp, flat[sl])  # noqa: E731  (kernel chunk -> flat ids)
-            loss, logp, ent = kernels.linear_logprob_loss(h, self.output_weight(), mb.targets.to(h.device), fn, **kw)
+            weight = self.output_weight()
+            acc = grads.output_grad_acc(weight) if grads is not None else None
+            loss, logp, ent = kernels.linear_logprob_loss(h, weight, mb.targets.to(h.device), fn, grad_weight_acc=acc, **kw)
+            if grads is not None:
+                loss = grads.mark_output_grad(loss, weight)
             out = {"flat": flat, "loss": loss.detach().reshape(()).float(), "logp": logp.float(), "entropy": ent.float()}
             return loss, torch.tensor(0, dtype=torch.int), out
 
         self.model.train()
-        results = self._run(mbs, loss_func, forward_only=False)
+        results = self._run(mbs, loss_func, forward_only=False, module=grads.ddp if grads is not None else None)
         out = self._collect(results, ("logp", "entropy"), N * S).view(2, N, S).cpu()
         loss = torch.zeros((), device=device(), dtype=torch.float64)
         loss += sum(float(r["loss"]) for r in results)
