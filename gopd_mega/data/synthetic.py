@@ -108,6 +108,16 @@ def check(domain: str, prompt: str, response_text: str) -> bool:
     return response_text.strip() == get_domain(domain).solve(prompt)
 
 
+def verifier(prompt_field: str = "prompt", domain_field: str = "opd_teacher") -> Callable[[dict, str], float]:
+    """A ``(record, response_text) -> reward`` verifier for GRPO: 1.0 when :func:`check` accepts
+    the response, else 0.0; the record's ``domain_field`` names its domain."""
+
+    def reward(record: dict, response: str) -> float:
+        return float(check(record[domain_field], record[prompt_field], response))
+
+    return reward
+
+
 def _draw(domain: Domain, rng: random.Random, n: int, held_out: bool) -> list[str]:
     """``n`` distinct prompts of one pool; fails clearly when the pool is too small."""
     seen: dict[str, None] = {}  # insertion-ordered set: the order is part of determinism
