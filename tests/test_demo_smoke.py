@@ -93,3 +93,16 @@ def test_strong_to_weak_smoke(tmp_path):
 
     assert first_reward("s2w_student_initial") != first_reward("s2w_teacher_base")
     assert doc["paired"] and (tmp_path / "s2w" / "results.png").stat().st_size > 1000
+
+
+def test_digit_string_domains():
+    from gopd_mega.data import synthetic
+
+    cases = {"sort": ("s4719=", "1479"), "rev": ("r4710=", "0174"), "dsum": ("d4719=", "21"), "max": ("m47193=", "9")}
+    for domain, (prompt, answer) in cases.items():
+        assert synthetic.get_domain(domain).solve(prompt) == answer
+        assert synthetic.check(domain, prompt, f" {answer} ") and not synthetic.check(domain, prompt, answer + "0")
+    with pytest.raises(ValueError, match="not a 's' prompt"):
+        synthetic.get_domain("sort").solve("r4719=")
+    train, held = synthetic.make_datasets(["sort", "rev"], 50, 10, 0)
+    assert not {r["prompt"] for r in train} & {r["prompt"] for v in held.values() for r in v}
