@@ -449,9 +449,15 @@ def write_results(out: Path, doc: dict) -> None:
     print("\n" + text, flush=True)
 
 
-def _band(ax, series: list[list[float]], label: str, color=None) -> None:
-    """Mean over seeds with a +-std band (series truncated to the shortest)."""
-    series = [s for s in series if s]
+def _smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (single-sample per-step estimates are noisy)."""
+    return [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+
+
+def _band(ax, series: list[list[float]], label: str, color=None, window: int = 10) -> None:
+    """Mean over seeds with a +-std band of the ``window``-step moving averages (series truncated
+    to the shortest)."""
+    series = [_smooth(s, window) for s in series if s]
     if not series:
         return
     n = min(map(len, series))
@@ -497,11 +503,11 @@ def _plot(path: Path, doc: dict) -> None:
             _band(ax_kl, [c.get(f"reverse_kl/{d}", []) for c in per_seed], f"{name}: {d}")
     ax_kl.set_xlabel("distillation step")
     ax_kl.set_ylabel("reverse KL to the prompt's teacher (nats/token)")
-    ax_kl.set_title("distillation: KL(student || teacher) per teacher", fontsize=9)
+    ax_kl.set_title("distillation: KL(student || teacher) per teacher\n(10-step moving average, mean ± std over seeds)", fontsize=9)
     ax_kl.legend(fontsize=6)
     ax_r.set_xlabel("GRPO step")
     ax_r.set_ylabel("training reward (success rate)")
-    ax_r.set_title("domain teachers: GRPO from the base", fontsize=9)
+    ax_r.set_title("domain teachers: GRPO from the base\n(10-step moving average, mean ± std over seeds)", fontsize=9)
     if ax_r.lines:
         ax_r.legend(fontsize=7)
     fig.tight_layout()
