@@ -1,4 +1,4 @@
-"""G-OPD training from a recipe: ``gopd-train --recipe RECIPE.yaml [section.field=value ...]``.
+"""G-OPD (or GRPO, objective.kind=grpo) training from a recipe: ``gopd-train --recipe RECIPE.yaml [section.field=value ...]``.
 
     python -m gopd_mega.cli --recipe recipes/example_synthetic.yaml objective.lam=1.25
     torchrun --nproc-per-node 8 -m gopd_mega.cli --recipe my_run.yaml student.tp=2
@@ -27,7 +27,7 @@ from gopd_mega.data import synthetic
 from gopd_mega.data.prompts import DataError, PromptDataset
 from gopd_mega.data.tokenizer import CharTokenizer
 from gopd_mega.model_io import is_hf_dir, save_model_dir
-from gopd_mega.run import build_models, build_student_optimizer, report, synthetic_evaluator
+from gopd_mega.run import build_models, build_student_optimizer, report, synthetic_evaluator, synthetic_reward
 from gopd_mega.trainer import Distiller
 
 
@@ -53,12 +53,18 @@ def train(cfg: RunConfig) -> Distiller:
         for teacher in cfg.teachers:
             tokenizer.check_compatible(teacher.model.load, f"teacher '{teacher.name}'")
     try:
-        data = PromptDataset.from_config(records, tokenizer, cfg.data, teachers=[t.name for t in cfg.teachers])
+        data = PromptDataset.from_config(records, tokenizer, cfg.data, teachers=[t.name for t in cfg.teachers] or None)
     except DataError as exc:  # 'record i ...': say which file the records came from
         raise DataError(f"{cfg.data.source}: {exc}") from None
     report(str(data.filter_summary))
     evaluate = synthetic_evaluator(cfg, models, tokenizer, held_out) if held_out else None
-    distiller = Distiller(cfg, models, data, build_student_optimizer(cfg, models), evaluate)
+    reward = None
+    if cfg.objective.kind == "grpo":
+        if cfg.data.source != "synthetic":
+            raise ValueError(f"objective.kind='grpo' on data.source={cfg.data.source!r}: no verifier for this dataset "
+                             "is wired in yet (only the synthetic domains' checker is)")
+        reward = synthetic_reward(cfg, records, tokenizer)
+    distiller = Distiller(cfg, models, data, build_student_optimizer(cfg, models), evaluate, reward=reward)
     distiller.fit()
     out = Path(cfg.train.out_dir)
     save_model_dir(models.student, out / "student")

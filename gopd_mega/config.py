@@ -198,8 +198,12 @@ class TeacherConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """The G-OPD objective (see gopd_mega/objective.py for the math)."""
+    """The training objective: G-OPD (default) or GRPO (see gopd_mega/objective.py for the math)."""
 
+    kind: str = "gopd"
+    """'gopd' (distil the teachers, lambda-scaled implicit reward) or 'grpo' (RL from a verifier's
+    sequence reward with group-normalised advantages; no teachers; rollout.samples_per_prompt is
+    the group size)."""
     lam: float = 1.0
     """Reward scaling lambda: 1 = OPD, (0, 1) interpolates to the reference, > 1 = ExOPD."""
     reference: str | ModelConfig = "initial"
@@ -220,8 +224,17 @@ class ObjectiveConfig:
     """Cap of the token-level truncated importance weight exp(old - sampler); None disables it."""
     aggregation: str = "seq-mean-token-mean"
     """'token-mean' or 'seq-mean-token-mean' (the paper's)."""
+    kl_coef: float = 0.0
+    """GRPO only: coefficient of the k3 KL(pi_theta || pi_ref) loss term (verl's kl_loss_coef
+    with low_var_kl; 0 = off, and the reference is then not scored)."""
 
     def validate(self, where: str = "") -> None:
+        if self.kind not in ("gopd", "grpo"):
+            _fail(f"{where}.kind", f"must be 'gopd' or 'grpo', got {self.kind!r}")
+        if not (self.kl_coef >= 0.0):
+            _fail(f"{where}.kl_coef", f"must be >= 0, got {self.kl_coef}")
+        if self.kind == "gopd" and self.kl_coef != 0.0:
+            _fail(f"{where}.kl_coef", "is a GRPO setting (G-OPD's KL term is built into its advantage); set it to 0")
         if not (self.lam >= 0.0):
             _fail(f"{where}.lam", f"reward scale lambda must be >= 0, got {self.lam}")
         if self.reference_server is not None:
@@ -244,7 +257,8 @@ class ObjectiveConfig:
             _fail(f"{where}.aggregation", f"must be one of {AGGREGATIONS}, got {self.aggregation!r}")
 
     def loss_settings(self) -> LossSettings:
-        return LossSettings(self.lam, self.clip_eps_low, self.clip_eps_high, self.dual_clip, self.is_cap, self.aggregation)
+        return LossSettings(self.lam, self.clip_eps_low, self.clip_eps_high, self.dual_clip, self.is_cap, self.aggregation,
+                            kl_coef=self.kl_coef)
 
 
 @dataclass
@@ -542,7 +556,13 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         self.student.validate("student")
-        if not self.teachers:
+        self.objective.validate("objective")
+        if self.objective.kind == "grpo":
+            if self.teachers:
+                _fail("teachers", "objective.kind='grpo' trains from a verifier's reward and uses no teachers; remove them")
+            if self.rollout.samples_per_prompt < 2:
+                _fail("rollout.samples_per_prompt", "GRPO normalises rewards within each prompt's group: need >= 2")
+        elif not self.teachers:
             _fail("teachers", "at least one teacher is required")
         names = [t.name for t in self.teachers]
         if len(set(names)) != len(names):

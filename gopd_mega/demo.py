@@ -1,18 +1,27 @@
-"""The main job: a miniature of the paper's multi-teacher domain-expert merging (Table 2).
+"""The main job: the paper's multi-teacher domain-expert merging (Table 2) in miniature, over seeds.
 
-    make demo        # = python -m gopd_mega.demo --recipe recipes/demo.yaml
+    make demo                                   # = python -m gopd_mega.demo (recipes/demo.yaml)
+    python -m gopd_mega.demo --full             # longer, more accurate (recipes/demo_full.yaml)
+    python -m gopd_mega.demo --strong-to-weak   # reward correction (recipes/demo_strong_to_weak.yaml)
 
-1. Two verifiable synthetic domains (addition 'add', multiplication 'mul') from a seed, with
-   exact-match checkers and the project's character tokenizer.
-2. A tiny megatron-core GPT base student, trained briefly by SFT on both: mediocre.
-3. Two domain teachers made from that same base by further SFT on their own domain.
-4. Both teachers distilled back into the base with G-OPD, reference = the base:
-   lambda = 1 (OPD) and lambda = 1.25 (ExOPD); each prompt is scored by its domain's teacher.
-5. Held-out accuracy per domain, greedy and sampled, for base, teachers, OPD and ExOPD: printed
-   as a table, written to results.json / results.md and plotted to results.png.
+For every seed (model initialisation, data order and sampling change; the data split does not):
+1. A tiny megatron-core GPT base student, trained briefly by SFT on all synthetic domains
+   (gopd_mega/data/synthetic.py, exact-match checkers, character tokenizer): mediocre.
+2. One domain teacher per domain, made from that base by the project's own GRPO on the domain's
+   checker (objective.kind=grpo), as the paper makes its teachers: the base tilted by a reward.
+3. All teachers distilled back into the base with G-OPD, reference = the base, every prompt
+   scored by its domain's teacher: lambda = 1 (OPD) and lambda > 1 (ExOPD, e.g. 1.25 and 1.5).
+4. Held-out accuracy per domain, greedy and sampled, of every system.
+Then mean +- sample std over seeds, the paired per-seed difference ExOPD - OPD (same base and
+teachers within a seed), a table (printed last; results.md / results.json) and results.png
+(accuracy with its spread; reverse KL to each teacher over distillation steps; teacher rewards).
 
-Every phase saves its model directory under ``out_dir``; re-running skips finished phases
-(delete ``out_dir`` to start over). Runs under torchrun too (examples/demo_tp2.sh).
+Strong-to-weak (--strong-to-weak): a larger base is SFT-trained and RL-tuned into a teacher; a
+smaller student (its own SFT base) distils it with reference = the student's initial weights or
+reference = the teacher's pre-RL base (reward correction), per seed.
+
+Every phase saves its model directory under ``out_dir/seed<k>``; re-running skips finished
+phases (delete ``out_dir`` to start over).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,14 +55,14 @@ from gopd_mega.evaluation import evaluate_modes
 from gopd_mega.model_io import is_model_dir, save_model_dir
 from gopd_mega.optim import build_optimizer
 from gopd_mega.rollout.embedded import EmbeddedEngine
-from gopd_mega.run import build_model, build_models, build_student_optimizer, report, synthetic_evaluator
+from gopd_mega.run import build_model, build_models, build_student_optimizer, report, synthetic_evaluator, synthetic_reward
 from gopd_mega.sft import train_sft
 from gopd_mega.trainer import Distiller
 
 
 @dataclass
 class SFTPhase:
-    """One supervised phase (base model or a domain teacher)."""
+    """One supervised phase (the base model)."""
 
     steps: int = 300
     """Updates."""
@@ -67,31 +77,80 @@ class SFTPhase:
 
 
 @dataclass
+class GRPOPhase:
+    """GRPO from the base on one domain's checker: each domain teacher."""
+
+    steps: int = 60
+    """Updates."""
+    prompts_per_step: int = 16
+    """Prompts per update (each sampled ``samples_per_prompt`` times)."""
+    samples_per_prompt: int = 8
+    """GRPO group size."""
+    lr: float = 1e-3
+    """Peak learning rate (constant after the warm-up)."""
+    warmup_steps: int = 0
+    """Linear warm-up: Adam's first, sign-like updates of a noisy policy gradient can wreck a tiny model."""
+    kl_coef: float = 0.0
+    """k3 KL-to-base coefficient (objective.kl_coef)."""
+
+    def validate(self, where: str) -> None:
+        if self.steps < 0 or self.prompts_per_step < 1 or self.samples_per_prompt < 2 or self.lr <= 0 or self.kl_coef < 0 or self.warmup_steps < 0:
+            raise ConfigError(f"config field '{where}': need steps >= 0, prompts_per_step >= 1, "
+                              "samples_per_prompt >= 2, lr > 0, kl_coef >= 0, warmup_steps >= 0")
+
+
+@dataclass
+class StrongToWeak:
+    """The strong-to-weak example (``--strong-to-weak``): a larger teacher, a smaller student."""
+
+    student_model: ModelConfig = field(default_factory=ModelConfig)
+    """The smaller student's architecture (``model`` is the larger teacher's)."""
+    lam: float = 1.25
+    """Reward scale of both distillations."""
+    references: list[str] = field(default_factory=lambda: ["student_initial", "teacher_base"])
+    """Which references to compare: 'student_initial' (the student's own initial weights) and/or
+    'teacher_base' (the teacher's pre-RL base: reward correction)."""
+
+    def validate(self, where: str) -> None:
+        self.student_model.validate(f"{where}.student_model")
+        for i, r in enumerate(self.references):
+            if r not in ("student_initial", "teacher_base"):
+                raise ConfigError(f"config field '{where}.references[{i}]': must be 'student_initial' or 'teacher_base', got {r!r}")
+        if self.lam < 0:
+            raise ConfigError(f"config field '{where}.lam': must be >= 0, got {self.lam}")
+
+
+@dataclass
 class DemoConfig:
     """The demo experiment."""
 
     out_dir: str = "runs/demo"
     """Where every phase writes its model directory and the results."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Every system is trained once per seed (model init, data order, sampling); >= 1 seed, and
+    >= 2 for a spread."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Architecture and layout of base, teachers and students (vocab_size comes from the tokenizer)."""
     data: DataConfig = field(default_factory=DataConfig)
-    """Synthetic domains and sizes."""
+    """Synthetic domains and sizes (data.seed fixes the prompts: the same for every seed)."""
     base: SFTPhase = field(default_factory=SFTPhase)
     """Brief SFT on all domains: the mediocre base student."""
-    teacher: SFTPhase = field(default_factory=SFTPhase)
-    """Further SFT on one domain: each domain teacher."""
-    lambdas: list[float] = field(default_factory=lambda: [1.0, 1.25])
-    """Reward scales to distil with (1 = OPD, 1.25 = ExOPD)."""
+    teacher: GRPOPhase = field(default_factory=GRPOPhase)
+    """GRPO from the base on one domain: each domain teacher."""
+    lambdas: list[float] = field(default_factory=lambda: [1.0, 1.25, 1.5])
+    """Reward scales to distil with (1 = OPD, > 1 = ExOPD)."""
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     """G-OPD settings shared by the distillation runs (lam is set per run)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    """Sampling for distillation and sampled evaluation."""
+    """Sampling for distillation, GRPO and sampled evaluation."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Student optimiser for distillation."""
     train: TrainConfig = field(default_factory=TrainConfig)
-    """Distillation loop (out_dir is set per run)."""
+    """Distillation loop (out_dir and seed are set per run)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out evaluation."""
+    strong_to_weak: StrongToWeak = field(default_factory=StrongToWeak)
+    """Only for ``--strong-to-weak``."""
 
     def validate(self) -> "DemoConfig":
         self.model.validate("model")
@@ -99,46 +158,104 @@ class DemoConfig:
             getattr(self, name).validate(name)
         self.base.validate("base")
         self.teacher.validate("teacher")
+        self.strong_to_weak.validate("strong_to_weak")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"config field 'seeds': need one or more distinct seeds, got {self.seeds}")
         for i, lam in enumerate(self.lambdas):
             if lam < 0:
                 raise ConfigError(f"config field 'lambdas[{i}]': must be >= 0, got {lam}")
+        if self.objective.kind != "gopd":
+            raise ConfigError("config field 'objective.kind': the distillation runs are G-OPD ('gopd'); GRPO "
+                              "settings of the teachers are under 'teacher'")
         return self
 
 
-def _sft_model(cfg: DemoConfig, init: str | None, records: list[dict], phase: SFTPhase, tokenizer, out: Path, seed: int, desc: str) -> None:
+def system_name(lam: float) -> str:
+    return ("OPD" if lam == 1.0 else "ExOPD" if lam > 1 else "G-OPD") + f" (lam={lam:g})"
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def _sft_model(cfg: DemoConfig, model_cfg: ModelConfig, records: list[dict], phase: SFTPhase, tokenizer, out: Path,
+               seed: int, desc: str) -> None:
     if is_model_dir(out):
         report(f"{desc}: found {out}, skipping")
         return
-    model_cfg = dataclasses.replace(cfg.model, load=init)
     model = build_model(model_cfg, trainable=True, name=desc)
     optim_cfg = OptimConfig(lr=phase.lr, min_lr=phase.lr / 10, schedule="cosine", warmup_steps=min(20, phase.steps // 10), grad_clip=1.0)
     optimizer = build_optimizer(model, optim_cfg, total_steps=phase.steps)
     t0 = time.perf_counter()
     losses = train_sft(model, optimizer, records, tokenizer, steps=phase.steps, batch_size=phase.batch_size,
-                       micro_batch_size=cfg.train.micro_batch_size, max_len=cfg.model.max_seq_len, seed=seed, desc=desc,
-                       max_tokens=cfg.train.max_tokens_per_micro_batch)
+                       micro_batch_size=cfg.train.micro_batch_size, max_len=model_cfg.max_seq_len, seed=seed, desc=desc,
+                       max_tokens=cfg.train.max_tokens_per_micro_batch, progress=cfg.train.progress)
     save_model_dir(model, out)
     report(f"{desc}: {phase.steps} steps in {time.perf_counter() - t0:.0f}s, final loss {losses[-1] if losses else float('nan'):.3f}")
 
 
-def _run_config(cfg: DemoConfig, base: Path, teachers: dict[str, Path], lam: float, out: Path) -> RunConfig:
-    student = dataclasses.replace(cfg.model, load=str(base))
-    teacher_cfgs = [TeacherConfig(name=d, model=dataclasses.replace(cfg.model, load=str(p))) for d, p in teachers.items()]
-    return RunConfig(
+def _grpo_teacher(cfg: DemoConfig, base: Path, domain: str, records: list[dict], tokenizer, out: Path, seed: int) -> None:
+    """GRPO from ``base`` on ``domain``'s checker, saved to ``out`` (metrics in out/../<name>_train)."""
+    desc = f"teacher '{domain}' GRPO"
+    if is_model_dir(out):
+        report(f"{desc}: found {out}, skipping")
+        return
+    phase = cfg.teacher
+    run_cfg = RunConfig(
+        student=dataclasses.replace(cfg.model, load=str(base)),
+        teachers=[],
+        objective=dataclasses.replace(cfg.objective, kind="grpo", kl_coef=phase.kl_coef, reference="initial"),
+        rollout=dataclasses.replace(cfg.rollout, samples_per_prompt=phase.samples_per_prompt),
+        optim=OptimConfig(lr=phase.lr, schedule="constant", warmup_steps=phase.warmup_steps, grad_clip=cfg.optim.grad_clip),
+        data=dataclasses.replace(cfg.data, domains=[domain]),
+        train=dataclasses.replace(cfg.train, steps=phase.steps, prompts_per_step=phase.prompts_per_step, seed=seed,
+                                  eval_every=0, out_dir=str(out.parent / f"{out.name}_train")),
+        eval=cfg.eval,
+    ).validate()
+    models = build_models(run_cfg, tokenizer)
+    data = PromptDataset.from_config(records, tokenizer, run_cfg.data)
+    distiller = Distiller(run_cfg, models, data, build_student_optimizer(run_cfg, models),
+                          reward=synthetic_reward(run_cfg, records, tokenizer))
+    t0 = time.perf_counter()
+    history = distiller.fit()
+    save_model_dir(models.student, out)
+    if history:
+        k = max(1, len(history) // 5)
+        first = statistics.fmean(m["reward_mean"] for m in history[:k])
+        last = statistics.fmean(m["reward_mean"] for m in history[-k:])
+        report(f"{desc}: {phase.steps} steps in {time.perf_counter() - t0:.0f}s, training reward {first:.2f} -> {last:.2f}")
+
+
+def _distill(cfg: DemoConfig, student: ModelConfig, teachers: dict[str, Path], lam: float, reference: str,
+             records: list[dict], held_out: dict, tokenizer, out: Path, seed: int, desc: str) -> Path:
+    """G-OPD of ``teachers`` into ``student``; the result is saved to out/student."""
+    result = out / "student"
+    if is_model_dir(result):
+        report(f"{desc}: found {result}, skipping")
+        return result
+    run_cfg = RunConfig(
         student=student,
-        teachers=teacher_cfgs,
-        objective=dataclasses.replace(cfg.objective, lam=lam, reference="initial"),
+        teachers=[TeacherConfig(name=d, model=dataclasses.replace(cfg.model, load=str(p))) for d, p in teachers.items()],
+        objective=dataclasses.replace(cfg.objective, lam=lam, reference=reference),
         rollout=cfg.rollout,
         optim=cfg.optim,
         data=cfg.data,
-        train=dataclasses.replace(cfg.train, out_dir=str(out / "train")),
+        train=dataclasses.replace(cfg.train, out_dir=str(out / "train"), seed=seed),
         eval=cfg.eval,
     ).validate()
+    models = build_models(run_cfg, tokenizer)
+    data = PromptDataset.from_config(records, tokenizer, run_cfg.data, teachers=list(teachers))
+    evaluate = synthetic_evaluator(run_cfg, models, tokenizer, held_out)
+    distiller = Distiller(run_cfg, models, data, build_student_optimizer(run_cfg, models), evaluate)
+    t0 = time.perf_counter()
+    distiller.fit()
+    save_model_dir(models.student, result)
+    report(f"{desc}: {run_cfg.train.steps} G-OPD steps in {time.perf_counter() - t0:.0f}s")
+    return result
 
 
-def _evaluate_dir(cfg: DemoConfig, path: Path, held_out: dict[str, list[dict]], tokenizer) -> dict:
+def _evaluate_dir(cfg: DemoConfig, model_cfg: ModelConfig, path: Path, held_out: dict[str, list[dict]], tokenizer) -> dict:
     """Held-out accuracy of the model saved at ``path``: greedy and sampled, per domain."""
-    model = build_model(dataclasses.replace(cfg.model, load=str(path)), trainable=False, name=str(path))
+    model = build_model(dataclasses.replace(model_cfg, load=str(path)), trainable=False, name=str(path))
     engine = EmbeddedEngine(model, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids)
     results = evaluate_modes(engine, held_out, tokenizer, synthetic.check, cfg.eval, cfg.rollout, seed=cfg.data.seed + 17)
     return {mode: {d: {"accuracy": r.accuracy[d], "response_len": r.response_len[d], "stop_rate": r.stop_rate[d]}
@@ -146,64 +263,173 @@ def _evaluate_dir(cfg: DemoConfig, path: Path, held_out: dict[str, list[dict]], 
             for mode, r in results.items()}
 
 
-def run_demo(cfg: DemoConfig) -> dict:
-    t_start = time.perf_counter()
+def _curves(train_dir: Path, keys: list[str]) -> dict[str, list[float]]:
+    """Per-step training metrics from a run's metrics.jsonl (what the plot draws)."""
+    path = train_dir / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("phase") == "train"]
+    return {k: [r[k] for r in rows if k in r] for k in keys}
+
+
+def _setup(cfg: DemoConfig):
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = CharTokenizer()
     cfg.model = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
     train_records, held_out = synthetic.from_config(cfg.data)
-    by_domain = {d: [r for r in train_records if r[cfg.data.teacher_field] == d] for d in cfg.data.domains}
     report(f"data: {len(train_records)} training prompts over {cfg.data.domains}, {sum(map(len, held_out.values()))} held out")
+    return out, tokenizer, train_records, held_out
 
-    # 1-2. mediocre base student, 3. domain teachers from that base
-    _sft_model(cfg, None, train_records, cfg.base, tokenizer, out / "base", cfg.data.seed + 1, "base SFT")
-    teachers = {}
-    for i, domain in enumerate(cfg.data.domains):
-        teachers[domain] = out / f"teacher_{domain}"
-        _sft_model(cfg, str(out / "base"), by_domain[domain], cfg.teacher, tokenizer, teachers[domain], cfg.data.seed + 2 + i, f"teacher '{domain}' SFT")
 
-    # 4. G-OPD distillation of all teachers back into the base
-    students = {}
-    for lam in cfg.lambdas:
-        name = ("OPD" if lam == 1.0 else "ExOPD" if lam > 1 else "G-OPD") + f" (lam={lam:g})"
-        run_dir = out / f"gopd_lam{lam:g}"
-        students[name] = run_dir / "student"
-        if is_model_dir(students[name]):
-            report(f"{name}: found {students[name]}, skipping")
-            continue
-        run_cfg = _run_config(cfg, out / "base", teachers, lam, run_dir)
-        models = build_models(run_cfg, tokenizer)
-        data = PromptDataset.from_config(train_records, tokenizer, run_cfg.data, teachers=list(teachers))
-        report(str(data.filter_summary))
-        evaluate = synthetic_evaluator(run_cfg, models, tokenizer, held_out)
-        distiller = Distiller(run_cfg, models, data, build_student_optimizer(run_cfg, models), evaluate)
-        t0 = time.perf_counter()
-        distiller.fit()
-        save_model_dir(models.student, students[name])
-        report(f"{name}: {run_cfg.train.steps} G-OPD steps in {time.perf_counter() - t0:.0f}s")
+# ----------------------------------------------------------------------------- the main job
 
-    # 5. evaluation
-    systems = {"base student": out / "base", **{f"teacher '{d}'": p for d, p in teachers.items()}, **students}
-    results = {name: _evaluate_dir(cfg, path, held_out, tokenizer) for name, path in systems.items()}
-    results_doc = {"domains": cfg.data.domains, "results": results, "wall_s": time.perf_counter() - t_start}
-    write_results(out, results_doc)
-    return results_doc
+
+def run_demo(cfg: DemoConfig) -> dict:
+    t_start = time.perf_counter()
+    out, tokenizer, train_records, held_out = _setup(cfg)
+    by_domain = {d: [r for r in train_records if r[cfg.data.teacher_field] == d] for d in cfg.data.domains}
+    runs, curves = {}, {}
+    for seed in cfg.seeds:
+        sd = out / f"seed{seed}"
+        t_seed = time.perf_counter()
+        model_cfg = dataclasses.replace(cfg.model, seed=cfg.model.seed + 1000 * seed)
+        # 1. mediocre base, 2. domain teachers by GRPO from that base
+        _sft_model(cfg, model_cfg, train_records, cfg.base, tokenizer, sd / "base", 7919 * seed + 1, f"[seed {seed}] base SFT")
+        teachers = {}
+        for i, domain in enumerate(cfg.data.domains):
+            teachers[domain] = sd / f"teacher_{domain}"
+            _grpo_teacher(cfg, sd / "base", domain, by_domain[domain], tokenizer, teachers[domain], 7919 * seed + 2 + i)
+        # 3. G-OPD distillation of all teachers back into the base, reference = the base
+        students = {}
+        for lam in cfg.lambdas:
+            name = system_name(lam)
+            run_dir = sd / f"gopd_lam{lam:g}"
+            students[name] = _distill(cfg, dataclasses.replace(cfg.model, load=str(sd / "base")), teachers, lam, "initial",
+                                      train_records, held_out, tokenizer, run_dir, seed, f"[seed {seed}] {name}")
+            curves.setdefault(name, []).append(_curves(run_dir / "train", [f"reverse_kl/{d}" for d in cfg.data.domains]))
+        for domain in cfg.data.domains:
+            curves.setdefault(f"teacher '{domain}'", []).append(_curves(sd / f"teacher_{domain}_train", ["reward_mean"]))
+        # 4. evaluation
+        systems = {"base student": sd / "base", **{f"teacher '{d}'": p for d, p in teachers.items()}, **students}
+        runs[str(seed)] = {name: _evaluate_dir(cfg, cfg.model, path, held_out, tokenizer) for name, path in systems.items()}
+        report(f"[seed {seed}] done in {time.perf_counter() - t_seed:.0f}s")
+    doc = summarise(cfg.data.domains, runs, baseline="OPD (lam=1)")
+    doc.update(curves=curves, wall_s=time.perf_counter() - t_start, kind="merge")
+    write_results(out, doc)
+    return doc
+
+
+def run_strong_to_weak(cfg: DemoConfig) -> dict:
+    """Larger teacher (cfg.model: SFT base -> GRPO per domain), smaller student (its own SFT base),
+    G-OPD with reference = the student's initial weights vs the teacher's pre-RL base."""
+    t_start = time.perf_counter()
+    out, tokenizer, train_records, held_out = _setup(cfg)
+    s2w = cfg.strong_to_weak
+    small = dataclasses.replace(s2w.student_model, vocab_size=cfg.model.vocab_size)
+    by_domain = {d: [r for r in train_records if r[cfg.data.teacher_field] == d] for d in cfg.data.domains}
+    runs, curves = {}, {}
+    for seed in cfg.seeds:
+        sd = out / f"seed{seed}"
+        big_cfg = dataclasses.replace(cfg.model, seed=cfg.model.seed + 1000 * seed)
+        small_cfg = dataclasses.replace(small, seed=small.seed + 1000 * seed)
+        _sft_model(cfg, big_cfg, train_records, cfg.base, tokenizer, sd / "teacher_base", 7919 * seed + 1, f"[seed {seed}] teacher base SFT")
+        _sft_model(cfg, small_cfg, train_records, cfg.base, tokenizer, sd / "student_base", 7919 * seed + 5, f"[seed {seed}] student base SFT")
+        teachers = {}
+        for i, domain in enumerate(cfg.data.domains):
+            teachers[domain] = sd / f"teacher_{domain}"
+            _grpo_teacher(cfg, sd / "teacher_base", domain, by_domain[domain], tokenizer, teachers[domain], 7919 * seed + 2 + i)
+        students = {}
+        for ref in s2w.references:
+            name = f"{system_name(s2w.lam)}, ref = " + ("student initial" if ref == "student_initial" else "teacher pre-RL base")
+            reference = "initial" if ref == "student_initial" else str(sd / "teacher_base")
+            run_dir = sd / f"s2w_{ref}"
+            students[name] = _distill(cfg, dataclasses.replace(small, load=str(sd / "student_base")), teachers, s2w.lam,
+                                      reference, train_records, held_out, tokenizer, run_dir, seed, f"[seed {seed}] {name}")
+            curves.setdefault(name, []).append(_curves(run_dir / "train", [f"reverse_kl/{d}" for d in cfg.data.domains]))
+        systems = {"student base (small)": (small, sd / "student_base"), "teacher base (large)": (cfg.model, sd / "teacher_base"),
+                   **{f"teacher '{d}' (large)": (cfg.model, p) for d, p in teachers.items()},
+                   **{k: (small, v) for k, v in students.items()}}
+        runs[str(seed)] = {name: _evaluate_dir(cfg, m, path, held_out, tokenizer) for name, (m, path) in systems.items()}
+    first = next(iter(students))
+    doc = summarise(cfg.data.domains, runs, baseline=first)
+    doc.update(curves=curves, wall_s=time.perf_counter() - t_start, kind="strong_to_weak")
+    write_results(out, doc)
+    return doc
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def mean_std(values: list[float]) -> dict:
+    """Mean and SAMPLE standard deviation (n - 1; 0 for a single value) of per-seed numbers."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": list(values)}
+
+
+def summarise(domains: list[str], runs: dict[str, dict], baseline: str) -> dict:
+    """Per-seed results -> mean +- std per system/mode/domain (and 'avg' over domains), plus the
+    paired per-seed difference of every system to ``baseline`` (accuracy points, x100)."""
+    seeds = list(runs)
+    systems = list(runs[seeds[0]])
+    modes = list(runs[seeds[0]][systems[0]])
+
+    def acc(seed, system, mode, domain):
+        res = runs[seed][system][mode]
+        if domain == "avg":
+            return 100 * statistics.fmean(res[d]["accuracy"] for d in domains)
+        return 100 * res[domain]["accuracy"]
+
+    cols = list(domains) + ["avg"]
+    summary = {s: {m: {c: mean_std([acc(k, s, m, c) for k in seeds]) for c in cols} for m in modes} for s in systems}
+    paired = {}
+    if baseline in systems:
+        for s in systems:
+            if s == baseline or s.startswith(("base", "teacher", "student base")):
+                continue
+            paired[s] = {m: {c: mean_std([acc(k, s, m, c) - acc(k, baseline, m, c) for k in seeds]) for c in cols}
+                         for m in modes}
+    return {"domains": domains, "seeds": seeds, "modes": modes, "runs": runs, "summary": summary,
+            "baseline": baseline, "paired": paired}
 
 
 def results_table(doc: dict) -> str:
-    domains = doc["domains"]
-    modes = list(next(iter(doc["results"].values())).keys())
-    head = ["system"] + [f"{d} {m}" for m in modes for d in domains] + [f"avg {m}" for m in modes]
+    domains, modes = doc["domains"], doc["modes"]
+    cols = list(domains) + ["avg"]
+    head = ["system"] + [f"{c} {m}" for m in modes for c in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, res in doc["results"].items():
-        cells = [name]
-        for m in modes:
-            cells += [f"{100 * res[m][d]['accuracy']:.1f}" for d in domains]
-        for m in modes:
-            cells.append(f"{100 * sum(res[m][d]['accuracy'] for d in domains) / len(domains):.1f}")
+    for name, res in doc["summary"].items():
+        cells = [name] + [f"{res[m][c]['mean']:.1f} ± {res[m][c]['std']:.1f}" for m in modes for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    for name, res in doc["paired"].items():
+        cells = [f"{name} − {doc['baseline']}, paired"] + [f"{res[m][c]['mean']:+.1f} ± {res[m][c]['std']:.1f}" for m in modes for c in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def conclusions(doc: dict) -> list[str]:
+    """Plain-language reading of the table, from the numbers (no claim the numbers do not carry)."""
+    n = len(doc["seeds"])
+    lines = []
+    for name, res in doc["paired"].items():
+        for m in doc["modes"]:
+            d = res[m]["avg"]
+            wins = sum(v > 0 for v in d["values"])
+            verdict = ("beats" if d["mean"] > 0 and d["mean"] > d["std"] else
+                       "is below" if d["mean"] < 0 and -d["mean"] > d["std"] else "does not clearly differ from")
+            lines.append(f"{name} {verdict} {doc['baseline']} on {m} avg accuracy: {d['mean']:+.1f} ± {d['std']:.1f} points "
+                         f"(paired over {n} seeds; higher in {wins}/{n})")
+    summ = doc["summary"]
+    teachers = [s for s in summ if s.startswith("teacher '")]
+    if doc.get("kind") == "merge" and teachers:
+        for m in doc["modes"]:
+            best = {d: max(summ[t][m][d]["mean"] for t in teachers) for d in doc["domains"]}
+            for s in summ:
+                if s.startswith(("OPD", "ExOPD", "G-OPD")):
+                    gaps = ", ".join(f"{d} {summ[s][m][d]['mean'] - best[d]:+.1f}" for d in doc["domains"])
+                    lines.append(f"{s} vs the best teacher per domain ({m}): {gaps} points")
+    return lines
 
 
 def write_results(out: Path, doc: dict) -> None:
@@ -211,12 +437,35 @@ def write_results(out: Path, doc: dict) -> None:
 
     if not is_rank0():
         return
+    doc["conclusions"] = conclusions(doc)
     (out / "results.json").write_text(json.dumps(doc, indent=2))
     table = results_table(doc)
-    (out / "results.md").write_text("Held-out accuracy (%), per domain\n\n" + table + "\n")
+    n = len(doc["seeds"])
+    title = f"Held-out accuracy (%), mean ± std over {n} seed{'s' * (n > 1)} ({', '.join(doc['seeds'])})"
+    text = title + "\n\n" + table + "\n\n" + "\n".join(f"- {c}" for c in doc["conclusions"]) + "\n"
+    (out / "results.md").write_text(text + f"\nwall time {doc['wall_s']:.0f}s\n")
     _plot(out / "results.png", doc)
-    print("\nHeld-out accuracy (%), per domain\n" + table, flush=True)
-    print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}", flush=True)
+    print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'} (wall {doc['wall_s']:.0f}s)", flush=True)
+    print("\n" + text, flush=True)
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (single-sample per-step estimates are noisy)."""
+    return [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+
+
+def _band(ax, series: list[list[float]], label: str, color=None, window: int = 10) -> None:
+    """Mean over seeds with a +-std band of the ``window``-step moving averages (series truncated
+    to the shortest)."""
+    series = [_smooth(s, window) for s in series if s]
+    if not series:
+        return
+    n = min(map(len, series))
+    steps = list(range(1, n + 1))
+    mean = [statistics.fmean(s[i] for s in series) for i in range(n)]
+    std = [statistics.stdev([s[i] for s in series]) if len(series) > 1 else 0.0 for i in range(n)]
+    (line,) = ax.plot(steps, mean, label=label, color=color)
+    ax.fill_between(steps, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)], color=line.get_color(), alpha=0.2)
 
 
 def _plot(path: Path, doc: dict) -> None:
@@ -225,34 +474,63 @@ def _plot(path: Path, doc: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(doc["results"])
-    modes = list(doc["results"][names[0]])
-    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4), squeeze=False)
-    width = 0.8 / len(doc["domains"])
+    names = list(doc["summary"])
+    modes = doc["modes"]
+    cols = list(doc["domains"]) + ["avg"]
+    panels = len(modes) + 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2), squeeze=False)
+    width = 0.8 / len(cols)
     for ax, mode in zip(axes[0], modes):
-        for j, domain in enumerate(doc["domains"]):
-            acc = [100 * doc["results"][n][mode][domain]["accuracy"] for n in names]
-            ax.bar([i + j * width for i in range(len(names))], acc, width, label=domain)
-        ax.set_xticks([i + width * (len(doc["domains"]) - 1) / 2 for i in range(len(names))])
-        ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
+        for j, c in enumerate(cols):
+            mean = [doc["summary"][n][mode][c]["mean"] for n in names]
+            std = [doc["summary"][n][mode][c]["std"] for n in names]
+            xs = [i + j * width for i in range(len(names))]
+            ax.bar(xs, mean, width, yerr=std, capsize=2, label=c)
+            for x, n in zip(xs, names):  # every seed's value as a dot: the spread itself
+                vals = doc["summary"][n][mode][c]["values"]
+                ax.plot([x] * len(vals), vals, "k.", markersize=3)
+        ax.set_xticks([i + width * (len(cols) - 1) / 2 for i in range(len(names))])
+        ax.set_xticklabels(names, rotation=25, ha="right", fontsize=7)
         ax.set_ylabel("held-out accuracy (%)")
-        ax.set_title(f"{mode} decoding")
-        ax.legend()
+        ax.set_title(f"{mode} decoding, mean ± std over {len(doc['seeds'])} seeds", fontsize=9)
+        ax.legend(fontsize=7)
+    ax_kl, ax_r = axes[0][len(modes)], axes[0][len(modes) + 1]
+    for name, per_seed in doc.get("curves", {}).items():
+        if name.startswith("teacher '"):
+            _band(ax_r, [c.get("reward_mean", []) for c in per_seed], name)
+            continue
+        for d in doc["domains"]:
+            _band(ax_kl, [c.get(f"reverse_kl/{d}", []) for c in per_seed], f"{name}: {d}")
+    ax_kl.set_xlabel("distillation step")
+    ax_kl.set_ylabel("reverse KL to the prompt's teacher (nats/token)")
+    ax_kl.set_title("distillation: KL(student || teacher) per teacher\n(10-step moving average, mean ± std over seeds)", fontsize=9)
+    ax_kl.legend(fontsize=6)
+    ax_r.set_xlabel("GRPO step")
+    ax_r.set_ylabel("training reward (success rate)")
+    ax_r.set_title("domain teachers: GRPO from the base\n(10-step moving average, mean ± std over seeds)", fontsize=9)
+    if ax_r.lines:
+        ax_r.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default="recipes/demo.yaml", help="YAML/TOML recipe (DemoConfig sections)")
+    parser.add_argument("--recipe", default=None, help="YAML/TOML recipe (DemoConfig sections); default "
+                        "recipes/demo.yaml, recipes/demo_full.yaml with --full, recipes/demo_strong_to_weak.yaml "
+                        "with --strong-to-weak")
+    parser.add_argument("--full", action="store_true", help="the longer, more accurate setting (recipes/demo_full.yaml)")
+    parser.add_argument("--strong-to-weak", action="store_true", help="the strong-to-weak reward-correction example")
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
     args = parser.parse_args(argv)
+    recipe = args.recipe or ("recipes/demo_strong_to_weak.yaml" if args.strong_to_weak else
+                             "recipes/demo_full.yaml" if args.full else "recipes/demo.yaml")
     try:
-        cfg = build_config(DemoConfig, read_recipe(args.recipe), args.overrides)
+        cfg = build_config(DemoConfig, read_recipe(recipe), args.overrides)
     except ConfigError as exc:
         parser.error(str(exc))  # exits with status 2 and the message naming the field
-    run_demo(cfg)
+    (run_strong_to_weak if args.strong_to_weak else run_demo)(cfg)
 
 
 if __name__ == "__main__":

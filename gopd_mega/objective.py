@@ -25,6 +25,17 @@ Policy loss per token (PPO clip eps, dual clip c, truncated importance weight w)
 
 Aggregation: "token-mean" (every token of the batch weighs the same) or "seq-mean-token-mean"
 (mean over tokens within each sequence, then mean over sequences: the paper's official runs).
+
+GRPO (how the paper makes its domain teachers; same policy loss, IS weight and aggregation):
+responses i = 1..n of one prompt form a group, each gets a verifier reward R_i, and
+    A_i   = (R_i - mean_g R) / (std_g R + eps)      std_g = SAMPLE std (n - 1), eps = 1e-6,
+                                                    as verl's compute_grpo_outcome_advantage
+    A_t   = A_i for every response token t of sequence i                    (detached)
+    l_t   = clipped policy loss of A_t (above) * w_t + beta * k3_t
+    k3_t  = exp(r_t - s_t) - (r_t - s_t) - 1        KL(pi_theta || pi_ref) estimator ("k3",
+                                                    verl's low_var_kl), clamped to [-10, 10]
+with r_t the reference (the policy before RL) and beta = kl_coef (0 turns the term off).
+A group of one response has A = R (mean 0, std 1), as in verl.
 """
 
 from __future__ import annotations
@@ -48,6 +59,8 @@ class LossSettings:
     dual_clip: float | None = 3.0
     is_cap: float | None = 5.0
     aggregation: str = "seq-mean-token-mean"
+    kl_coef: float = 0.0
+    """GRPO only: coefficient beta of the k3 KL-to-reference loss term."""
 
 
 def implicit_reward(teacher_logp: torch.Tensor, ref_logp: torch.Tensor, lam: float) -> torch.Tensor:
@@ -201,3 +214,64 @@ def token_metrics(
         "clip_frac": mean(clipped.to(torch.float32)),
         "tokens": float(n),
     }
+
+
+# ----------------------------------------------------------------------------- GRPO
+
+GRPO_EPS = 1e-6
+"""Added to the group std, as verl."""
+
+
+def grpo_advantage(rewards: torch.Tensor, group_size: int, eps: float = GRPO_EPS) -> torch.Tensor:
+    """Group-normalised advantage [N] of sequence rewards [N] laid out as consecutive groups.
+
+    Rows ``g * group_size .. (g + 1) * group_size - 1`` are the responses to prompt g.
+    A_i = (R_i - mean_g) / (std_g + eps) with the sample std (Bessel-corrected), as verl's GRPO;
+    a group of one gives A = R. Computed in float64, returned as float32.
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"grpo_advantage: rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"grpo_advantage: {rewards.numel()} rewards do not split into groups of {group_size}")
+    r = rewards.detach().to(torch.float64).view(-1, group_size)
+    if group_size == 1:
+        return r.view(-1).to(torch.float32)
+    mean = r.mean(dim=1, keepdim=True)
+    std = r.std(dim=1, keepdim=True, unbiased=True)
+    return ((r - mean) / (std + eps)).view(-1).to(torch.float32)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi_theta || pi_ref): exp(r - s) - (r - s) - 1, clamped to
+    [-10, 10] (verl's low_var_kl); differentiable in ``logp``, >= 0, and 0 where s == r."""
+    d = ref_logp - logp
+    return (torch.exp(d) - d - 1.0).clamp(-10.0, 10.0)
+
+
+def grpo_token_loss(
+    logp: torch.Tensor,
+    *,
+    advantage: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    sampler_logp: torch.Tensor | None,
+    old_logp: torch.Tensor | None,
+    settings: LossSettings,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token GRPO loss (before aggregation), elementwise like :func:`gopd_token_loss`.
+
+    ``advantage`` is the sequence advantage broadcast to its tokens (:func:`grpo_advantage`).
+    The policy term is :func:`clipped_policy_loss` times the truncated IS weight, exactly as in
+    G-OPD; ``settings.kl_coef * k3`` is added when ``kl_coef > 0`` (``ref_logp`` then required).
+    Returns (loss, clipped).
+    """
+    old = logp.detach() if old_logp is None else old_logp
+    loss, clipped = clipped_policy_loss(
+        logp, old, advantage, settings.clip_eps_low, settings.clip_eps_high, settings.dual_clip
+    )
+    if sampler_logp is not None:
+        loss = loss * truncated_importance_weight(old, sampler_logp, settings.is_cap)
+    if settings.kl_coef > 0:
+        if ref_logp is None:
+            raise ValueError("grpo_token_loss: kl_coef > 0 needs ref_logp")
+        loss = loss + settings.kl_coef * k3_kl(logp, ref_logp)
+    return loss, clipped

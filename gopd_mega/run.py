@@ -148,6 +148,17 @@ def synthetic_evaluator(cfg: RunConfig, models: Models, tokenizer, held_out: dic
                                    seed=cfg.data.seed, prompt_field=cfg.data.prompt_field)
 
 
+def verifier_reward(records: list[dict], tokenizer, verify: Callable[[dict, str], float]) -> Callable:
+    """GRPO's reward hook (trainer.RewardFn) from a ``verify(record, response_text) -> reward``:
+    the prompt's source record (``Prompt.index`` into ``records``) and the decoded response."""
+    return lambda prompt, response_ids: verify(records[prompt.index], tokenizer.decode(response_ids))
+
+
+def synthetic_reward(cfg: RunConfig, records: list[dict], tokenizer) -> Callable:
+    """GRPO reward for the synthetic domains: 1 for an exact answer, else 0."""
+    return verifier_reward(records, tokenizer, synthetic.verifier(cfg.data.prompt_field, cfg.data.teacher_field))
+
+
 def build_student_optimizer(cfg: RunConfig, models: Models):
     """AdamW of the student; its LR schedule spans every update (steps * updates_per_rollout)."""
     return build_optimizer(models.student, cfg.optim, total_steps=cfg.train.steps * cfg.train.updates_per_rollout)

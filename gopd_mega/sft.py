@@ -25,11 +25,11 @@ def nll_loss_builder(weights: torch.Tensor) -> Callable:
 
 def train_sft(model, optimizer, records: list[dict], tokenizer, *, steps: int, batch_size: int,
               micro_batch_size: int | None, max_len: int, seed: int, desc: str = "SFT",
-              max_tokens: int | None = None) -> list[float]:
+              max_tokens: int | None = None, progress: bool = True) -> list[float]:
     """``steps`` updates on batches drawn (seeded) from ``records``; returns the losses."""
     rng = random.Random(seed)
     losses = []
-    bar = tqdm(range(steps), desc=desc, disable=not is_rank0())
+    bar = tqdm(range(steps), desc=desc, disable=not (progress and is_rank0()))
     for _ in bar:
         batch = [records[rng.randrange(len(records))] for _ in range(batch_size)]
         tokens, mask = sft_batch(batch, tokenizer, max_len)

@@ -9,6 +9,11 @@
                                                            # (train.updates_per_rollout steps)
         coordinator.refresh(student, step + 1)             # weight sync, once, to the engine
 
+With ``objective.kind: grpo`` the same loop does RL from a verifier instead (how the paper makes
+its domain teachers): no teachers; each prompt is sampled ``samples_per_prompt`` times, every
+response gets ``reward(prompt, response_ids)``, the group-normalised advantage is broadcast to its
+tokens and trained with the same clipped, IS-weighted, aggregated loss (objective.grpo_token_loss).
+
 SPMD: every rank runs this loop and holds the whole (small) rollout batch as token ids (one global
 batch: a server engine is driven by rank 0 and its batch broadcast, see rollout/coordinator.py); each
 model splits the rows over its own data-parallel group and all-gathers its log-probs, so models
@@ -27,7 +32,7 @@ from tqdm import tqdm
 from gopd_mega.checkpoint import CheckpointManager
 from gopd_mega.config import RunConfig, to_dict
 from gopd_mega.metrics import MetricsLogger, is_rank0
-from gopd_mega.objective import gopd_token_loss, token_metrics, token_weights
+from gopd_mega.objective import grpo_advantage, grpo_token_loss, gopd_token_loss, k3_kl, token_metrics, token_weights
 from gopd_mega.rollout.base import RolloutBatch
 from gopd_mega.rollout.coordinator import RolloutCoordinator, Sampling
 from gopd_mega.rollout.servers import startup_checks
@@ -86,10 +91,45 @@ def gopd_loss_builder(
     return token_loss
 
 
-class Distiller:
-    """Runs G-OPD training for a :class:`RunConfig` over a prompt dataset."""
+def grpo_loss_builder(
+    advantage: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    sampler_logp: torch.Tensor,
+    weights: torch.Tensor,
+    settings,
+    old_logp: torch.Tensor | None = None,
+) -> Callable:
+    """For ShardedGPT.train_step: per-token weighted GRPO loss fn(logp, flat_index), where
+    flat_index indexes the full batch's [N * S] tensors. ``advantage`` [N, S] is each sequence's
+    group-normalised advantage on its response tokens; ``old_logp`` [N, S] pi_old (None: the
+    student's own detached log-probs)."""
+    a, q, w = (x.reshape(-1) for x in (advantage, sampler_logp, weights))
+    r = None if ref_logp is None else ref_logp.reshape(-1)
+    o = None if old_logp is None else old_logp.reshape(-1)
 
-    def __init__(self, cfg: RunConfig, models: Models, data, optimizer, evaluate: Callable | None = None):
+    def token_loss(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        idx = idx.cpu()
+        loss, _ = grpo_token_loss(logp, advantage=a[idx].to(logp), ref_logp=None if r is None else r[idx].to(logp),
+                                  sampler_logp=q[idx].to(logp), old_logp=None if o is None else o[idx].to(logp),
+                                  settings=settings)
+        return loss * w[idx].to(logp)
+
+    return token_loss
+
+
+RewardFn = Callable[[object, list], float]
+"""GRPO's verifier hook: (Prompt, response token ids, stop token included) -> scalar reward.
+gopd_mega.run.verifier_reward adapts a (record, response_text) -> reward verifier to it."""
+
+
+class Distiller:
+    """Runs G-OPD (or, with objective.kind='grpo', GRPO) training for a :class:`RunConfig`."""
+
+    def __init__(self, cfg: RunConfig, models: Models, data, optimizer, evaluate: Callable | None = None,
+                 reward: RewardFn | None = None):
+        if cfg.objective.kind == "grpo" and reward is None:
+            raise ValueError("objective.kind='grpo' needs a reward function (a verifier for the prompts' domain)")
+        self.reward = reward
         self.cfg = cfg
         self.m = models
         self.data = data
@@ -158,13 +198,15 @@ class Distiller:
         prompts, batch = self.next_rollout()
         routes = [p.teacher for p in prompts]
         t_rollout = time.perf_counter()
+        if cfg.objective.kind == "grpo":
+            return self._grpo_update(prompts, batch, t0, t_rollout)
 
         temperature = cfg.rollout.temperature
         budget = cfg.train.max_tokens_per_micro_batch
         teacher_logp = score_teachers(self.m.teachers, batch, routes, temperature, budget)
         ref_logp = self.m.reference.logprobs(batch.tokens, batch.loss_mask, temperature, max_tokens=budget)
         self.rollout.before_training()
-        out = self.update_student(batch, teacher_logp, ref_logp, temperature)
+        out = self._gopd_update(batch, teacher_logp, ref_logp, temperature)
         self.sync_weights(self.step + 1)
         t_end = time.perf_counter()
 
@@ -195,10 +237,15 @@ class Distiller:
             metrics[f"reverse_kl/{name}"] = float(((student_logp[rows] - teacher_logp[rows]) * m).sum() / m.sum().clamp(min=1))
         return metrics
 
-    def update_student(self, batch: RolloutBatch, teacher_logp: torch.Tensor, ref_logp: torch.Tensor,
+    def update_student(self, batch: RolloutBatch, loss_fn_for: Callable, clipped_for: Callable,
                        temperature: float) -> dict:
-        """The policy update(s) on one rollout batch; the student's log-probs use the rollout
-        temperature like every other model's (loss, importance weight and metrics alike).
+        """The policy update(s) on one rollout batch (G-OPD and GRPO alike); the student's
+        log-probs use the rollout temperature like every other model's (loss, importance weight
+        and metrics alike).
+
+        ``loss_fn_for(rows, weights, old_logp)`` -> the token-loss callback of ShardedGPT.train_step
+        for the batch rows ``rows`` (aggregation ``weights`` [n, S]; ``old_logp`` [n, S] or None);
+        ``clipped_for(rows, logp, old_logp)`` -> which tokens the PPO clip bound ([n, S] bool).
 
         ``train.updates_per_rollout`` = 1 (the paper): one optimizer step on the whole batch with
         pi_old = the student's own detached log-probs of that forward (ratio 1: the clip never
@@ -212,25 +259,23 @@ class Distiller:
         update's own forward); per-update values go to ``self.update_stats``.
         """
         train, mask, agg = self.cfg.train, batch.loss_mask, self.settings.aggregation
+        budget = train.max_tokens_per_micro_batch
+        all_rows = torch.arange(mask.shape[0])
         if train.updates_per_rollout == 1:
-            weights = token_weights(mask, agg)
-            builder = gopd_loss_builder(teacher_logp, ref_logp, batch.sampler_logp, weights, self.settings)
-            out = self.m.student.train_step(batch.tokens, mask, builder, train.micro_batch_size, temperature=temperature,
-                                            max_tokens=train.max_tokens_per_micro_batch)
+            fn = loss_fn_for(all_rows, token_weights(mask, agg), None)
+            out = self.m.student.train_step(batch.tokens, mask, fn, train.micro_batch_size, temperature=temperature,
+                                            max_tokens=budget)
             self.optimizer.step_schedule()
             return out
-        old = self.m.student.logprobs(batch.tokens, mask, temperature, train.micro_batch_size,
-                                     max_tokens=train.max_tokens_per_micro_batch)
+        old = self.m.student.logprobs(batch.tokens, mask, temperature, train.micro_batch_size, max_tokens=budget)
         self.update_stats = []
-        for rows in torch.tensor_split(torch.arange(mask.shape[0]), train.updates_per_rollout):
+        for rows in torch.tensor_split(all_rows, train.updates_per_rollout):
             sub = mask[rows]
-            builder = gopd_loss_builder(teacher_logp[rows], ref_logp[rows], batch.sampler_logp[rows],
-                                        token_weights(sub, agg), self.settings, old_logp=old[rows])
-            out = self.m.student.train_step(batch.tokens[rows], sub, builder, train.micro_batch_size, temperature=temperature,
-                                            max_tokens=train.max_tokens_per_micro_batch)
+            fn = loss_fn_for(rows, token_weights(sub, agg), old[rows])
+            out = self.m.student.train_step(batch.tokens[rows], sub, fn, train.micro_batch_size, temperature=temperature,
+                                            max_tokens=budget)
             self.optimizer.step_schedule()
-            _, _, clipped = gopd_token_loss(out["logp"], teacher_logp=teacher_logp[rows], ref_logp=ref_logp[rows],
-                                            sampler_logp=None, old_logp=old[rows], settings=self.settings)
+            clipped = clipped_for(rows, out["logp"], old[rows])
             m = sub.clone().float()
             m[:, 0] = 0
             self.update_stats.append({
@@ -243,6 +288,76 @@ class Distiller:
         return {"logp": old, **{k: sum(u[k] for u in stats) / len(stats) for k in ("loss", "grad_norm", "entropy")},
                 "clip_frac": sum(u["clipped"] for u in stats) / n, "ratio_dev": sum(u["ratio_dev"] for u in stats) / n}
 
+    def _gopd_update(self, batch: RolloutBatch, teacher_logp: torch.Tensor, ref_logp: torch.Tensor,
+                     temperature: float) -> dict:
+        """update_student with the G-OPD loss (objective.gopd_token_loss)."""
+        s = self.settings
+
+        def loss_fn_for(rows, weights, old):
+            return gopd_loss_builder(teacher_logp[rows], ref_logp[rows], batch.sampler_logp[rows], weights, s, old_logp=old)
+
+        def clipped_for(rows, logp, old):
+            return gopd_token_loss(logp, teacher_logp=teacher_logp[rows], ref_logp=ref_logp[rows], sampler_logp=None,
+                                   old_logp=old, settings=s)[2]
+
+        return self.update_student(batch, loss_fn_for, clipped_for, temperature)
+
+    def _grpo_update(self, prompts: list, batch: RolloutBatch, t0: float, t_rollout: float) -> dict[str, float]:
+        """The GRPO branch of train_step: verifier rewards -> group advantages -> one update."""
+        cfg = self.cfg
+        n = cfg.rollout.samples_per_prompt
+        rewards = torch.tensor([float(self.reward(p, batch.response_ids(i))) for i, p in enumerate(prompts)],
+                               dtype=torch.float64)
+        if not torch.isfinite(rewards).all():
+            bad = int((~torch.isfinite(rewards)).nonzero()[0])
+            raise ValueError(f"reward function returned {float(rewards[bad])} for prompt {prompts[bad].text!r}")
+        mask = batch.loss_mask
+        advantage = grpo_advantage(rewards, n)[:, None] * mask.to(torch.float32)
+        temperature = cfg.rollout.temperature
+        ref_logp = (self.m.reference.logprobs(batch.tokens, mask, temperature, max_tokens=cfg.train.max_tokens_per_micro_batch)
+                    if self.settings.kl_coef > 0 else None)
+        s = self.settings
+
+        def loss_fn_for(rows, weights, old):
+            ref = None if ref_logp is None else ref_logp[rows]
+            return grpo_loss_builder(advantage[rows], ref, batch.sampler_logp[rows], weights, s, old_logp=old)
+
+        def clipped_for(rows, logp, old):
+            ref = None if ref_logp is None else ref_logp[rows]
+            return grpo_token_loss(logp, advantage=advantage[rows], ref_logp=ref, sampler_logp=None, old_logp=old, settings=s)[1]
+
+        self.rollout.before_training()
+        out = self.update_student(batch, loss_fn_for, clipped_for, temperature)
+        self.sync_weights(self.step + 1)
+        t_end = time.perf_counter()
+
+        m = mask.float()
+        groups = rewards.view(-1, n)
+        metrics = {
+            "loss": out["loss"],
+            "grad_norm": out["grad_norm"],
+            "lr": self.optimizer.lr,
+            "reward_mean": float(rewards.mean()),
+            # fraction of responses with a positive reward (= correct, for a 0/1 verifier)
+            "success_rate": float((rewards > 0).double().mean()),
+            # groups whose responses all got the same reward: zero advantage, no learning signal
+            "flat_groups": float((groups.max(dim=1).values == groups.min(dim=1).values).double().mean()),
+            "entropy": out["entropy"],
+            "response_len": float(batch.response_lens.float().mean()),
+            "sampler_mismatch": float(((out["logp"] - batch.sampler_logp).abs() * m).sum() / m.sum().clamp(min=1)),
+            "tokens_per_s": float(m.sum()) / (t_end - t0),
+            "rollout_s": t_rollout - t0,
+            "step_s": t_end - t0,
+        }
+        if cfg.train.updates_per_rollout > 1:  # what the clip did over the updates
+            metrics.update(clip_frac=out["clip_frac"], ratio_dev=out["ratio_dev"], updates=float(len(self.update_stats)))
+        if ref_logp is not None:
+            metrics["kl_ref"] = float((k3_kl(out["logp"], ref_logp) * m).sum() / m.sum().clamp(min=1))
+        for route in sorted({str(p.teacher) for p in prompts}):
+            rows = torch.tensor([i for i, p in enumerate(prompts) if str(p.teacher) == route])
+            metrics[f"reward/{route}"] = float(rewards[rows].mean())
+        return metrics
+
     # ------------------------------------------------------------------ loop
     def fit(self) -> list[dict[str, float]]:
         cfg = self.cfg.train
@@ -253,14 +368,15 @@ class Distiller:
             startup_checks(self.cfg, self.m, self.rollout, self.data, fresh=not resumed)
         start = self.step
         history = []
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and is_rank0()), desc=f"G-OPD lam={self.settings.lam}")
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and is_rank0()), desc="GRPO" if self.cfg.objective.kind == "grpo" else f"G-OPD lam={self.settings.lam}")
         while self.step < cfg.steps:
             metrics = self.train_step()
             self.step += 1
             history.append(metrics)
             self.logger.log(self.step, metrics)
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", rkl=f"{metrics['reverse_kl']:.3f}")
+            key = "reward_mean" if "reward_mean" in metrics else "reverse_kl"
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", **{key: f"{metrics[key]:.3f}"})
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.evaluate is not None:
                 self.logger.log(self.step, self.evaluate(), prefix="eval")
             if cfg.save_every and self.step % cfg.save_every == 0:

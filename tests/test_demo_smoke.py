@@ -1,32 +1,109 @@
-"""A smoke run of the demo pipeline (every phase, very few steps) and its outputs."""
+"""A smoke run of the demo pipeline (every phase, two seeds, very few steps): the seed loop, the
+statistics over seeds and the outputs."""
 
 from __future__ import annotations
 
 import json
+import statistics
 
-from gopd_mega.config import build_config, read_recipe
-from gopd_mega.demo import DemoConfig, run_demo
+import pytest
+
+from gopd_mega.config import ConfigError, build_config, read_recipe
+from gopd_mega.demo import DemoConfig, mean_std, run_demo, summarise
+
+TINY = ["model.num_layers=1", "model.hidden_size=32", "model.ffn_hidden_size=64", "base.steps=3", "teacher.steps=2",
+        "teacher.prompts_per_step=4", "train.steps=2", "train.prompts_per_step=8", "data.num_train=64",
+        "data.num_eval=8", "eval.max_prompts=8", "train.progress=false", "train.eval_every=1", "seeds=[0, 1]"]
 
 
 def test_demo_pipeline_smoke(tmp_path):
-    data = read_recipe("recipes/demo.yaml")
-    cfg = build_config(DemoConfig, data, [
-        f"out_dir={tmp_path / 'demo'}", "model.num_layers=1", "model.hidden_size=32", "model.ffn_hidden_size=64",
-        "base.steps=3", "teacher.steps=2", "train.steps=2", "train.prompts_per_step=8", "data.num_train=64",
-        "data.num_eval=8", "eval.max_prompts=8", "train.progress=false",
-    ])
+    cfg = build_config(DemoConfig, read_recipe("recipes/demo.yaml"), [f"out_dir={tmp_path / 'demo'}", *TINY])
     doc = run_demo(cfg)
     domains = cfg.data.domains
-    systems = ["base student"] + [f"teacher '{d}'" for d in domains] + ["OPD (lam=1)", "ExOPD (lam=1.25)"]
-    assert list(doc["results"]) == systems
-    for res in doc["results"].values():
-        for mode in ("greedy", "sampled"):
-            assert set(res[mode]) == set(domains)
-            assert all(0.0 <= res[mode][d]["accuracy"] <= 1.0 for d in domains)
+    systems = ["base student"] + [f"teacher '{d}'" for d in domains] + [
+        "OPD (lam=1)", "ExOPD (lam=1.25)", "ExOPD (lam=1.5)"]
+    assert doc["seeds"] == ["0", "1"] and list(doc["summary"]) == systems
+    for seed in doc["seeds"]:
+        assert list(doc["runs"][seed]) == systems
+        for res in doc["runs"][seed].values():
+            for mode in ("greedy", "sampled"):
+                assert set(res[mode]) == set(domains)
+                assert all(0.0 <= res[mode][d]["accuracy"] <= 1.0 for d in domains)
+    # the summary is the mean and sample std of the per-seed numbers
+    for name in systems:
+        vals = [100 * doc["runs"][s][name]["sampled"][domains[0]]["accuracy"] for s in doc["seeds"]]
+        got = doc["summary"][name]["sampled"][domains[0]]
+        assert got["values"] == vals
+        assert got["mean"] == pytest.approx(statistics.fmean(vals)) and got["std"] == pytest.approx(statistics.stdev(vals))
+    # seeds differ (different init / data order), so the seeds' bases are not copies of each other
     out = tmp_path / "demo"
-    assert json.loads((out / "results.json").read_text())["results"] == doc["results"]
-    assert "| ExOPD (lam=1.25) |" in (out / "results.md").read_text()
+    weights = [(out / f"seed{k}" / "base" / "model.safetensors").read_bytes() for k in (0, 1)]
+    assert weights[0] != weights[1]
+    # reverse-KL curves per teacher for every distillation run and seed, GRPO reward curves per teacher
+    assert len(doc["curves"]["OPD (lam=1)"]) == 2
+    assert all(len(c[f"reverse_kl/{d}"]) == 2 for c in doc["curves"]["OPD (lam=1)"] for d in domains)
+    assert all(len(c["reward_mean"]) == 2 for c in doc["curves"][f"teacher '{domains[0]}'"])
+    assert json.loads((out / "results.json").read_text())["summary"] == doc["summary"]
+    md = (out / "results.md").read_text()
+    assert "| ExOPD (lam=1.25) |" in md and "− OPD (lam=1), paired" in md and "±" in md
     assert (out / "results.png").stat().st_size > 1000
+    # periodic held-out evaluation ran inside the distillation loop
+    evals = [json.loads(x) for x in (out / "seed0" / "gopd_lam1" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["phase"] == "eval" and "eval/greedy/mean_acc" in r for r in evals)
     # a re-run skips every finished phase and reproduces the same table
     again = run_demo(cfg)
-    assert again["results"] == doc["results"]
+    assert again["summary"] == doc["summary"]
+
+
+def test_summary_statistics_and_paired_difference():
+    def res(a, b):
+        return {"sampled": {"x": {"accuracy": a}, "y": {"accuracy": b}}}
+
+    runs = {"0": {"OPD (lam=1)": res(0.5, 0.3), "ExOPD (lam=1.25)": res(0.6, 0.3)},
+            "1": {"OPD (lam=1)": res(0.7, 0.1), "ExOPD (lam=1.25)": res(0.7, 0.2)}}
+    doc = summarise(["x", "y"], runs, baseline="OPD (lam=1)")
+    assert doc["summary"]["OPD (lam=1)"]["sampled"]["x"]["mean"] == pytest.approx(60.0)
+    assert doc["summary"]["OPD (lam=1)"]["sampled"]["avg"]["values"] == pytest.approx([40.0, 40.0])
+    d = doc["paired"]["ExOPD (lam=1.25)"]["sampled"]["avg"]
+    assert d["values"] == pytest.approx([5.0, 5.0]) and d["std"] == pytest.approx(0.0)
+    assert mean_std([1.0])["std"] == 0.0
+
+
+def test_demo_config_errors():
+    with pytest.raises(ConfigError, match="seeds"):
+        build_config(DemoConfig, read_recipe("recipes/demo.yaml"), ["seeds=[]"])
+    with pytest.raises(ConfigError, match="teacher"):
+        build_config(DemoConfig, read_recipe("recipes/demo.yaml"), ["teacher.samples_per_prompt=1"])
+
+
+def test_strong_to_weak_smoke(tmp_path):
+    """The strong-to-weak example: larger teacher, smaller student, both references compared."""
+    from gopd_mega.demo import run_strong_to_weak
+
+    cfg = build_config(DemoConfig, read_recipe("recipes/demo_strong_to_weak.yaml"), [
+        f"out_dir={tmp_path / 's2w'}", *TINY[3:], "seeds=[0]", "strong_to_weak.student_model.hidden_size=16",
+        "strong_to_weak.student_model.ffn_hidden_size=32", "model.hidden_size=32", "model.ffn_hidden_size=64"])
+    doc = run_strong_to_weak(cfg)
+    names = list(doc["summary"])
+    assert names[:2] == ["student base (small)", "teacher base (large)"]
+    assert "ExOPD (lam=1.25), ref = student initial" in names and "ExOPD (lam=1.25), ref = teacher pre-RL base" in names
+    # the two runs differ only in the reference, so their implicit rewards differ from step 1
+    def first_reward(run):
+        rows = (tmp_path / "s2w" / "seed0" / run / "train" / "metrics.jsonl").read_text().splitlines()
+        return json.loads(rows[0])["implicit_reward"]
+
+    assert first_reward("s2w_student_initial") != first_reward("s2w_teacher_base")
+    assert doc["paired"] and (tmp_path / "s2w" / "results.png").stat().st_size > 1000
+
+
+def test_digit_string_domains():
+    from gopd_mega.data import synthetic
+
+    cases = {"sort": ("s4719=", "1479"), "rev": ("r4710=", "0174"), "dsum": ("d4719=", "21"), "max": ("m47193=", "9")}
+    for domain, (prompt, answer) in cases.items():
+        assert synthetic.get_domain(domain).solve(prompt) == answer
+        assert synthetic.check(domain, prompt, f" {answer} ") and not synthetic.check(domain, prompt, answer + "0")
+    with pytest.raises(ValueError, match="not a 's' prompt"):
+        synthetic.get_domain("sort").solve("r4719=")
+    train, held = synthetic.make_datasets(["sort", "rev"], 50, 10, 0)
+    assert not {r["prompt"] for r in train} & {r["prompt"] for v in held.values() for r in v}

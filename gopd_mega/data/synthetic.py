@@ -10,7 +10,14 @@ mixed add+mul SFT records, greedy accuracy on 100 held-out prompts per domain):
     add:  a + b, both operands 2 digits              (answer 2-3 digits)   ~0.9 after 1500 steps
     mul:  a * b, a 2 digits, b 1 or 2 digits         (answer 2-4 digits)   ~0.15 after 1500 steps
     add3: a + b, each operand 2 or 3 digits          (harder variant)      ~0.03 after 1500 steps
-Answers are written most-significant digit first, so a tiny model needs on the order of a
+Digit-string domains (4 random digits; 10000 problems each, max: 5 digits), measured with a
+2-layer, 64-wide model, AdamW lr 3e-3 cosine, batch 64 of mixed rev+sort+max+dsum records,
+greedy / sampled (temperature 1) accuracy on 100 held-out prompts per domain, after 100/200/400 steps:
+    sort: 's4719=' -> '1479'  (sorted digits)        .33/.07  .71/.48  .97/.89
+    dsum: 'd4719=' -> '21'    (sum of the digits)    .16/.11  .29/.17  .71/.55
+    rev:  'r4719=' -> '9174'  (reversed digits)      .01/.00  .18/.09  .77/.62
+    max:  'm47193=' -> '9'    (largest digit)        .91/.74  1.0/.95  1.0/.98
+Arithmetic answers are written most-significant digit first, so a tiny model needs on the order of a
 thousand steps, not a few hundred (reversing the digits did not speed it up at 600 steps).
 Pool sizes: add 8100 problems, mul 8910 (about 1/HELD_OUT_BUCKETS of each held out), enough for
 the default 2000 training + 200 held-out prompts per domain.
@@ -97,6 +104,45 @@ register_domain(Domain(
 ))
 
 
+def _digit_string_solver(prefix: str, fn: Callable[[str], str]) -> Callable[[str], str]:
+    pattern = re.compile(rf"^\s*{re.escape(prefix)}(\d+)\s*=\s*$")
+
+    def solve(prompt: str) -> str:
+        m = pattern.match(prompt)
+        if m is None:
+            raise ValueError(f"not a '{prefix}' prompt: {prompt!r}")
+        return fn(m.group(1))
+
+    return solve
+
+
+def _digits(rng: random.Random, n: int) -> str:
+    return "".join(str(rng.randint(0, 9)) for _ in range(n))
+
+
+# Digit-string domains: short answers that a tiny model learns in a few hundred steps (the demo's).
+register_domain(Domain(
+    name="sort",
+    sample=lambda rng: f"s{_digits(rng, 4)}=",
+    solve=_digit_string_solver("s", lambda d: "".join(sorted(d))),
+))
+register_domain(Domain(
+    name="dsum",
+    sample=lambda rng: f"d{_digits(rng, 4)}=",
+    solve=_digit_string_solver("d", lambda d: str(sum(map(int, d)))),
+))
+register_domain(Domain(
+    name="rev",
+    sample=lambda rng: f"r{_digits(rng, 4)}=",
+    solve=_digit_string_solver("r", lambda d: d[::-1]),
+))
+register_domain(Domain(
+    name="max",
+    sample=lambda rng: f"m{_digits(rng, 5)}=",
+    solve=_digit_string_solver("m", max),
+))
+
+
 def is_held_out(prompt: str) -> bool:
     """Whether ``prompt`` is in the held-out pool (stable across processes and Python versions)."""
     digest = hashlib.blake2b(prompt.encode(), digest_size=8).digest()
@@ -106,6 +152,16 @@ def is_held_out(prompt: str) -> bool:
 def check(domain: str, prompt: str, response_text: str) -> bool:
     """Exact match of the response (surrounding whitespace ignored) with the prompt's answer."""
     return response_text.strip() == get_domain(domain).solve(prompt)
+
+
+def verifier(prompt_field: str = "prompt", domain_field: str = "opd_teacher") -> Callable[[dict, str], float]:
+    """A ``(record, response_text) -> reward`` verifier for GRPO: 1.0 when :func:`check` accepts
+    the response, else 0.0; the record's ``domain_field`` names its domain."""
+
+    def reward(record: dict, response: str) -> float:
+        return float(check(record[domain_field], record[prompt_field], response))
+
+    return reward
 
 
 def _draw(domain: Domain, rng: random.Random, n: int, held_out: bool) -> list[str]:
