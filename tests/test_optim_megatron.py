@@ -34,9 +34,9 @@ def _data(step):
     return tokens, mask
 
 
-def _builder(rows):
+def _loss_fn(logp, flat_index):
     # mean NLL over the 8 x 9 loss tokens of the full batch (globally normalised, as train_step wants)
-    return lambda logp, sl: -logp / 72.0
+    return -logp / 72.0
 
 
 def _train(model, steps=STEPS, record_grads=False, micro_batch_size=4):
@@ -45,7 +45,7 @@ def _train(model, steps=STEPS, record_grads=False, micro_batch_size=4):
     stats, grads = [], []
     for s in range(steps):
         tokens, mask = _data(s)
-        out = model.train_step(tokens, mask, _builder, micro_batch_size=micro_batch_size)
+        out = model.train_step(tokens, mask, _loss_fn, micro_batch_size=micro_batch_size)
         assert out["skipped"] == 0.0
         stats.append((out["loss"], out["grad_norm"]))
         if record_grads:
@@ -243,7 +243,7 @@ def _fp16_worker():
     log = []
     for _ in range(12):
         scale = float(opt.opt.get_loss_scale())
-        out = fp16.train_step(tokens, mask, _builder, micro_batch_size=4)
+        out = fp16.train_step(tokens, mask, _loss_fn, micro_batch_size=4)
         log.append((scale, out["skipped"], out["grad_norm"]))
         if not out["skipped"]:
             break
