@@ -65,7 +65,7 @@ def _master_worker(root):
     from gopd_mega.parallel import build_model_groups
 
     groups = build_model_groups(1, 1)
-    ocfg = OptimConfig(lr=1e-5, grad_clip=0.0)
+    ocfg = OptimConfig(lr=1e-5, grad_clip=0.0, weight_decay=0.0)  # the replay below is plain Adam
     ref = ShardedGPT(_cfg("float32"), groups, trainable=True, name="fp32")
     bf = ShardedGPT(_cfg("bfloat16"), groups, trainable=True, name="bf16")
     build_optimizer(ref, ocfg)
@@ -234,10 +234,10 @@ def _fp16_worker():
 
     groups = build_model_groups(1, 1)
     ref = ShardedGPT(_cfg("float32"), groups, trainable=True, name="fp32")
-    build_optimizer(ref, OptimConfig(lr=1e-5, grad_clip=0.0))
+    build_optimizer(ref, OptimConfig(lr=1e-5, grad_clip=0.0, weight_decay=0.0))
     ref_stats, _ = _train(ref, steps=1)
     fp16 = ShardedGPT(_cfg("float16"), groups, trainable=True, name="fp16")
-    opt = build_optimizer(fp16, OptimConfig(lr=1e-5, grad_clip=0.0, initial_loss_scale=2.0**20))
+    opt = build_optimizer(fp16, OptimConfig(lr=1e-5, grad_clip=0.0, weight_decay=0.0, initial_loss_scale=2.0**20))
     master0 = full_master_state_dict(fp16)
     tokens, mask = _data(0)
     log = []

@@ -95,6 +95,8 @@ def padded_reference(model, tokens, mask, weights):
     params = dict(model.model.named_parameters())
     for p in params.values():
         p.grad = None
+    if model.optimizer is not None:  # megatron DDP: autograd's gradients land in main_grad
+        model.optimizer.zero_grad()
     pos = torch.arange(S, device=tokens.device)[None].expand(N, S)
     hidden = model.model(input_ids=tokens, position_ids=pos, attention_mask=None)
     w_out = model.model.shared_embedding_or_output_weight()
@@ -107,10 +109,19 @@ def padded_reference(model, tokens, mask, weights):
     logp = logp * m
     loss = -(weights.double() * logp).sum()
     loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in params.items()}
+    grads = {n: grad_of(p).detach().clone() for n, p in params.items()}
     for p in params.values():
         p.grad = None
+    if model.optimizer is not None:
+        model.optimizer.zero_grad()
     return logp.detach(), float(loss), grads
+
+
+def grad_of(p):
+    """A parameter's accumulated gradient: megatron DDP's fp32 main_grad for a model with an
+    optimizer (DDP frees .grad into it), else .grad."""
+    main = getattr(p, "main_grad", None)
+    return p.grad if main is None else main
 
 
 def _nll(weights):
@@ -138,7 +149,7 @@ def _one_rank(cfg_kw, budgets, long_row=None):
         m.stats.reset()
         logp = m.logprobs(tokens, mask, max_tokens=budget)
         st = m.train_step(tokens, mask, _nll(weights), max_tokens=budget)
-        grads = {n: p.grad.detach().clone() for n, p in m.model.named_parameters()}
+        grads = {n: grad_of(p).detach().clone() for n, p in m.model.named_parameters()}
         out[budget] = (logp, st, grads, m.stats.as_dict())
     return out
 
@@ -201,7 +212,7 @@ def test_recompute_changes_nothing(knobs):
         m = ShardedGPT(tiny_cfg(**kw), g, trainable=True, optim=OptimConfig(lr=1e-30, grad_clip=0.0))
         assert m.tconfig.recompute_granularity == kw.get("recompute_granularity")
         st = m.train_step(tokens, mask, _nll(weights), max_tokens=32)
-        res.append((st["loss"], {n: p.grad.clone() for n, p in m.model.named_parameters()}))
+        res.append((st["loss"], {n: grad_of(p).clone() for n, p in m.model.named_parameters()}))
     assert res[0][0] == res[1][0]
     for name, grad in res[0][1].items():
         assert torch.equal(grad, res[1][1][name]), name
@@ -273,7 +284,7 @@ def _layouts():
         m = ShardedGPT(tiny_cfg(tp, pp, **kw), g, trainable=True, optim=OptimConfig(lr=1e-30, grad_clip=0.0))
         logp = m.logprobs(tokens, mask, max_tokens=20)
         st = m.train_step(tokens, mask, _nll(weights), max_tokens=20)
-        grads = gather_full_state_dict({i.local_name: m._params[i.local_name].grad for i in m.param_layout()},
+        grads = gather_full_state_dict({i.local_name: grad_of(m._params[i.local_name]) for i in m.param_layout()},
                                        m.param_layout(), m.cfg, m.groups)
         canon = {i.local_name: i.canonical_name for i in ref_model.param_layout()}
         out[key] = (logp, st["loss"], grads, canon, m.stats.max_tokens_per_forward)
