@@ -53,7 +53,6 @@ from gopd_mega.data.prompts import PromptDataset
 from gopd_mega.data.tokenizer import CharTokenizer
 from gopd_mega.evaluation import evaluate_modes
 from gopd_mega.model_io import is_model_dir, save_model_dir
-from gopd_mega.optim import build_optimizer
 from gopd_mega.rollout.embedded import EmbeddedEngine
 from gopd_mega.run import build_model, build_models, build_student_optimizer, report, synthetic_evaluator, synthetic_reward
 from gopd_mega.sft import train_sft
@@ -182,9 +181,10 @@ def _sft_model(cfg: DemoConfig, model_cfg: ModelConfig, records: list[dict], pha
     if is_model_dir(out):
         report(f"{desc}: found {out}, skipping")
         return
-    model = build_model(model_cfg, trainable=True, name=desc)
     optim_cfg = OptimConfig(lr=phase.lr, min_lr=phase.lr / 10, schedule="cosine", warmup_steps=min(20, phase.steps // 10), grad_clip=1.0)
-    optimizer = build_optimizer(model, optim_cfg, total_steps=phase.steps)
+    # optimizer built before the weights load: its fp32 masters get the checkpoint's full precision
+    model = build_model(model_cfg, trainable=True, name=desc, optim=optim_cfg, total_steps=phase.steps)
+    optimizer = model.optimizer
     t0 = time.perf_counter()
     losses = train_sft(model, optimizer, records, tokenizer, steps=phase.steps, batch_size=phase.batch_size,
                        micro_batch_size=cfg.train.micro_batch_size, max_len=model_cfg.max_seq_len, seed=seed, desc=desc,

@@ -107,8 +107,25 @@ class ShardedGPT:
         """Shard canonical full tensors onto this rank (vocab tensors may carry any number of
         rows >= vocab_size; rows past vocab_size are ignored)."""
         W.load_full_state_dict(self._params, self.layout, self.cfg, sd, self.name)
-        if self.optimizer is not None:  # the fp32 masters get the full-precision values (gopd_mega.optim)
-            self.optimizer.load_master_state({i.local_name: self.shard_of(i, sd[i.canonical_name].float()) for i in self.layout})
+        if self.optimizer is not None:  # the fp32 masters get the full-precision values, one shard at a time
+            for info in self.layout:
+                self.optimizer.load_master_weight(info.local_name, self.shard_of(info, sd[info.canonical_name].float()))
+
+    @torch.no_grad()
+    def load_local_weight(self, local_name: str, shard: torch.Tensor) -> None:
+        """Set one local parameter from this rank's shard of a checkpoint tensor (any float dtype,
+        shaped like the parameter): the weight gets it in its own dtype and, when the model has
+        an optimizer, the fp32 master gets it at full precision (streaming loaders, e.g.
+        gopd_mega.hf's, call this per tensor)."""
+        p = self._params.get(local_name)
+        if p is None:
+            raise KeyError(f"{self.name}: no local parameter named {local_name!r}")
+        if tuple(shard.shape) != tuple(p.shape):
+            raise ValueError(f"{self.name}: {local_name} gets a tensor of shape {tuple(shard.shape)}, the parameter is {tuple(p.shape)}")
+        if self.optimizer is not None:
+            self.optimizer.load_master_weight(local_name, shard)
+        else:
+            p.copy_(shard.to(p.device, p.dtype))
 
     @torch.no_grad()
     def copy_weights_from(self, other: "ShardedGPT") -> None:

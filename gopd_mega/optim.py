@@ -39,7 +39,10 @@ LR schedule (step = number of optimizer steps already taken):
 Layout-free state (used by gopd_mega.hf.train_state, model_io, the HF export):
 ``master_weights()`` / ``moments()`` give, per local parameter name, fp32 tensors shaped like the
 local (TP/PP) parameter, complete on every DP rank (the distributed optimizer's DP shards are
-summed into place); ``load_master_state`` takes the same and re-shards.
+summed into place); ``load_master_state`` takes the same and re-shards. ``load_master_weight``
+sets one parameter (weight and master) at a time: the streaming checkpoint loaders use it so a
+bf16 student loaded from an fp32 checkpoint starts from the checkpoint's values in its masters,
+not from the bf16-rounded weights.
 """
 
 from __future__ import annotations
@@ -141,6 +144,7 @@ class StudentOptimizer:
             tcfg.no_sync_func = self.ddp.no_sync
             tcfg.grad_sync_func = self.ddp.start_grad_sync
         self._names = {p: n for n, p in model.model.named_parameters()}
+        self._by_name = None  # built on first use by _slot_index (masters never change identity)
 
     # ------------------------------------------------------------------ schedule
 
@@ -282,18 +286,17 @@ class StudentOptimizer:
         missing = sorted(set(params) - set(weights))
         if missing:
             raise KeyError(f"{self.model.name}: master state lacks {missing[:5]}")
-        for name, p in params.items():
+        for name, p in params.items():  # every shape checked before anything is written
             if tuple(weights[name].shape) != tuple(p.shape):
                 raise ValueError(f"{self.model.name}: master weight {name} has shape "
                                  f"{tuple(weights[name].shape)}, the parameter {tuple(p.shape)}")
-            p.data.copy_(weights[name].to(p.device, p.dtype))
+        for name in params:
+            self.load_master_weight(name, weights[name])
+        if moments is None:
+            return
         state = self.opt.optimizer.state
         for name, _, main, offset in self._slots():
             n = main.numel()
-            src = weights[name].to(main.device, torch.float32).reshape(-1)[offset: offset + n]
-            main.copy_(src.view(main.shape))
-            if moments is None:
-                continue
             if step > 0:
                 st = {"step": torch.tensor(float(step), dtype=torch.float32)}
                 for m in MOMENTS:
@@ -301,6 +304,35 @@ class StudentOptimizer:
                 state[main] = st
             elif main in state:
                 del state[main]
+
+    @torch.no_grad()
+    def load_master_weight(self, name: str, weight: torch.Tensor) -> None:
+        """Set ONE parameter from ``weight`` (its full local tensor on this rank, any float
+        dtype): the model weight gets ``weight`` rounded to its dtype, the fp32 master (this
+        rank's part of it with the distributed optimizer) gets ``weight`` itself, so an fp32
+        checkpoint keeps every bit in the master. Streaming loaders call this per tensor; the
+        Adam state is left as it is. Local, no collective."""
+        entry = self._slot_index().get(name)
+        if entry is None:
+            raise KeyError(f"{self.model.name}: no parameter named {name!r}")
+        p, mains = entry
+        if tuple(weight.shape) != tuple(p.shape):
+            raise ValueError(f"{self.model.name}: master weight {name} has shape "
+                             f"{tuple(weight.shape)}, the parameter {tuple(p.shape)}")
+        p.data.copy_(weight.to(p.device, p.dtype))
+        for main, offset in mains:
+            n = main.numel()
+            main.copy_(weight.to(main.device, torch.float32).reshape(-1)[offset: offset + n].view(main.shape))
+
+    def _slot_index(self) -> dict[str, tuple[torch.Tensor, list[tuple[torch.Tensor, int]]]]:
+        """{local name: (model param, [(master tensor, flat offset)])}; the list is empty for a
+        param of which this rank holds no master elements (distributed optimizer)."""
+        if self._by_name is None:
+            index = {n: (p, []) for n, p in self.model.model.named_parameters()}
+            for name, _, main, offset in self._slots():
+                index[name][1].append((main, offset))
+            self._by_name = index
+        return self._by_name
 
     def state_dict(self) -> dict:
         """Same-layout optimizer state (ShardedGPT.save): masters, moments, step, schedule."""
@@ -320,8 +352,10 @@ class StudentOptimizer:
 
 def build_optimizer(model, cfg: OptimConfig, total_steps: int | None = None) -> StudentOptimizer:
     """The optimizer of a trainable ShardedGPT (attached to it: ``model.optimizer``); wraps its
-    GPTModel in megatron's DDP. Collective over the world. Build it after the weights are loaded
-    (the masters start as copies of the model weights) or load them with ``load_master_state``."""
+    GPTModel in megatron's DDP. Collective over the world. The masters start as copies of the
+    model weights; build it BEFORE loading a checkpoint (``ShardedGPT(..., optim=...)``,
+    gopd_mega.run.build_model(optim=...)) so the loaders write the checkpoint's full-precision
+    values into them (``load_master_weight``), or load them later with ``load_master_state``."""
     if not model.trainable:
         raise ValueError(f"{model.name}: a frozen model (teacher/reference) gets no optimizer")
     if getattr(model, "optimizer", None) is not None:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from gopd_mega.config import ConfigError, ModelConfig, RunConfig
+from gopd_mega.config import ConfigError, ModelConfig, OptimConfig, RunConfig
 from gopd_mega.data import synthetic
 from gopd_mega.evaluation import evaluate_config
 from gopd_mega.metrics import is_rank0
@@ -29,12 +29,18 @@ from gopd_mega.rollout.weight_sync import make_weight_sync
 from gopd_mega.trainer import Models
 
 
-def build_model(cfg: ModelConfig, trainable: bool, name: str, where: str | None = None) -> ShardedGPT:
+def build_model(cfg: ModelConfig, trainable: bool, name: str, where: str | None = None,
+                optim: OptimConfig | None = None, total_steps: int | None = None) -> ShardedGPT:
     """A ShardedGPT on its own layout, with the weights of ``cfg.load`` if given. ``where`` is its
-    config field (errors about the layout name it)."""
+    config field (errors about the layout name it). ``optim`` (trainable only): its optimizer
+    (``model.optimizer``, LR schedule over ``total_steps``) is built BEFORE the weights are
+    loaded, so its fp32 masters get the checkpoint's full-precision values, not the copies
+    rounded to the model's dtype. Collective: every rank builds, then loads, in the same order."""
+    if optim is not None and not trainable:
+        raise ValueError(f"{name}: a frozen model gets no optimizer (optim given with trainable=False)")
     cfg = resolve_model_config(cfg, where)
     groups = build_model_groups(cfg.tp, cfg.pp, name=name)
-    model = ShardedGPT(cfg, groups, trainable=trainable)
+    model = ShardedGPT(cfg, groups, trainable=trainable, optim=optim, total_steps=total_steps)
     if cfg.load is not None:
         load_weights(model, cfg.load)
     return model
@@ -64,7 +70,10 @@ def check_vocab(student: ShardedGPT, others: dict[str, ShardedGPT], tokenizer) -
 
 def build_models(cfg: RunConfig, tokenizer) -> Models:
     init_distributed()
-    student = build_model(cfg.student, trainable=True, name="student", where="student")
+    # The student's optimizer first (collective, same on every rank), then its weights: the
+    # loaders write the checkpoint's full precision into the fp32 masters.
+    student = build_model(cfg.student, trainable=True, name="student", where="student",
+                          optim=cfg.optim, total_steps=student_total_steps(cfg))
     ref = cfg.objective.reference
     if cfg.objective.reference_server is not None:
         reference = None  # served by SGLang: built below
@@ -159,9 +168,18 @@ def synthetic_reward(cfg: RunConfig, records: list[dict], tokenizer) -> Callable
     return verifier_reward(records, tokenizer, synthetic.verifier(cfg.data.prompt_field, cfg.data.teacher_field))
 
 
+def student_total_steps(cfg: RunConfig) -> int:
+    """Optimizer updates of a run: the student's LR schedule spans steps * updates_per_rollout."""
+    return cfg.train.steps * cfg.train.updates_per_rollout
+
+
 def build_student_optimizer(cfg: RunConfig, models: Models):
-    """AdamW of the student; its LR schedule spans every update (steps * updates_per_rollout)."""
-    return build_optimizer(models.student, cfg.optim, total_steps=cfg.train.steps * cfg.train.updates_per_rollout)
+    """AdamW of the student (its LR schedule spans every update, :func:`student_total_steps`):
+    the one :func:`build_models` built before loading the student's weights, or a new one for a
+    student built without it (collective then)."""
+    if models.student.optimizer is not None:
+        return models.student.optimizer
+    return build_optimizer(models.student, cfg.optim, total_steps=student_total_steps(cfg))
 
 
 def report(message: str) -> None:

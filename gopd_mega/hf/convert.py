@@ -180,6 +180,8 @@ class Slot:
     partition_dim: int | None
     tp_rank: int
     tp_size: int
+    local_name: str | None = None
+    """The parameter's local name in a ShardedGPT (None for a bare GPTModel)."""
 
 
 def _gpt_module(model):
@@ -206,7 +208,7 @@ def model_slots(model) -> list[Slot]:
     """
     if hasattr(model, "param_layout"):
         params = dict(_gpt_module(model).named_parameters())
-        return [Slot(i.canonical_name, params[i.local_name], i.partition_dim, i.tp_rank, i.tp_size)
+        return [Slot(i.canonical_name, params[i.local_name], i.partition_dim, i.tp_rank, i.tp_size, i.local_name)
                 for i in model.param_layout()]
     gpt = _gpt_module(model)
     tp = gpt.pg_collection.tp
@@ -237,8 +239,10 @@ def _padded_vocab(model) -> int:
 def load_hf_checkpoint(model, directory: str | os.PathLike, cfg: ModelConfig | None = None) -> int:
     """Fill every local parameter of ``model`` from the HF checkpoint in ``directory``.
 
-    Streams: one megatron tensor at a time, reading only this rank's slices. Returns the number of
-    parameters filled. Errors name the file and tensor (missing, wrong shape, corrupt file).
+    Streams: one megatron tensor at a time, reading only this rank's slices. A ShardedGPT with an
+    optimizer also gets each tensor at the checkpoint's precision in its fp32 master weights
+    (``ShardedGPT.load_local_weight``), not the copy rounded to the model's dtype. Returns the
+    number of parameters filled. Errors name the file and tensor (missing, wrong shape, corrupt file).
     """
     cfg = _model_cfg(model, cfg)
     family = get_family(read_hf_config(directory).get("model_type", "<missing>"))
@@ -254,7 +258,10 @@ def load_hf_checkpoint(model, directory: str | os.PathLike, cfg: ModelConfig | N
             raise CheckpointError(
                 f"{directory}: {slot.name} built from {list(hf)} has shape {list(shard.shape)}, the model has {list(slot.param.shape)}"
             )
-        slot.param.copy_(shard.to(slot.param.dtype))
+        if slot.local_name is not None and hasattr(model, "load_local_weight"):
+            model.load_local_weight(slot.local_name, shard)  # a ShardedGPT: its fp32 masters get the full precision
+        else:
+            slot.param.copy_(shard.to(slot.param.dtype))
     if _gpt_module(model).pg_collection.pp.size() == 1:
         # A whole model must use every tensor: a leftover one (e.g. attention biases the config
         # does not announce) means the config and the weights disagree.
