@@ -81,3 +81,40 @@ def test_bf16_student_from_fp32_hf_folder_has_exact_masters(tmp_path):
 
     tiny_hf_model("qwen3", tmp_path / "hf", seed=3, vocab_size=TOK.vocab_size)  # saved in fp32
     _check_masters(_run_cfg(str(tmp_path / "hf"), tmp_path / "run"))
+
+
+def _layouts_worker(root):
+    """2 gloo ranks: TP=1 x DP=2 with the distributed optimizer (each rank holds half of every
+    master) and TP=2 (each rank holds its TP shard), from both checkpoint formats."""
+    from gopd_mega.config import ModelConfig, OptimConfig
+    from gopd_mega.model_io import save_model_dir
+    from test_trainer import TINY
+
+    src = build_model(ModelConfig(**TINY, seed=7, init_std=0.3), trainable=False, name="source")
+    save_model_dir(src, f"{root}/dir")  # collective; fp32
+    checked = 0
+    for load in (f"{root}/dir", f"{root}/hf"):
+        for tp, dist_opt in ((1, True), (2, False)):
+            cfg = dataclasses.replace(ModelConfig(**TINY), load=load, tp=tp, params_dtype="bfloat16")
+            student = build_model(cfg, trainable=True, name="student", where="student",
+                                  optim=OptimConfig(lr=1e-3, use_distributed_optimizer=dist_opt))
+            assert type(student.optimizer.opt).__name__ == ("DistributedOptimizer" if dist_opt else
+                                                           "Float16OptimizerWithFloat16Params")
+            exact = build_model(dataclasses.replace(cfg, params_dtype="float32"), trainable=False, name="fp32 copy")
+            want, masters = exact.full_state_dict(), full_master_state_dict(student)  # collective
+            weights = student.full_state_dict()
+            for name, w in want.items():
+                assert torch.equal(masters[name], w), f"{load} tp={tp}: master {name} is not the checkpoint's"
+                if weights[name].dtype == torch.bfloat16:
+                    assert not torch.equal(masters[name], weights[name].float()), f"{load} tp={tp}: {name}"
+            checked += 1
+    return checked
+
+
+@pytest.mark.distributed
+def test_exact_masters_at_tp2_and_sharded_over_dp(tmp_path):
+    from dist_utils import run_distributed
+    from gopd_mega.hf.testing import tiny_hf_model
+
+    tiny_hf_model("qwen3", tmp_path / "hf", seed=4, vocab_size=TOK.vocab_size)
+    assert run_distributed(_layouts_worker, 2, (str(tmp_path),)) == [4, 4]
