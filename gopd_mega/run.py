@@ -1,7 +1,8 @@
 """Assemble a G-OPD run from a validated RunConfig: process groups, models, data, engine.
 
 Build order matters in a distributed world: every rank builds the same models in the same order
-(process groups are collective), student first, then the reference, then the teachers.
+(process groups are collective), student first (its optimizer, also collective, before its
+weights load), then the reference, then the teachers.
 """
 
 from __future__ import annotations
