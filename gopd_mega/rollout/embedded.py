@@ -30,6 +30,7 @@ import torch
 
 from gopd_mega.rollout.base import (FINISH_LENGTH, FINISH_STOP, RolloutBatch, RolloutEngine, check_prompts,
                                     pack_rollouts)
+from gopd_mega.rollout.kv_decode import CachedDecoder, supports_kv_cache
 
 
 class LogitsModel(Protocol):
@@ -68,10 +69,13 @@ def sample_tokens(
 class EmbeddedEngine(RolloutEngine):
     """Samples in-process from ``model`` (see the module docstring for what the model offers)."""
 
-    def __init__(self, model: LogitsModel, *, pad_id: int, stop_ids: list[int]):
+    def __init__(self, model: LogitsModel, *, pad_id: int, stop_ids: list[int], kv_cache: bool = True):
         self.model = model
         self.pad_id = pad_id
         self.stop_ids = list(stop_ids)
+        self.kv_cache = kv_cache
+        """Decode with a KV cache when the model supports it (a ShardedGPT); False: re-run the
+        whole prefix every step (the reference path)."""
 
     @torch.no_grad()
     def generate(
@@ -96,12 +100,20 @@ class EmbeddedEngine(RolloutEngine):
         active = list(range(n))
         stop = torch.tensor(self.stop_ids, dtype=torch.int64)
         generator = None
-        for _ in range(max_new_tokens):
+        cached = None
+        if self.kv_cache and supports_kv_cache(self.model):
+            cached = CachedDecoder(self.model, tokens[:, :int(lengths.max())], lengths, max_new_tokens)
+        for step in range(max_new_tokens):
             if not active:
                 break
             rows = torch.tensor(active, dtype=torch.int64)
             lens = lengths[rows]
-            logits = self.model.next_token_logits(tokens[rows, :int(lens.max())], lens)
+            if cached is None:
+                logits = self.model.next_token_logits(tokens[rows, :int(lens.max())], lens)
+            elif step == 0:
+                logits = cached.prefill()
+            else:  # feed each active row its newest token
+                logits = cached.step(rows, tokens[rows, lens - 1])
             if generator is None:  # on the logits' device, so sampling never leaves it
                 generator = torch.Generator(device=logits.device).manual_seed(seed)
             new, lp = sample_tokens(logits, temperature=temperature, top_p=top_p, greedy=greedy, generator=generator)
