@@ -54,21 +54,21 @@ def _layouts():
             tokens[i, :len(p)] = torch.tensor(p)
         gen = torch.Generator().manual_seed(0)
         for bucketed in (False, True):
-            dec = CachedDecoder(m, tokens[:, :int(lengths.max())], lengths.clone(), 6, bucketed=bucketed)
-            lens = lengths.clone()
-            active = torch.arange(len(PROMPTS))
-            diffs = []
-            for step in range(5):
-                if step == 0:
-                    got = dec.prefill()
-                else:
-                    active = active[[j for j in range(len(active)) if (step + j) % 4]]  # drop some rows
-                    got = dec.step(active, tokens[active, lens[active] - 1])
-                want = m.next_token_logits(tokens[active, :int(lens[active].max())], lens[active])
-                diffs.append(float((got - want).abs().max()))
-                new = torch.randint(0, 50, (len(active),), generator=gen)
-                tokens[active, lens[active]] = new
-                lens[active] += 1
+            with CachedDecoder(m, tokens[:, :int(lengths.max())], lengths.clone(), 6, bucketed=bucketed) as dec:
+                lens = lengths.clone()
+                active = torch.arange(len(PROMPTS))
+                diffs = []
+                for step in range(5):
+                    if step == 0:
+                        got = dec.prefill()
+                    else:
+                        active = active[[j for j in range(len(active)) if (step + j) % 4]]  # drop some rows
+                        got = dec.step(active, tokens[active, lens[active] - 1])
+                    want = m.next_token_logits(tokens[active, :int(lens[active].max())], lens[active])
+                    diffs.append(float((got - want).abs().max()))
+                    new = torch.randint(0, 50, (len(active),), generator=gen)
+                    tokens[active, lens[active]] = new
+                    lens[active] += 1
             res[f"diffs_bucketed={bucketed}"] = diffs
             res[f"rows_left_bucketed={bucketed}"] = len(active)
         # 2. the engine, with and without the cache. The stop token is the 4th greedy token of

@@ -126,7 +126,10 @@ class CachedDecoder:
     ``prefill()`` returns the next-token logits after each prompt, fp32 [N, vocab_size];
     ``step(active, new)`` feeds token ``new[j]`` to row ``active[j]`` (global row ids, sorted,
     the rows still decoding) and returns their next-token logits [len(active), vocab_size].
-    Rows missing from ``active`` are dropped for good. See the module docstring.
+    Rows missing from ``active`` are dropped for good. Use it as a context manager: inside, the
+    model is in eval mode (megatron's attention uses the cache only when not training) and the
+    cache is held; on exit the model's mode is restored and the cache freed. See the module
+    docstring.
     """
 
     def __init__(self, sharded, tokens: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int,
@@ -156,6 +159,15 @@ class CachedDecoder:
         self.local_vocab = per
         self.active = torch.arange(N)
         self.started = False
+
+    def __enter__(self) -> "CachedDecoder":
+        self._was_training = self.sharded.model.training
+        self.sharded.model.eval()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.sharded.model.train(self._was_training)
+        self.buckets = []
 
     # ---------------------------------------------------------------- model side
 
@@ -244,9 +256,10 @@ class CachedDecoder:
         """fp32 [N, vocab_size] logits of the token after each prompt."""
         if self.started:
             raise RuntimeError("CachedDecoder.prefill: already called")
+        if self.sharded.model.training:
+            raise RuntimeError("CachedDecoder.prefill: use the decoder as a context manager (eval mode)")
         self.started = True
-        with _eval(self.sharded.model):
-            return self._run(lambda b: b.prompt)
+        return self._run(lambda b: b.prompt)
 
     @torch.no_grad()
     def step(self, active: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -266,20 +279,4 @@ class CachedDecoder:
         def feed(b):
             return new[[pos[int(r)] for r in b.rows]].unsqueeze(1)
 
-        with _eval(self.sharded.model):
-            return self._run(feed)
-
-
-class _eval:
-    """Eval mode for the duration (dropout off; megatron's attention keeps the cache only when
-    not training), restoring the previous mode."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        self.was = self.model.training
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.was)
+        return self._run(feed)
