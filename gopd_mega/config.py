@@ -188,6 +188,9 @@ class RolloutConfig:
     """Responses per prompt."""
     sglang_url: str | None = None
     """Base URL of the SGLang server (engine='sglang')."""
+    kv_cache: bool = True
+    """engine='embedded': decode with a KV cache (gopd_mega.rollout.kv_decode); False re-runs
+    the whole prefix every step (same tokens and log-probs, quadratic in the response length)."""
 
     def validate(self, where: str = "") -> None:
         if self.engine not in ("embedded", "sglang"):

@@ -42,8 +42,6 @@ Collective: every rank of the model makes the same calls with the same arguments
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.distributed as dist
 
@@ -73,7 +71,6 @@ class _Bucket:
                  max_new_tokens: int):
         from megatron.core.inference.contexts import StaticInferenceContext
 
-        self.sharded = sharded
         self.rows = rows  # global row ids, in order
         n = len(rows)
         L = int(lengths.max())
@@ -82,17 +79,15 @@ class _Bucket:
         for i in range(n):
             left[i, L - int(lengths[i]):] = tokens[i, :int(lengths[i])]
         self.prompt = left
-        self.prompt_len = L
         # The token sampled at the last step is never fed back: L + max_new - 1 slots suffice.
         self.ctx = StaticInferenceContext(max_batch_size=n, max_sequence_length=L + max(1, max_new_tokens - 1))
-        cfg = sharded.tconfig
-        kv_heads = (cfg.num_query_groups or cfg.num_attention_heads) // sharded.cfg.tp
         dtype = next(sharded.model.parameters()).dtype
-        for layer in sharded.model.decoder.layers:
+        for layer in sharded.model.decoder.layers:  # this stage's layers; shapes as megatron's own
             attn = layer.self_attention
-            shape = (self.ctx.max_sequence_length, n, kv_heads, cfg.kv_channels)
+            slots, heads = self.ctx.max_sequence_length, attn.num_query_groups_per_partition
             self.ctx.key_value_memory_dict[attn.layer_number] = (
-                torch.zeros(shape, dtype=dtype, device=device()), torch.zeros(shape, dtype=dtype, device=device()))
+                torch.zeros((slots, n, heads, attn.key_hidden_size), dtype=dtype, device=device()),
+                torch.zeros((slots, n, heads, attn.val_hidden_size), dtype=dtype, device=device()))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -109,8 +104,12 @@ class _Bucket:
         for k, (key, value) in list(self.ctx.key_value_memory_dict.items()):
             self.ctx.key_value_memory_dict[k] = (key.index_select(1, idx_dev), value.index_select(1, idx_dev))
 
-    def mask(self, sq: int) -> torch.Tensor:
-        """Boolean [n, 1, sq, sk] (True = masked) for ``sq`` new slots after the current offset."""
+    def mask(self, sq: int) -> torch.Tensor | None:
+        """Boolean [n, 1, sq, sk] (True = masked) for ``sq`` new slots after the current offset;
+        None when no row has pad slots (megatron then applies its own causal mask, sq == sk, in
+        the prefill and none in decode: what any core attention, TE's included, does)."""
+        if not bool(self.pad.any()):
+            return None
         start = self.ctx.sequence_len_offset
         sk = start + sq
         k = torch.arange(sk, device=device())
@@ -139,9 +138,16 @@ class CachedDecoder:
         core attention ignores explicit masks (Transformer Engine)."""
         if not supports_kv_cache(sharded):
             raise TypeError(f"CachedDecoder needs a ShardedGPT (megatron GPTModel), got {type(sharded).__name__}")
+        N = tokens.shape[0]
+        if tokens.dim() != 2 or lengths.shape != (N,) or N == 0:
+            raise ValueError(f"CachedDecoder: tokens must be [N, S] and lengths [N], got {tuple(tokens.shape)} "
+                             f"and {tuple(lengths.shape)}")
+        if int(lengths.min()) < 1 or int(lengths.max()) > tokens.shape[1]:
+            raise ValueError(f"CachedDecoder: prompt lengths must be in [1, {tokens.shape[1]}], got {lengths.tolist()}")
+        if max_new_tokens < 1:
+            raise ValueError(f"CachedDecoder: max_new_tokens must be >= 1, got {max_new_tokens}")
         self.sharded = sharded
         self.groups = sharded.groups
-        N = tokens.shape[0]
         self.n_total = N
         parts = torch.tensor_split(torch.arange(N), self.groups.dp)
         self.dp_rows = list(parts)  # every DP rank's fixed share of the rows
@@ -153,10 +159,7 @@ class CachedDecoder:
         else:  # Transformer Engine attention: no pad slots, one bucket per prompt length
             keys = [mine[lengths[mine] == L] for L in torch.unique(lengths[mine]).tolist()]
         self.buckets = [_Bucket(sharded, r, tokens[r], lengths[r], max_new_tokens) for r in keys]
-        cfg = sharded.cfg
-        per = cfg.padded_vocab // cfg.tp
-        self.vocab = cfg.vocab_size
-        self.local_vocab = per
+        self.vocab = sharded.cfg.vocab_size
         self.active = torch.arange(N)
         self.started = False
 
@@ -199,7 +202,7 @@ class CachedDecoder:
             def forward_step(data_iterator, m):
                 next(data_iterator)
                 h = m(input_ids=tokens.to(dev), position_ids=positions, attention_mask=mask, inference_context=ctx)
-                return h, partial(loss_func)
+                return h, loss_func
 
             def loss_func(h):
                 out["logits"] = self._logits(h, weight)
