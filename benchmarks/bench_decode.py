@@ -5,7 +5,9 @@ prefix re-run every step; ``kv_cache=True``: gopd_mega.rollout.kv_decode) genera
 ``--batch`` rows of ``--new`` tokens each (no stop token, so every row runs to the end) from
 ragged prompts of ``--prompt-len`` +- 25% tokens, after one short warm-up call. Prints the
 wall time, generated tokens/s (rows * new / seconds, prefill included) and whether the two
-paths gave the same tokens. Results: benchmarks/RESULTS.md, "Embedded engine decode".
+paths gave the same tokens. The process CPU time (all its threads) is printed too: on a shared
+machine it moves less with the other load than the wall time does.
+Results: benchmarks/RESULTS.md, "Embedded engine decode".
 
     python benchmarks/bench_decode.py --model tiny                  # random 4-layer model
     python benchmarks/bench_decode.py --model smollm2 --new 96      # SmolLM2-135M (offline GGUF)
@@ -63,9 +65,9 @@ def run(model, kv_cache: bool, ps, new: int):
 
     eng = EmbeddedEngine(model, pad_id=0, stop_ids=[], kv_cache=kv_cache)
     eng.generate(ps[:2], temperature=1.0, max_new_tokens=2, greedy=True)  # warm-up
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = eng.generate(ps, temperature=1.0, max_new_tokens=new, greedy=True)
-    return time.perf_counter() - t0, out
+    return time.perf_counter() - t0, time.process_time() - c0, out
 
 
 def main() -> None:
@@ -89,10 +91,10 @@ def main() -> None:
     total = args.batch * args.new
     results = {}
     for kv in ([True] if args.skip_nocache else [False, True]):
-        secs, out = run(model, kv, ps, args.new)
+        secs, cpu, out = run(model, kv, ps, args.new)
         results[kv] = out
-        print(f"kv_cache={kv!s:5}  {secs:8.2f} s  {total / secs:8.1f} tokens/s  (load {os.getloadavg()[0]:.2f})",
-              flush=True)
+        print(f"kv_cache={kv!s:5}  wall {secs:8.2f} s  {total / secs:8.1f} tokens/s   process CPU {cpu:8.2f} s  "
+              f"{total / cpu:8.1f} tokens/CPU-s  (load {os.getloadavg()[0]:.2f})", flush=True)
     if len(results) == 2:
         same = torch.equal(results[False].tokens, results[True].tokens)
         dlp = float((results[False].sampler_logp - results[True].sampler_logp).abs().max())
