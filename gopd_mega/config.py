@@ -320,6 +320,9 @@ class RolloutConfig:
     differ from an fp32 trainer by ~1e-2)."""
     server_check_sequences: int = 4
     """Sequences sampled and scored both ways by the start-up check."""
+    kv_cache: bool = True
+    """engine='embedded': decode with a KV cache (gopd_mega.rollout.kv_decode); False re-runs
+    the whole prefix every step (same tokens and log-probs, quadratic in the response length)."""
 
     def validate(self, where: str = "") -> None:
         if self.engine not in ("embedded", "sglang"):

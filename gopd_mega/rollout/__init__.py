@@ -22,7 +22,8 @@ def make_engine(cfg, *, model=None, tokenizer):
     if cfg.engine == "embedded":
         if model is None:
             raise ValueError("rollout.engine='embedded' needs the model to sample from")
-        return EmbeddedEngine(model, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids)
+        return EmbeddedEngine(model, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids,
+                              kv_cache=cfg.kv_cache)
     if cfg.engine == "sglang":
         from gopd_mega.rollout.pool import SGLangPool
 

@@ -9,9 +9,13 @@ The engine passes CPU tensors (the model moves them to its device); the logits m
 any device and sampling happens there. For ``update_weights`` it offers
 ``copy_weights_from(student)``.
 
-Decoding is incremental without a KV cache: each step re-runs the model on the current
-[N_active, prompt + generated] batch. Quadratic, but fine for the tiny models this engine serves;
-finished rows are dropped from later steps.
+Decoding (``kv_cache=True``, the default, for a megatron ShardedGPT): a KV cache, batched
+(gopd_mega.rollout.kv_decode.CachedDecoder): one prefill over the prompts, then one token per
+active row per step, O(context) per step. With ``kv_cache=False``, or for any other model
+object, each step re-runs ``next_token_logits`` on the whole [N_active, prompt + generated]
+batch (quadratic in the response length; the reference the cached path is tested against).
+Either way finished rows are dropped from later steps, and both paths feed the same logits (to
+fp32 rounding) to the same sampler below, so seeds, tokens and reported log-probs are the same.
 
 Sampling (per step, fp32): logp = log_softmax(logits / T); greedy takes argmax(logits);
 otherwise probabilities are restricted to the top-p nucleus (the smallest prefix of tokens, by
@@ -24,12 +28,14 @@ sampled token: the full-softmax value before top-p (see gopd_mega.rollout.base).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Protocol
 
 import torch
 
 from gopd_mega.rollout.base import (FINISH_LENGTH, FINISH_STOP, RolloutBatch, RolloutEngine, check_prompts,
                                     pack_rollouts)
+from gopd_mega.rollout.kv_decode import CachedDecoder, supports_kv_cache
 
 
 class LogitsModel(Protocol):
@@ -68,10 +74,13 @@ def sample_tokens(
 class EmbeddedEngine(RolloutEngine):
     """Samples in-process from ``model`` (see the module docstring for what the model offers)."""
 
-    def __init__(self, model: LogitsModel, *, pad_id: int, stop_ids: list[int]):
+    def __init__(self, model: LogitsModel, *, pad_id: int, stop_ids: list[int], kv_cache: bool = True):
         self.model = model
         self.pad_id = pad_id
         self.stop_ids = list(stop_ids)
+        self.kv_cache = kv_cache
+        """Decode with a KV cache when the model supports it (a ShardedGPT); False: re-run the
+        whole prefix every step (the reference path)."""
 
     @torch.no_grad()
     def generate(
@@ -96,28 +105,38 @@ class EmbeddedEngine(RolloutEngine):
         active = list(range(n))
         stop = torch.tensor(self.stop_ids, dtype=torch.int64)
         generator = None
-        for _ in range(max_new_tokens):
-            if not active:
-                break
-            rows = torch.tensor(active, dtype=torch.int64)
-            lens = lengths[rows]
-            logits = self.model.next_token_logits(tokens[rows, :int(lens.max())], lens)
-            if generator is None:  # on the logits' device, so sampling never leaves it
-                generator = torch.Generator(device=logits.device).manual_seed(seed)
-            new, lp = sample_tokens(logits, temperature=temperature, top_p=top_p, greedy=greedy, generator=generator)
-            new, lp = new.cpu(), lp.cpu()
-            tokens[rows, lens] = new
-            lengths[rows] = lens + 1
-            is_stop = torch.isin(new, stop)
-            still = []
-            for j, i in enumerate(active):
-                responses[i].append(int(new[j]))
-                logps[i].append(float(lp[j]))
-                if is_stop[j]:
-                    finish[i] = FINISH_STOP
-                else:
-                    still.append(i)
-            active = still
+        cached = None
+        if self.kv_cache and supports_kv_cache(self.model):
+            cached = CachedDecoder(self.model, tokens[:, :int(lengths.max())], lengths, max_new_tokens)
+        with cached if cached is not None else contextlib.nullcontext():
+            for step in range(max_new_tokens):
+                if not active:
+                    break
+                rows = torch.tensor(active, dtype=torch.int64)
+                lens = lengths[rows]
+                if cached is None:
+                    logits = self.model.next_token_logits(tokens[rows, :int(lens.max())], lens)
+                elif step == 0:
+                    logits = cached.prefill()
+                else:  # feed each active row its newest token
+                    logits = cached.step(rows, tokens[rows, lens - 1])
+                if generator is None:  # on the logits' device, so sampling never leaves it
+                    generator = torch.Generator(device=logits.device).manual_seed(seed)
+                new, lp = sample_tokens(logits, temperature=temperature, top_p=top_p, greedy=greedy,
+                                        generator=generator)
+                new, lp = new.cpu(), lp.cpu()
+                tokens[rows, lens] = new
+                lengths[rows] = lens + 1
+                is_stop = torch.isin(new, stop)
+                still = []
+                for j, i in enumerate(active):
+                    responses[i].append(int(new[j]))
+                    logps[i].append(float(lp[j]))
+                    if is_stop[j]:
+                        finish[i] = FINISH_STOP
+                    else:
+                        still.append(i)
+                active = still
         return pack_rollouts(prompts, responses, logps, finish, self.pad_id)
 
     def update_weights(self, source: Any = None) -> None:
