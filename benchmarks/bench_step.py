@@ -147,10 +147,14 @@ class Probe:
             if before is not None:
                 computed = stats.positions_computed - before
                 self.counter_source = "model.stats"
+            # Every computed position is padding, a response-scoring position, or prompt. A packed
+            # row stops at its last response token (whose own position predicts nothing), so a
+            # packed pass may compute fewer positions than the row's real tokens.
+            padding = max(0, computed - real)
             self.positions["computed"] += computed
             self.positions["response"] += response
-            self.positions["prompt"] += real - response
-            self.positions["padding"] += max(0, computed - real)
+            self.positions["padding"] += padding
+            self.positions["prompt"] += computed - padding - response
             self.flop_tokens[kind] += real
             return out
 

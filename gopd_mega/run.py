@@ -92,7 +92,7 @@ def build_models(cfg: RunConfig, tokenizer) -> Models:
     teachers, local_copies = {}, {}
     for i, t in enumerate(cfg.teachers):
         local = (build_model(t.model, trainable=False, name=f"teacher '{t.name}'", where=f"teachers[{i}].model")
-                 if t.model.load else None)
+                 if t.model.load or t.server is None else None)  # a served teacher may have no local copy
         if t.server is not None:
             teachers[t.name] = ServerScorer(server_pool(t.server, cfg.rollout, tokenizer), f"teacher '{t.name}'")
             if local is not None:
