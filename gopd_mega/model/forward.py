@@ -117,6 +117,15 @@ class PipelineForward:
                   num_microbatches=len(mbs), seq_length=max(mb.num_tokens for mb in mbs), micro_batch_size=1,
                   forward_only=forward_only, pg_collection=self.groups.pg, **kwargs)
 
+    def _run_eval(self, mbs: list[MicroBatch], loss_func) -> list[dict]:
+        """``_run`` forward-only in eval mode (the model's train/eval mode is restored after)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self._run(mbs, loss_func, forward_only=True)
+        finally:
+            self.model.train(was_training)
+
     def _collect(self, results: list[dict], keys: tuple[str, ...], size: int, width: int = 1) -> torch.Tensor:
         """Scatter the last stage's per-micro-batch results (``flat`` indices) into a
         [len(keys), size, width] tensor present on every rank of this model."""
@@ -155,12 +164,7 @@ class PipelineForward:
             out = {"flat": mb.flat_index.to(h.device), "logp": logp.float(), "entropy": ent.float()}
             return torch.zeros((), device=h.device), torch.tensor(0, dtype=torch.int), out
 
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            results = self._run(mbs, loss_func, forward_only=True)
-        finally:
-            self.model.train(was_training)
+        results = self._run_eval(mbs, loss_func)
         out = self._collect(results, ("logp", "entropy"), N * S).view(2, N, S).cpu()
         return out[0], out[1]
 
@@ -216,10 +220,5 @@ class PipelineForward:
             out = {"flat": mb.flat_index.to(z.device), "logits": z[:, :V]}
             return torch.zeros((), device=z.device), torch.tensor(0, dtype=torch.int), out
 
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            results = self._run(mbs, loss_func, forward_only=True)
-        finally:
-            self.model.train(was_training)
+        results = self._run_eval(mbs, loss_func)
         return self._collect(results, ("logits",), N, V)[0].cpu()

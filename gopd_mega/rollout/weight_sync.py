@@ -91,6 +91,22 @@ def init_custom_process_group(backend: str, address: str, port: int, rank: int, 
     return pg
 
 
+
+def _continue_and_report(pool, rank0: bool, state: dict, what: str) -> None:
+    """COLLECTIVE end of a tensor weight push: rank 0 resumes generation on every server (even
+    after a failed push, so no server stays paused), then every rank raises rank 0's first error."""
+    if rank0:
+        try:
+            pool.control_call("/continue_generation", {})
+        except SGLangError as exc:
+            logger.error("could not continue generation after the weight update: %s", exc)
+
+    def outcome():
+        if state["error"]:
+            raise SGLangError(state["error"])
+
+    run_on_rank0(outcome, what)
+
 class WeightSync(ABC):
     """Pushes the student's weights to the SGLang servers of ``pool`` (see the module docstring)."""
 
@@ -278,17 +294,7 @@ class NcclSync(WeightSync):
             pending = bucket if rank0 else [("", torch.empty(0))]
         if pending is not None:
             run(lambda: self._send_bucket(pending, True, version))
-        if rank0:
-            try:
-                self.pool.control_call("/continue_generation", {})
-            except SGLangError as exc:
-                logger.error("could not continue generation after the weight update: %s", exc)
-
-        def outcome():
-            if state["error"]:
-                raise SGLangError(state["error"])
-
-        run_on_rank0(outcome, f"NCCL weight refresh to version {version}")
+        _continue_and_report(self.pool, rank0, state, f"NCCL weight refresh to version {version}")
 
     def close(self) -> None:
         if self.group is not None and global_rank() == 0:
@@ -342,17 +348,7 @@ class IpcSync(WeightSync):
             pending = [(n, t.to(device)) for n, t in bucket] if rank0 else None
         if pending is not None and rank0 and state["error"] is None:
             self._post(pending, True, version, state)
-        if rank0:
-            try:
-                self.pool.control_call("/continue_generation", {})
-            except SGLangError as exc:
-                logger.error("could not continue generation after the weight update: %s", exc)
-
-        def outcome():
-            if state["error"]:
-                raise SGLangError(state["error"])
-
-        run_on_rank0(outcome, f"IPC weight refresh to version {version}")
+        _continue_and_report(self.pool, rank0, state, f"IPC weight refresh to version {version}")
 
     def _post(self, bucket, last: bool, version: int, state: dict) -> None:
         blob = self.serialize(bucket)
