@@ -94,6 +94,24 @@ def test_grpo_on_a_math_dataset_rewards_from_math_verifier(tmp_path, monkeypatch
         assert 0.0 <= r["eval/math/avg@1"] <= 1.0 and "eval/math/stop_rate" in r and "eval/mean_avg@1" in r
 
 
+def test_auto_verifier_and_holdout_through_the_cli(tmp_path, capsys):
+    """data.verifier auto reads the route column ('math'); eval_holdout keeps 2 records out of
+    training and evaluates them every step."""
+    from gopd_mega import cli
+
+    student = _student(tmp_path / "student")
+    rows = [dict(r, domain="math") for r in _math_rows(6)]
+    data = _write_jsonl(tmp_path / "train.jsonl", rows)
+    out = tmp_path / "run"
+    cli.main(["--recipe", str(_recipe(tmp_path, student, data)), f"train.out_dir={out}", "data.teacher_field=domain",
+              "data.eval_holdout=2", "train.eval_every=2"])
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["step"]) for r in rows] == [("train", 1), ("train", 2), ("eval", 2)]
+    assert "reward_mean" in rows[0] and "eval/math/avg@1" in rows[2]
+    printed = capsys.readouterr().out
+    assert "prompt filter: kept 4/4" in printed and "evaluation set math: 2 records" in printed
+
+
 def _recipe(tmp_path, student, data, extra=""):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"""
