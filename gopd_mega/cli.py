@@ -5,7 +5,9 @@
 
 Prompts come from ``data.source``: 'synthetic' (the arithmetic domains, character tokenizer) or
 a local dataset file/directory (parquet/JSONL/arrow/saved dataset) read with the student's own
-Hugging Face tokenizer and chat template. The trained student is written to
+Hugging Face tokenizer and chat template. GRPO rewards and the periodic evaluation of held-out
+records (``data.eval_source`` or ``data.eval_holdout``) come from the verifier ``data.verifier``
+picks (math, code in the sandbox, synthetic; 'auto': from each record's route). The trained student is written to
 ``<train.out_dir>/student`` (gopd-mega model directory) and, for a Hugging Face student, also
 exported as a Hugging Face checkpoint to ``<train.out_dir>/hf``.
 
@@ -18,7 +20,9 @@ its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -27,7 +31,8 @@ from gopd_mega.data import synthetic
 from gopd_mega.data.prompts import DataError, PromptDataset
 from gopd_mega.data.tokenizer import CharTokenizer
 from gopd_mega.model_io import is_hf_dir, save_model_dir
-from gopd_mega.run import build_models, build_student_optimizer, report, synthetic_evaluator, synthetic_reward
+from gopd_mega.run import (RecordVerifiers, build_models, build_student_optimizer, dataset_evaluator, dataset_reward,
+                           report, synthetic_evaluator, synthetic_reward)
 from gopd_mega.trainer import Distiller
 
 
@@ -36,18 +41,51 @@ def load_prompts(cfg: RunConfig):
     if cfg.data.source == "synthetic":
         records, held_out = synthetic.from_config(cfg.data)
         return CharTokenizer(), records, held_out
-    from gopd_mega.hf import HFTokenizer, load_prompt_records
+    from gopd_mega.hf import HFTokenizer
 
     if cfg.student.load is None or not is_hf_dir(cfg.student.load):
         raise ConfigError("config field 'student.load': data.source is a dataset file, so the student must be a "
                           "Hugging Face model directory (its tokenizer is used)")
     tokenizer = HFTokenizer(cfg.student.load)
-    # No verifier ships for free-form datasets: periodic evaluation is for the synthetic domains.
-    return tokenizer, load_prompt_records(cfg.data, tokenizer), None
+    return tokenizer, load_dataset_records(cfg, tokenizer, cfg.data.source), None
+
+
+def load_dataset_records(cfg: RunConfig, tokenizer, path: str) -> list[dict]:
+    """The records of a dataset file (gopd_mega.hf.load_prompt_records), plus, when a code
+    verifier may read them, each record's unit tests from ``data.tests_field`` as stored (a
+    list/dict is kept as its JSON text, which the code verifier parses)."""
+    from gopd_mega.hf import load_prompt_records, open_dataset
+
+    records = load_prompt_records(cfg.data, tokenizer, path)
+    tests_field = cfg.data.tests_field or cfg.data.answer_field
+    if cfg.data.verifier in ("auto", "code"):
+        ds = open_dataset(path)
+        if tests_field in ds.column_names:
+            for rec, value in zip(records, ds[tests_field]):
+                if value is not None:
+                    rec[tests_field] = value if isinstance(value, str) else json.dumps(value)
+    return records
+
+
+def split_holdout(cfg: RunConfig, records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(training records, held-out records): ``data.eval_holdout`` records drawn with ``data.seed``
+    (file order kept in both parts)."""
+    n, k = len(records), cfg.data.eval_holdout
+    if k >= n:
+        raise ConfigError(f"config field 'data.eval_holdout': holding out {k} of the {n} records of "
+                          f"{cfg.data.source} leaves none to train on")
+    held = set(random.Random(f"{cfg.data.seed}:eval_holdout").sample(range(n), k))
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
 def train(cfg: RunConfig) -> Distiller:
     tokenizer, records, held_out = load_prompts(cfg)
+    eval_set, eval_where = None, None
+    if cfg.data.eval_holdout:
+        records, eval_set = split_holdout(cfg, records)
+        eval_where = f"{cfg.data.source} (data.eval_holdout={cfg.data.eval_holdout})"
+    elif cfg.data.eval_source is not None:
+        eval_set, eval_where = load_dataset_records(cfg, tokenizer, cfg.data.eval_source), cfg.data.eval_source
     models = build_models(cfg, tokenizer)
     if hasattr(tokenizer, "check_compatible"):
         for teacher in cfg.teachers:
@@ -57,15 +95,26 @@ def train(cfg: RunConfig) -> Distiller:
     except DataError as exc:  # 'record i ...': say which file the records came from
         raise DataError(f"{cfg.data.source}: {exc}") from None
     report(str(data.filter_summary))
-    evaluate = synthetic_evaluator(cfg, models, tokenizer, held_out) if held_out else None
-    reward = None
-    if cfg.objective.kind == "grpo":
-        if cfg.data.source != "synthetic":
-            raise ValueError(f"objective.kind='grpo' on data.source={cfg.data.source!r}: no verifier for this dataset "
-                             "is wired in yet (only the synthetic domains' checker is)")
-        reward = synthetic_reward(cfg, records, tokenizer)
-    distiller = Distiller(cfg, models, data, build_student_optimizer(cfg, models), evaluate, reward=reward)
-    distiller.fit()
+    verifiers = RecordVerifiers(cfg.data)
+    try:
+        evaluate = None
+        if held_out and cfg.data.verifier != "none":
+            evaluate = synthetic_evaluator(cfg, models, tokenizer, held_out)
+        elif eval_set is not None:
+            evaluate = dataset_evaluator(cfg, models, tokenizer, eval_set, eval_where, verifiers)
+        elif cfg.train.eval_every:
+            report("train.eval_every is set but there is nothing to evaluate on (a dataset file needs "
+                   "data.eval_source or data.eval_holdout, and a verifier): no periodic evaluation")
+        reward = None
+        if cfg.objective.kind == "grpo":
+            if cfg.data.source == "synthetic":
+                reward = synthetic_reward(cfg, records, tokenizer)
+            else:
+                reward = dataset_reward(cfg, records, data, tokenizer, verifiers)
+        distiller = Distiller(cfg, models, data, build_student_optimizer(cfg, models), evaluate, reward=reward)
+        distiller.fit()
+    finally:
+        verifiers.close()  # the math verifier's worker processes
     out = Path(cfg.train.out_dir)
     save_model_dir(models.student, out / "student")
     if cfg.student.load is not None and is_hf_dir(cfg.student.load):

@@ -423,6 +423,10 @@ class OptimConfig:
                 _fail(f"{where}.{name}", f"must be in [0, 1), got {getattr(self, name)}")
 
 
+VERIFIERS = ("auto", "math", "code", "synthetic", "none")
+"""Choices of DataConfig.verifier."""
+
+
 @dataclass
 class DataConfig:
     """Prompts: a synthetic task set or a local dataset file."""
@@ -434,13 +438,33 @@ class DataConfig:
     num_train: int = 2000
     """Synthetic training prompts per domain."""
     num_eval: int = 200
-    """Held-out prompts per domain."""
+    """Held-out prompts per domain (synthetic data; for a dataset file see eval_holdout / eval_source)."""
     prompt_field: str = "prompt"
     """Dataset column holding the prompt."""
     answer_field: str = "answer"
-    """Dataset column holding the reference answer (for evaluation)."""
+    """Dataset column holding the reference answer (what the math verifier grades against)."""
     teacher_field: str = "opd_teacher"
-    """Dataset column naming the teacher of each prompt."""
+    """Dataset column naming the teacher of each prompt (its route); with verifier 'auto' its
+    values 'math' / 'code' also pick the verifier of each record."""
+    verifier: str = "auto"
+    """Verifier of GRPO rewards and of held-out evaluation: 'math' (the last \\boxed{} answer vs
+    answer_field, with math-verify), 'code' (the response's program on tests_field, in the
+    sandbox), 'synthetic' (the arithmetic domains' exact match; the domain is teacher_field),
+    'none', or 'auto': 'synthetic' for synthetic data, else per record from its teacher_field
+    value ('math' -> math, 'code' -> code; records naming another route have none)."""
+    tests_field: str | None = None
+    """Dataset column holding a code record's unit tests (a list of sandbox tests, APPS-style
+    {inputs, outputs[, fn_name]}, or either as a JSON string). None: answer_field (how verl-style
+    parquet files and gopd_mega.hf.load_paper_mix store them)."""
+    code_isolation: bool = True
+    """Run generated code in the sandbox's namespaces as its own uid (needs root). false runs it
+    WITHOUT that isolation (resource limits only): an explicit opt-out for a trusted machine."""
+    eval_source: str | None = None
+    """Held-out dataset file (same columns as source) evaluated with the verifier every
+    train.eval_every steps (at most eval.max_prompts records per verifier)."""
+    eval_holdout: int = 0
+    """Records of a dataset source held out from training (a seeded random choice) and evaluated
+    like eval_source; 0: none. Synthetic data uses num_eval instead."""
     max_prompt_len: int = 32
     """Prompts longer than this (in tokens) are filtered out, counted and reported."""
     seed: int = 0
@@ -460,6 +484,23 @@ class DataConfig:
         for name in ("prompt_field", "teacher_field"):
             if not getattr(self, name):
                 _fail(f"{where}.{name}", "must be a non-empty column name")
+        if self.verifier not in VERIFIERS:
+            _fail(f"{where}.verifier", f"must be one of {', '.join(VERIFIERS)}, got {self.verifier!r}")
+        if self.source == "synthetic" and self.verifier in ("math", "code"):
+            _fail(f"{where}.verifier", f"{self.verifier!r} needs a dataset file; synthetic data has the 'synthetic' verifier")
+        if self.tests_field is not None and not self.tests_field:
+            _fail(f"{where}.tests_field", "must be a non-empty column name, or null for answer_field")
+        if self.eval_holdout < 0:
+            _fail(f"{where}.eval_holdout", f"must be >= 0 (0: none), got {self.eval_holdout}")
+        if self.source == "synthetic" and (self.eval_source is not None or self.eval_holdout):
+            name = "eval_source" if self.eval_source is not None else "eval_holdout"
+            _fail(f"{where}.{name}", "is for a dataset file; synthetic data is held out by num_eval")
+        if self.eval_source is not None and self.eval_holdout:
+            _fail(f"{where}.eval_holdout", "give eval_source or eval_holdout, not both")
+        if self.eval_source is not None and not Path(self.eval_source).exists():
+            _fail(f"{where}.eval_source", f"dataset path does not exist: {self.eval_source}")
+        if (self.eval_source is not None or self.eval_holdout) and self.verifier == "none":
+            _fail(f"{where}.verifier", "is 'none', so held-out records cannot be evaluated (eval_source / eval_holdout)")
 
 
 @dataclass
@@ -565,6 +606,8 @@ class RunConfig:
                 _fail("teachers", "objective.kind='grpo' trains from a verifier's reward and uses no teachers; remove them")
             if self.rollout.samples_per_prompt < 2:
                 _fail("rollout.samples_per_prompt", "GRPO normalises rewards within each prompt's group: need >= 2")
+            if self.data.verifier == "none":
+                _fail("data.verifier", "objective.kind='grpo' needs a verifier for its rewards, got 'none'")
         elif not self.teachers:
             _fail("teachers", "at least one teacher is required")
         names = [t.name for t in self.teachers]

@@ -14,6 +14,7 @@ from typing import Callable
 
 from gopd_mega.config import ConfigError, ModelConfig, OptimConfig, RunConfig
 from gopd_mega.data import synthetic
+from gopd_mega.data.prompts import DataError
 from gopd_mega.evaluation import evaluate_config
 from gopd_mega.metrics import is_rank0
 from gopd_mega.model_io import load_weights, resolve_model_config
@@ -158,10 +159,151 @@ def synthetic_evaluator(cfg: RunConfig, models: Models, tokenizer, held_out: dic
                                    seed=cfg.data.seed, prompt_field=cfg.data.prompt_field)
 
 
-def verifier_reward(records: list[dict], tokenizer, verify: Callable[[dict, str], float]) -> Callable:
-    """GRPO's reward hook (trainer.RewardFn) from a ``verify(record, response_text) -> reward``:
-    the prompt's source record (``Prompt.index`` into ``records``) and the decoded response."""
-    return lambda prompt, response_ids: verify(records[prompt.index], tokenizer.decode(response_ids))
+def verifier_reward(records: list[dict], tokenizer, verify: Callable[[dict, str], object]) -> Callable:
+    """GRPO's reward hook (trainer.RewardFn) from a ``verify(record, response_text)`` returning a
+    reward or a :class:`gopd_mega.verify.Verdict` (its ``.reward``): the prompt's source record
+    (``Prompt.index`` into ``records``) and the decoded response."""
+
+    def reward(prompt, response_ids) -> float:
+        out = verify(records[prompt.index], tokenizer.decode(response_ids))
+        return float(getattr(out, "reward", out))
+
+    return reward
+
+
+class RecordVerifiers:
+    """The verifier of each record as ``data.verifier`` chooses it (see DataConfig.verifier), built
+    once per kind on first use; callable as a verifier ``(record, response_text) -> Verdict``.
+
+    Code verification needs the sandbox's isolation unless ``data.code_isolation`` is false: the
+    first code verifier built checks it and raises ConfigError naming that field."""
+
+    def __init__(self, data_cfg):
+        self.cfg = data_cfg
+        self._built: dict[str, object] = {}
+
+    def kind(self, record: dict) -> str | None:
+        """'math', 'code', 'synthetic' or None (no verifier for this record)."""
+        choice = self.cfg.verifier
+        if choice == "none":
+            return None
+        if choice != "auto":
+            return choice
+        if self.cfg.source == "synthetic":
+            return "synthetic"
+        route = record.get(self.cfg.teacher_field)
+        return route if route in ("math", "code") else None
+
+    @property
+    def tests_field(self) -> str:
+        return self.cfg.tests_field or self.cfg.answer_field
+
+    def get(self, kind: str):
+        if kind not in self._built:
+            from gopd_mega.verify import CodeVerifier, MathVerifier, SandboxLimits, SyntheticVerifier
+
+            if kind == "math":
+                self._built[kind] = MathVerifier(answer_field=self.cfg.answer_field)
+            elif kind == "code":
+                if self.cfg.code_isolation:
+                    from gopd_mega.verify.sandbox import isolation_error
+
+                    why = isolation_error()
+                    if why is not None:
+                        raise ConfigError(f"config field 'data.code_isolation': code verification cannot isolate "
+                                          f"generated programs here ({why}); set data.code_isolation=false to run "
+                                          "them with resource limits only")
+                limits = SandboxLimits(stop_on_failure=True, isolate=self.cfg.code_isolation)
+                self._built[kind] = CodeVerifier(tests_field=self.tests_field, limits=limits)
+            elif kind == "synthetic":
+                self._built[kind] = SyntheticVerifier(prompt_field=self.cfg.prompt_field, domain_field=self.cfg.teacher_field)
+            else:
+                raise ValueError(f"no verifier kind {kind!r}")
+        return self._built[kind]
+
+    def check(self, record: dict, where: str) -> str | None:
+        """The record's verifier kind, after checking it has the fields that verifier reads
+        (DataError naming ``where`` and the field otherwise); None if it has no verifier."""
+        kind = self.kind(record)
+        if kind == "math" and record.get(self.cfg.answer_field) is None:
+            raise DataError(f"{where}: a math record needs its gold answer in data.answer_field={self.cfg.answer_field!r}")
+        if kind == "code":
+            from gopd_mega.verify import normalize_tests
+
+            if record.get(self.tests_field) is None:
+                raise DataError(f"{where}: a code record needs its unit tests in data.tests_field "
+                                f"(here {self.tests_field!r}; null means data.answer_field)")
+            try:
+                normalize_tests(record[self.tests_field], f"field {self.tests_field!r}")
+            except ValueError as exc:
+                raise DataError(f"{where}: {exc}") from None
+        if kind == "synthetic" and record.get(self.cfg.teacher_field) is None:
+            raise DataError(f"{where}: the synthetic verifier needs the record's domain in data.teacher_field="
+                            f"{self.cfg.teacher_field!r}")
+        return kind
+
+    def __call__(self, record: dict, response: str):
+        kind = self.kind(record)
+        if kind is None:
+            raise DataError(f"no verifier for a record routed {record.get(self.cfg.teacher_field)!r} "
+                            f"(data.verifier={self.cfg.verifier!r})")
+        return self.get(kind)(record, response)
+
+    def close(self) -> None:
+        for v in self._built.values():
+            if hasattr(v, "close"):
+                v.close()
+        self._built.clear()
+
+
+def dataset_reward(cfg: RunConfig, records: list[dict], data, tokenizer, verifiers: RecordVerifiers) -> Callable:
+    """GRPO reward for a dataset file: every prompt that is trained on (``data``: the
+    PromptDataset) must have a verifier and the fields it reads, checked here before training."""
+    for p in data.prompts:
+        where = f"{cfg.data.source} record {p.index}"
+        if verifiers.check(records[p.index], where) is None:
+            raise DataError(f"{where}: no verifier for its route {records[p.index].get(cfg.data.teacher_field)!r} "
+                            f"(data.teacher_field={cfg.data.teacher_field!r}; data.verifier='auto' maps 'math' and "
+                            "'code'): set data.verifier to math, code or synthetic")
+        verifiers.get(verifiers.kind(records[p.index]))  # build now: a sandbox refusal stops the run here
+    return verifier_reward(records, tokenizer, verifiers)
+
+
+def dataset_evaluator(cfg: RunConfig, models: Models, tokenizer, eval_records: list[dict], where: str,
+                      verifiers: RecordVerifiers) -> Callable[[], dict]:
+    """The trainer's periodic evaluation on held-out dataset records: each verifier kind's records
+    (at most eval.max_prompts of each; prompts longer than data.max_prompt_len are dropped and
+    counted) sampled once at the rollout settings by :func:`gopd_mega.eval.harness.training_evaluator`,
+    giving ``eval/<kind>/avg@1``, ``.../pass@1``, ``.../response_len``, ``.../stop_rate``."""
+    from gopd_mega.data.prompts import PromptDataset
+    from gopd_mega.eval.harness import training_evaluator
+
+    kept = PromptDataset(eval_records, tokenizer, max_prompt_len=cfg.data.max_prompt_len,
+                         prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field,
+                         teacher_field=cfg.data.teacher_field)
+    report(f"evaluation set {where}: {kept.filter_summary}")
+    groups: dict[str, list[dict]] = {}
+    unverified = 0
+    for p in kept.prompts:
+        kind = verifiers.check(eval_records[p.index], f"{where} record {p.index}")
+        if kind is None:
+            unverified += 1
+        else:
+            groups.setdefault(kind, []).append(eval_records[p.index])
+    if not groups:
+        raise ConfigError(f"config field 'data.verifier': none of the {len(kept.prompts)} held-out records of {where} "
+                          f"has a verifier (data.verifier={cfg.data.verifier!r}; 'auto' needs data.teacher_field "
+                          "values 'math' or 'code')")
+    if unverified:
+        report(f"evaluation set {where}: {unverified} records have no verifier for their route and are not evaluated")
+    report("evaluation set " + ", ".join(f"{k}: {len(v)} records" for k, v in groups.items())
+           + f" (at most eval.max_prompts={cfg.eval.max_prompts} of each)")
+    datasets = {kind: (recs, verifiers.get(kind)) for kind, recs in groups.items()}
+    engine = models.rollout.shared_engine() if models.rollout is not None else models.engine
+    r = cfg.rollout
+    return training_evaluator(engine, tokenizer, datasets, samples=1, temperature=r.temperature, top_p=r.top_p,
+                              max_new_tokens=r.max_new_tokens, seed=cfg.data.seed, chat_template=False,
+                              max_prompts=cfg.eval.max_prompts, prompt_field=cfg.data.prompt_field)
 
 
 def synthetic_reward(cfg: RunConfig, records: list[dict], tokenizer) -> Callable:
