@@ -63,3 +63,13 @@ def run_distributed(fn, world_size: int = 2, args: tuple = ()) -> list:
             raise RuntimeError("distributed test failed:\n" + "\n".join(errors)) from exc
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)["result"]
                 for r in range(world_size)]
+
+
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a command a test runs as its own job: this process's, without the
+    torch.distributed variables an in-process single-rank world may have set (the child would try
+    to rendezvous on this process's MASTER_PORT), plus ``extra``."""
+    return {k: v for k, v in os.environ.items() if k not in DIST_VARS} | extra

@@ -4,10 +4,11 @@ G-OPD step, and count the computed positions consistently with the batch it samp
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from dist_utils import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,8 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_step_smoke(tmp_path):
     # A fresh single-process world: drop the torch.distributed variables that earlier tests in
     # this pytest process may have set (their MASTER_PORT is taken by this process's store).
-    dist_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in dist_vars} | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--warmup", "0", "--steps", "1",
                           "--prompts", "4", "--max-new-tokens", "6", "--updates-per-rollout", "2", "--out", str(tmp_path)],
                          capture_output=True, text=True, env=env, timeout=300)

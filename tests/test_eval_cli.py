@@ -2,7 +2,6 @@
 Hugging Face model with a byte-level tokenizer through the embedded engine (slow: model build)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,12 +10,14 @@ import pytest
 
 from gopd_mega.verify import sandbox
 
+from dist_utils import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "benchmarks"
 
 
 def _cli(*args, timeout=600):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = subprocess_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "gopd_mega.eval.cli", *map(str, args)], capture_output=True,
                           text=True, env=env, timeout=timeout)
 

@@ -36,9 +36,10 @@ def _sandbox_state():
 
 @pytest.fixture
 def leaves_nothing():
-    _, dirs_before = _sandbox_state()
+    procs_before, dirs_before = _sandbox_state()  # e.g. worker processes other tests left behind
     yield
     procs, dirs_after = _sandbox_state()
+    procs = [p for p in procs if p not in procs_before]
     assert procs == [], f"processes left running: {procs}"
     assert dirs_after - dirs_before == set(), f"temporary directories left: {dirs_after - dirs_before}"
 
