@@ -27,8 +27,12 @@ def test_bench_step_smoke(tmp_path):
     assert abs(sum(r["phases_s"].values()) - r["step_s"]) < 1e-9
     step = r["steps"][0]
     n, s = step["batch_shape"]
-    # teachers (rows split between them) + reference + pi_old pass + two half-batch updates: 4 full passes
-    assert r["positions"]["computed"] == 4 * n * s
+    # teachers (rows split between them) + reference + pi_old pass + two half-batch updates: 4 full
+    # passes, each packed without padding: a row's input stops before its last token (whose own
+    # position predicts nothing), so a pass computes real tokens - n positions (model.stats).
+    assert r["counter_source"] == "model.stats"
+    assert r["positions"]["computed"] == 4 * (step["real_tokens"] - n)
+    assert r["positions"]["padding"] == 0
     assert r["positions"]["response"] == 4 * step["response_tokens"]
     assert sum(r["positions"][k] for k in ("padding", "prompt", "response")) == r["positions"]["computed"]
     assert 0 < r["non_response_fraction"] < 1 and r["response_tokens_per_s"] > 0 and r["peak_mem_mib"] > 0
