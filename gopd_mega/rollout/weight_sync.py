@@ -91,7 +91,6 @@ def init_custom_process_group(backend: str, address: str, port: int, rank: int, 
     return pg
 
 
-
 def _continue_and_report(pool, rank0: bool, state: dict, what: str) -> None:
     """COLLECTIVE end of a tensor weight push: rank 0 resumes generation on every server (even
     after a failed push, so no server stays paused), then every rank raises rank 0's first error."""
