@@ -570,6 +570,10 @@ class EvalConfig:
     """Report greedy-decoding accuracy."""
     sampled: bool = True
     """Report accuracy of temperature sampling (rollout temperature)."""
+    exact: bool = False
+    """Report the exact expected accuracy of temperature sampling: the probability of the reference
+    answer then eos, one teacher-forced forward, no sampling noise (gopd_mega.evaluation.
+    answer_probability). Synthetic domains only (they have one reference answer per prompt)."""
     max_prompts: int = 200
     """Held-out prompts per domain used for evaluation."""
 

@@ -11,7 +11,9 @@ For every seed (model initialisation, data order and sampling change; the data s
    checker (objective.kind=grpo), as the paper makes its teachers: the base tilted by a reward.
 3. All teachers distilled back into the base with G-OPD, reference = the base, every prompt
    scored by its domain's teacher: lambda = 1 (OPD) and lambda > 1 (ExOPD, e.g. 1.25 and 1.5).
-4. Held-out accuracy per domain, greedy and sampled, of every system.
+4. Held-out accuracy per domain of every system: "exact" (the expected accuracy of sampling at
+   temperature 1, computed as the probability of the reference answer: no sampling noise, see
+   gopd_mega.evaluation.answer_probability) and greedy.
 Then mean +- sample std over seeds, the paired per-seed difference ExOPD - OPD (same base and
 teachers within a seed), a table (printed last; results.md / results.json) and results.png
 (accuracy with its spread; reverse KL to each teacher over distillation steps; teacher rewards).
@@ -20,8 +22,10 @@ Strong-to-weak (--strong-to-weak): a larger base is SFT-trained and RL-tuned int
 smaller student (its own SFT base) distils it with reference = the student's initial weights or
 reference = the teacher's pre-RL base (reward correction), per seed.
 
-Every phase saves its model directory under ``out_dir/seed<k>``; re-running skips finished
-phases (delete ``out_dir`` to start over).
+Seeds run in parallel worker processes, one CPU thread each (``workers``; on 2 CPUs two seeds at
+a time: these tiny models leave a second thread mostly idle). Every phase saves its model directory
+under ``out_dir/seed<k>`` and each seed its ``result.json``; re-running skips what has finished
+(delete ``out_dir`` to start over).
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +54,7 @@ from gopd_mega.config import (
     TrainConfig,
     build_config,
     read_recipe,
+    to_dict,
 )
 from gopd_mega.data import synthetic
 from gopd_mega.data.prompts import PromptDataset
@@ -86,7 +94,8 @@ class GRPOPhase:
     samples_per_prompt: int = 8
     """GRPO group size."""
     lr: float = 1e-3
-    """Peak learning rate (constant after the warm-up)."""
+    """Peak learning rate, reached after the warm-up, then cosine decay to 0 (the final teacher is
+    not a noisy snapshot of a constant-LR walk)."""
     warmup_steps: int = 0
     """Linear warm-up: Adam's first, sign-like updates of a noisy policy gradient can wreck a tiny model."""
     kl_coef: float = 0.0
@@ -104,6 +113,8 @@ class StrongToWeak:
 
     student_model: ModelConfig = field(default_factory=ModelConfig)
     """The smaller student's architecture (``model`` is the larger teacher's)."""
+    student_base: SFTPhase | None = None
+    """The smaller student's own SFT (None: the same as ``base``, the teacher base's)."""
     lam: float = 1.25
     """Reward scale of both distillations."""
     references: list[str] = field(default_factory=lambda: ["student_initial", "teacher_base"])
@@ -112,6 +123,8 @@ class StrongToWeak:
 
     def validate(self, where: str) -> None:
         self.student_model.validate(f"{where}.student_model")
+        if self.student_base is not None:
+            self.student_base.validate(f"{where}.student_base")
         for i, r in enumerate(self.references):
             if r not in ("student_initial", "teacher_base"):
                 raise ConfigError(f"config field '{where}.references[{i}]': must be 'student_initial' or 'teacher_base', got {r!r}")
@@ -128,6 +141,9 @@ class DemoConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     """Every system is trained once per seed (model init, data order, sampling); >= 1 seed, and
     >= 2 for a spread."""
+    workers: int = 0
+    """Seeds run at once, each in its own process with cpu_count // workers threads (0: one per
+    CPU, at most one per seed; 1: all seeds in this process, one after another)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Architecture and layout of base, teachers and students (vocab_size comes from the tokenizer)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -158,6 +174,8 @@ class DemoConfig:
         self.base.validate("base")
         self.teacher.validate("teacher")
         self.strong_to_weak.validate("strong_to_weak")
+        if self.workers < 0:
+            raise ConfigError(f"config field 'workers': must be >= 0 (0: one per CPU), got {self.workers}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"config field 'seeds': need one or more distinct seeds, got {self.seeds}")
         for i, lam in enumerate(self.lambdas):
@@ -205,7 +223,8 @@ def _grpo_teacher(cfg: DemoConfig, base: Path, domain: str, records: list[dict],
         teachers=[],
         objective=dataclasses.replace(cfg.objective, kind="grpo", kl_coef=phase.kl_coef, reference="initial"),
         rollout=dataclasses.replace(cfg.rollout, samples_per_prompt=phase.samples_per_prompt),
-        optim=OptimConfig(lr=phase.lr, schedule="constant", warmup_steps=phase.warmup_steps, grad_clip=cfg.optim.grad_clip),
+        optim=OptimConfig(lr=phase.lr, min_lr=0.0, schedule="cosine", warmup_steps=phase.warmup_steps,
+                          grad_clip=cfg.optim.grad_clip),
         data=dataclasses.replace(cfg.data, domains=[domain]),
         train=dataclasses.replace(cfg.train, steps=phase.steps, prompts_per_step=phase.prompts_per_step, seed=seed,
                                   eval_every=0, out_dir=str(out.parent / f"{out.name}_train")),
@@ -257,8 +276,10 @@ def _evaluate_dir(cfg: DemoConfig, model_cfg: ModelConfig, path: Path, held_out:
     """Held-out accuracy of the model saved at ``path``: greedy and sampled, per domain."""
     model = build_model(dataclasses.replace(model_cfg, load=str(path)), trainable=False, name=str(path))
     engine = EmbeddedEngine(model, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids)
-    results = evaluate_modes(engine, held_out, tokenizer, synthetic.check, cfg.eval, cfg.rollout, seed=cfg.data.seed + 17)
-    return {mode: {d: {"accuracy": r.accuracy[d], "response_len": r.response_len[d], "stop_rate": r.stop_rate[d]}
+    results = evaluate_modes(engine, held_out, tokenizer, synthetic.check, cfg.eval, cfg.rollout, seed=cfg.data.seed + 17,
+                             model=model, answer_of=synthetic.answer)
+    return {mode: {d: {"accuracy": r.accuracy[d], **({"response_len": r.response_len[d], "stop_rate": r.stop_rate[d]}
+                                                     if d in r.response_len else {})}
                    for d in r.accuracy}
             for mode, r in results.items()}
 
@@ -273,90 +294,180 @@ def _curves(train_dir: Path, keys: list[str]) -> dict[str, list[float]]:
     return {k: [r[k] for r in rows if k in r] for k in keys}
 
 
-def _setup(cfg: DemoConfig):
+def _setup(cfg: DemoConfig, quiet: bool = False):
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = CharTokenizer()
     cfg.model = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
     train_records, held_out = synthetic.from_config(cfg.data)
-    report(f"data: {len(train_records)} training prompts over {cfg.data.domains}, {sum(map(len, held_out.values()))} held out")
+    if not quiet:
+        report(f"data: {len(train_records)} training prompts over {cfg.data.domains}, "
+               f"{sum(map(len, held_out.values()))} held out")
     return out, tokenizer, train_records, held_out
 
 
-# ----------------------------------------------------------------------------- the main job
+# ----------------------------------------------------------------------------- one seed
 
 
-def run_demo(cfg: DemoConfig) -> dict:
-    t_start = time.perf_counter()
-    out, tokenizer, train_records, held_out = _setup(cfg)
+def merge_seed(cfg: DemoConfig, seed: int) -> dict:
+    """The main job for one seed: base, GRPO teachers, G-OPD merges, evaluation of each.
+    Returns ``{"eval": {system: {mode: {domain: ...}}}, "curves": {system: {metric: [...]}}}``."""
+    out, tokenizer, train_records, held_out = _setup(cfg, quiet=True)
     by_domain = {d: [r for r in train_records if r[cfg.data.teacher_field] == d] for d in cfg.data.domains}
-    runs, curves = {}, {}
-    for seed in cfg.seeds:
-        sd = out / f"seed{seed}"
-        t_seed = time.perf_counter()
-        model_cfg = dataclasses.replace(cfg.model, seed=cfg.model.seed + 1000 * seed)
-        # 1. mediocre base, 2. domain teachers by GRPO from that base
-        _sft_model(cfg, model_cfg, train_records, cfg.base, tokenizer, sd / "base", 7919 * seed + 1, f"[seed {seed}] base SFT")
-        teachers = {}
-        for i, domain in enumerate(cfg.data.domains):
-            teachers[domain] = sd / f"teacher_{domain}"
-            _grpo_teacher(cfg, sd / "base", domain, by_domain[domain], tokenizer, teachers[domain], 7919 * seed + 2 + i)
-        # 3. G-OPD distillation of all teachers back into the base, reference = the base
-        students = {}
-        for lam in cfg.lambdas:
-            name = system_name(lam)
-            run_dir = sd / f"gopd_lam{lam:g}"
-            students[name] = _distill(cfg, dataclasses.replace(cfg.model, load=str(sd / "base")), teachers, lam, "initial",
-                                      train_records, held_out, tokenizer, run_dir, seed, f"[seed {seed}] {name}")
-            curves.setdefault(name, []).append(_curves(run_dir / "train", [f"reverse_kl/{d}" for d in cfg.data.domains]))
-        for domain in cfg.data.domains:
-            curves.setdefault(f"teacher '{domain}'", []).append(_curves(sd / f"teacher_{domain}_train", ["reward_mean"]))
-        # 4. evaluation
-        systems = {"base student": sd / "base", **{f"teacher '{d}'": p for d, p in teachers.items()}, **students}
-        runs[str(seed)] = {name: _evaluate_dir(cfg, cfg.model, path, held_out, tokenizer) for name, path in systems.items()}
-        report(f"[seed {seed}] done in {time.perf_counter() - t_seed:.0f}s")
-    doc = summarise(cfg.data.domains, runs, baseline="OPD (lam=1)")
-    doc.update(curves=curves, wall_s=time.perf_counter() - t_start, kind="merge")
-    write_results(out, doc)
-    return doc
+    sd = out / f"seed{seed}"
+    model_cfg = dataclasses.replace(cfg.model, seed=cfg.model.seed + 1000 * seed)
+    # 1. mediocre base, 2. domain teachers by GRPO from that base
+    _sft_model(cfg, model_cfg, train_records, cfg.base, tokenizer, sd / "base", 7919 * seed + 1, f"[seed {seed}] base SFT")
+    teachers, curves = {}, {}
+    for i, domain in enumerate(cfg.data.domains):
+        teachers[domain] = sd / f"teacher_{domain}"
+        _grpo_teacher(cfg, sd / "base", domain, by_domain[domain], tokenizer, teachers[domain], 7919 * seed + 2 + i)
+        curves[f"teacher '{domain}'"] = _curves(sd / f"teacher_{domain}_train", ["reward_mean"])
+    # 3. G-OPD distillation of all teachers back into the base, reference = the base
+    students = {}
+    for lam in cfg.lambdas:
+        name = system_name(lam)
+        run_dir = sd / f"gopd_lam{lam:g}"
+        students[name] = _distill(cfg, dataclasses.replace(cfg.model, load=str(sd / "base")), teachers, lam, "initial",
+                                  train_records, held_out, tokenizer, run_dir, seed, f"[seed {seed}] {name}")
+        curves[name] = _curves(run_dir / "train", [f"reverse_kl/{d}" for d in cfg.data.domains])
+    # 4. evaluation
+    systems = {"base student": sd / "base", **{f"teacher '{d}'": p for d, p in teachers.items()}, **students}
+    return {"eval": {name: _evaluate_dir(cfg, cfg.model, path, held_out, tokenizer) for name, path in systems.items()},
+            "curves": curves}
 
 
-def run_strong_to_weak(cfg: DemoConfig) -> dict:
-    """Larger teacher (cfg.model: SFT base -> GRPO per domain), smaller student (its own SFT base),
-    G-OPD with reference = the student's initial weights vs the teacher's pre-RL base."""
-    t_start = time.perf_counter()
-    out, tokenizer, train_records, held_out = _setup(cfg)
+def strong_to_weak_seed(cfg: DemoConfig, seed: int) -> dict:
+    """Strong-to-weak for one seed: a larger teacher (cfg.model: SFT base -> GRPO per domain), a
+    smaller student (its own SFT base), G-OPD with reference = the student's initial weights vs the
+    teacher's pre-RL base. Returns the same shape as :func:`merge_seed`."""
+    out, tokenizer, train_records, held_out = _setup(cfg, quiet=True)
     s2w = cfg.strong_to_weak
     small = dataclasses.replace(s2w.student_model, vocab_size=cfg.model.vocab_size)
     by_domain = {d: [r for r in train_records if r[cfg.data.teacher_field] == d] for d in cfg.data.domains}
-    runs, curves = {}, {}
-    for seed in cfg.seeds:
-        sd = out / f"seed{seed}"
-        big_cfg = dataclasses.replace(cfg.model, seed=cfg.model.seed + 1000 * seed)
-        small_cfg = dataclasses.replace(small, seed=small.seed + 1000 * seed)
-        _sft_model(cfg, big_cfg, train_records, cfg.base, tokenizer, sd / "teacher_base", 7919 * seed + 1, f"[seed {seed}] teacher base SFT")
-        _sft_model(cfg, small_cfg, train_records, cfg.base, tokenizer, sd / "student_base", 7919 * seed + 5, f"[seed {seed}] student base SFT")
-        teachers = {}
-        for i, domain in enumerate(cfg.data.domains):
-            teachers[domain] = sd / f"teacher_{domain}"
-            _grpo_teacher(cfg, sd / "teacher_base", domain, by_domain[domain], tokenizer, teachers[domain], 7919 * seed + 2 + i)
-        students = {}
-        for ref in s2w.references:
-            name = f"{system_name(s2w.lam)}, ref = " + ("student initial" if ref == "student_initial" else "teacher pre-RL base")
-            reference = "initial" if ref == "student_initial" else str(sd / "teacher_base")
-            run_dir = sd / f"s2w_{ref}"
-            students[name] = _distill(cfg, dataclasses.replace(small, load=str(sd / "student_base")), teachers, s2w.lam,
-                                      reference, train_records, held_out, tokenizer, run_dir, seed, f"[seed {seed}] {name}")
-            curves.setdefault(name, []).append(_curves(run_dir / "train", [f"reverse_kl/{d}" for d in cfg.data.domains]))
-        systems = {"student base (small)": (small, sd / "student_base"), "teacher base (large)": (cfg.model, sd / "teacher_base"),
-                   **{f"teacher '{d}' (large)": (cfg.model, p) for d, p in teachers.items()},
-                   **{k: (small, v) for k, v in students.items()}}
-        runs[str(seed)] = {name: _evaluate_dir(cfg, m, path, held_out, tokenizer) for name, (m, path) in systems.items()}
-    first = next(iter(students))
-    doc = summarise(cfg.data.domains, runs, baseline=first)
-    doc.update(curves=curves, wall_s=time.perf_counter() - t_start, kind="strong_to_weak")
+    sd = out / f"seed{seed}"
+    big_cfg = dataclasses.replace(cfg.model, seed=cfg.model.seed + 1000 * seed)
+    small_cfg = dataclasses.replace(small, seed=small.seed + 1000 * seed)
+    _sft_model(cfg, big_cfg, train_records, cfg.base, tokenizer, sd / "teacher_base", 7919 * seed + 1, f"[seed {seed}] teacher base SFT")
+    student_phase = s2w.student_base or cfg.base
+    _sft_model(cfg, small_cfg, train_records, student_phase, tokenizer, sd / "student_base", 7919 * seed + 5,
+               f"[seed {seed}] student base SFT")
+    teachers, curves = {}, {}
+    for i, domain in enumerate(cfg.data.domains):
+        teachers[domain] = sd / f"teacher_{domain}"
+        _grpo_teacher(cfg, sd / "teacher_base", domain, by_domain[domain], tokenizer, teachers[domain], 7919 * seed + 2 + i)
+        curves[f"teacher '{domain}' (large)"] = _curves(sd / f"teacher_{domain}_train", ["reward_mean"])
+    students = {}
+    for ref in s2w.references:
+        name = f"{system_name(s2w.lam)}, ref = " + ("student initial" if ref == "student_initial" else "teacher pre-RL base")
+        reference = "initial" if ref == "student_initial" else str(sd / "teacher_base")
+        run_dir = sd / f"s2w_{ref}"
+        students[name] = _distill(cfg, dataclasses.replace(small, load=str(sd / "student_base")), teachers, s2w.lam,
+                                  reference, train_records, held_out, tokenizer, run_dir, seed, f"[seed {seed}] {name}")
+        curves[name] = _curves(run_dir / "train", [f"reverse_kl/{d}" for d in cfg.data.domains])
+    systems = {"student base (small)": (small, sd / "student_base"), "teacher base (large)": (cfg.model, sd / "teacher_base"),
+               **{f"teacher '{d}' (large)": (cfg.model, p) for d, p in teachers.items()},
+               **{k: (small, v) for k, v in students.items()}}
+    return {"eval": {name: _evaluate_dir(cfg, m, path, held_out, tokenizer) for name, (m, path) in systems.items()},
+            "curves": curves}
+
+
+SEED_JOBS = {"merge": merge_seed, "strong_to_weak": strong_to_weak_seed}
+
+
+def _seed_result(cfg: DemoConfig, seed: int) -> Path:
+    return Path(cfg.out_dir) / f"seed{seed}" / "result.json"
+
+
+def run_one_seed(cfg: DemoConfig, kind: str, seed: int) -> dict:
+    """Run (or find) one seed's experiment and save its result next to its models."""
+    path = _seed_result(cfg, seed)
+    if path.is_file():
+        report(f"[seed {seed}] found {path}, skipping")
+        return json.loads(path.read_text())
+    t0 = time.perf_counter()
+    result = SEED_JOBS[kind](cfg, seed)
+    result["wall_s"] = time.perf_counter() - t0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(path)  # a killed seed leaves no result that looks finished
+    report(f"[seed {seed}] done in {result['wall_s']:.0f}s")
+    return result
+
+
+def _workers(cfg: DemoConfig) -> int:
+    if cfg.workers:
+        return min(cfg.workers, len(cfg.seeds))
+    return max(1, min(len(cfg.seeds), os.cpu_count() or 1))
+
+
+def _run_seeds_in_workers(cfg: DemoConfig, kind: str, workers: int) -> dict[str, dict]:
+    """Each seed in its own process (one CPU thread each), at most ``workers`` at a time: the tiny
+    models leave a second thread of one process mostly idle, so two processes get nearly twice the
+    work done. Each process logs to out_dir/seed<k>.log."""
+    out = Path(cfg.out_dir)
+    config_path = out / "demo_config.json"
+    worker_cfg = to_dict(cfg)
+    worker_cfg["train"]["progress"] = False  # progress bars would fill the log files
+    config_path.write_text(json.dumps(worker_cfg))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    pending, running, results = list(cfg.seeds), {}, {}
+    while pending or running:
+        while pending and len(running) < workers:
+            seed = pending.pop(0)
+            log = out / f"seed{seed}.log"
+            cmd = [sys.executable, "-m", "gopd_mega.demo", "--recipe", str(config_path), "--kind", kind, "--only-seed", str(seed)]
+            with open(log, "w") as fh:
+                running[seed] = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+            report(f"[seed {seed}] started in a worker process (log: {log})")
+        time.sleep(1.0)
+        for seed, proc in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[seed]
+            log = out / f"seed{seed}.log"
+            if proc.returncode != 0 or not _seed_result(cfg, seed).is_file():
+                for other in running.values():
+                    other.terminate()
+                tail = "\n".join(log.read_text().splitlines()[-15:])
+                raise SystemExit(f"gopd-demo: seed {seed} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+            results[str(seed)] = json.loads(_seed_result(cfg, seed).read_text())
+            report(f"[seed {seed}] finished in {results[str(seed)]['wall_s']:.0f}s")
+    return {str(s): results[str(s)] for s in cfg.seeds}
+
+
+def run_seeds(cfg: DemoConfig, kind: str) -> dict:
+    """Every seed's experiment (in parallel worker processes when there are spare CPUs), then the
+    statistics over seeds, the table and the plot."""
+    t_start = time.perf_counter()
+    out, *_ = _setup(cfg)
+    workers = _workers(cfg)
+    if workers > 1:
+        per_seed = _run_seeds_in_workers(cfg, kind, workers)
+    else:
+        per_seed = {str(s): run_one_seed(cfg, kind, s) for s in cfg.seeds}
+    runs = {s: r["eval"] for s, r in per_seed.items()}
+    curves: dict[str, list] = {}
+    for r in per_seed.values():
+        for name, c in r["curves"].items():
+            curves.setdefault(name, []).append(c)
+    first_student = next(n for n in runs[str(cfg.seeds[0])] if n.startswith(("OPD", "ExOPD", "G-OPD")))
+    doc = summarise(cfg.data.domains, runs, baseline="OPD (lam=1)" if kind == "merge" else first_student)
+    doc.update(curves=curves, wall_s=time.perf_counter() - t_start, kind=kind, workers=workers)
     write_results(out, doc)
     return doc
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """The main job over ``cfg.seeds`` (see the module docstring)."""
+    return run_seeds(cfg, "merge")
+
+
+def run_strong_to_weak(cfg: DemoConfig) -> dict:
+    """The strong-to-weak example over ``cfg.seeds``."""
+    return run_seeds(cfg, "strong_to_weak")
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -432,6 +543,13 @@ def conclusions(doc: dict) -> list[str]:
     return lines
 
 
+MODE_NOTES = {
+    "exact": "expected accuracy of sampling at temperature 1, exactly (p of the answer, no sampling noise)",
+    "greedy": "greedy decoding",
+    "sampled": "one sample per prompt at temperature 1",
+}
+
+
 def write_results(out: Path, doc: dict) -> None:
     from gopd_mega.metrics import is_rank0
 
@@ -442,7 +560,8 @@ def write_results(out: Path, doc: dict) -> None:
     table = results_table(doc)
     n = len(doc["seeds"])
     title = f"Held-out accuracy (%), mean ± std over {n} seed{'s' * (n > 1)} ({', '.join(doc['seeds'])})"
-    text = title + "\n\n" + table + "\n\n" + "\n".join(f"- {c}" for c in doc["conclusions"]) + "\n"
+    legend = "; ".join(f"{m}: {MODE_NOTES[m]}" for m in doc["modes"] if m in MODE_NOTES)
+    text = (title + "\n\n" + table + "\n\n" + legend + "\n\n" + "\n".join(f"- {c}" for c in doc["conclusions"]) + "\n")
     (out / "results.md").write_text(text + f"\nwall time {doc['wall_s']:.0f}s\n")
     _plot(out / "results.png", doc)
     print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'} (wall {doc['wall_s']:.0f}s)", flush=True)
@@ -492,7 +611,7 @@ def _plot(path: Path, doc: dict) -> None:
         ax.set_xticks([i + width * (len(cols) - 1) / 2 for i in range(len(names))])
         ax.set_xticklabels(names, rotation=25, ha="right", fontsize=7)
         ax.set_ylabel("held-out accuracy (%)")
-        ax.set_title(f"{mode} decoding, mean ± std over {len(doc['seeds'])} seeds", fontsize=9)
+        ax.set_title(f"{mode}: {MODE_NOTES.get(mode, '')}\nmean ± std over {len(doc['seeds'])} seeds", fontsize=8)
         ax.legend(fontsize=7)
     ax_kl, ax_r = axes[0][len(modes)], axes[0][len(modes) + 1]
     for name, per_seed in doc.get("curves", {}).items():
@@ -522,6 +641,9 @@ def main(argv: list[str] | None = None) -> None:
                         "with --strong-to-weak")
     parser.add_argument("--full", action="store_true", help="the longer, more accurate setting (recipes/demo_full.yaml)")
     parser.add_argument("--strong-to-weak", action="store_true", help="the strong-to-weak reward-correction example")
+    parser.add_argument("--only-seed", type=int, default=None, help="run only this seed's experiment and save its "
+                        "result (what each worker process of a multi-seed run does)")
+    parser.add_argument("--kind", choices=sorted(SEED_JOBS), default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
     args = parser.parse_args(argv)
     recipe = args.recipe or ("recipes/demo_strong_to_weak.yaml" if args.strong_to_weak else
@@ -530,7 +652,11 @@ def main(argv: list[str] | None = None) -> None:
         cfg = build_config(DemoConfig, read_recipe(recipe), args.overrides)
     except ConfigError as exc:
         parser.error(str(exc))  # exits with status 2 and the message naming the field
-    (run_strong_to_weak if args.strong_to_weak else run_demo)(cfg)
+    kind = args.kind or ("strong_to_weak" if args.strong_to_weak else "merge")
+    if args.only_seed is not None:
+        run_one_seed(cfg, kind, args.only_seed)
+    else:
+        run_seeds(cfg, kind)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Held-out evaluation: per-domain exact-match accuracy, greedy and/or sampled.
+"""Held-out evaluation: per-domain exact-match accuracy, greedy, sampled and/or exact.
 
 For each domain, every held-out prompt ([bos] + prompt tokens) is decoded by a rollout engine; the
 response text (decoded up to eos) is judged by ``checker(domain, prompt, response_text)`` (for the
@@ -6,12 +6,20 @@ synthetic domains, :func:`gopd_mega.data.synthetic.check`). Besides accuracy it 
 response length and the stop rate (fraction of responses that ended with a stop token rather than
 running into max_new_tokens): with lambda > 1 (ExOPD) growing length and a falling stop rate are
 the first signs of reward hacking, before accuracy moves.
+
+"exact" (:func:`answer_probability`) needs no sampling: for a task whose checker accepts one
+reference answer, the expected accuracy of temperature sampling is the probability the model gives
+that answer followed by a stop token, one teacher-forced forward. It is the sampled accuracy of
+infinitely many samples, so comparisons between systems carry no sampling noise (on 200 prompts a
+single sampled pass has a binomial std of about 3 points).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
+
+import torch
 
 from gopd_mega.data.tokenizer import Tokenizer
 from gopd_mega.rollout.base import FINISH_STOP, RolloutEngine
@@ -39,10 +47,12 @@ class EvalResult:
         out: dict[str, float] = {}
         for d in self.accuracy:
             out[f"{prefix}/{d}/acc"] = self.accuracy[d]
-            out[f"{prefix}/{d}/response_len"] = self.response_len[d]
-            out[f"{prefix}/{d}/stop_rate"] = self.stop_rate[d]
+            if d in self.response_len:
+                out[f"{prefix}/{d}/response_len"] = self.response_len[d]
+                out[f"{prefix}/{d}/stop_rate"] = self.stop_rate[d]
         out[f"{prefix}/mean_acc"] = self.mean_accuracy
-        out[f"{prefix}/mean_response_len"] = self.mean_response_len
+        if self.response_len:
+            out[f"{prefix}/mean_response_len"] = self.mean_response_len
         return out
 
 
@@ -92,6 +102,50 @@ def evaluate(
     return result
 
 
+def answer_probability(
+    model,
+    records_by_domain: dict[str, list[dict]],
+    tokenizer: Tokenizer,
+    answer_of: Callable[[str, str], str],
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_prompts: int | None = None,
+    prompt_field: str = "prompt",
+) -> EvalResult:
+    """Exact expected accuracy of sampling at ``temperature``, per domain: the mean over prompts of
+    p(answer tokens, then the tokenizer's eos | [bos] + prompt), by one forward of ``model`` (a
+    :class:`gopd_mega.models.ShardedGPT`, or anything with its ``logprobs``).
+
+    ``answer_of(domain, prompt)`` is the reference answer; its tokens are ``tokenizer.encode(answer)``
+    (exact for tokenizers that encode a concatenation piecewise, as the character tokenizer does).
+    For an exact-match checker this equals the accuracy of sampling averaged over all draws; it is a
+    lower bound when the checker also accepts other texts (e.g. with surrounding whitespace). Only
+    ``accuracy`` is filled (no lengths: nothing is generated). Needs top_p = 1: nucleus sampling
+    changes the distribution."""
+    if top_p != 1.0:
+        raise ValueError(f"answer_probability: exact evaluation samples from the full distribution; rollout.top_p must be 1, got {top_p}")
+    result = EvalResult()
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    for domain, records in records_by_domain.items():
+        records = records[:max_prompts] if max_prompts is not None else records
+        if not records:
+            raise ValueError(f"answer_probability: no held-out records for domain {domain!r}")
+        seqs, starts = [], []
+        for rec in records:
+            prompt = bos + list(tokenizer.encode(rec[prompt_field]))
+            starts.append(len(prompt))
+            seqs.append(prompt + list(tokenizer.encode(answer_of(domain, rec[prompt_field]))) + [tokenizer.eos_id])
+        tokens = torch.full((len(seqs), max(map(len, seqs))), tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros(tokens.shape)
+        for i, (seq, start) in enumerate(zip(seqs, starts)):
+            tokens[i, :len(seq)] = torch.tensor(seq)
+            mask[i, start:len(seq)] = 1.0
+        logp = model.logprobs(tokens, mask, temperature)
+        result.accuracy[domain] = float(((logp.double() * mask).sum(1)).exp().mean())
+    return result
+
+
 def evaluate_modes(
     engine: RolloutEngine,
     records_by_domain: dict[str, list[dict]],
@@ -102,17 +156,27 @@ def evaluate_modes(
     *,
     seed: int = 0,
     prompt_field: str = "prompt",
+    model=None,
+    answer_of: Callable[[str, str], str] | None = None,
 ) -> dict[str, EvalResult]:
-    """Greedy and/or sampled evaluation as :class:`gopd_mega.config.EvalConfig` asks (sampling at the
-    rollout temperature/top-p): ``{"greedy": EvalResult, "sampled": EvalResult}``."""
+    """Exact, greedy and/or sampled evaluation as :class:`gopd_mega.config.EvalConfig` asks
+    (sampling at the rollout temperature/top-p): ``{"exact": ..., "greedy": ..., "sampled": ...}``.
+    "exact" (:func:`answer_probability`) needs the ``model`` and the reference ``answer_of``."""
+    results: dict[str, EvalResult] = {}
+    if eval_cfg.exact:
+        if model is None or answer_of is None:
+            raise ValueError("eval.exact needs the model and a reference answer per prompt (synthetic domains); "
+                             "set eval.exact=false for this dataset")
+        results["exact"] = answer_probability(model, records_by_domain, tokenizer, answer_of,
+                                              temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
+                                              max_prompts=eval_cfg.max_prompts, prompt_field=prompt_field)
     modes = [("greedy", True)] * bool(eval_cfg.greedy) + [("sampled", False)] * bool(eval_cfg.sampled)
-    return {
-        name: evaluate(engine, records_by_domain, tokenizer, checker, greedy=greedy,
-                       temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
-                       max_new_tokens=rollout_cfg.max_new_tokens, seed=seed,
-                       max_prompts=eval_cfg.max_prompts, prompt_field=prompt_field)
-        for name, greedy in modes
-    }
+    for name, greedy in modes:
+        results[name] = evaluate(engine, records_by_domain, tokenizer, checker, greedy=greedy,
+                                 temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
+                                 max_new_tokens=rollout_cfg.max_new_tokens, seed=seed,
+                                 max_prompts=eval_cfg.max_prompts, prompt_field=prompt_field)
+    return results
 
 
 def evaluate_config(
@@ -125,10 +189,12 @@ def evaluate_config(
     *,
     seed: int = 0,
     prompt_field: str = "prompt",
+    model=None,
+    answer_of: Callable[[str, str], str] | None = None,
 ) -> dict[str, float]:
     """:func:`evaluate_modes` as flat metrics ``eval/greedy/<domain>/acc``, ``eval/sampled/...``."""
     metrics: dict[str, float] = {}
     for name, res in evaluate_modes(engine, records_by_domain, tokenizer, checker, eval_cfg, rollout_cfg,
-                                    seed=seed, prompt_field=prompt_field).items():
+                                    seed=seed, prompt_field=prompt_field, model=model, answer_of=answer_of).items():
         metrics.update(res.as_metrics(f"eval/{name}"))
     return metrics

@@ -153,10 +153,11 @@ def build_rollout(cfg: RunConfig, engine, teachers: dict, reference) -> RolloutC
 
 def synthetic_evaluator(cfg: RunConfig, models: Models, tokenizer, held_out: dict[str, list[dict]]) -> Callable[[], dict]:
     """Held-out accuracy of the rollout engine (= the current student) on the synthetic domains,
-    greedy and/or sampled as ``cfg.eval`` asks: the trainer's periodic evaluation."""
+    exact, greedy and/or sampled as ``cfg.eval`` asks: the trainer's periodic evaluation."""
     engine = models.rollout.shared_engine() if models.rollout is not None else models.engine
     return lambda: evaluate_config(engine, held_out, tokenizer, synthetic.check, cfg.eval, cfg.rollout,
-                                   seed=cfg.data.seed, prompt_field=cfg.data.prompt_field)
+                                   seed=cfg.data.seed, prompt_field=cfg.data.prompt_field,
+                                   model=models.student, answer_of=synthetic.answer)
 
 
 def verifier_reward(records: list[dict], tokenizer, verify: Callable[[dict, str], object]) -> Callable:
@@ -278,6 +279,9 @@ def dataset_evaluator(cfg: RunConfig, models: Models, tokenizer, eval_records: l
     from gopd_mega.data.prompts import PromptDataset
     from gopd_mega.eval.harness import training_evaluator
 
+    if cfg.eval.exact:
+        raise ConfigError(f"config field 'eval.exact': exact evaluation needs one reference answer per prompt "
+                          f"(synthetic domains); {where} is graded by verifiers, set eval.exact=false")
     kept = PromptDataset(eval_records, tokenizer, max_prompt_len=cfg.data.max_prompt_len,
                          prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field,
                          teacher_field=cfg.data.teacher_field)

@@ -1,5 +1,5 @@
-"""A smoke run of the demo pipeline (every phase, two seeds, very few steps): the seed loop, the
-statistics over seeds and the outputs."""
+"""A smoke run of the demo pipeline (every phase, two seeds, very few steps): the seed loop (in
+worker processes and in one process), the statistics over seeds and the outputs."""
 
 from __future__ import annotations
 
@@ -17,8 +17,11 @@ TINY = ["model.num_layers=1", "model.hidden_size=32", "model.ffn_hidden_size=64"
 
 
 def test_demo_pipeline_smoke(tmp_path):
-    cfg = build_config(DemoConfig, read_recipe("recipes/demo.yaml"), [f"out_dir={tmp_path / 'demo'}", *TINY])
+    """Two seeds in two worker processes, as ``make demo`` runs them on 2 CPUs."""
+    cfg = build_config(DemoConfig, read_recipe("recipes/demo.yaml"), [f"out_dir={tmp_path / 'demo'}", *TINY, "workers=2",
+                                                                      "eval.sampled=true"])
     doc = run_demo(cfg)
+    assert doc["workers"] == 2 and doc["modes"] == ["exact", "greedy", "sampled"]
     domains = cfg.data.domains
     systems = ["base student"] + [f"teacher '{d}'" for d in domains] + [
         "OPD (lam=1)", "ExOPD (lam=1.25)", "ExOPD (lam=1.5)"]
@@ -26,13 +29,13 @@ def test_demo_pipeline_smoke(tmp_path):
     for seed in doc["seeds"]:
         assert list(doc["runs"][seed]) == systems
         for res in doc["runs"][seed].values():
-            for mode in ("greedy", "sampled"):
+            for mode in ("exact", "greedy", "sampled"):
                 assert set(res[mode]) == set(domains)
                 assert all(0.0 <= res[mode][d]["accuracy"] <= 1.0 for d in domains)
     # the summary is the mean and sample std of the per-seed numbers
     for name in systems:
-        vals = [100 * doc["runs"][s][name]["sampled"][domains[0]]["accuracy"] for s in doc["seeds"]]
-        got = doc["summary"][name]["sampled"][domains[0]]
+        vals = [100 * doc["runs"][s][name]["exact"][domains[0]]["accuracy"] for s in doc["seeds"]]
+        got = doc["summary"][name]["exact"][domains[0]]
         assert got["values"] == vals
         assert got["mean"] == pytest.approx(statistics.fmean(vals)) and got["std"] == pytest.approx(statistics.stdev(vals))
     # seeds differ (different init / data order), so the seeds' bases are not copies of each other
@@ -49,10 +52,21 @@ def test_demo_pipeline_smoke(tmp_path):
     assert (out / "results.png").stat().st_size > 1000
     # periodic held-out evaluation ran inside the distillation loop
     evals = [json.loads(x) for x in (out / "seed0" / "gopd_lam1" / "train" / "metrics.jsonl").read_text().splitlines()]
-    assert any(r["phase"] == "eval" and "eval/greedy/mean_acc" in r for r in evals)
+    assert any(r["phase"] == "eval" and "eval/greedy/mean_acc" in r and "eval/exact/mean_acc" in r for r in evals)
+    assert (out / "seed1.log").is_file() and (out / "seed1" / "result.json").is_file()
     # a re-run skips every finished phase and reproduces the same table
     again = run_demo(cfg)
     assert again["summary"] == doc["summary"]
+
+
+def test_failed_worker_seed_is_named_with_its_log(tmp_path):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "seed1").write_text("not a directory")  # seed 1 cannot save its base model
+    cfg = build_config(DemoConfig, read_recipe("recipes/demo.yaml"), [f"out_dir={out}", *TINY, "workers=2"])
+    with pytest.raises(SystemExit, match=r"seed 1 failed \(exit 1\); last lines of .*seed1\.log"):
+        run_demo(cfg)
+    assert not (out / "results.json").exists()
 
 
 def test_summary_statistics_and_paired_difference():

@@ -154,6 +154,11 @@ def check(domain: str, prompt: str, response_text: str) -> bool:
     return response_text.strip() == get_domain(domain).solve(prompt)
 
 
+def answer(domain: str, prompt: str) -> str:
+    """The one answer :func:`check` accepts (whitespace aside): the reference of exact evaluation."""
+    return get_domain(domain).solve(prompt)
+
+
 def verifier(prompt_field: str = "prompt", domain_field: str = "opd_teacher") -> Callable[[dict, str], float]:
     """A ``(record, response_text) -> reward`` verifier for GRPO: 1.0 when :func:`check` accepts
     the response, else 0.0; the record's ``domain_field`` names its domain."""
