@@ -525,8 +525,8 @@ class TrainConfig:
     against pi_old from a no-grad pass of the student before the first (ratio and clip matter).
     The LR schedule counts updates: optim.warmup_steps and the decay span steps * N updates."""
     eval_every: int = 0
-    """Evaluate every N steps (0: never during training; the demo evaluates its finished models
-    itself, and `gopd-eval` scores any saved model)."""
+    """Evaluate every N steps and after the last step (0: never during training; the demo evaluates
+    its finished models itself, and `gopd-eval` scores any saved model)."""
     save_every: int = 0
     """Checkpoint every N steps (0: only at the end)."""
     keep_last: int | None = None

@@ -382,6 +382,8 @@ class Distiller:
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save()
         bar.close()
+        if self.step > start and cfg.eval_every and self.step % cfg.eval_every and self.evaluate is not None:
+            self.logger.log(self.step, self.evaluate(), prefix="eval")  # the final student, unless just evaluated
         if self.step > start and (not cfg.save_every or self.step % cfg.save_every):
             self.save()  # the final state, unless the loop has just saved it
         return history

@@ -96,7 +96,7 @@ def test_grpo_on_a_math_dataset_rewards_from_math_verifier(tmp_path, monkeypatch
 
 def test_auto_verifier_and_holdout_through_the_cli(tmp_path, capsys):
     """data.verifier auto reads the route column ('math'); eval_holdout keeps 2 records out of
-    training and evaluates them every step."""
+    training and evaluates them every 2 steps and after the last (step 3)."""
     from gopd_mega import cli
 
     student = _student(tmp_path / "student")
@@ -104,9 +104,9 @@ def test_auto_verifier_and_holdout_through_the_cli(tmp_path, capsys):
     data = _write_jsonl(tmp_path / "train.jsonl", rows)
     out = tmp_path / "run"
     cli.main(["--recipe", str(_recipe(tmp_path, student, data)), f"train.out_dir={out}", "data.teacher_field=domain",
-              "data.eval_holdout=2", "train.eval_every=2"])
+              "data.eval_holdout=2", "train.eval_every=2", "train.steps=3"])
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["phase"], r["step"]) for r in rows] == [("train", 1), ("train", 2), ("eval", 2)]
+    assert [(r["phase"], r["step"]) for r in rows] == [("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("eval", 3)]
     assert "reward_mean" in rows[0] and "eval/math/avg@1" in rows[2]
     printed = capsys.readouterr().out
     assert "prompt filter: kept 4/4" in printed and "evaluation set math: 2 records" in printed
@@ -167,6 +167,34 @@ def test_auto_routes_math_and_code_records(tmp_path):
         ds = PromptDataset(bad, tok, max_prompt_len=16, prompt_field="q", answer_field="a", teacher_field="r")
         with pytest.raises(DataError, match=r"record 0: field 'a': tests are a string but not JSON"):
             dataset_reward(cfg, bad, ds, tok, verifiers)
+    finally:
+        verifiers.close()
+
+
+def test_code_reward_through_the_trainer_path_with_isolation(tmp_path):
+    """The GRPO reward of a code record, with the sandbox's isolation on (the default): programs run
+    in their own namespaces and the verdicts match the tests."""
+    from gopd_mega.data.prompts import PromptDataset
+    from gopd_mega.run import RecordVerifiers, dataset_reward
+    from gopd_mega.verify import sandbox
+
+    why = sandbox.isolation_error()
+    if why:
+        pytest.skip(f"no sandbox isolation here: {why}")
+    tests = json.dumps([{"stdin": "3\n", "expected_stdout": "9"}, {"stdin": "4\n", "expected_stdout": "16"}])
+    records = [{"q": "square", "a": tests, "r": "code"}]
+    data = _write_jsonl(tmp_path / "d.jsonl", records)
+    cfg = build_config(RunConfig, {"data": {"source": str(data), "prompt_field": "q", "answer_field": "a", "teacher_field": "r"},
+                                   "objective": {"kind": "grpo"}, "rollout": {"samples_per_prompt": 2}})
+    assert cfg.data.code_isolation
+    tok = _CodePoints()
+    verifiers = RecordVerifiers(cfg.data)
+    try:
+        ds = PromptDataset(records, tok, max_prompt_len=16, prompt_field="q", answer_field="a", teacher_field="r")
+        reward = dataset_reward(cfg, records, ds, tok, verifiers)
+        assert reward(ds[0], tok.encode("```python\nn = int(input())\nprint(n * n)\n```")) == 1.0
+        assert reward(ds[0], tok.encode("```python\nprint(9)\n```")) == 0.0  # passes one test of two
+        assert reward(ds[0], tok.encode("```python\nimport socket\nsocket.create_connection(('127.0.0.1', 9))\n```")) == 0.0
     finally:
         verifiers.close()
 
