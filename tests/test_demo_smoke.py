@@ -96,7 +96,8 @@ def test_strong_to_weak_smoke(tmp_path):
 
     cfg = build_config(DemoConfig, read_recipe("recipes/demo_strong_to_weak.yaml"), [
         f"out_dir={tmp_path / 's2w'}", *TINY[3:], "seeds=[0]", "strong_to_weak.student_model.hidden_size=16",
-        "strong_to_weak.student_model.ffn_hidden_size=32", "model.hidden_size=32", "model.ffn_hidden_size=64"])
+        "strong_to_weak.student_model.ffn_hidden_size=32", "model.hidden_size=32", "model.ffn_hidden_size=64",
+        "strong_to_weak.student_base.steps=2"])
     doc = run_strong_to_weak(cfg)
     names = list(doc["summary"])
     assert names[:2] == ["student base (small)", "teacher base (large)"]
