@@ -388,15 +388,25 @@ def run_one_seed(cfg: DemoConfig, kind: str, seed: int) -> dict:
     t0 = time.perf_counter()
     result = SEED_JOBS[kind](cfg, seed)
     result["wall_s"] = time.perf_counter() - t0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(path)  # a killed seed leaves no result that looks finished
+    from gopd_mega.metrics import is_rank0
+
+    if is_rank0():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result))
+        tmp.replace(path)  # a killed seed leaves no result that looks finished
     report(f"[seed {seed}] done in {result['wall_s']:.0f}s")
     return result
 
 
 def _workers(cfg: DemoConfig) -> int:
+    """Worker processes for the seeds: none under torchrun (the ranks together run each seed's
+    model-parallel models, one seed after another)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if cfg.workers > 1:
+            raise ConfigError(f"config field 'workers': {cfg.workers} worker processes per rank under torchrun "
+                              "(WORLD_SIZE > 1); the ranks run the seeds one after another, set workers=1 or 0")
+        return 1
     if cfg.workers:
         return min(cfg.workers, len(cfg.seeds))
     return max(1, min(len(cfg.seeds), os.cpu_count() or 1))
@@ -527,12 +537,19 @@ def conclusions(doc: dict) -> list[str]:
         for m in doc["modes"]:
             d = res[m]["avg"]
             wins = sum(v > 0 for v in d["values"])
-            verdict = ("beats" if d["mean"] > 0 and d["mean"] > d["std"] else
-                       "is below" if d["mean"] < 0 and -d["mean"] > d["std"] else "does not clearly differ from")
+            mean = round(d["mean"], 1)  # as printed: a difference under 0.05 points is no difference
+            verdict = ("beats" if mean > 0 and mean > d["std"] else
+                       "is below" if mean < 0 and -mean > d["std"] else "does not clearly differ from")
             lines.append(f"{name} {verdict} {doc['baseline']} on {m} avg accuracy: {d['mean']:+.1f} ± {d['std']:.1f} points "
                          f"(paired over {n} seeds; higher in {wins}/{n})")
     summ = doc["summary"]
     teachers = [s for s in summ if s.startswith("teacher '")]
+    if doc.get("kind") == "merge" and "base student" in summ:
+        for s in summ:
+            if s.startswith(("OPD", "ExOPD", "G-OPD")):
+                for m in doc["modes"]:
+                    d = mean_std([summ[s][m]["avg"]["values"][i] - summ["base student"][m]["avg"]["values"][i] for i in range(n)])
+                    lines.append(f"{s} − base student on {m} avg accuracy: {d['mean']:+.1f} ± {d['std']:.1f} points (paired over {n} seeds)")
     if doc.get("kind") == "merge" and teachers:
         for m in doc["modes"]:
             best = {d: max(summ[t][m][d]["mean"] for t in teachers) for d in doc["domains"]}

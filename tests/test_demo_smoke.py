@@ -49,6 +49,7 @@ def test_demo_pipeline_smoke(tmp_path):
     assert json.loads((out / "results.json").read_text())["summary"] == doc["summary"]
     md = (out / "results.md").read_text()
     assert "| ExOPD (lam=1.25) |" in md and "− OPD (lam=1), paired" in md and "±" in md
+    assert "ExOPD (lam=1.25) − base student on exact avg accuracy" in md
     assert (out / "results.png").stat().st_size > 1000
     # periodic held-out evaluation ran inside the distillation loop
     evals = [json.loads(x) for x in (out / "seed0" / "gopd_lam1" / "train" / "metrics.jsonl").read_text().splitlines()]
