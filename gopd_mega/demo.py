@@ -412,6 +412,9 @@ def _workers(cfg: DemoConfig) -> int:
     return max(1, min(len(cfg.seeds), os.cpu_count() or 1))
 
 
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _run_seeds_in_workers(cfg: DemoConfig, kind: str, workers: int) -> dict[str, dict]:
     """Each seed in its own process (one CPU thread each), at most ``workers`` at a time: the tiny
     models leave a second thread of one process mostly idle, so two processes get nearly twice the
@@ -422,7 +425,10 @@ def _run_seeds_in_workers(cfg: DemoConfig, kind: str, workers: int) -> dict[str,
     worker_cfg["train"]["progress"] = False  # progress bars would fill the log files
     config_path.write_text(json.dumps(worker_cfg))
     threads = max(1, (os.cpu_count() or 1) // workers)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    # each worker is its own single-process world: without this process's torch.distributed
+    # variables (set if it initialised one), two workers would try to serve the same MASTER_PORT
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     pending, running, results = list(cfg.seeds), {}, {}
     while pending or running:
         while pending and len(running) < workers:

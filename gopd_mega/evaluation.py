@@ -192,7 +192,7 @@ def evaluate_config(
     model=None,
     answer_of: Callable[[str, str], str] | None = None,
 ) -> dict[str, float]:
-    """:func:`evaluate_modes` as flat metrics ``eval/greedy/<domain>/acc``, ``eval/sampled/...``."""
+    """:func:`evaluate_modes` as flat metrics ``eval/exact/<domain>/acc``, ``eval/greedy/...``, ``eval/sampled/...``."""
     metrics: dict[str, float] = {}
     for name, res in evaluate_modes(engine, records_by_domain, tokenizer, checker, eval_cfg, rollout_cfg,
                                     seed=seed, prompt_field=prompt_field, model=model, answer_of=answer_of).items():

@@ -17,7 +17,11 @@ TINY = ["model.num_layers=1", "model.hidden_size=32", "model.ffn_hidden_size=64"
 
 
 def test_demo_pipeline_smoke(tmp_path):
-    """Two seeds in two worker processes, as ``make demo`` runs them on 2 CPUs."""
+    """Two seeds in two worker processes, as ``make demo`` runs them on 2 CPUs, started from a
+    process that has its own single-process world (its MASTER_PORT must not reach the workers)."""
+    from gopd_mega.platform import init_distributed
+
+    init_distributed()
     cfg = build_config(DemoConfig, read_recipe("recipes/demo.yaml"), [f"out_dir={tmp_path / 'demo'}", *TINY, "workers=2",
                                                                       "eval.sampled=true"])
     doc = run_demo(cfg)
