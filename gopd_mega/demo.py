@@ -273,7 +273,7 @@ def _distill(cfg: DemoConfig, student: ModelConfig, teachers: dict[str, Path], l
 
 
 def _evaluate_dir(cfg: DemoConfig, model_cfg: ModelConfig, path: Path, held_out: dict[str, list[dict]], tokenizer) -> dict:
-    """Held-out accuracy of the model saved at ``path``: greedy and sampled, per domain."""
+    """Held-out accuracy of the model saved at ``path``, per domain, in the modes ``cfg.eval`` asks for."""
     model = build_model(dataclasses.replace(model_cfg, load=str(path)), trainable=False, name=str(path))
     engine = EmbeddedEngine(model, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids)
     results = evaluate_modes(engine, held_out, tokenizer, synthetic.check, cfg.eval, cfg.rollout, seed=cfg.data.seed + 17,
