@@ -19,8 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
-
+from gopd_mega.data.prompts import sft_batch
 from gopd_mega.data.tokenizer import Tokenizer
 from gopd_mega.rollout.base import FINISH_STOP, RolloutEngine
 
@@ -126,23 +125,14 @@ def answer_probability(
     if top_p != 1.0:
         raise ValueError(f"answer_probability: exact evaluation samples from the full distribution; rollout.top_p must be 1, got {top_p}")
     result = EvalResult()
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     for domain, records in records_by_domain.items():
         records = records[:max_prompts] if max_prompts is not None else records
         if not records:
             raise ValueError(f"answer_probability: no held-out records for domain {domain!r}")
-        seqs, starts = [], []
-        for rec in records:
-            prompt = bos + list(tokenizer.encode(rec[prompt_field]))
-            starts.append(len(prompt))
-            seqs.append(prompt + list(tokenizer.encode(answer_of(domain, rec[prompt_field]))) + [tokenizer.eos_id])
-        tokens = torch.full((len(seqs), max(map(len, seqs))), tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros(tokens.shape)
-        for i, (seq, start) in enumerate(zip(seqs, starts)):
-            tokens[i, :len(seq)] = torch.tensor(seq)
-            mask[i, start:len(seq)] = 1.0
+        pairs = [{"prompt": r[prompt_field], "answer": answer_of(domain, r[prompt_field])} for r in records]
+        tokens, mask = sft_batch(pairs, tokenizer, None)  # [bos] prompt answer [eos], scored on answer + eos
         logp = model.logprobs(tokens, mask, temperature)
-        result.accuracy[domain] = float(((logp.double() * mask).sum(1)).exp().mean())
+        result.accuracy[domain] = float((logp.double() * mask).sum(1).exp().mean())
     return result
 
 

@@ -175,14 +175,15 @@ def _route(rec: dict, i: int, teacher_field: str, teachers: list[str] | None) ->
 def sft_batch(
     records: list[dict],
     tokenizer: Tokenizer,
-    max_len: int,
+    max_len: int | None,
     *,
     prompt_field: str = "prompt",
     answer_field: str = "answer",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``tokens [N, S] int64`` = [bos] prompt answer [eos] right-padded with pad, and
     ``loss_mask [N, S] bool`` True on the answer and eos tokens. S = longest sequence of the batch.
-    A sequence longer than ``max_len`` is an error (truncating it would teach a wrong answer)."""
+    A sequence longer than ``max_len`` is an error (truncating it would teach a wrong answer);
+    None: no limit here (the model's own length check applies)."""
     if not records:
         raise DataError("sft_batch: no records")
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
@@ -193,7 +194,7 @@ def sft_batch(
                 raise DataError(f"sft_batch: record {i} has no field {name!r}")
         prompt = bos + list(tokenizer.encode(rec[prompt_field]))
         seq = prompt + list(tokenizer.encode(str(rec[answer_field]))) + [tokenizer.eos_id]
-        if len(seq) > max_len:
+        if max_len is not None and len(seq) > max_len:
             raise DataError(f"sft_batch: record {i} is {len(seq)} tokens long, more than max_len={max_len}")
         seqs.append(seq)
         starts.append(len(prompt))
