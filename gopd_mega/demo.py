@@ -309,20 +309,28 @@ def _setup(cfg: DemoConfig, quiet: bool = False):
 # ----------------------------------------------------------------------------- one seed
 
 
+def _grpo_teachers(cfg: DemoConfig, base: Path, train_records: list[dict], tokenizer, sd: Path, seed: int,
+                   suffix: str = "") -> tuple[dict[str, Path], dict[str, dict]]:
+    """One GRPO teacher per domain from ``base`` (saved as sd/teacher_<domain>), and each one's
+    reward curve under the name "teacher '<domain>'" + suffix."""
+    teachers, curves = {}, {}
+    for i, domain in enumerate(cfg.data.domains):
+        records = [r for r in train_records if r[cfg.data.teacher_field] == domain]
+        teachers[domain] = sd / f"teacher_{domain}"
+        _grpo_teacher(cfg, base, domain, records, tokenizer, teachers[domain], 7919 * seed + 2 + i)
+        curves[f"teacher '{domain}'{suffix}"] = _curves(sd / f"teacher_{domain}_train", ["reward_mean"])
+    return teachers, curves
+
+
 def merge_seed(cfg: DemoConfig, seed: int) -> dict:
     """The main job for one seed: base, GRPO teachers, G-OPD merges, evaluation of each.
     Returns ``{"eval": {system: {mode: {domain: ...}}}, "curves": {system: {metric: [...]}}}``."""
     out, tokenizer, train_records, held_out = _setup(cfg, quiet=True)
-    by_domain = {d: [r for r in train_records if r[cfg.data.teacher_field] == d] for d in cfg.data.domains}
     sd = out / f"seed{seed}"
     model_cfg = dataclasses.replace(cfg.model, seed=cfg.model.seed + 1000 * seed)
     # 1. mediocre base, 2. domain teachers by GRPO from that base
     _sft_model(cfg, model_cfg, train_records, cfg.base, tokenizer, sd / "base", 7919 * seed + 1, f"[seed {seed}] base SFT")
-    teachers, curves = {}, {}
-    for i, domain in enumerate(cfg.data.domains):
-        teachers[domain] = sd / f"teacher_{domain}"
-        _grpo_teacher(cfg, sd / "base", domain, by_domain[domain], tokenizer, teachers[domain], 7919 * seed + 2 + i)
-        curves[f"teacher '{domain}'"] = _curves(sd / f"teacher_{domain}_train", ["reward_mean"])
+    teachers, curves = _grpo_teachers(cfg, sd / "base", train_records, tokenizer, sd, seed)
     # 3. G-OPD distillation of all teachers back into the base, reference = the base
     students = {}
     for lam in cfg.lambdas:
@@ -344,7 +352,6 @@ def strong_to_weak_seed(cfg: DemoConfig, seed: int) -> dict:
     out, tokenizer, train_records, held_out = _setup(cfg, quiet=True)
     s2w = cfg.strong_to_weak
     small = dataclasses.replace(s2w.student_model, vocab_size=cfg.model.vocab_size)
-    by_domain = {d: [r for r in train_records if r[cfg.data.teacher_field] == d] for d in cfg.data.domains}
     sd = out / f"seed{seed}"
     big_cfg = dataclasses.replace(cfg.model, seed=cfg.model.seed + 1000 * seed)
     small_cfg = dataclasses.replace(small, seed=small.seed + 1000 * seed)
@@ -352,11 +359,7 @@ def strong_to_weak_seed(cfg: DemoConfig, seed: int) -> dict:
     student_phase = s2w.student_base or cfg.base
     _sft_model(cfg, small_cfg, train_records, student_phase, tokenizer, sd / "student_base", 7919 * seed + 5,
                f"[seed {seed}] student base SFT")
-    teachers, curves = {}, {}
-    for i, domain in enumerate(cfg.data.domains):
-        teachers[domain] = sd / f"teacher_{domain}"
-        _grpo_teacher(cfg, sd / "teacher_base", domain, by_domain[domain], tokenizer, teachers[domain], 7919 * seed + 2 + i)
-        curves[f"teacher '{domain}' (large)"] = _curves(sd / f"teacher_{domain}_train", ["reward_mean"])
+    teachers, curves = _grpo_teachers(cfg, sd / "teacher_base", train_records, tokenizer, sd, seed, " (large)")
     students = {}
     for ref in s2w.references:
         name = f"{system_name(s2w.lam)}, ref = " + ("student initial" if ref == "student_initial" else "teacher pre-RL base")
