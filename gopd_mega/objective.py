@@ -14,7 +14,16 @@ Implicit reward   R_t = lambda * (t_t - r_t)
 Advantage         A_t = lambda * (t_t - r_t) - (o_t - r_t)
                       = lambda * t_t + (1 - lambda) * r_t - o_t                 (detached)
 lambda = 1 is OPD (r cancels); 0 < lambda < 1 interpolates towards pi_ref; lambda > 1 is ExOPD.
-The optimum of the sequence-level objective is pi_theta ~ pi_star^lambda * pi_ref^(1 - lambda).
+
+The per-position target (over the whole vocabulary v, at one prefix h_t):
+    g_t(v)   = lambda * log pi_star(v | h_t) + (1 - lambda) * log pi_ref(v | h_t)
+    log Z_t  = logsumexp_v g_t(v)
+    log q_t  = g_t - log Z_t                                           (tilted_target)
+The advantage above has no return over later tokens (discount 0, as the paper's official code),
+so its fixed point is the PER-TOKEN target: pi_theta(. | h_t) = q_t at every prefix. The
+sequence-level optimum pi_theta(y | x) ~ pi_star^lambda * pi_ref^(1 - lambda) of the paper's
+objective also carries -sum_t log Z_t(h_t) through the prefixes; the two coincide at lambda = 1
+(Z_t = 1) and differ otherwise.
 
 Policy loss per token (PPO clip eps, dual clip c, truncated importance weight w):
     rho_t = exp(s_t - o_t)
@@ -66,6 +75,20 @@ class LossSettings:
 def implicit_reward(teacher_logp: torch.Tensor, ref_logp: torch.Tensor, lam: float) -> torch.Tensor:
     """R_t = lambda * (log pi_star - log pi_ref), per token."""
     return lam * (teacher_logp - ref_logp)
+
+
+def tilted_target(teacher_logp: torch.Tensor, ref_logp: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-position target q_t ~ pi_star^lambda * pi_ref^(1 - lambda) over the vocabulary.
+
+    ``teacher_logp``, ``ref_logp`` [..., V]: full-vocabulary log-probs of one prefix each (same
+    vocabulary, same temperature). Returns (log q [..., V], log Z [...]) in the inputs' dtype
+    (pass float64 for a reference). At lambda = 1, log q = teacher_logp and log Z = 0.
+    """
+    if teacher_logp.shape != ref_logp.shape:
+        raise ValueError(f"tilted_target: teacher_logp {tuple(teacher_logp.shape)} vs ref_logp {tuple(ref_logp.shape)}")
+    g = lam * teacher_logp + (1.0 - lam) * ref_logp
+    log_z = torch.logsumexp(g, dim=-1)
+    return g - log_z.unsqueeze(-1), log_z
 
 
 def gopd_advantage(
