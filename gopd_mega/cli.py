@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -188,23 +189,35 @@ def main(argv: list[str] | None = None) -> None:
     except StopRequested as stop:
         if rank() == 0:
             print(f"gopd-train: {stop}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_STOPPED) from None
+        _exit(EXIT_STOPPED)
     except PeerFailed:
-        raise SystemExit(EXIT_ERROR) from None  # the rank that failed says why
+        _exit(EXIT_ERROR)  # the rank that failed says why
     except Exception as exc:
         if isinstance(exc, user_errors()):
             report_user_error(exc)
             mark_failed(_one_line(exc), printed=report_here(exc))
-            raise SystemExit(EXIT_ERROR) from None
+            _exit(EXIT_ERROR)
         if not is_collective_failure(exc):
             raise
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stops the survivors: first say who is lost
         # A peer died, stopped or failed: name it once, then leave at once (a clean shutdown of
         # the process group could wait on the peer that is gone).
         message, here = diagnose(exc, timeout_s)
         if here and message:
             print(f"gopd-train: error: {_one_line(message)}", file=sys.stderr, flush=True)
+        _exit(EXIT_ERROR, now=True)
+
+
+def _exit(code: int, now: bool = False) -> None:
+    """Leave with ``code``. In a multi-process job at once (os._exit): torchrun stops the other
+    workers as soon as one exits, and a worker still shutting down would end by its SIGTERM
+    instead of its own code."""
+    if now or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         sys.stdout.flush()
-        os._exit(EXIT_ERROR)
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

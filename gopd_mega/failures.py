@@ -258,8 +258,8 @@ def diagnose(exc: BaseException, timeout_s: float | None = None) -> tuple[str, b
     nothing more is said. Of the others, those whose heartbeat stood still over 2.5 beats are
     named by rank, host and pid. The lowest rank still running prints."""
     me, n = rank(), world()
-    waited = f" (train.dist_timeout_s={timeout_s:g})" if timeout_s else ""
     cause = _first_line(exc)
+    waited = f" (train.dist_timeout_s={timeout_s:g})" if timeout_s and "imed out" in cause else ""
     if not _beat:
         return f"rank {me}: a collective operation failed: {cause}", me == 0
     try:
