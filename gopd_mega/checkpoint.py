@@ -89,11 +89,14 @@ def save_rng_state(path: Path) -> None:
 
 
 def load_rng_state(path: Path) -> None:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        t = {k: f.get_tensor(k) for k in f.keys()}
-    pos, has_gauss, cached = json.loads(meta["numpy"])
-    version, gauss_next = json.loads(meta["python"])
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            t = {k: f.get_tensor(k) for k in f.keys()}
+        pos, has_gauss, cached = json.loads(meta["numpy"])
+        version, gauss_next = json.loads(meta["python"])
+    except Exception as exc:  # noqa: BLE001 - not safetensors, or not the RNG state
+        raise CheckpointError(f"{path}: unreadable RNG state ({type(exc).__name__}: {exc})") from None
     torch.set_rng_state(t["torch"])
     np.random.set_state(("MT19937", t["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate((version, tuple(int(x) for x in t["python"].tolist()), gauss_next))
@@ -300,7 +303,7 @@ class CheckpointManager:
         meta = json.loads((path / "trainer_state.json").read_text())
         load_train_state(model, optimizer, path / "train_state")
         if meta["world_size"] == _world():
-            load_rng_state(path / f"rng_{_rank():05d}.safetensors")
+            on_every_rank(lambda: load_rng_state(path / f"rng_{_rank():05d}.safetensors"))
         return meta
 
 

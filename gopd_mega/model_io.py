@@ -64,7 +64,7 @@ def save_model_dir(model, path: str | os.PathLike, extra_files: dict[str, str] |
     state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in full_master_state_dict(model).items()}
     bad = first_nonfinite(state)
     if bad is not None:
-        raise TrainingError(f"{path}: not saved: the weights of {model.name} hold NaN or inf ({bad})")
+        raise TrainingError(f"{path}: not saved: the weights hold NaN or inf ({bad})")
 
     def write():
         nbytes = sum(t.numel() * t.element_size() for t in state.values())

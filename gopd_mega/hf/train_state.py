@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from gopd_mega.failures import TrainingError, on_rank0
@@ -105,6 +105,16 @@ class _TensorsOnlyPlanner(DefaultLoadPlanner):
 _SCALER = ("scale", "growth_tracker", "hysteresis_tracker")
 
 
+def _dcp_cause(exc: BaseException) -> str:
+    """The first line of the error behind a DCP CheckpointException (the first failing rank's)."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        exc = inner[0] if isinstance(inner, tuple) else inner
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
 def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -139,7 +149,7 @@ def save_train_state(model, optimizer, directory: str | os.PathLike, what: str |
     on_rank0(lambda: require_space(final.parent, nbytes, what))
     try:
         dcp.save(state, checkpoint_id=str(tmp))
-    except Exception as exc:
+    except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
         err = storage_error(exc, final.parent, what, nbytes)
         if _rank0():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -167,7 +177,12 @@ def load_train_state(model, optimizer, directory: str | os.PathLike) -> None:
     dynamic = optimizer.scaler is not None and bool(optimizer.scaler.state_dict())
     if dynamic:
         state.update({f"scalars/{k}": torch.tensor(0.0) for k in _SCALER})
-    dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)), planner=_TensorsOnlyPlanner())
+    reader = SafeFileSystemReader(str(directory))
+    reader.read_metadata()  # its errors come out as they are, before DCP wraps them
+    try:
+        dcp.load(state, storage_reader=reader, planner=_TensorsOnlyPlanner())
+    except (Exception, CheckpointException) as exc:
+        raise CheckpointError(f"{directory}: the training state does not load: {_dcp_cause(exc)}") from None
     bad = first_nonfinite(state)
     if bad is not None:
         raise CheckpointError(f"{directory}: {bad} holds NaN or inf; refusing to load it")
