@@ -55,7 +55,7 @@ from safetensors import safe_open
 from gopd_mega.failures import on_every_rank, on_rank0
 from gopd_mega.hf.safetensors_io import CheckpointError
 from gopd_mega.hf.train_state import load_train_state, save_train_state
-from gopd_mega.storage import StorageError, honour_umask, save_safetensors, sha256
+from gopd_mega.storage import StorageError, honour_umask, require_space, save_safetensors, sha256
 
 MANIFEST = "manifest.json"
 FORMAT = "gopd-mega checkpoint 1"
@@ -179,8 +179,8 @@ class CheckpointManager:
         """Collective: the student ``model`` (ShardedGPT), its optimizer and rank 0's trainer state."""
         final = self.root / self._name(step)
         partial = self.root / f"{final.name}.partial"
-        on_rank0(lambda: self._begin(partial))
         try:
+            on_rank0(lambda: self._begin(partial, f"checkpoint {final.name}"))
             save_train_state(model, optimizer, partial / "train_state", what=f"checkpoint {final.name}")
             on_every_rank(lambda: save_rng_state(partial / f"rng_{_rank():05d}.safetensors"))
             meta = {"step": step, "world_size": _world(), **trainer_state}
@@ -197,9 +197,12 @@ class CheckpointManager:
             raise
         return final
 
-    def _begin(self, partial: Path) -> None:
+    def _begin(self, partial: Path, what: str) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.clean()
+        previous = self.latest()
+        if previous is not None:  # the next one takes as much room as the last (save_train_state checks its tensors too)
+            require_space(self.root, sum(f["size"] for f in read_manifest(previous)["files"].values()), what)
         partial.mkdir()
 
     def _finish(self, step: int, partial: Path, final: Path, meta: dict) -> None:

@@ -66,7 +66,10 @@ class StopRequested(Exception):
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    """This process's global rank: torchrun's RANK (also what init_distributed sets), else the world's."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def world() -> int:
@@ -86,7 +89,7 @@ def _device():
 
 def _failed_ranks(failed: bool) -> list[int]:
     flags = torch.zeros(world(), dtype=torch.float32, device=_device())
-    flags[rank()] = float(failed)
+    flags[dist.get_rank()] = float(failed)
     dist.all_reduce(flags)
     return [r for r, f in enumerate(flags.tolist()) if f]
 
@@ -106,7 +109,7 @@ def on_every_rank(fn):
             raise PeerFailed(f"rank {failed[0]} failed")
         if err is not None:
             try:
-                err.report_here = rank() == failed[0]
+                err.report_here = dist.get_rank() == failed[0]
             except AttributeError:
                 pass
     if err is not None:
@@ -120,7 +123,7 @@ def on_rank0(fn):
     if world() == 1:
         return fn()
     box, err = [True, None], None
-    if rank() == 0:
+    if dist.get_rank() == 0:
         try:
             box = [True, fn()]
         except Exception as exc:  # noqa: BLE001 - re-raised below, after the others know

@@ -66,8 +66,12 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def mib(nbytes: float) -> str:
-    return f"{nbytes / 2**20:.1f} MiB"
+def size(nbytes: float) -> str:
+    """A byte count for people: KiB, MiB or GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes / 2**10:.1f} KiB"
 
 
 def require_space(directory: str | os.PathLike, nbytes: int, what: str) -> None:
@@ -76,8 +80,8 @@ def require_space(directory: str | os.PathLike, nbytes: int, what: str) -> None:
     where = _existing(Path(directory))
     free = shutil.disk_usage(where).free
     if free < nbytes:
-        raise StorageError(errno.ENOSPC, f"{what}: not enough space in {directory}: it needs about {mib(nbytes)}, "
-                                         f"{mib(free)} are free")
+        raise StorageError(errno.ENOSPC, f"{what}: not enough space in {directory}: it needs about {size(nbytes)}, "
+                                         f"{size(free)} are free")
 
 
 def find_os_error(exc: BaseException | None) -> OSError | None:
@@ -110,8 +114,8 @@ def storage_error(exc: BaseException, directory: str | os.PathLike, what: str, n
     path = os_err.filename or directory
     if os_err.errno in (errno.ENOSPC, errno.EDQUOT):
         free = shutil.disk_usage(_existing(Path(directory))).free
-        need = f"it needs about {mib(nbytes)}, " if nbytes else ""
-        return StorageError(os_err.errno, f"{what}: {reason} writing {path}: {need}{mib(free)} are free in {directory}")
+        need = f"it needs about {size(nbytes)}, " if nbytes else ""
+        return StorageError(os_err.errno, f"{what}: {reason} writing {path}: {need}{size(free)} are free in {directory}")
     return StorageError(os_err.errno, f"{what}: cannot write {path}: {reason}")
 
 
