@@ -187,3 +187,28 @@ def test_planted_pickle_payload_never_runs_on_resume(saved, copy, tmp_path, wher
             assert all(torch.equal(before[k], after[k]) for k in before)
     assert not marker.exists(), f"the payload in {where} ran"
 
+
+
+def test_metrics_truncate_to_the_resumed_step_in_jsonl_and_tensorboard(tmp_path):
+    """What an interrupted attempt logged after the resumed step is dropped from metrics.jsonl,
+    and TensorBoard purges it (its purge_step), so every step reads back once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gopd_mega.metrics import MetricsLogger
+
+    first = MetricsLogger(tmp_path, "both", console_every=0)
+    for step in range(1, 6):
+        first.log(step, {"loss": float(step)})
+    first.log(5, {"acc": 0.5}, prefix="eval")
+    first._jsonl.write('{"step": 6, "pha')  # a line cut short by kill -9
+    first.close()
+    again = MetricsLogger(tmp_path, "both", console_every=0)
+    assert again.truncate(3) == 4  # steps 4 and 5, the eval row of step 5, the cut line
+    for step in (4, 5):
+        again.log(step, {"loss": 10.0 * step})
+    again.close()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]

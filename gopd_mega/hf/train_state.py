@@ -47,7 +47,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
-from gopd_mega.failures import TrainingError, on_rank0
+from gopd_mega.failures import TrainingError, is_collective_failure, on_rank0
 from gopd_mega.hf.safetensors_io import CheckpointError
 from gopd_mega.model.weights import first_nonfinite
 from gopd_mega.optim import MOMENTS, gather_like_params
@@ -105,14 +105,18 @@ class _TensorsOnlyPlanner(DefaultLoadPlanner):
 _SCALER = ("scale", "growth_tracker", "hysteresis_tracker")
 
 
-def _dcp_cause(exc: BaseException) -> str:
-    """The first line of the error behind a DCP CheckpointException (the first failing rank's)."""
+def _dcp_inner(exc: BaseException) -> BaseException:
+    """The error behind a DCP CheckpointException (the first failing rank's), else ``exc``."""
     failures = getattr(exc, "failures", None)
     if isinstance(failures, dict) and failures:
         inner = next(iter(failures.values()))
-        exc = inner[0] if isinstance(inner, tuple) else inner
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}"
+        return inner[0] if isinstance(inner, tuple) else inner
+    return exc
+
+
+def _dcp_cause(exc: BaseException) -> str:
+    inner = _dcp_inner(exc)
+    return f"{type(inner).__name__}: {' '.join(str(inner).split())[:300]}"
 
 
 def _rank0() -> bool:
@@ -155,7 +159,7 @@ def save_train_state(model, optimizer, directory: str | os.PathLike, what: str |
             shutil.rmtree(tmp, ignore_errors=True)
         if err is not None:
             raise err from None
-        raise
+        raise RuntimeError(f"{what}: DCP could not save it: {_dcp_cause(exc)}") from _dcp_inner(exc)
     _barrier()
     if _rank0():
         if final.exists():
@@ -182,6 +186,8 @@ def load_train_state(model, optimizer, directory: str | os.PathLike) -> None:
     try:
         dcp.load(state, storage_reader=reader, planner=_TensorsOnlyPlanner())
     except (Exception, CheckpointException) as exc:
+        if is_collective_failure(_dcp_inner(exc)):  # a peer is gone: not the checkpoint's fault
+            raise RuntimeError(f"{directory}: loading stopped: {_dcp_cause(exc)}") from _dcp_inner(exc)
         raise CheckpointError(f"{directory}: the training state does not load: {_dcp_cause(exc)}") from None
     bad = first_nonfinite(state)
     if bad is not None:
