@@ -34,7 +34,7 @@ from gopd_mega.config import ConfigError, RunConfig, load_config
 from gopd_mega.data import synthetic
 from gopd_mega.data.prompts import DataError, PromptDataset
 from gopd_mega.data.tokenizer import CharTokenizer
-from gopd_mega.failures import (EXIT_ERROR, EXIT_STOPPED, PeerFailed, StopRequested, TrainingError, diagnose,
+from gopd_mega.failures import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_STOPPED, PeerFailed, StopRequested, TrainingError, diagnose,
                                 is_collective_failure, mark_failed, rank, report_here, start_heartbeat)
 from gopd_mega.hf.safetensors_io import CheckpointError
 from gopd_mega.model_io import is_hf_dir, save_model_dir
@@ -192,6 +192,10 @@ def main(argv: list[str] | None = None) -> None:
         _exit(EXIT_STOPPED)
     except PeerFailed:
         _exit(EXIT_ERROR)  # the rank that failed says why
+    except KeyboardInterrupt:  # Ctrl-C before the training loop (inside it, SIGINT saves and stops)
+        if rank() == 0:
+            print("gopd-train: interrupted before training started; nothing was saved", file=sys.stderr, flush=True)
+        _exit(EXIT_INTERRUPTED)
     except Exception as exc:
         if isinstance(exc, user_errors()):
             report_user_error(exc)

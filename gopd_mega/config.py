@@ -556,7 +556,9 @@ class TrainConfig:
     out_dir: str = "runs/gopd"
     """Where checkpoints, metrics.jsonl and TensorBoard events go."""
     resume: bool = True
-    """Resume from the latest complete checkpoint in out_dir if there is one."""
+    """Resume from the newest checkpoint in out_dir that verifies against its manifest, if there
+    is one (gopd_mega.checkpoint). False starts over but leaves the checkpoints already there,
+    which a later resume may pick: use a fresh out_dir to start over."""
     seed: int = 0
     """Seed of sampling and data order."""
     log_backend: str = "jsonl"

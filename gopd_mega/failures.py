@@ -7,6 +7,7 @@ Exit codes of ``gopd-train`` (the same on every rank):
          stopped rank.
     75   stopped by SIGTERM, SIGINT or SIGUSR1 after saving a checkpoint: run the same command
          again to resume (75 is sysexits' EX_TEMPFAIL, "try again later").
+    130  interrupted (Ctrl-C) before the training loop began: nothing was saved.
     1    a bug: Python's traceback.
 
 Printed once. An error that every rank meets alike (a config field, a file every rank reads) is
@@ -40,6 +41,7 @@ import torch.distributed as dist
 
 EXIT_ERROR = 2
 EXIT_STOPPED = 75
+EXIT_INTERRUPTED = 130
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 HEARTBEAT_S = 2.0
 
