@@ -12,9 +12,11 @@ picks (math, code in the sandbox, synthetic; 'auto': from each record's route). 
 exported as a Hugging Face checkpoint to ``<train.out_dir>/hf``.
 
 Errors a user can fix (a bad config field, an unreadable or incomplete dataset, a checkpoint or
-tokenizer that does not fit: :func:`user_errors`) are printed as ONE line naming the file, line
-or field, by rank 0 only, and every rank exits with status 2; anything else is a bug and keeps
-its traceback.
+tokenizer that does not fit, a full or read-only disk, training that turned non-finite, a dead or
+stopped rank: :func:`user_errors`) are printed as ONE line naming the file, line, field, rank or
+URL, once (by rank 0, or by the failing rank when only it knows), and every rank exits with
+status 2. SIGTERM, SIGINT and SIGUSR1 stop the run after the current step with a checkpoint, exit
+status 75. Anything else is a bug and keeps its traceback (gopd_mega/failures.py has the codes).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import argparse
 import json
 import os
 import random
+import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -30,9 +34,14 @@ from gopd_mega.config import ConfigError, RunConfig, load_config
 from gopd_mega.data import synthetic
 from gopd_mega.data.prompts import DataError, PromptDataset
 from gopd_mega.data.tokenizer import CharTokenizer
+from gopd_mega.failures import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_STOPPED, PeerFailed, StopRequested, TrainingError, diagnose,
+                                is_collective_failure, mark_failed, rank, report_here, start_heartbeat)
+from gopd_mega.hf.safetensors_io import CheckpointError
 from gopd_mega.model_io import is_hf_dir, save_model_dir
+from gopd_mega.platform import init_distributed
 from gopd_mega.run import (RecordVerifiers, build_models, build_student_optimizer, dataset_evaluator, dataset_reward,
                            report, synthetic_evaluator, synthetic_reward)
+from gopd_mega.storage import StorageError
 from gopd_mega.trainer import Distiller
 
 
@@ -46,7 +55,10 @@ def load_prompts(cfg: RunConfig):
     if cfg.student.load is None or not is_hf_dir(cfg.student.load):
         raise ConfigError("config field 'student.load': data.source is a dataset file, so the student must be a "
                           "Hugging Face model directory (its tokenizer is used)")
-    tokenizer = HFTokenizer(cfg.student.load)
+    try:
+        tokenizer = HFTokenizer(cfg.student.load)
+    except CheckpointError as exc:
+        raise ConfigError(f"config field 'student.load': {exc}") from None
     return tokenizer, load_dataset_records(cfg, tokenizer, cfg.data.source), None
 
 
@@ -78,7 +90,28 @@ def split_holdout(cfg: RunConfig, records: list[dict]) -> tuple[list[dict], list
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
+def check_out_dir(path: str) -> None:
+    """``train.out_dir`` is (or can be made) a directory this process can write (every rank checks)."""
+    where = "config field 'train.out_dir'"
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{where}: {out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot create {out}: {exc.strerror}") from None
+    probe = out / f".write-test-{socket.gethostname()}-{os.getpid()}"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot write in {out}: {exc.strerror}") from None
+
+
 def train(cfg: RunConfig) -> Distiller:
+    check_out_dir(cfg.train.out_dir)
+    init_distributed(timeout_s=cfg.train.dist_timeout_s)
+    start_heartbeat()  # a dead or stopped rank can then be named (gopd_mega.failures.diagnose)
     tokenizer, records, held_out = load_prompts(cfg)
     eval_set, eval_where = None, None
     if cfg.data.eval_holdout:
@@ -128,17 +161,19 @@ def train(cfg: RunConfig) -> Distiller:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message alone tells the user what to fix (no traceback needed)."""
     from gopd_mega.hf.families import UnsupportedCheckpoint
-    from gopd_mega.hf.safetensors_io import CheckpointError
     from gopd_mega.hf.tokenizer import TokenizerMismatch
 
-    return ConfigError, DataError, CheckpointError, TokenizerMismatch, UnsupportedCheckpoint
+    return ConfigError, DataError, CheckpointError, TokenizerMismatch, UnsupportedCheckpoint, StorageError, TrainingError
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def report_user_error(exc: BaseException) -> None:
-    """One line on stderr, from rank 0 only (every rank of a torchrun job fails the same way)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        message = " ".join(str(exc).split())  # one line, whatever the message held
-        print(f"gopd-train: error: {message}", file=sys.stderr, flush=True)
+    """One line on stderr, from the rank that reports it (rank 0 unless only another rank knows)."""
+    if report_here(exc):
+        print(f"gopd-train: error: {_one_line(exc)}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,13 +181,47 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipe", required=True, help="YAML or TOML recipe (RunConfig sections)")
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
     args = parser.parse_args(argv)
+    timeout_s = None
     try:
-        train(load_config(args.recipe, args.overrides))
+        cfg = load_config(args.recipe, args.overrides)
+        timeout_s = cfg.train.dist_timeout_s
+        train(cfg)
+    except StopRequested as stop:
+        if rank() == 0:
+            print(f"gopd-train: {stop}", file=sys.stderr, flush=True)
+        _exit(EXIT_STOPPED)
+    except PeerFailed:
+        _exit(EXIT_ERROR)  # the rank that failed says why
+    except KeyboardInterrupt:  # Ctrl-C before the training loop (inside it, SIGINT saves and stops)
+        if rank() == 0:
+            print("gopd-train: interrupted before training started; nothing was saved", file=sys.stderr, flush=True)
+        _exit(EXIT_INTERRUPTED)
     except Exception as exc:
-        if not isinstance(exc, user_errors()):
+        if isinstance(exc, user_errors()):
+            report_user_error(exc)
+            mark_failed(_one_line(exc), printed=report_here(exc))
+            _exit(EXIT_ERROR)
+        if not is_collective_failure(exc):
             raise
-        report_user_error(exc)
-        raise SystemExit(2) from None
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stops the survivors: first say who is lost
+        # A peer died, stopped or failed: name it once, then leave at once (a clean shutdown of
+        # the process group could wait on the peer that is gone).
+        message, here = diagnose(exc, timeout_s)
+        if here and message:
+            print(f"gopd-train: error: {_one_line(message)}", file=sys.stderr, flush=True)
+        _exit(EXIT_ERROR, now=True)
+
+
+def _exit(code: int, now: bool = False) -> None:
+    """Leave with ``code``. In a multi-process job at once (os._exit): torchrun stops the other
+    workers as soon as one exits, and a worker still shutting down would end by its SIGTERM
+    instead of its own code."""
+    if now or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

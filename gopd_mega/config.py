@@ -10,6 +10,7 @@ bad values and missing files fail at start with an error that names the field.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import typing
@@ -28,6 +29,15 @@ class ConfigError(ValueError):
 
 def _fail(where: str, message: str) -> None:
     raise ConfigError(f"config field '{where.lstrip('.')}': {message}")
+
+
+def _check_finite(cfg: Any, where: str) -> None:
+    """Every float field of the dataclass ``cfg`` is a finite number (nan and inf pass most range
+    checks unnoticed: ``nan <= 0`` is False)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            _fail(f"{where}.{f.name}", f"must be a finite number, got {value}")
 
 
 def _urls(value) -> list[str]:
@@ -121,6 +131,7 @@ class ModelConfig:
     and a context-parallel process group: refused with a clear error for now unless 1."""
 
     def validate(self, where: str = "") -> None:
+        _check_finite(self, where)
         for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_seq_len", "tp", "pp"):
             if getattr(self, name) < 1:
                 _fail(f"{where}.{name}", f"must be >= 1, got {getattr(self, name)}")
@@ -159,6 +170,11 @@ class ModelConfig:
             _fail(f"{where}.sequence_parallel", f"needs tp > 1, got tp={self.tp}")
         if self.context_parallel_size < 1:
             _fail(f"{where}.context_parallel_size", f"must be >= 1, got {self.context_parallel_size}")
+        for name in ("norm_epsilon", "rope_base"):
+            if getattr(self, name) <= 0:
+                _fail(f"{where}.{name}", f"must be > 0, got {getattr(self, name)}")
+        if self.init_std < 0:
+            _fail(f"{where}.init_std", f"must be >= 0, got {self.init_std}")
 
     @property
     def padded_vocab(self) -> int:
@@ -229,6 +245,7 @@ class ObjectiveConfig:
     with low_var_kl; 0 = off, and the reference is then not scored)."""
 
     def validate(self, where: str = "") -> None:
+        _check_finite(self, where)
         if self.kind not in ("gopd", "grpo"):
             _fail(f"{where}.kind", f"must be 'gopd' or 'grpo', got {self.kind!r}")
         if not (self.kl_coef >= 0.0):
@@ -325,6 +342,7 @@ class RolloutConfig:
     the whole prefix every step (same tokens and log-probs, quadratic in the response length)."""
 
     def validate(self, where: str = "") -> None:
+        _check_finite(self, where)
         if self.engine not in ("embedded", "sglang"):
             _fail(f"{where}.engine", f"must be 'embedded' or 'sglang', got {self.engine!r}")
         if self.temperature <= 0:
@@ -406,6 +424,7 @@ class OptimConfig:
     """fp16 only: starting value of the dynamic loss scale."""
 
     def validate(self, where: str = "") -> None:
+        _check_finite(self, where)
         if self.loss_scale < 0 or self.initial_loss_scale <= 0:
             _fail(f"{where}.loss_scale", f"need loss_scale >= 0 and initial_loss_scale > 0, got "
                   f"{self.loss_scale}, {self.initial_loss_scale}")
@@ -415,9 +434,11 @@ class OptimConfig:
             _fail(f"{where}.min_lr", f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
         if self.schedule not in ("constant", "cosine", "linear"):
             _fail(f"{where}.schedule", f"must be constant, cosine or linear, got {self.schedule!r}")
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "eps"):
+        for name in ("warmup_steps", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 _fail(f"{where}.{name}", f"must be >= 0, got {getattr(self, name)}")
+        if self.eps <= 0:  # Adam divides by sqrt(v) + eps, and v is 0 for a parameter without gradient
+            _fail(f"{where}.eps", f"must be > 0, got {self.eps}")
         for name in ("beta1", "beta2"):
             if not (0 <= getattr(self, name) < 1):
                 _fail(f"{where}.{name}", f"must be in [0, 1), got {getattr(self, name)}")
@@ -535,13 +556,23 @@ class TrainConfig:
     out_dir: str = "runs/gopd"
     """Where checkpoints, metrics.jsonl and TensorBoard events go."""
     resume: bool = True
-    """Resume from the latest complete checkpoint in out_dir if there is one."""
+    """Resume from the newest checkpoint in out_dir that verifies against its manifest, if there
+    is one (gopd_mega.checkpoint). False starts over but leaves the checkpoints already there,
+    which a later resume may pick: use a fresh out_dir to start over."""
     seed: int = 0
     """Seed of sampling and data order."""
     log_backend: str = "jsonl"
     """'jsonl', 'tensorboard' or 'both' (the console always gets a line)."""
     progress: bool = True
     """Show a progress bar."""
+    max_consecutive_skips: int = 5
+    """An update whose loss or gradient norm is not finite is skipped (no optimizer step) and
+    reported; this many skipped updates in a row stop the run with an error (1: the first one)."""
+    dist_timeout_s: float = 1800.0
+    """Timeout of torch.distributed collectives: a rank that waits longer for the others (one is
+    dead, stopped or stuck) fails, and the missing ranks are named by rank and host. It must
+    exceed the longest wait of a healthy run: with SGLang, the other ranks wait while rank 0
+    samples a whole step's batch."""
 
     def validate(self, where: str = "") -> None:
         if self.steps < 0:
@@ -560,6 +591,11 @@ class TrainConfig:
             _fail(f"{where}.keep_last", f"must be >= 1, or 0/null to keep every checkpoint, got {self.keep_last}")
         if self.log_backend not in ("jsonl", "tensorboard", "both"):
             _fail(f"{where}.log_backend", f"must be jsonl, tensorboard or both, got {self.log_backend!r}")
+        if self.max_consecutive_skips < 1:
+            _fail(f"{where}.max_consecutive_skips", f"must be >= 1, got {self.max_consecutive_skips}")
+        _check_finite(self, where)
+        if self.dist_timeout_s <= 0:
+            _fail(f"{where}.dist_timeout_s", f"must be > 0, got {self.dist_timeout_s}")
 
 
 @dataclass
@@ -649,6 +685,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
         unknown = sorted(set(data) - known)
         if unknown:
             _fail(f"{where}.{unknown[0]}" if where else unknown[0], f"unknown key (known: {sorted(known)})")
+        data = {k: _YAML_BOOL_WORDS.get((cls, k), {}).get(v, v) if isinstance(v, bool) else v for k, v in data.items()}
         kwargs = {k: _build(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
         return cls(**kwargs)
     origin = typing.get_origin(cls)
@@ -680,11 +717,20 @@ def _build(cls: type, data: Any, where: str) -> Any:
             return float(data)
         except ValueError:
             _fail(where, f"expected a number, got {data!r}")
+    if cls is str and isinstance(data, bool):
+        _fail(where, f"expected a string, got the boolean {data}: YAML reads an unquoted on/off/yes/no/true/false "
+                     "as a boolean; quote the word (e.g. 'off')")
     if cls in (int, str, bool) and not (isinstance(data, cls) and not (cls is int and isinstance(data, bool))):
         _fail(where, f"expected {cls.__name__}, got {data!r}")
     if cls is float:
         _fail(where, f"expected a number, got {data!r}")
     return data
+
+
+_YAML_BOOL_WORDS: dict[tuple[type, str], dict[bool, str]] = {(RolloutConfig, "server_check"): {False: "off"}}
+"""String fields that take a YAML 1.1 boolean where its meaning is clear: ``server_check: off``
+reads as False, which means 'off'. Any other boolean for a string field is refused with a message
+saying to quote it."""
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:

@@ -18,10 +18,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from gopd_mega.config import ConfigError, ModelConfig, build_config
+from gopd_mega.failures import TrainingError, on_every_rank, on_rank0
+from gopd_mega.hf.safetensors_io import CheckpointError
+from gopd_mega.model.weights import first_nonfinite
 from gopd_mega.optim import full_master_state_dict
+from gopd_mega.storage import require_space, save_safetensors, storage_error
 
 MODEL_CONFIG = "model_config.json"
 WEIGHTS = "model.safetensors"
@@ -39,9 +43,13 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
     """The architecture saved in a gopd-mega model directory."""
     file = Path(path) / MODEL_CONFIG
     try:
-        return build_config(ModelConfig, json.loads(file.read_text()))
+        data = json.loads(file.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{file}: not valid JSON ({exc})") from None
+    try:
+        return build_config(ModelConfig, data)
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"{file}: {exc}") from exc
+        raise CheckpointError(f"{file}: {exc}") from None
 
 
 def save_model_dir(model, path: str | os.PathLike, extra_files: dict[str, str] | None = None,
@@ -49,23 +57,35 @@ def save_model_dir(model, path: str | os.PathLike, extra_files: dict[str, str] |
     """Collective. Gathers the full weights and writes them atomically (rank 0): a directory that
     exists under ``path`` is always complete. A model with an optimizer (the student) writes its
     fp32 MASTER weights, not the bf16/fp16 copies it computes with; ``dtype`` is the dtype of the
-    written tensors (fp32 keeps every bit of the masters)."""
+    written tensors (fp32 keeps every bit of the masters). Weights holding NaN or inf are never
+    written (TrainingError on every rank); a full disk is a StorageError naming the space needed.
+    Files get the modes the umask gives ordinary files."""
     path = Path(path)
-    state = full_master_state_dict(model)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in full_master_state_dict(model).items()}
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise TrainingError(f"{path}: not saved: the weights hold NaN or inf ({bad})")
+
+    def write():
+        nbytes = sum(t.numel() * t.element_size() for t in state.values())
+        require_space(path.parent, nbytes, f"model {path}")
         tmp = path.with_name(path.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({k: v.detach().to(dtype).contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS))
-        cfg = dataclasses.replace(model.cfg, load=None, tp=1, pp=1, sequence_parallel=False, context_parallel_size=1)
-        (tmp / MODEL_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    if dist.is_initialized():
-        dist.barrier()
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_safetensors(state, tmp / WEIGHTS)
+            cfg = dataclasses.replace(model.cfg, load=None, tp=1, pp=1, sequence_parallel=False, context_parallel_size=1)
+            (tmp / MODEL_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise (storage_error(exc, path.parent, f"model {path}", nbytes) or exc) from None
+
+    on_rank0(write)
     return path
 
 
@@ -73,12 +93,19 @@ def load_weights(model, path: str | os.PathLike) -> None:
     """Load ``path`` (either format) into ``model``, whatever its layout."""
     path = Path(path)
     if is_model_dir(path):
-        state = load_file(str(path / WEIGHTS))
+        try:
+            state = load_file(str(path / WEIGHTS))
+        except Exception as exc:  # noqa: BLE001 - missing, truncated or not safetensors
+            raise CheckpointError(f"{path / WEIGHTS}: unreadable ({type(exc).__name__}: {exc})") from None
+        bad = first_nonfinite(state)
+        if bad is not None:
+            raise CheckpointError(f"{path / WEIGHTS}: {bad} holds NaN or inf; refusing to load it")
         model.load_full_state_dict(state)
     elif is_hf_dir(path):
         from gopd_mega.hf import load_hf_weights
 
-        load_hf_weights(model, path)
+        # Each rank reads only its own slices (and checks them): whichever rank finds a problem says so.
+        on_every_rank(lambda: load_hf_weights(model, path))
     else:
         raise FileNotFoundError(f"{path}: neither a gopd-mega model directory ({MODEL_CONFIG}) nor a Hugging Face one (config.json)")
 

@@ -161,7 +161,7 @@ class ShardedGPT:
     @torch.no_grad()
     def load(self, directory: str) -> None:
         """Read this rank's shard written by :meth:`save` with the same layout."""
-        state = torch.load(self._shard_file(directory), map_location=device(), weights_only=False)
+        state = torch.load(self._shard_file(directory), map_location=device(), weights_only=True)
         self.load_shard_state_dict(state["model"])
         if self.optimizer is not None and state["optim"] is not None:
             self.optimizer.load_state_dict(state["optim"])
@@ -198,7 +198,8 @@ class ShardedGPT:
         Clips and applies AdamW at the optimizer's current LR; the caller advances the LR
         schedule with ``optimizer.step_schedule()`` once per update.
 
-        Returns loss (full batch), grad_norm (before clipping), lr, skipped, logp [N, S]
+        Returns loss (full batch), grad_norm (before clipping), lr, skipped (no update: the loss
+        or the norm was not finite, or fp16 overflowed), overflow, logp [N, S]
         (detached, from this forward, 0 where loss_mask is 0), entropy (token mean over
         loss_mask).
         """
@@ -208,7 +209,8 @@ class ShardedGPT:
         self.optimizer.zero_grad()
         out = self.forward.loss_and_grads(tokens, loss_mask, token_loss_fn, temperature,
                                           self._budget(max_tokens), micro_batch_size, grads=self.optimizer)
-        stats = self.optimizer.step()  # megatron's finalize_model_grads + clip + AdamW (gopd_mega.optim)
+        # megatron's finalize_model_grads + clip + AdamW (gopd_mega.optim); no update on a non-finite loss or norm
+        stats = self.optimizer.step(loss=out["loss"])
         mask = loss_mask.float().clone()
         mask[:, 0] = 0
         entropy = float((out["entropy"] * mask).sum() / mask.sum().clamp(min=1))

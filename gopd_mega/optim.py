@@ -185,10 +185,10 @@ class StudentOptimizer:
             return loss
         return _ExternalGradReady.apply(loss, weight)
 
-    def step(self) -> dict[str, float]:
+    def step(self, loss: float | None = None) -> dict[str, float]:
         """Reduce the gradients, clip to cfg.grad_clip by the global norm and apply AdamW
-        (skipped on a non-finite norm or an fp16 overflow). Returns grad_norm (before
-        clipping), lr and skipped."""
+        (skipped on a non-finite ``loss`` or norm, or an fp16 overflow). Returns grad_norm
+        (before clipping), lr, skipped, and overflow (1: the skip was the fp16 loss scaler's)."""
         from megatron.core.distributed import finalize_model_grads
 
         finalize_model_grads([self.ddp], num_tokens=None, pg_collection=self.pg)
@@ -197,15 +197,15 @@ class StudentOptimizer:
             group["lr"] = lr * group.get("lr_mult", 1.0)
             group["weight_decay"] = self.cfg.weight_decay * group.get("wd_mult", 1.0)
         if self.opt.prepare_grads():  # fp16 overflow: megatron already lowered the loss scale
-            return {"grad_norm": float("inf"), "lr": lr, "skipped": 1.0}
+            return {"grad_norm": float("inf"), "lr": lr, "skipped": 1.0, "overflow": 1.0}
         if self.cfg.grad_clip > 0:
             norm = float(self.opt.clip_grad_norm(self.cfg.grad_clip))
         else:
             norm = float(self.opt.get_grad_norm())
-        finite = math.isfinite(norm)
+        finite = math.isfinite(norm) and (loss is None or math.isfinite(loss))
         if finite:
             self.opt.step_with_ready_grads()
-        return {"grad_norm": norm, "lr": lr, "skipped": float(not finite)}
+        return {"grad_norm": norm, "lr": lr, "skipped": float(not finite), "overflow": 0.0}
 
     # ------------------------------------------------------------------ master weights and state
 

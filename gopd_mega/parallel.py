@@ -29,7 +29,7 @@ from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import random as mrandom
 
-from gopd_mega.platform import init_distributed
+from gopd_mega.platform import collective_timeout, init_distributed
 
 
 @dataclass
@@ -80,7 +80,8 @@ def _new_groups(rank_lists: list[list[int]], me: int):
     (None when no list holds it, e.g. the embedding group of a middle pipeline stage)."""
     mine = None
     for ranks in rank_lists:
-        group = dist.new_group(ranks)
+        # new_group's own default is torch's 30 min, not the world's timeout (train.dist_timeout_s)
+        group = dist.new_group(ranks, timeout=collective_timeout())
         if me in ranks:
             mine = group
     return mine

@@ -214,15 +214,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
+_TIMEOUT = {"s": 1800.0}
+
+
+def collective_timeout() -> timedelta:
+    """The timeout the world was initialised with (every process group gets it, see parallel.py)."""
+    return timedelta(seconds=_TIMEOUT["s"])
+
+
+def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int]:
     """Initialise torch.distributed once and return (rank, world_size).
 
     Under torchrun the env vars (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK) define
     the world; a plain ``python`` run gets a single-process world. The backend is NCCL on GPUs
-    and gloo on CPUs. Also applies :func:`setup_platform`.
+    and gloo on CPUs. ``timeout_s`` (train.dist_timeout_s; the first call sets it) bounds every
+    collective: a rank that waits longer for a dead or stopped peer fails instead of hanging.
+    Also applies :func:`setup_platform`.
     """
     setup_platform()
     if not dist.is_initialized():
+        _TIMEOUT["s"] = timeout_s
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))

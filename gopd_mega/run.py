@@ -41,7 +41,13 @@ def build_model(cfg: ModelConfig, trainable: bool, name: str, where: str | None 
     if optim is not None and not trainable:
         raise ValueError(f"{name}: a frozen model gets no optimizer (optim given with trainable=False)")
     cfg = resolve_model_config(cfg, where)
-    groups = build_model_groups(cfg.tp, cfg.pp, name=name)
+    try:
+        groups = build_model_groups(cfg.tp, cfg.pp, name=name)
+    except ValueError as exc:  # the layout does not fit the world size
+        if where is None:
+            raise
+        field = "pp" if cfg.tp >= 1 and init_distributed()[1] % cfg.tp == 0 else "tp"
+        raise ConfigError(f"config field '{where}.{field}': {exc} (the number of processes)") from None
     model = ShardedGPT(cfg, groups, trainable=trainable, optim=optim, total_steps=total_steps)
     if cfg.load is not None:
         load_weights(model, cfg.load)
@@ -71,7 +77,7 @@ def check_vocab(student: ShardedGPT, others: dict[str, ShardedGPT], tokenizer) -
 
 
 def build_models(cfg: RunConfig, tokenizer) -> Models:
-    init_distributed()
+    init_distributed(timeout_s=cfg.train.dist_timeout_s)
     # The student's optimizer first (collective, same on every rank), then its weights: the
     # loaders write the checkpoint's full precision into the fp32 masters.
     student = build_model(cfg.student, trainable=True, name="student", where="student",

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from gopd_mega.checkpoint import CheckpointManager
 from gopd_mega.config import RunConfig, to_dict
+from gopd_mega.failures import StopRequested, StopSignals, TrainingError, on_rank0
 from gopd_mega.metrics import MetricsLogger, is_rank0
 from gopd_mega.objective import grpo_advantage, grpo_token_loss, gopd_token_loss, k3_kl, token_metrics, token_weights
 from gopd_mega.rollout.base import RolloutBatch
@@ -144,25 +145,34 @@ class Distiller:
         """Per-update statistics of the last step with updates_per_rollout > 1."""
         self.rollout = models.rollout or RolloutCoordinator(models.engine)
         self._pending = None  # (prompts, data state before drawing them) of a prefetched batch
+        self.skips_in_a_row = 0
+        """Updates skipped in a row for a non-finite loss or gradient norm (fp16 overflows aside)."""
+        self._step_skips: list[tuple[float, float]] = []  # (loss, grad_norm) of this step's skipped updates
 
     # ------------------------------------------------------------------ state
-    def save(self) -> None:
+    def save(self):
+        """Collective: a checkpoint of this step (gopd_mega.checkpoint); returns its directory."""
         # With a prefetched batch the data has already moved past its prompts: save the state
         # before them, so a resumed run draws them again.
         data_state = self._pending[1] if self._pending is not None else self.data.state_dict()
         trainer_state = {"data": data_state, "config": to_dict(self.cfg)}
-        self.ckpt.save(self.step, self.m.student, self.optimizer, trainer_state)
+        return self.ckpt.save(self.step, self.m.student, self.optimizer, trainer_state)
 
     def maybe_resume(self) -> bool:
-        path = self.ckpt.latest() if self.cfg.train.resume else None
+        """Collective: continue from the newest checkpoint that verifies (train.resume), saying
+        which newer ones were skipped and why."""
+        if not self.cfg.train.resume:
+            return False
+        path, skipped = self.ckpt.resume_point()
+        for why in skipped:
+            _say(f"checkpoint skipped: {why}")
         if path is None:
             return False
-        meta = self.ckpt.load(path, self.m.student, self.optimizer)
+        meta = self.ckpt.load(path, self.m.student, self.optimizer, verified=True)
         self.data.load_state_dict(meta["data"])
         self.step = meta["step"]
         self.sync_weights(self.step)
-        if is_rank0():
-            print(f"resumed from {path} at step {self.step}", flush=True)
+        _say(f"resumed from {path} at step {self.step} (verified against its manifest)")
         return True
 
     def sync_weights(self, version: int) -> None:
@@ -261,10 +271,12 @@ class Distiller:
         train, mask, agg = self.cfg.train, batch.loss_mask, self.settings.aggregation
         budget = train.max_tokens_per_micro_batch
         all_rows = torch.arange(mask.shape[0])
+        self._step_skips = []
         if train.updates_per_rollout == 1:
             fn = loss_fn_for(all_rows, token_weights(mask, agg), None)
             out = self.m.student.train_step(batch.tokens, mask, fn, train.micro_batch_size, temperature=temperature,
                                             max_tokens=budget)
+            self._count_skip(out)
             self.optimizer.step_schedule()
             return out
         old = self.m.student.logprobs(batch.tokens, mask, temperature, train.micro_batch_size, max_tokens=budget)
@@ -274,6 +286,7 @@ class Distiller:
             fn = loss_fn_for(rows, token_weights(sub, agg), old[rows])
             out = self.m.student.train_step(batch.tokens[rows], sub, fn, train.micro_batch_size, temperature=temperature,
                                             max_tokens=budget)
+            self._count_skip(out)
             self.optimizer.step_schedule()
             clipped = clipped_for(rows, out["logp"], old[rows])
             m = sub.clone().float()
@@ -287,6 +300,31 @@ class Distiller:
         n = max(1.0, sum(u["tokens"] for u in stats))
         return {"logp": old, **{k: sum(u[k] for u in stats) / len(stats) for k in ("loss", "grad_norm", "entropy")},
                 "clip_frac": sum(u["clipped"] for u in stats) / n, "ratio_dev": sum(u["ratio_dev"] for u in stats) / n}
+
+    def _count_skip(self, out: dict) -> None:
+        """Track updates the optimizer skipped because the loss or gradient norm was not finite
+        (an fp16 overflow is the loss scaler's normal business and is not counted)."""
+        if out.get("skipped") and not out.get("overflow"):
+            self.skips_in_a_row += 1
+            self._step_skips.append((out["loss"], out["grad_norm"]))
+        elif not out.get("skipped"):
+            self.skips_in_a_row = 0
+
+    def _report_skips(self) -> None:
+        """Say which updates of the step just taken were skipped; stop the run (TrainingError)
+        after train.max_consecutive_skips of them in a row."""
+        limit = self.cfg.train.max_consecutive_skips
+        for loss, norm in self._step_skips:
+            _say(f"step {self.step}: update skipped (no optimizer step): loss={loss:.4g}, grad_norm={norm:.4g} is not "
+                 f"finite ({self.skips_in_a_row} in a row; train.max_consecutive_skips={limit} stops the run)")
+        if self.skips_in_a_row >= limit:
+            loss, norm = self._step_skips[-1]
+            newest = self.ckpt.latest()
+            raise TrainingError(
+                f"training stopped at step {self.step}: {self.skips_in_a_row} updates in a row were skipped because the "
+                f"loss or the gradient norm was not finite (last: loss={loss:.4g}, grad_norm={norm:.4g}; "
+                f"train.max_consecutive_skips={limit}); the weights are those of the last finite update and were not "
+                f"saved; lower optim.lr or check the inputs; newest checkpoint: {newest or 'none'}")
 
     def _gopd_update(self, batch: RolloutBatch, teacher_logp: torch.Tensor, ref_logp: torch.Tensor,
                      temperature: float) -> dict:
@@ -360,30 +398,55 @@ class Distiller:
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> list[dict[str, float]]:
+        """Train to train.steps. SIGTERM, SIGINT or SIGUSR1 (on any rank) ends the loop after the
+        current step with a checkpoint and raises failures.StopRequested; an update whose loss or
+        gradient norm is not finite is skipped and reported, and too many in a row raise
+        failures.TrainingError."""
         cfg = self.cfg.train
-        resumed = self.maybe_resume()
-        if not resumed and not self.rollout.spmd:
-            self.sync_weights(0)  # the servers start from exactly the trainer's student, version '0'
-        if self.step < cfg.steps:
-            startup_checks(self.cfg, self.m, self.rollout, self.data, fresh=not resumed)
-        start = self.step
-        history = []
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and is_rank0()), desc="GRPO" if self.cfg.objective.kind == "grpo" else f"G-OPD lam={self.settings.lam}")
-        while self.step < cfg.steps:
-            metrics = self.train_step()
-            self.step += 1
-            history.append(metrics)
-            self.logger.log(self.step, metrics)
-            bar.update(1)
-            key = "reward_mean" if "reward_mean" in metrics else "reverse_kl"
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", **{key: f"{metrics[key]:.3f}"})
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.evaluate is not None:
-                self.logger.log(self.step, self.evaluate(), prefix="eval")
-            if cfg.save_every and self.step % cfg.save_every == 0:
-                self.save()
-        bar.close()
-        if self.step > start and cfg.eval_every and self.step % cfg.eval_every and self.evaluate is not None:
-            self.logger.log(self.step, self.evaluate(), prefix="eval")  # the final student, unless just evaluated
-        if self.step > start and (not cfg.save_every or self.step % cfg.save_every):
-            self.save()  # the final state, unless the loop has just saved it
-        return history
+        with StopSignals() as stop:
+            resumed = self.maybe_resume()
+            # Rows an interrupted attempt logged after this step would appear twice.
+            on_rank0(lambda: self.logger.truncate(self.step))
+            if not resumed and not self.rollout.spmd:
+                self.sync_weights(0)  # the servers start from exactly the trainer's student, version '0'
+            if self.step < cfg.steps:
+                startup_checks(self.cfg, self.m, self.rollout, self.data, fresh=not resumed)
+            signum = stop.agreed()
+            if signum:
+                raise StopRequested(signum, self.step, None)
+            start = self.step
+            history = []
+            bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and is_rank0()), desc="GRPO" if self.cfg.objective.kind == "grpo" else f"G-OPD lam={self.settings.lam}")
+            while self.step < cfg.steps:
+                metrics = self.train_step()
+                self.step += 1
+                metrics["skipped_updates"] = float(len(self._step_skips))
+                history.append(metrics)
+                on_rank0(lambda: self.logger.log(self.step, metrics))
+                self._report_skips()
+                bar.update(1)
+                key = "reward_mean" if "reward_mean" in metrics else "reverse_kl"
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", **{key: f"{metrics[key]:.3f}"})
+                signum = stop.agreed()
+                if signum and self.step < cfg.steps:
+                    bar.close()
+                    raise StopRequested(signum, self.step, self.save())
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.evaluate is not None:
+                    self._log_eval()
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save()
+            bar.close()
+            if self.step > start and cfg.eval_every and self.step % cfg.eval_every and self.evaluate is not None:
+                self._log_eval()  # the final student, unless just evaluated
+            if self.step > start and (not cfg.save_every or self.step % cfg.save_every):
+                self.save()  # the final state, unless the loop has just saved it
+            return history
+
+    def _log_eval(self) -> None:
+        result = self.evaluate()  # collective
+        on_rank0(lambda: self.logger.log(self.step, result, prefix="eval"))
+
+
+def _say(message: str) -> None:
+    if is_rank0():
+        print(message, flush=True)

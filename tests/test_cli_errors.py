@@ -118,3 +118,60 @@ def test_unknown_teacher_route_names_the_file(capsys, tmp_path, hf_student):
     recipe["teachers"].append({"name": "code", "model": {"load": hf_student}})
     line = _fails(capsys, tmp_path, recipe)
     assert f"{data}: record 0 routes to teacher 'physics'" in line and "['add', 'code']" in line
+
+
+def test_tp_larger_than_the_world_names_the_field(capsys, tmp_path, two_head_model):
+    line = _fails(capsys, tmp_path, _recipe(two_head_model, two_head_model, tmp_path), ["student.tp=2"])
+    assert "config field 'student.tp'" in line and "does not divide the world size 1" in line
+
+
+def test_out_dir_that_is_a_file(capsys, tmp_path, two_head_model):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    line = _fails(capsys, tmp_path, _recipe(two_head_model, two_head_model, tmp_path), [f"train.out_dir={afile}"])
+    assert line == f"gopd-train: error: config field 'train.out_dir': {afile} is a file, not a directory"
+    line = _fails(capsys, tmp_path, _recipe(two_head_model, two_head_model, tmp_path), [f"train.out_dir={afile}/run"])
+    assert f"config field 'train.out_dir': cannot create {afile}/run: Not a directory" in line
+
+
+@pytest.mark.parametrize("value", [".inf", ".nan"])
+def test_non_finite_config_values(capsys, tmp_path, two_head_model, value):
+    for field in ("optim.lr", "rollout.temperature"):
+        line = _fails(capsys, tmp_path, _recipe(two_head_model, two_head_model, tmp_path), [f"{field}={value}"])
+        assert f"config field '{field}': must be a finite number" in line
+
+
+def test_hf_folder_without_tokenizer(capsys, tmp_path):
+    from gopd_mega.hf.testing import tiny_hf_model
+
+    bare = tmp_path / "bare"
+    tiny_hf_model("llama", bare, vocab_size=16)
+    capsys.readouterr()  # its progress bar
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "hello world"}) + "\n")
+    line = _fails(capsys, tmp_path, _recipe(str(bare), str(bare), tmp_path, source=str(data)))
+    assert f"config field 'student.load': {bare}: no tokenizer in this Hugging Face folder" in line
+
+
+def test_broken_config_json(capsys, tmp_path, hf_student, two_head_model):
+    import shutil
+
+    broken = tmp_path / "broken_hf"
+    shutil.copytree(hf_student, broken)
+    (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "hello world"}) + "\n")
+    line = _fails(capsys, tmp_path, _recipe(str(broken), str(broken), tmp_path, source=str(data)))
+    assert f"{broken}/config.json: not valid JSON" in line
+    gopd = tmp_path / "broken_dir"
+    shutil.copytree(two_head_model, gopd)
+    (gopd / "model_config.json").write_text("{")
+    line = _fails(capsys, tmp_path, _recipe(str(gopd), two_head_model, tmp_path))
+    assert f"{gopd}/model_config.json: not valid JSON" in line
+
+
+def test_empty_jsonl(capsys, tmp_path, hf_student):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("\n")
+    line = _fails(capsys, tmp_path, _recipe(hf_student, hf_student, tmp_path, source=str(data)))
+    assert line == f"gopd-train: error: {data}: the file is empty (no records)"

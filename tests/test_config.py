@@ -75,3 +75,56 @@ def test_teacher_needs_weights_and_unique_routes(teacher_dir):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def _float_fields(cls, where=""):
+    """(section.field, dataclass) for every float field of cls and the dataclasses inside it."""
+    import dataclasses
+    import typing
+
+    out = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        options = typing.get_args(hint) or (hint,)
+        if float in options:
+            out.append(f"{where}{f.name}")
+        elif dataclasses.is_dataclass(hint) and f.name != "reference":
+            out += _float_fields(hint, f"{where}{f.name}.")
+    return out
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_every_float_field_refuses_nan_and_inf(teacher_dir, value):
+    """e.g. optim.lr=.inf ran to exit 0 and exported a NaN model, rollout.temperature=.nan too."""
+    fields = _float_fields(RunConfig) + ["teachers.0.model.init_std"]
+    assert {"optim.lr", "rollout.temperature", "objective.lam", "train.dist_timeout_s", "student.rope_base"} <= set(fields)
+    for field in fields:
+        where = field.replace("teachers.0.model", "teachers[0].model")
+        with pytest.raises(ConfigError, match=re.escape(f"config field '{where}': must be a finite number")):
+            build_config(RunConfig, _base(teacher_dir), [f"{field}={value}"])
+
+
+@pytest.mark.parametrize("override, field", [("student.norm_epsilon=0", "student.norm_epsilon"),
+                                             ("student.rope_base=-1", "student.rope_base"),
+                                             ("student.init_std=-0.1", "student.init_std"),
+                                             ("optim.eps=0", "optim.eps"),
+                                             ("train.max_consecutive_skips=0", "train.max_consecutive_skips"),
+                                             ("train.dist_timeout_s=0", "train.dist_timeout_s")])
+def test_float_ranges(teacher_dir, override, field):
+    with pytest.raises(ConfigError, match=re.escape(f"'{field}'")):
+        build_config(RunConfig, _base(teacher_dir), [override])
+
+
+def test_yaml_booleans_for_string_fields(tmp_path, teacher_dir):
+    """YAML 1.1 reads `off` as False: for rollout.server_check that means 'off'; elsewhere the
+    message says to quote the word instead of 'expected str, got False'."""
+    (tmp_path / "r.yaml").write_text(f"teachers: [{{name: add, model: {{load: {teacher_dir}}}}}]\n"
+                                     "rollout: {server_check: off}\n")
+    assert load_config(tmp_path / "r.yaml").rollout.server_check == "off"
+    assert load_config(None, ["rollout.server_check=off"] + [f"teachers=[{{name: a, model: {{load: {teacher_dir}}}}}]"]) \
+        .rollout.server_check == "off"
+    with pytest.raises(ConfigError, match="'rollout.server_check': expected a string, got the boolean True: YAML reads "
+                                          "an unquoted on/off/yes/no/true/false as a boolean; quote the word"):
+        build_config(RunConfig, _base(teacher_dir), ["rollout.server_check=on"])
+    with pytest.raises(ConfigError, match="'train.log_backend': expected a string, got the boolean False"):
+        build_config(RunConfig, _base(teacher_dir), ["train.log_backend=no"])

@@ -154,11 +154,11 @@ def test_incomplete_checkpoint_is_never_loaded(model_dirs, tmp_path):
     # A save that died half-way: only a .partial directory, which latest() ignores.
     partial = ckpt.parent / "step_000002.partial"
     partial.mkdir()
-    (partial / "rng_00000.pt").write_bytes(b"truncated")
+    (partial / "rng_00000.safetensors").write_bytes(b"truncated")
     assert run.ckpt.latest() == ckpt
-    (ckpt / "COMPLETE").unlink()
+    (ckpt / "manifest.json").unlink()  # what a save writes last
     assert run.ckpt.latest() is None
-    with pytest.raises(RuntimeError, match="incomplete"):
+    with pytest.raises(ValueError, match="incomplete"):
         run.ckpt.load(ckpt, run.m.student, run.optimizer)
 
 

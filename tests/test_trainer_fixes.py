@@ -42,10 +42,12 @@ def test_student_logprobs_use_the_rollout_temperature(model_dirs, tmp_path):
 
 
 def _fake_checkpoint(root, step, complete=True):
+    from gopd_mega.checkpoint import write_manifest
+
     d = root / "checkpoints" / f"step_{step:06d}"
     d.mkdir(parents=True)
-    if complete:
-        (d / "COMPLETE").write_text("ok\n")
+    if complete:  # a manifest is what a finished save writes last
+        write_manifest(d, step)
     return d
 
 

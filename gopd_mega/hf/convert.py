@@ -33,6 +33,8 @@ from typing import Iterator
 import torch
 
 from gopd_mega.config import ModelConfig
+from gopd_mega.failures import TrainingError, on_rank0
+from gopd_mega.model.weights import first_nonfinite
 from gopd_mega.hf.families import Family, Rule, family_for_model, get_family
 from gopd_mega.hf.safetensors_io import CheckpointError, CheckpointReader, write_checkpoint
 from gopd_mega.optim import full_master_state_dict
@@ -258,6 +260,8 @@ def load_hf_checkpoint(model, directory: str | os.PathLike, cfg: ModelConfig | N
             raise CheckpointError(
                 f"{directory}: {slot.name} built from {list(hf)} has shape {list(shard.shape)}, the model has {list(slot.param.shape)}"
             )
+        if shard.is_floating_point() and not bool(torch.isfinite(shard).all()):
+            raise CheckpointError(f"{directory}: {', '.join(hf)} hold NaN or inf; refusing to load them")
         if slot.local_name is not None and hasattr(model, "load_local_weight"):
             model.load_local_weight(slot.local_name, shard)  # a ShardedGPT: its fp32 masters get the full precision
         else:
@@ -316,15 +320,17 @@ def export_hf(model, directory: str | os.PathLike, cfg: ModelConfig | None = Non
     A model with an optimizer (the student) exports its fp32 MASTER weights, cast to ``dtype``
     (default fp32: nothing of the masters is lost; pass torch.bfloat16 for a smaller checkpoint).
     Collective when the model is sharded (every rank calls it); global rank 0 writes. Returns the
-    directory on the writing rank, None elsewhere.
+    directory on the writing rank, None elsewhere. Weights holding NaN or inf are never exported
+    (TrainingError on every rank), and a failed write (a full disk) fails on every rank.
     """
     cfg = _model_cfg(model, cfg)
     if family is None and source_dir is not None:
         family = read_hf_config(source_dir).get("model_type")
     family = get_family(family) if isinstance(family, str) else (family or family_for_model(cfg))
     tensors = list(hf_named_tensors(model, cfg, family, dtype, master=True))  # collective: all ranks
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-        return None
+    bad = first_nonfinite(dict(tensors))
+    if bad is not None:
+        raise TrainingError(f"{directory}: not exported: the weights hold NaN or inf ({bad})")
 
     def extra_files(tmp: Path) -> None:
         family.hf_config(cfg, dtype=str(dtype).removeprefix("torch.")).save_pretrained(tmp)
@@ -333,4 +339,6 @@ def export_hf(model, directory: str | os.PathLike, cfg: ModelConfig | None = Non
                 if (Path(source_dir) / fname).is_file():
                     shutil.copy2(Path(source_dir) / fname, tmp / fname)
 
-    return write_checkpoint(directory, tensors, extra_files, shard_bytes)
+    written = on_rank0(lambda: str(write_checkpoint(directory, tensors, extra_files, shard_bytes)))
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    return Path(written) if rank0 else None

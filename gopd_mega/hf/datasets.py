@@ -65,6 +65,8 @@ def open_dataset(path: str | os.PathLike):
         if "train" not in ds:
             raise DataError(f"{path}: dataset has splits {list(ds)} but no 'train' split")
         ds = ds["train"]
+    if len(ds) == 0:
+        raise DataError(f"{path}: the dataset has no records")
     return ds
 
 
@@ -72,6 +74,9 @@ def _load_files(datasets, kind: str, files: list[Path]):
     """``datasets.load_dataset`` of local files; a failure becomes a DataError that names the
     file (and, for JSON lines, the line) instead of datasets' generation error."""
     # datasets logs its own multi-line ERROR before raising; ours replaces it (progress bars stay).
+    for f in files:
+        if kind in ("json", "csv") and _blank(f):
+            raise DataError(f"{f}: the file is empty (no records)")
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
@@ -86,6 +91,15 @@ def _load_files(datasets, kind: str, files: list[Path]):
                         f"{cause[0] if cause else ''}") from exc
     finally:
         datasets.logging.set_verbosity(verbosity)
+
+
+def _blank(path: Path) -> bool:
+    """Whether a text file holds nothing but white space (read in chunks: files may be large)."""
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 16), b""):
+            if chunk.strip():
+                return False
+    return True
 
 
 def _check_json_lines(path: Path) -> None:

@@ -22,7 +22,8 @@ from typing import Callable, Iterable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from gopd_mega.storage import require_space, save_safetensors, storage_error
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -108,12 +109,20 @@ def write_checkpoint(
     """Write ``tensors`` as a sharded safetensors checkpoint at ``directory``, atomically.
 
     ``extra_files(tmp_dir)`` writes config/tokenizer files into the temporary folder before the
-    rename. An existing ``directory`` is replaced only after the new one is complete.
+    rename. An existing ``directory`` is replaced only after the new one is complete. Files get
+    the modes the umask gives ordinary files; a full or read-only disk is a StorageError that
+    names the path (and the space needed).
     """
     final = Path(directory)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    needed = (sum(t.numel() * t.element_size() for _, t in tensors) if isinstance(tensors, (list, tuple)) else None)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if needed is not None:
+            require_space(final.parent, needed, f"checkpoint {final}")
+        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as exc:
+        raise (storage_error(exc, final.parent, f"checkpoint {final}") or exc) from None
     try:
         shards: list[list[str]] = []
         weight_map: dict[str, str] = {}
@@ -124,7 +133,7 @@ def write_checkpoint(
             nonlocal current, size
             if current:
                 name = f"shard-{len(shards):05d}.safetensors"
-                save_file(current, str(tmp / name), metadata={"format": "pt"})
+                save_safetensors(current, tmp / name, metadata={"format": "pt"})
                 shards.append(list(current))
                 current, size = {}, 0
 
@@ -155,7 +164,10 @@ def write_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        err = storage_error(exc, final.parent, f"checkpoint {final}", needed)
+        if err is not None:
+            raise err from None
         raise
     return final

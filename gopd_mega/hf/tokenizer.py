@@ -29,13 +29,31 @@ class TokenizerMismatch(ValueError):
     """Two models do not share a vocabulary; the message names both."""
 
 
+_TOKENIZER_DEFINITIONS = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+"""Files of which a folder needs at least one for AutoTokenizer to build a tokenizer from it."""
+
+
 def _load_auto(directory: str | os.PathLike):
     from transformers import AutoTokenizer
+
+    from gopd_mega.hf.safetensors_io import CheckpointError
 
     path = Path(directory)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: tokenizer folder does not exist")
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if not any((path / f).is_file() for f in _TOKENIZER_DEFINITIONS):
+        raise CheckpointError(f"{path}: no tokenizer in this Hugging Face folder (none of {', '.join(_TOKENIZER_DEFINITIONS)}); "
+                              "copy the model's tokenizer files into it")
+    config = path / "config.json"
+    if config.is_file():  # AutoTokenizer reads it too, and reports a broken one as a tokenizer problem
+        try:
+            json.loads(config.read_text())
+        except ValueError as exc:
+            raise CheckpointError(f"{config}: not valid JSON ({exc})") from None
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: transformers cannot load its tokenizer: {' '.join(str(exc).split())[:300]}") from None
 
 
 class HFTokenizer(Tokenizer):

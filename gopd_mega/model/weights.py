@@ -202,3 +202,12 @@ def load_full_state_dict(params: dict[str, torch.nn.Parameter], layout: list[Par
     for info in layout:
         p = params[info.local_name]
         p.copy_(shard_of(cfg, info, sd[info.canonical_name].to(torch.float32)).to(p.dtype))
+
+
+def first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor holding a NaN or an infinity (None: every value is finite).
+    Run on full state dicts, which every rank holds alike, so every rank gives the same answer."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
