@@ -10,15 +10,12 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from sglang_procs import start_standin, stop
 from sglang_standin import StandinSGLang
 from test_rollout_distributed import student_hf  # noqa: F401 (fixture)
 from test_trainer import _distiller, _run_cfg, model_dirs  # noqa: F401 (model_dirs: shared fixture)
@@ -26,33 +23,6 @@ from test_trainer import _distiller, _run_cfg, model_dirs  # noqa: F401 (model_d
 from gopd_mega.rollout.pool import SGLangPool
 from gopd_mega.rollout.sglang import http_call
 from gopd_mega.rollout.weight_sync import DiskSync
-
-HERE = Path(__file__).parent
-
-
-def start_standin(model_path: str, *extra: str) -> tuple[subprocess.Popen, str]:
-    """tests/sglang_standin.py in its own process; (process, URL)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(HERE / "sglang_standin.py"), "--model-path", model_path, *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    line = proc.stdout.readline()
-    if not line.startswith("URL "):
-        proc.kill()
-        pytest.fail(f"stand-in did not start: {line!r} {proc.stderr.read()[-2000:]}")
-    return proc, line.split()[1]
-
-
-def stop(procs) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
 
 def _fit(model_dirs, out_dir, urls, steps):
     cfg = _run_cfg(model_dirs, out_dir, steps, **{"rollout.engine": "sglang", "rollout.sglang_url": f"[{','.join(urls)}]",

@@ -12,20 +12,14 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
-import torch
 
 import sglang_contract
+from sglang_procs import start_router, start_standin, stop
 from sglang_standin import StandinSGLang
 from test_rollout_distributed import student_hf  # noqa: F401 (fixture)
-from test_rollout_fleet import start_standin, stop
 from test_trainer import model_dirs  # noqa: F401 (fixture)
 
 from gopd_mega.rollout.coordinator import RolloutCoordinator, Sampling
@@ -137,36 +131,6 @@ def test_a_release_the_client_does_not_know_is_refused_at_start(student_hf):
 
 
 # ----------------------------------------------------------------------------- the real router
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_router(workers: list[str], log_path) -> tuple[subprocess.Popen, str]:
-    """sglang-router's gateway (python -m sglang_router.launch_router) in front of ``workers``;
-    returns once it lists every worker as healthy."""
-    port = _free_port()
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *workers,
-                             "--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin",
-                             "--log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the router exited ({proc.returncode}): {open(log_path).read()[-2000:]}")
-        try:
-            listing = http_call(url + "/workers", timeout=5)
-            if sum(bool(w.get("is_healthy")) for w in listing.get("workers", [])) == len(workers):
-                return proc, url
-        except SGLangError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    pytest.fail(f"the router did not register {workers}: {open(log_path).read()[-2000:]}")
 
 
 @pytest.fixture

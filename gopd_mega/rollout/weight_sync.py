@@ -43,7 +43,6 @@ Modes (``rollout.weight_sync``):
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import copyreg
 import datetime
@@ -95,13 +94,15 @@ def dtype_name(t: torch.Tensor) -> str:
 
 def init_custom_process_group(backend: str, address: str, port: int, rank: int, world_size: int, group_name: str,
                               timeout_s: float = 600.0):
-    """A process group outside the trainer's world, built exactly as SGLang builds its side of the
-    weight-update group (tcp rendezvous, the store prefixed by ``group_name``), so the two match."""
+    """A process group outside the trainer's world, built as SGLang builds its side of the
+    weight-update group (a TCPStore at address:port, prefixed by ``group_name``), so the two match.
+    The store is made directly, not through c10d.rendezvous: under torchrun
+    (TORCHELASTIC_USE_AGENT_STORE=True) rendezvous would make rank 0 a client of a store that the
+    agent hosts only for the trainer's own world, and nobody would listen at ``port``."""
     import torch.distributed.distributed_c10d as c10d
 
     timeout = datetime.timedelta(seconds=timeout_s)
-    store, rank, world_size = next(c10d.rendezvous(f"tcp://{address}:{port}", rank, world_size, timeout=timeout))
-    store.set_timeout(timeout)
+    store = dist.TCPStore(address, port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False)
     store = c10d.PrefixStore(group_name, store)
     pg, _ = c10d._new_process_group_helper(world_size, rank, [], backend, store, group_name=group_name, timeout=timeout)
     c10d._world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
