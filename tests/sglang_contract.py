@@ -79,8 +79,15 @@ def _cut(path: Path, names: set[str]) -> str:
     """The source of the top-level classes / functions ``names`` of ``path``."""
     source = path.read_text()
     tree = ast.parse(source)
-    found = [n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name in names]
-    missing = names - {n.name for n in found}
+    def name(n):
+        if isinstance(n, (ast.ClassDef, ast.FunctionDef)):
+            return n.name
+        if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name):
+            return n.targets[0].id
+        return None
+
+    found = [n for n in tree.body if name(n) in names]
+    missing = names - {name(n) for n in found}
     if missing:
         raise RuntimeError(f"{path} has no {sorted(missing)}: another SGLang release than {VERSION}?")
     return "\n\n".join(ast.get_source_segment(source, n) for n in found)
@@ -179,6 +186,23 @@ class Contract:
             except (TypeError, ValueError) as exc:
                 raise ContractError(f"/generate sampling_params: {exc}") from None
         return req
+
+    def patch_cuda_rebuild(self) -> None:
+        """What SGLang's server does before it decodes IPC payloads (utils/patch_torch.py,
+        monkey_patch_torch_reductions): torch's rebuild_cuda_tensor takes the device as an index
+        or as a device UUID, which it maps to the index this process sees."""
+        from torch.multiprocessing import reductions
+
+        if hasattr(reductions, "_rebuild_cuda_tensor_original"):
+            return
+        ns = types.ModuleType("sglang_contract_patch_torch")
+        ns.__dict__.update(torch=__import__("torch"), reductions=reductions, Callable=Any, Union=Any)
+        exec(compile(_cut(self.root / "srt/utils/patch_torch.py", {
+            "_rebuild_cuda_tensor_modified", "_device_from_maybe_uuid", "_modify_tuple",
+            "_REDUCE_TENSOR_ARG_DEVICE_INDEX"}), str(self.root / "srt/utils/patch_torch.py"), "exec"), ns.__dict__)
+        reductions._rebuild_cuda_tensor_original = reductions.rebuild_cuda_tensor
+        reductions.rebuild_cuda_tensor = ns._rebuild_cuda_tensor_modified
+        reductions.init_reductions()
 
     def decode_tensors(self, entry: bytes | str) -> Any:
         """One /update_weights_from_tensor payload entry, decoded as the server does."""

@@ -87,18 +87,19 @@ def _env(tmp_path, **extra) -> dict:
     return env
 
 
-def _run(cmd, env, timeout=600) -> subprocess.CompletedProcess:
-    """Run a launcher in its own session; whatever it leaves running is killed afterwards."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    finally:
+def _run(cmd, env, log_path, timeout=600) -> subprocess.CompletedProcess:
+    """Run a launcher in its own session, its output to ``log_path`` (the servers it leaves in the
+    background hold that file, not a pipe); whatever it left running is killed afterwards."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # servers and router it started in the background
-        except ProcessLookupError:
-            pass
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+            proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # servers and router it started in the background
+            except ProcessLookupError:
+                pass
+    return subprocess.CompletedProcess(cmd, proc.returncode, Path(log_path).read_text(), "")
 
 
 def _steps(out_dir: Path) -> list[dict]:
@@ -113,7 +114,7 @@ def test_single_node_launcher_against_standin_servers(model_dirs, student_hf, tm
     env = _env(tmp_path, MODEL=student_hf, TRAIN_GPUS="0", SERVER_GPUS="0,1", SERVER_TP="1",
                BASE_PORT=str(_ports(2)), WEIGHT_SYNC="disk", LOG_DIR=str(tmp_path / "logs"))
     out = tmp_path / "out"
-    r = _run(["bash", "examples/sglang_single_node.sh", str(recipe), f"train.out_dir={out}"], env)
+    r = _run(["bash", "examples/sglang_single_node.sh", str(recipe), f"train.out_dir={out}"], env, tmp_path / "run.log")
     assert r.returncode == 0, r.stdout[-4000:]
     assert len(_steps(out)) == 2
     logs = sorted(p.name for p in (tmp_path / "logs").iterdir())
@@ -136,7 +137,7 @@ def test_slurm_launcher_router_and_nccl_sync_against_standin_servers(model_dirs,
                SHARED_DIR=str(shared), SERVER_PORT=str(base), ROUTER_PORT=str(base + 2), RDZV_PORT=str(base + 3),
                SYNC_PORT=str(base + 4), WEIGHT_SYNC="nccl",
                OVERRIDES="rollout.weight_sync_backend=gloo rollout.weight_sync_address=127.0.0.1")
-    r = _run(["bash", "examples/slurm_multi_node.sbatch"], env)
+    r = _run(["bash", "examples/slurm_multi_node.sbatch"], env, tmp_path / "run.log")
     assert r.returncode == 0, r.stdout[-4000:]
     assert len(_steps(shared / "out")) == 2
     assert (shared / "router.log").is_file()

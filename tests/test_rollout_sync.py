@@ -210,6 +210,36 @@ def test_ipc_device_is_its_uuid():
     assert out[CUDA_DEVICE_ARG] == "GPU-uuid-6" and out[:6] == args[:6] and out[7:] == args[7:]
 
 
+def _decode_in_sglangs_way(blob: str, queue) -> None:
+    """A separate process (as the server is): SGLang's patched CUDA rebuild, then its SafeUnpickler."""
+    import sglang_contract
+
+    contract = sglang_contract.load()
+    contract.patch_cuda_rebuild()
+    named = contract.decode_tensors(blob)
+    queue.put([(n, t.device.type, t.cpu().float().tolist()) for n, t in named])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-IPC weight sync needs a GPU")
+def test_ipc_cuda_payload_decodes_in_another_process_by_device_uuid():
+    """A real CUDA-IPC payload (device given by its UUID) decoded by SGLang's own code in another
+    process: the handle opens there and the values arrive."""
+    import multiprocessing as mp
+
+    from gopd_mega.rollout.weight_sync import serialize_named_tensors
+
+    t = torch.arange(12, dtype=torch.bfloat16, device="cuda").view(3, 4)
+    blob = serialize_named_tensors([("w", t)])
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_decode_in_sglangs_way, args=(blob, queue))
+    proc.start()
+    got = queue.get(timeout=120)
+    proc.join(timeout=60)
+    assert got == [("w", "cuda", t.cpu().float().tolist())]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-IPC weight sync needs a GPU")
 def test_ipc_needs_gpu_flag():
