@@ -118,7 +118,10 @@ def test_probe_is_a_real_generate(student_hf):
         assert pool.probe_out() == pool.servers[0:1]
         body = server.posted("/generate")[-1]
         assert body["sampling_params"]["max_new_tokens"] == 1 and isinstance(body["input_ids"][0], int)
+        assert pool.out  # a probe alone does not readmit a server that syncs weights ...
+        assert pool.readmit_frozen() == pool.servers[0:1] and pool.out == {}  # ... one of a frozen model, yes
+        pool.take_out(pool.servers[0], "test")
         http_call(server.url + "/release_memory_occupation", {"tags": ["weights"]})
-        assert pool.probe_out() == []  # a server that cannot generate fails its probe
+        assert pool.probe_out() == [] and pool.readmit_frozen() == []  # a server that cannot generate fails its probe
     finally:
         server.close()

@@ -168,13 +168,17 @@ class RolloutCoordinator:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
         if self.colocate:
-            run_on_rank0(lambda: self.engine.control_call("/resume_memory_occupation", {"tags": ["weights"]}),
+            # every server, out ones too: a colocated server that is to rejoin needs its weights memory
+            # back before its probe and sync
+            run_on_rank0(lambda: self.engine.control_call("/resume_memory_occupation", {"tags": ["weights"]},
+                                                          servers=self.engine.control),
                          "resume of the servers' weights memory")
         if self.weight_sync is None:
             raise RuntimeError("a server engine needs a weight sync (rollout.weight_sync)")
         self.weight_sync.refresh(student, version)
         if self.colocate:
-            run_on_rank0(lambda: self.engine.control_call("/resume_memory_occupation", {"tags": ["kv_cache"]}),
+            run_on_rank0(lambda: self.engine.control_call("/resume_memory_occupation", {"tags": ["kv_cache"]},
+                                                          servers=self.engine.control),
                          "resume of the servers' KV cache")
         self.version = version
 

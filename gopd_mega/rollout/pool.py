@@ -22,7 +22,8 @@ A failure through a router is blamed by probing the servers behind it; a router 
 reached is itself taken out. The call fails only when no server is left, naming every URL and why
 it is out. An out server comes back only through :meth:`probe_out` (a real one-token /generate,
 not /health, which a hung SGLang still answers) followed by a weight sync that brings it to the
-current version (gopd_mega.rollout.weight_sync), then :meth:`readmit`.
+current version (gopd_mega.rollout.weight_sync), then :meth:`readmit`; a server of a frozen model
+(teacher, reference) after its probe alone (:meth:`readmit_frozen`).
 """
 
 from __future__ import annotations
@@ -183,6 +184,14 @@ class SGLangPool(RolloutEngine):
 
     def probe_out(self) -> list[SGLangServer]:
         return shared_http().run(self.aprobe_out())
+
+    def readmit_frozen(self) -> list[SGLangServer]:
+        """For servers of a frozen model (a teacher, the reference): out servers whose /generate
+        probe succeeds come straight back (there are no weights to bring up to date). Returns them."""
+        back = self.probe_out()
+        for s in back:
+            self.readmit(s)
+        return back
 
     def check_health(self, timeout: float = 30.0, protocol: bool = True) -> None:
         """At start: every server (generation and control) must answer /health, and (with

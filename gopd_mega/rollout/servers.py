@@ -47,6 +47,8 @@ class ServerScorer:
         self.name = name
 
     def _score_rank0(self, tokens: torch.Tensor, loss_mask: torch.Tensor, temperature: float) -> torch.Tensor:
+        if self.pool.out:
+            self.pool.readmit_frozen()  # frozen weights: a server whose probe succeeds is back
         out = torch.zeros(tokens.shape, dtype=torch.float32)
         lengths = [int(m.nonzero().max()) + 1 if m.any() else 0 for m in loss_mask]
         rows = [i for i, n in enumerate(lengths) if n > 1]
