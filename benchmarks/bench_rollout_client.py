@@ -13,7 +13,11 @@ and transport show. Modes, each on the same fresh servers, one after the other:
   SGLangServer.agenerate with batched=False itself);
 * ``direct-batched``: SGLangPool straight to the servers, 64 prompts per request;
 * ``urllib-threads``: the peer - the standard library's urllib, one blocking request per sample
-  from a pool of 64 threads (what the client did before, with per-sample requests).
+  from a pool of threads, as many as requests in flight in the other modes (what the client did
+  before, with per-sample requests).
+
+Every mode keeps ``--inflight`` requests in flight per server (64 prompts per request for
+``direct-batched``).
 
 Reported per mode: wall seconds, requests/s (wall), and the client process's CPU seconds
 (process time: the machine is shared, wall time moves with the load). Writes
@@ -48,6 +52,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=512)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--servers", type=int, default=2)
+    ap.add_argument("--inflight", type=int, default=64, help="requests in flight per server, every mode")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rollout_client.json"))
     args = ap.parse_args()
 
@@ -75,12 +80,13 @@ def main() -> None:
         results = {}
 
         def through_router():
-            pool = SGLangPool(router, control_urls=workers, pad_id=0, stop_ids=[2])
+            pool = SGLangPool(router, control_urls=workers, pad_id=0, stop_ids=[2], max_inflight=args.inflight,
+                              timeout=600)
             assert len(pool.generate(prompts, sample_ids=[f"r-{i}" for i in ids], **kw)) == n
             return n
 
         def direct_per_sample():
-            servers = [SGLangServer(u, stop_ids=[2], batched=False) for u in workers]
+            servers = [SGLangServer(u, stop_ids=[2], batched=False, timeout=600) for u in workers]
 
             async def one(i):
                 await servers[i % len(servers)].agenerate([prompts[i]], top_p=1.0, greedy=False, rids=[f"d-{ids[i]}"], **kw)
@@ -88,7 +94,7 @@ def main() -> None:
             async def run_all():
                 import asyncio
 
-                limit = asyncio.Semaphore(256 * len(servers))
+                limit = asyncio.Semaphore(args.inflight * len(servers))
 
                 async def bounded(i):
                     async with limit:
@@ -100,7 +106,8 @@ def main() -> None:
             return n
 
         def direct_batched():
-            pool = SGLangPool(workers, pad_id=0, stop_ids=[2], chunk_size=64)
+            pool = SGLangPool(workers, pad_id=0, stop_ids=[2], chunk_size=64, max_inflight=max(64, args.inflight),
+                              timeout=600)
             assert len(pool.generate(prompts, sample_ids=[f"b-{i}" for i in ids], **kw)) == n
             return -(-n // 64)
 
@@ -114,7 +121,7 @@ def main() -> None:
                 with urllib.request.urlopen(req, timeout=600) as resp:
                     json.loads(resp.read())
 
-            with ThreadPoolExecutor(64) as ex:
+            with ThreadPoolExecutor(args.inflight * len(workers)) as ex:
                 list(ex.map(one, range(n)))
             return n
 
@@ -125,6 +132,7 @@ def main() -> None:
     finally:
         stop(procs)
     doc = {"prompts": args.prompts, "samples": args.samples, "servers": args.servers, "max_new_tokens": 1,
+           "inflight_per_server": args.inflight,
            "modes": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")

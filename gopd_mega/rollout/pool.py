@@ -233,6 +233,7 @@ class SGLangPool(RolloutEngine):
         running: dict[asyncio.Task, tuple[SGLangServer, list[int]]] = {}
         inflight: dict[str, int] = {}
         self._aborts: list[asyncio.Task] = []  # best-effort aborts, run beside the retries
+        completed: asyncio.Queue = asyncio.Queue()  # tasks as they finish (abandoned ones are skipped)
         try:
             while pending or running:
                 live = self.live()
@@ -245,8 +246,12 @@ class SGLangPool(RolloutEngine):
                         break
                     pending.popleft()
                     inflight[s.url] = inflight.get(s.url, 0) + len(rows)
-                    running[asyncio.ensure_future(job(s, rows))] = (s, rows)
-                finished, _ = await asyncio.wait(list(running), return_when=asyncio.FIRST_COMPLETED)
+                    task = asyncio.ensure_future(job(s, rows))
+                    task.add_done_callback(completed.put_nowait)
+                    running[task] = (s, rows)
+                finished = [await completed.get()]  # one completion at a time: O(1) per request
+                while not completed.empty():
+                    finished.append(completed.get_nowait())
                 for task in finished:
                     if task not in running:
                         continue  # abandoned with its server below
