@@ -7,7 +7,7 @@ token per sample (max_new_tokens 1), so the servers cost as little as they can a
 and transport show. Modes, each on the same fresh servers, one after the other:
 
 * ``router``: SGLangPool through the real sglang-router in front of the servers: one /generate
-  request per sample (4096 requests), pooled async httpx with keep-alive;
+  request per sample (4096 requests), the pooled async client (aiohttp) with keep-alive;
 * ``direct-per-sample``: one request per sample, the same async client, straight to the servers
   (no router hop; the pool sends per-sample requests only through routers, so this mode calls
   SGLangServer.agenerate with batched=False itself);

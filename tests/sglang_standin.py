@@ -223,7 +223,10 @@ class StandinSGLang:
                         self.wfile.flush()
                         os.kill(os.getpid(), signal.SIGKILL)  # kill -9, right after the reply went out
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 2048  # uvicorn's backlog; socketserver's 5 resets bursts of connections
+
+        self.server = Server((host, port), Handler)
         self.server.daemon_threads = True
         self.url = f"http://{host}:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

@@ -2,7 +2,7 @@
 
 * base.py         RolloutBatch, the RolloutEngine interface
 * embedded.py     in-process sampling from the trainer's copy of the student (SPMD)
-* http.py         pooled asynchronous HTTP (httpx, keep-alive) shared by every server object
+* http.py         pooled asynchronous HTTP (aiohttp, keep-alive) shared by every server object
 * protocol.py     the SGLang releases the client speaks (0.5.9 to 0.5.23) and how they differ
 * sglang.py       HTTP client of one SGLang server (or router): request bodies, parsing
 * pool.py         many servers as one engine: concurrent requests, faults, servers out and back

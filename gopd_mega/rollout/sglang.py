@@ -1,6 +1,6 @@
 """Client of one SGLang server (or router) over HTTP: generation, prefill scoring, control endpoints.
 
-Transport: the process's pooled asynchronous client (gopd_mega.rollout.http, httpx with
+Transport: the process's pooled asynchronous client (gopd_mega.rollout.http, aiohttp with
 keep-alive); SGLang itself never has to be importable here. Many servers are driven by
 :mod:`gopd_mega.rollout.pool`; weight refreshes by :mod:`gopd_mega.rollout.weight_sync`; which
 release speaks which protocol is in :mod:`gopd_mega.rollout.protocol`.
