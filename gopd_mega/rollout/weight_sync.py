@@ -242,12 +242,9 @@ class WeightSync(ABC):
         self._post("/pause_generation", targets, {})
         if not session:
             return
-        needing = [s for s in targets if s.url not in self.failed and self._needs_session(s)]
-        if not needing:
-            return
-        live = [s for s in needing if s.url not in self.failed]
+        live = [s for s in targets if s.url not in self.failed and self._needs_session(s)]
         answers = shared_http().gather([s.apost_checked("/begin_weight_update", {}) for s in live],
-                                                   return_exceptions=True)
+                                       return_exceptions=True)
         for s, a in zip(live, answers):
             if isinstance(a, BaseException) and "already open" in str(a):
                 try:  # a session left open (an earlier run died mid-sync): close it, open ours
