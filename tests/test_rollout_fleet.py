@@ -125,3 +125,24 @@ def test_probe_is_a_real_generate(student_hf):
         assert pool.probe_out() == [] and pool.readmit_frozen() == []  # a server that cannot generate fails its probe
     finally:
         server.close()
+
+
+def test_behind_a_router_a_stale_or_dead_worker_is_found_by_probing_the_workers(student_hf):
+    """A failure through a router does not say which server behind it failed: the workers are
+    probed, and one that fails its probe or reports another weight version is taken out (the
+    router stays). Here a stand-in plays the router (it answers with stale weights); W1 is stale
+    too, W2 is current: W1 is taken out, W2 kept; the router is taken out after its third failure
+    of the same rows, and the error names it."""
+    r, w1, w2 = StandinSGLang(student_hf), StandinSGLang(student_hf), StandinSGLang(student_hf)
+    try:
+        r.weight_version = w1.weight_version = "0"
+        w2.weight_version = "1"
+        pool = SGLangPool(r.url, control_urls=[w1.url, w2.url], pad_id=0, stop_ids=[2], probe_timeout=10.0)
+        with pytest.raises(Exception, match=rf"no SGLang server left for generation.*{r.url}: weight version mismatch"):
+            pool.generate([[1, 5, 7]], temperature=1.0, max_new_tokens=2, sample_ids=["s1-p0-n0"], expect_version="1")
+        assert w1.url in pool.out and "reports weight version '0' instead of '1'" in pool.out[w1.url]
+        assert w2.url not in pool.out and r.url in pool.out
+        assert [b["rid"] for b in r.posted("/generate")] == ["s1-p0-n0"] * 3  # the same rid each try
+    finally:
+        for s in (r, w1, w2):
+            s.close()

@@ -93,6 +93,7 @@ class SGLangPool(RolloutEngine):
         self.out: dict[str, str] = {}
         """URL -> why it is out of every list (see the module docstring)."""
         self.last_rows: list[str] = []  # the URL that answered each row of the last dispatch
+        self._expect_version: str | None = None  # the weight version the running generation expects
         self.row_servers: dict[str, str] = {}  # sample id -> URL that answered it, last generate()
 
     @property
@@ -311,15 +312,20 @@ class SGLangPool(RolloutEngine):
                 self._aborts.append(asyncio.ensure_future(self._quietly(abort(w, rows))))
 
     async def _blame_workers(self) -> list[SGLangServer]:
-        """Probe the live servers behind the routers; take out those that fail."""
+        """Probe the live servers behind the routers; take out those that fail, or that report
+        another weight version than the generation expects."""
         workers = self.live_control()
+        expect = self._expect_version
 
         async def check(w: SGLangServer):
             try:
                 await w.aprobe(self.probe_timeout)
-                return None
+                got = await w.aweight_version() if expect is not None else None
             except SGLangError as exc:
                 return str(exc)
+            if got is not None and got != expect:
+                return f"reports weight version {got!r} instead of {expect!r}: a weight refresh did not take effect there"
+            return None
 
         verdicts = await asyncio.gather(*[check(w) for w in workers])
         blamed = []
@@ -365,7 +371,11 @@ class SGLangPool(RolloutEngine):
             await asyncio.gather(*[server.acall("/abort_request", {"rid": ids[r]}, timeout=5.0) for r in rows],
                                  return_exceptions=True)
 
-        samples = self.dispatch(n, job, "generation", abort)
+        self._expect_version = expect_version
+        try:
+            samples = self.dispatch(n, job, "generation", abort)
+        finally:
+            self._expect_version = None
         self.row_servers = dict(zip(ids, self.last_rows))
         return pack_rollouts(prompts, [s.ids for s in samples], [s.logps for s in samples], [s.finish for s in samples],
                              self.pad_id, ids, [s.weight_version for s in samples])
