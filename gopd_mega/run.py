@@ -130,8 +130,10 @@ def build_models(cfg: RunConfig, tokenizer) -> Models:
 
 def server_pool(urls, rollout_cfg, tokenizer) -> SGLangPool:
     """An SGLang pool for a teacher or reference server (scoring only)."""
-    return SGLangPool(urls, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids, timeout=rollout_cfg.request_timeout_s,
-                      chunk_size=rollout_cfg.request_batch)
+    r = rollout_cfg
+    return SGLangPool(urls, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids, timeout=r.request_timeout_s,
+                      timeout_per_token=r.request_timeout_per_token_s, chunk_size=r.request_batch,
+                      max_inflight=r.max_inflight_per_server, version=r.sglang_version)
 
 
 def hf_source_dir(load: str | None) -> str | None:
@@ -149,8 +151,8 @@ def build_rollout(cfg: RunConfig, engine, teachers: dict, reference) -> RolloutC
     teachers, reference), which names any that does not answer."""
     pools = [engine] if not engine.spmd else []
     pools += [m.pool for m in [*teachers.values(), reference] if isinstance(m, ServerScorer)]
-    for pool in pools:
-        run_on_rank0(pool.check_health, "SGLang health check")
+    for pool in pools:  # the rollout servers also run a release whose weight-sync protocol the client speaks
+        run_on_rank0(lambda: pool.check_health(protocol=pool is engine), "SGLang health check")
     sync = None
     if not engine.spmd:
         sync = make_weight_sync(cfg.rollout, engine, out_dir=cfg.train.out_dir, source_dir=hf_source_dir(cfg.student.load))

@@ -1,35 +1,53 @@
 """A stand-in SGLang server for tests: SGLang's native HTTP API, field for field, on a tiny model.
 
-    server = StandinSGLang(hf_dir)            # threaded http.server on 127.0.0.1, random port
+    server = StandinSGLang(hf_dir)             # threaded http.server on 127.0.0.1, random port
+    server = StandinSGLang(hf_dir, version="0.5.20", tp_size=2)   # an older release, 2 TP ranks
     server.url, server.calls                   # base URL; [(path, payload)] of every request
     server.die_after_outputs = 2               # next /generate: answer 2 rows, then die (no reply)
+    server.hang = True                         # /generate never answers; /health still does
     server.fail_next_load = "disk full"        # next weight update fails (HTTP 400, success false)
     server.delay_s = 0.5                       # each /generate sleeps first
-    server.scoring_ignores_temperature = True  # prefill log-probs at T = 1 whatever was asked
-    python tests/sglang_standin.py --model-path DIR   # as its own process; prints "URL <url>"
+    server.return_original_logprob = True      # output log-probs at T = 1 (SGLANG_RETURN_ORIGINAL_LOGPROB=1)
+    python tests/sglang_standin.py --model-path DIR [--port P --tp-size N ...]  # prints "URL <url>"
+
+The command line takes ``python -m sglang.launch_server``'s arguments (unknown ones are
+ignored), so the launchers in examples/ can start it instead of SGLang on a CPU machine
+(``SGLANG_SERVER="python tests/sglang_standin.py"``); ``--kill-after N`` makes it SIGKILL itself
+right after answering its N-th /generate request.
 
 It samples from a Hugging Face causal LM (transformers, fp32, CPU) loaded from ``hf_dir``, so
-log-probs are real: log softmax(logits / T) of the full vocabulary at the sampled token (T = 1 for
-greedy, temperature 0), as SGLang reports them. Endpoints and fields follow SGLang 0.5.x
-(http_server.py / io_struct.py):
+log-probs are real: output log-probs are log softmax(logits / T) of the full vocabulary at the
+sampled token (T = 1 for greedy, temperature 0), as SGLang reports them; prefill (input)
+log-probs are at T = 1 whatever temperature is sent, as in every SGLang release.
 
-  POST /generate {input_ids (one list or a batch), sampling_params {max_new_tokens, temperature,
-      top_p, top_k, min_p, stop_token_ids, ignore_eos, no_stop_trim, sampling_seed} (one dict or
-      one per input), return_logprob, logprob_start_len, rid (str or list)}
+Behaviour of SGLang ``version`` (default 0.5.23; 0.5.9 to 0.5.23 are modelled):
+  * every request body is checked by SGLang 0.5.23's own request classes (tests/sglang_contract.py,
+    from the installed sglang wheel) when that wheel is installed: /generate bodies it refuses
+    get its HTTP 400 {"error": ...}, control bodies 422 (FastAPI), and a control field the class
+    does not have is refused too (the real server would silently drop it);
+  * rid: echoed as meta_info.id; a list needs one unique id per input; a string for a batch
+    becomes '{rid}_{i}';
+  * >= 0.5.21: /update_weights_from_tensor and /update_weights_from_distributed answer 400
+    outside a weight-update session (/begin_weight_update ... /end_weight_update; one at a time);
+    /get_weight_version is gone (404 Not Found); before 0.5.21 it is a 404 deprecation stub and
+    there is no session endpoint;
+  * an unknown endpoint is 404 {"detail": "Not Found"}.
+
+  POST /generate {input_ids (one list or a batch), sampling_params (one dict or one per input),
+      return_logprob, logprob_start_len, rid (str or list)}
       -> {text, output_ids, meta_info {id, finish_reason {type, matched | length}, prompt_tokens,
-         completion_tokens, cached_tokens, weight_version, output_token_logprobs [[lp, id, null]],
-         input_token_logprobs (from logprob_start_len; entry 0 null)}} (a list for a batch)
+         completion_tokens, cached_tokens, weight_version, e2e_latency, output_token_logprobs
+         [[lp, id, null]], input_token_logprobs (from logprob_start_len; entry 0 null)}}
   GET /standin_log (not SGLang: calls, loads, version - for a stand-in in its own process)
-  GET /health, /health_generate, /get_model_info, /model_info, /get_weight_version, /get_server_info
+  GET /health, /health_generate, /model_info, /get_model_info, /server_info, /get_server_info
   GET|POST /flush_cache (plain text; 400 while requests run)
   POST /pause_generation, /continue_generation ({message, status})
-  POST /update_weights_from_disk {model_path, load_format, weight_version, flush_cache,
-      abort_all_requests} -> {success, message, num_paused_requests} (400 on failure)
-  POST /init_weights_update_group {master_address, master_port, rank_offset, world_size,
-      group_name, backend}, /update_weights_from_distributed {names, dtypes, shapes, group_name,
-      flush_cache, weight_version}, /destroy_weights_update_group {group_name}
-  POST /update_weights_from_tensor {serialized_named_tensors (base64 pickles, one per TP rank),
-      load_format, flush_cache, weight_version}
+  POST /update_weights_from_disk {model_path, load_format, weight_version, flush_cache, ...}
+      -> {success, message, num_paused_requests} (400 on failure)
+  POST /init_weights_update_group, /update_weights_from_distributed, /destroy_weights_update_group
+  POST /update_weights_from_tensor {serialized_named_tensors (one base64 pickle per TP rank; each
+      decoded with SGLang's SafeUnpickler), load_format, flush_cache, weight_version}
+  POST /begin_weight_update {selector}, /end_weight_update {} (>= 0.5.21)
   POST /update_weight_version {new_version, abort_all_requests}
   POST /release_memory_occupation {tags}, /resume_memory_occupation {tags} (generation refused
       while weights are released), /abort_request {rid, abort_all}
@@ -41,11 +59,10 @@ every weight of the model with its shape); ``loads`` records each attempt and wh
 from __future__ import annotations
 
 import argparse
-import base64
 import datetime
 import json
 import os
-import pickle
+import signal
 import sys
 import threading
 import time
@@ -54,9 +71,25 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sglang_contract  # noqa: E402
+
+SESSION_FROM = (0, 5, 21)
+
 
 class _Died(Exception):
     pass
+
+
+class _Refused(Exception):
+    def __init__(self, code: int, body: dict):
+        super().__init__(body)
+        self.code, self.body = code, body
+
+
+def _release(version: str) -> tuple[int, int, int]:
+    major, minor, patch = (int(x) for x in version.split(".")[:3])
+    return major, minor, patch
 
 
 def read_hf_folder(path: str) -> tuple[dict[str, torch.Tensor] | None, str]:
@@ -103,9 +136,19 @@ def init_custom_group(backend: str, address: str, port: int, rank: int, world_si
 class StandinSGLang:
     """See the module docstring."""
 
-    def __init__(self, model_path: str, *, host: str = "127.0.0.1", port: int = 0, seed: int = 0):
+    def __init__(self, model_path: str, *, host: str = "127.0.0.1", port: int = 0, seed: int = 0,
+                 version: str = "0.5.23", tp_size: int = 1, kill_after: int | None = None, strict: bool = True):
         import transformers
 
+        self.version = version
+        self.sessions = _release(version) >= SESSION_FROM
+        self.tp_size = tp_size
+        self.kill_after = kill_after
+        self.contract = sglang_contract.load() if strict else None
+        self.session_open = False
+        self.refused: list[tuple[str, str]] = []  # (path, why) of every request the contract refused
+        self.tensor_payloads: list[list[list[str]]] = []  # per /update_weights_from_tensor: names per TP rank
+        self.answered = 0
         self.model_path = str(model_path)
         self.model = transformers.AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).eval()
         self.tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
@@ -117,7 +160,8 @@ class StandinSGLang:
         self.die_after_outputs: int | None = None
         self.fail_next_load: str | None = None
         self.delay_s = 0.0
-        self.scoring_ignores_temperature = False
+        self.hang = False
+        self.return_original_logprob = False
         self.report_version: str | None = None  # a server that lies about its version
         self.paused = threading.Event()
         self.released: set[str] = set()
@@ -162,16 +206,27 @@ class StandinSGLang:
                     return
                 standin.calls.append((self.path, payload))
                 try:
+                    standin.check_contract(self.path, payload)
                     code, obj, text = standin.route(self.path, payload)
                 except _Died:
                     self.close_connection = True
                     return
+                except _Refused as exc:
+                    code, obj, text = exc.code, exc.body, False
                 except Exception as exc:  # noqa: BLE001 - a 400 like SGLang's error handler
                     code, obj, text = 400, {"object": "error", "message": f"{type(exc).__name__}: {exc}",
                                             "type": "Bad Request", "code": 400}, False
                 self._reply(code, obj, text)
+                if self.path.startswith("/generate") and code == 200:
+                    standin.answered += 1
+                    if standin.kill_after is not None and standin.answered >= standin.kill_after:
+                        self.wfile.flush()
+                        os.kill(os.getpid(), signal.SIGKILL)  # kill -9, right after the reply went out
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 2048  # uvicorn's backlog; socketserver's 5 resets bursts of connections
+
+        self.server = Server((host, port), Handler)
         self.server.daemon_threads = True
         self.url = f"http://{host}:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -200,21 +255,40 @@ class StandinSGLang:
 
     # ------------------------------------------------------------------ routing
 
+    def check_contract(self, path: str, payload) -> None:
+        """Refuse what SGLang 0.5.23's own request classes refuse (see the module docstring)."""
+        path = path.split("?")[0]
+        if self.contract is None or path.startswith("/standin_") or path not in (
+                {"/generate"} | set(sglang_contract.CONTROL) | sglang_contract.GET_ONLY):
+            return
+        if path in sglang_contract.GET_ONLY and payload is None:
+            return
+        try:
+            self.contract.check(path, payload if payload is not None else {}, vocab_size=self.model.config.vocab_size)
+        except sglang_contract.ContractError as exc:
+            self.refused.append((path, str(exc)))
+            if path == "/generate":
+                raise _Refused(400, {"error": str(exc)}) from None
+            raise _Refused(422, {"detail": [{"type": "value_error", "loc": ["body"], "msg": str(exc)}]}) from None
+
     def route(self, path: str, p: dict | None):
         path = path.split("?")[0]
         version = self.report_version or self.weight_version
         if path == "/standin_log":  # not SGLang: the call and load log, for a stand-in in its own process
             return 200, {"calls": [[q, d] for q, d in self.calls if q != "/standin_log"], "loads": self.loads,
-                         "weight_version": self.weight_version}, False
+                         "weight_version": self.weight_version, "refused": self.refused,
+                         "tensor_payloads": self.tensor_payloads}, False
         if path in ("/health", "/health_generate"):
             return 200, "", True
         if path in ("/get_model_info", "/model_info"):
             return 200, {"model_path": self.model_path, "tokenizer_path": self.model_path, "is_generation": True,
                          "preferred_sampling_params": None, "weight_version": version}, False
-        if path == "/get_weight_version":
-            return 200, {"weight_version": version}, False
-        if path == "/get_server_info":
-            return 200, {"model_path": self.model_path, "tp_size": 1, "weight_version": version, "version": "standin"}, False
+        if path in ("/get_weight_version", "/weight_version") and not self.sessions:
+            return 404, {"detail": "Endpoint '/get_weight_version' or '/weight_version' is deprecated. Please use "
+                                   "'/model_info' instead."}, False
+        if path in ("/get_server_info", "/server_info"):
+            return 200, {"model_path": self.model_path, "tp_size": self.tp_size, "weight_version": version,
+                         "version": self.version, "frontend": "python"}, False
         if path == "/flush_cache":
             ok = self.running == 0
             return (200 if ok else 400), "Cache flushed.\nPlease check backend logs for more details. " \
@@ -248,6 +322,18 @@ class StandinSGLang:
             return self._weights_answer(self._load_disk(p), p, num_paused=True)
         if path == "/init_weights_update_group":
             return self._init_group(p)
+        if path in ("/begin_weight_update", "/end_weight_update") and self.sessions:
+            opening = path == "/begin_weight_update"
+            if self.session_open == opening:
+                why = ("a weight-update session is already open; call end_weight_update() first" if opening else
+                       "no weight-update session is open; call begin_weight_update() first")
+                return 400, {"success": False, "message": why}, False
+            self.session_open = opening
+            return 200, {"success": True, "message": "Success"}, False
+        if path in ("/update_weights_from_distributed", "/update_weights_from_tensor") and self.sessions \
+                and not self.session_open:
+            return 400, {"success": False, "message": f"{path[1:]} must run between begin_weight_update() and "
+                                                      f"end_weight_update()"}, False
         if path == "/update_weights_from_distributed":
             return self._weights_answer(self._load_distributed(p), p)
         if path == "/destroy_weights_update_group":
@@ -330,11 +416,26 @@ class StandinSGLang:
         return self._take_failure() or self._install(received, partial=True)
 
     def _load_tensor(self, p: dict) -> str:
+        """Each TP rank decodes its own entry (SGLang: serialized_named_tensors[tp_rank]) with
+        SGLang's SafeUnpickler when the wheel is installed; rank 0's tensors are loaded."""
+        import pickle
+
         from multiprocessing.reduction import ForkingPickler  # noqa: F401 (registers torch reductions)
         import torch.multiprocessing  # noqa: F401
 
-        entry = p["serialized_named_tensors"][0]  # this stand-in has one TP rank
-        named = pickle.loads(base64.b64decode(entry))
+        entries = p["serialized_named_tensors"]
+        if len(entries) != self.tp_size:
+            return f"{len(entries)} serialized_named_tensors for {self.tp_size} TP ranks"
+        ranks = []
+        for entry in entries:
+            if self.contract is not None:
+                ranks.append(self.contract.decode_tensors(entry))
+            else:
+                import base64
+
+                ranks.append(pickle.loads(base64.b64decode(entry)))
+        self.tensor_payloads.append([[n for n, _ in named] for named in ranks])
+        named = ranks[0]
         self.loads.append({"names": [n for n, _ in named], "dtypes": sorted({str(t.dtype) for _, t in named})})
         return self._take_failure() or self._install(dict(named), partial=True)
 
@@ -345,6 +446,8 @@ class StandinSGLang:
             raise RuntimeError("weights are released (/release_memory_occupation); resume them first")
         if self.delay_s:
             self.closing.wait(self.delay_s)  # cut short when the server dies
+        while self.hang and not self.dead:
+            self.closing.wait(0.05)
         while self.paused.is_set() and not self.dead:
             time.sleep(0.01)
         if self.dead:
@@ -354,9 +457,10 @@ class StandinSGLang:
         batch = [ids] if single else ids
         params = p.get("sampling_params") or {}
         rids = p.get("rid")
-        rids = [rids] if isinstance(rids, str) else rids
+        if isinstance(rids, str):
+            rids = [rids] if single else [f"{rids}_{i}" for i in range(len(batch))]
         if rids is not None and len(rids) != len(batch):
-            raise ValueError(f"rid has {len(rids)} entries for {len(batch)} inputs")
+            raise ValueError("The specified rids length mismatch with the batch_size for batch processing.")
         outs = []
         self.running += 1
         try:
@@ -392,6 +496,7 @@ class StandinSGLang:
         for _ in range(max_new):
             logits = self._logits(seq)[-1]
             logp = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), -1)
+            reported = torch.log_softmax(logits, -1) if self.return_original_logprob else logp
             if temperature <= 0:
                 tok = int(logits.argmax())
             else:
@@ -405,7 +510,7 @@ class StandinSGLang:
                     probs = torch.zeros_like(probs).scatter(0, order, sp_)
                 tok = int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
             out.append(tok)
-            lps.append(float(logp[tok]))
+            lps.append(float(reported[tok]))
             seq.append(tok)
             if tok in stops:
                 finish = {"type": "stop", "matched": tok}
@@ -419,12 +524,12 @@ class StandinSGLang:
             meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(lps, out)]
             start = int(p.get("logprob_start_len", -1))
             if start >= 0 or max_new == 0:
-                meta["input_token_logprobs"] = self._input_logprobs(prompt, max(start, 0), temperature)
+                meta["input_token_logprobs"] = self._input_logprobs(prompt, max(start, 0))
         return {"text": "", "output_ids": output_ids, "meta_info": meta}
 
-    def _input_logprobs(self, ids: list[int], start: int, temperature: float) -> list:
-        t = 1.0 if (self.scoring_ignores_temperature or temperature <= 0) else temperature
-        logp = torch.log_softmax(self._logits(ids) / t, -1)
+    def _input_logprobs(self, ids: list[int], start: int) -> list:
+        """Prefill log-probs at T = 1: SGLang applies no sampling temperature to them."""
+        logp = torch.log_softmax(self._logits(ids), -1)
         entries = [[None, ids[0], None]] + [[float(logp[j - 1, ids[j]]), ids[j], None] for j in range(1, len(ids))]
         return entries[start:]
 
@@ -434,14 +539,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model-path", required=True)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
-    args = ap.parse_args(argv)
+    ap.add_argument("--tp-size", "--tp", type=int, default=1)
+    ap.add_argument("--sglang-version", default="0.5.23", help="the SGLang release to behave like")
+    ap.add_argument("--kill-after", type=int, default=None, help="SIGKILL itself after answering N /generate requests")
+    args, _ = ap.parse_known_args(argv)  # launch_server's other flags (--enable-memory-saver, ...) are ignored
     torch.set_num_threads(1)
-    server = StandinSGLang(args.model_path, host=args.host, port=args.port)
+    server = StandinSGLang(args.model_path, host=args.host, port=args.port, version=args.sglang_version,
+                           tp_size=args.tp_size, kill_after=args.kill_after)
     print(f"URL {server.url}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        server.thread.join()
+        stop.wait()
     except KeyboardInterrupt:
-        server.close()
+        pass
+    server.close()
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def server(_server, student_hf):
     _server.calls.clear()
     _server.loads.clear()
     _server.served_rids.clear()
-    _server.scoring_ignores_temperature, _server.report_version = False, None
+    _server.return_original_logprob, _server.report_version = False, None
     return _server
 
 
@@ -86,9 +86,10 @@ def test_two_ranks_one_global_batch_and_one_refresh_per_step(model_dirs, server,
 
 
 def test_server_scoring_disagreement_is_reported(model_dirs, server, tmp_path, capsys):
-    """A server that ignores the temperature for prefill log-probs: the start-up check measures the
-    gap at T = 0.5 and refuses (or, with server_check=warn, reports it and runs)."""
-    server.scoring_ignores_temperature = True
+    """A rollout server that reports temperature-1 log-probs (launched with
+    SGLANG_RETURN_ORIGINAL_LOGPROB=1): the start-up check compares its sampler log-probs with the
+    student's at T = 0.5 and refuses (or, with server_check=warn, reports the gap and runs)."""
+    server.return_original_logprob = True
     base = {"rollout.engine": "sglang", "rollout.sglang_url": server.url, "rollout.temperature": 0.5,
             "train.prompts_per_step": 2}
     run = _distiller(_run_cfg(model_dirs, tmp_path / "refuse", 1, **base))
@@ -98,8 +99,9 @@ def test_server_scoring_disagreement_is_reported(model_dirs, server, tmp_path, c
     run = _distiller(_run_cfg(model_dirs, tmp_path / "warn", 1, **base, **{"rollout.server_check": "warn"}))
     assert len(run.fit()) == 1
     assert "WARNING: rollout server (student)" in capsys.readouterr().out
-    # the same server scoring at the asked temperature passes the check
-    server.scoring_ignores_temperature = False
+    # the same server reporting log-probs at the sampling temperature passes the check at T = 0.5
+    # (prefill scoring, which SGLang does at T = 1 only, is not what the check compares)
+    server.return_original_logprob = False
     run = _distiller(_run_cfg(model_dirs, tmp_path / "agree", 1, **base))
     assert len(run.fit()) == 1
 

@@ -162,6 +162,9 @@ def test_update_weights_and_score(fake):
 def test_real_server():
     eng = SGLangEngine(os.environ["GOPD_SGLANG_URL"], pad_id=0, stop_ids=[int(os.environ.get("GOPD_SGLANG_EOS", "2"))])
     assert eng.health()
+    eng.server.protocol()  # a release whose protocol the client speaks (0.5.9 .. 0.5.23)
+    one = SGLangEngine(eng.url, pad_id=0, stop_ids=eng.stop_ids, batched=False)  # the per-sample (router) body
+    assert one.generate([[1, 2, 3]], temperature=1.0, max_new_tokens=4, sample_ids=["gopd-real-0"]).sample_ids == ["gopd-real-0"]
     out = eng.generate([[1, 2, 3, 4]] * 2, temperature=1.0, max_new_tokens=8, seed=0)
     assert len(out) == 2 and (out.response_lens >= 1).all()
     assert (out.sampler_logp[out.loss_mask] <= 0).all()

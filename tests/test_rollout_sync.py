@@ -162,25 +162,82 @@ def test_nccl_protocol_over_gloo(model_dirs, standin_process):
 # ----------------------------------------------------------------------------- ipc, colocated memory
 
 
-def test_ipc_payload_and_failed_load_names_the_server(model_dirs, other_hf):
-    """The /update_weights_from_tensor payload (CPU tensors stand in for CUDA-IPC handles, which
-    only a GPU run can exercise) and a server that fails to load: a clear error naming it."""
-    server = StandinSGLang(other_hf)
+def _ipc_refresh(model_dirs, url):
+    """2 ranks, one server of 2 TP ranks: rank j serializes TP rank j's payload on its own device."""
+    student = _student(model_dirs)
+    sync = IpcSync(SGLangPool(url, pad_id=0, stop_ids=[]), allow_cpu=True, server_ranks=2)
+    sync.refresh(student, 1)
+    gap = _gap_to_student(url, student)  # collective: the student's log-probs gather over both ranks
+    if torch.distributed.get_rank() == 0:
+        http_call(url + "/standin_fail_next_load", {"message": "CUDA out of memory"})
+    with pytest.raises(SGLangError, match=r"update_weights_from_tensor returned HTTP 400: .*CUDA out of memory") as info:
+        sync.refresh(student, 2)
+    sync.refresh(student, 3)  # the server answers its probe again: synced and back in
+    return gap, str(info.value), sorted(sync.pool.out)
+
+
+@pytest.mark.distributed
+def test_ipc_one_payload_per_tp_rank_decoded_by_sglang(model_dirs, other_hf):
+    """The /update_weights_from_tensor payload: one entry per TP rank of the server, each made by
+    the trainer rank that shares that rank's GPU, each decoded by SGLang's own SafeUnpickler
+    (Base64Bytes first) in the stand-in. CPU tensors stand in for CUDA-IPC handles (the device
+    UUID mapping is tested below and on a GPU). A failed load takes the only server out (the
+    error names it); it rejoins at the next refresh once its probe succeeds."""
+    server = StandinSGLang(other_hf, tp_size=2)
     try:
-        student = _student(model_dirs)
-        sync = IpcSync(SGLangPool(server.url, pad_id=0, stop_ids=[]), allow_cpu=True, server_ranks=2)
-        sync.refresh(student, 1)
-        assert _gap_to_student(server.url, student) < 0.02
-        body = server.posted("/update_weights_from_tensor")[-1]
-        assert len(body["serialized_named_tensors"]) == 2 and body["weight_version"] == "1" and body["flush_cache"]
-        server.fail_next_load = "CUDA out of memory"
-        with pytest.raises(SGLangError, match=rf"{server.url}/update_weights_from_tensor returned HTTP 400: .*CUDA out of memory"):
-            sync.refresh(student, 2)
-        server.report_version = "1"  # loads, but keeps reporting the old version
-        with pytest.raises(SGLangError, match=rf"{server.url} reports weight_version '1' after the update to 3"):
-            sync.refresh(student, 3)
+        results = run_distributed(_ipc_refresh, 2, (model_dirs, server.url))
     finally:
         server.close()
+    gap, message, out = results[0]
+    assert gap < 0.02 and results[1][1] == message and server.url in message
+    assert out == [] and server.weight_version == "3"
+    assert server.contract is not None and not server.refused  # SGLang's own classes took every body
+    per_rank = server.tensor_payloads
+    assert per_rank and all(len(ranks) == 2 and ranks[0] == ranks[1] for ranks in per_rank)
+    posts = server.posted("/update_weights_from_tensor")
+    assert all(len(set(p["serialized_named_tensors"])) == 2 for p in posts)  # two payloads, not one copied
+    paths = [p for p, _ in server.calls if p.endswith("weight_update") or p == "/update_weights_from_tensor"]
+    assert paths[0] == "/begin_weight_update" and paths[-1] == "/end_weight_update"  # 0.5.23: inside a session
+
+
+def test_ipc_device_is_its_uuid():
+    """CUDA tensors are pickled with their device as its UUID (SGLang's patched rebuild maps it to
+    the receiving process's own index, whatever CUDA_VISIBLE_DEVICES it has)."""
+    from gopd_mega.rollout.weight_sync import CUDA_DEVICE_ARG, with_device_uuid
+
+    args = tuple(range(15))
+    out = with_device_uuid(args, lambda i: f"GPU-uuid-{i}")
+    assert out[CUDA_DEVICE_ARG] == "GPU-uuid-6" and out[:6] == args[:6] and out[7:] == args[7:]
+
+
+def _decode_in_sglangs_way(blob: str, queue) -> None:
+    """A separate process (as the server is): SGLang's patched CUDA rebuild, then its SafeUnpickler."""
+    import sglang_contract
+
+    contract = sglang_contract.load()
+    contract.patch_cuda_rebuild()
+    named = contract.decode_tensors(blob)
+    queue.put([(n, t.device.type, t.cpu().float().tolist()) for n, t in named])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-IPC weight sync needs a GPU")
+def test_ipc_cuda_payload_decodes_in_another_process_by_device_uuid():
+    """A real CUDA-IPC payload (device given by its UUID) decoded by SGLang's own code in another
+    process: the handle opens there and the values arrive."""
+    import multiprocessing as mp
+
+    from gopd_mega.rollout.weight_sync import serialize_named_tensors
+
+    t = torch.arange(12, dtype=torch.bfloat16, device="cuda").view(3, 4)
+    blob = serialize_named_tensors([("w", t)])
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_decode_in_sglangs_way, args=(blob, queue))
+    proc.start()
+    got = queue.get(timeout=120)
+    proc.join(timeout=60)
+    assert got == [("w", "cuda", t.cpu().float().tolist())]
 
 
 @pytest.mark.gpu
@@ -206,13 +263,13 @@ def test_colocated_release_and_resume_around_training(model_dirs, other_hf, tmp_
         rollout.collect(0, [[1, 5, 7]], 1, Sampling(1.0, 1.0, 3, seed=0))
         rollout.before_training()
         with pytest.raises(SGLangError, match="weights are released"):  # the server really gave them up
-            pool.generate([[1, 2]], temperature=1.0, max_new_tokens=2)
+            http_call(server.url + "/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}})
         rollout.refresh(_student(model_dirs), 1)
         assert rollout.collect(1, [[1, 5, 7]], 1, Sampling(1.0, 1.0, 3, seed=0)).weight_versions == ["1"]
     finally:
         server.close()
-    control = [(p, b.get("tags") if b else None) for p, b in server.calls if p not in ("/generate", "/get_weight_version",
-                                                                                        "/abort_request", "/health")]
+    control = [(p, b.get("tags") if b else None) for p, b in server.calls if p not in (
+        "/generate", "/model_info", "/get_server_info", "/abort_request", "/health")]
     assert control == [("/release_memory_occupation", ["kv_cache", "weights"]),
                        ("/resume_memory_occupation", ["weights"]),
                        ("/pause_generation", None), ("/update_weights_from_disk", None), ("/continue_generation", None),

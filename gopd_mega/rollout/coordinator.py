@@ -13,7 +13,8 @@ the same batch; nothing is broadcast.
 
 Ids: sample j of prompt i at step k is 's{k}-p{i}-n{j}' (the SGLang rid; a retry keeps it).
 Versions: a batch sampled after k updates has weight version str(k) on every row; a server that
-reports another version for any row is an error naming the server and the rows' ids.
+reports another version for any row is taken out of the pool and its rows are drawn elsewhere
+(with no server left: an error naming the servers and the rows' ids).
 
 Overlap (``overlap=True``, server engines only): after collecting batch k, rank 0 starts sampling
 batch k+1 in a background thread while the trainer trains on batch k; the refresh after step k
@@ -79,6 +80,8 @@ class RolloutCoordinator:
             batch = self.engine.generate(prompts, **kwargs)
             batch.sample_ids, batch.weight_versions = list(ids), [str(version)] * len(ids)
             return batch
+        if hasattr(self.engine, "live"):  # a pool: a server drawing with other weights is taken out, its rows redone
+            kwargs["expect_version"] = str(version)
         batch = self.engine.generate(prompts, sample_ids=ids, **kwargs)
         self.check_versions(batch, version)
         return batch
@@ -165,13 +168,17 @@ class RolloutCoordinator:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
         if self.colocate:
-            run_on_rank0(lambda: self.engine.control_call("/resume_memory_occupation", {"tags": ["weights"]}),
+            # every server, out ones too: a colocated server that is to rejoin needs its weights memory
+            # back before its probe and sync
+            run_on_rank0(lambda: self.engine.control_call("/resume_memory_occupation", {"tags": ["weights"]},
+                                                          servers=self.engine.control),
                          "resume of the servers' weights memory")
         if self.weight_sync is None:
             raise RuntimeError("a server engine needs a weight sync (rollout.weight_sync)")
         self.weight_sync.refresh(student, version)
         if self.colocate:
-            run_on_rank0(lambda: self.engine.control_call("/resume_memory_occupation", {"tags": ["kv_cache"]}),
+            run_on_rank0(lambda: self.engine.control_call("/resume_memory_occupation", {"tags": ["kv_cache"]},
+                                                          servers=self.engine.control),
                          "resume of the servers' KV cache")
         self.version = version
 
