@@ -1,7 +1,7 @@
 """KV-cache decoding (gopd_mega.rollout.kv_decode) equals the no-cache path.
 
 On a 2-process gloo world, for the layouts DP=2 (tp=1), TP=2 and PP=2 of the same tiny model,
-for both decode paths, the fast one (gopd_mega.rollout.fast_decode: plain torch on the model's
+for both decode paths, the fast one (gopd_mega.model.inference: plain torch on the model's
 parameters, the default) and megatron's own forward with its StaticInferenceContext:
 - CachedDecoder logits (prefill + steps, ragged prompts, rows dropped at different steps) match
   ShardedGPT.next_token_logits on the whole prefix, for the left-padded batch and for the

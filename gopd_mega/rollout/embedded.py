@@ -12,7 +12,8 @@ any device and sampling happens there. For ``update_weights`` it offers
 Decoding (``kv_cache=True``, the default, for a megatron ShardedGPT): a KV cache, batched
 (gopd_mega.rollout.kv_decode.CachedDecoder): one prefill over the prompts, then one token per
 active row per step, O(context) per step; by default through the plain-torch fast path
-(gopd_mega.rollout.fast_decode; ``fast_decode=False``: megatron's own forward). With ``kv_cache=False``, or for any other model
+(gopd_mega.model.inference; ``fast_decode=False``: megatron's own forward). With
+``kv_cache=False``, or for any other model
 object, each step re-runs ``next_token_logits`` on the whole [N_active, prompt + generated]
 batch (quadratic in the response length; the reference the cached path is tested against).
 Either way finished rows are dropped from later steps, and both paths feed the same logits (to
@@ -84,7 +85,7 @@ class EmbeddedEngine(RolloutEngine):
         """Decode with a KV cache when the model supports it (a ShardedGPT); False: re-run the
         whole prefix every step (the reference path)."""
         self.fast_decode = fast_decode
-        """With the KV cache: the plain-torch decode of gopd_mega.rollout.fast_decode where it
+        """With the KV cache: the plain-torch decode of gopd_mega.model.inference where it
         supports the model (same tokens); False: megatron's own forward and inference context."""
 
     @torch.no_grad()

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from gopd_mega.platform import device
-from gopd_mega.rollout.fast_decode import stage_of
+from gopd_mega.model.inference import stage_of
 
 
 def _core_attention_is_local(model) -> bool:
@@ -159,7 +159,7 @@ class CachedDecoder:
         """``tokens`` [N, S] right-padded prompts with ``lengths`` [N]; ``bucketed``: one bucket
         per prompt length (no pad slots) instead of one left-padded batch; None = only when the
         core attention ignores explicit masks (Transformer Engine). ``fast``: decode with
-        gopd_mega.rollout.fast_decode when it supports the model (``self.fast_path_off`` says
+        gopd_mega.model.inference when it supports the model (``self.fast_path_off`` says
         why not otherwise); False: megatron's own forward with its StaticInferenceContext."""
         if not supports_kv_cache(sharded):
             raise TypeError(f"CachedDecoder needs a ShardedGPT (megatron GPTModel), got {type(sharded).__name__}")
@@ -177,7 +177,8 @@ class CachedDecoder:
         parts = torch.tensor_split(torch.arange(N), self.groups.dp)
         self.dp_rows = list(parts)  # every DP rank's fixed share of the rows
         mine = parts[self.groups.dp_rank]
-        self.stage, self.fast_path_off = stage_of(sharded) if fast else (None, "fast=False")
+        self.stage, self.fast_path_off = (stage_of(sharded.model, sharded.tconfig, sharded.groups) if fast
+                                          else (None, "fast=False"))
         if self.stage is not None:
             bucketed = bool(bucketed)  # the fast path honours the mask: one bucket unless asked
         elif bucketed is None:
@@ -255,7 +256,7 @@ class CachedDecoder:
         return logits
 
     def _fast_forward(self, bucket: _Bucket, tokens: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-        """_forward on the fast path (gopd_mega.rollout.fast_decode), without autograd."""
+        """_forward on the fast path (gopd_mega.model.inference), without autograd."""
         g = self.groups
         n, sq = tokens.shape
         start = bucket.offset
