@@ -9,7 +9,9 @@ parameters, the default) and megatron's own forward with its StaticInferenceCont
 - the engine with the cache gives the same greedy tokens and, with the same seed, the same
   sampled tokens as the engine without it, and the same reported log-probs; the fast path gives
   the same tokens as megatron's path;
-- a row decoded in a batch gives the same greedy tokens as decoded alone.
+- a row decoded in a batch gives the same greedy tokens as decoded alone;
+- forward-only scoring (ShardedGPT.logprobs, packed micro-batches) through the same plain-torch
+  stage equals megatron's forward.
 
 Tolerances (fp32): the cached path computes the same functions with different matmul shapes and,
 for left-padded rows, RoPE positions shifted by the pad (same query-key distances), so only
@@ -78,6 +80,19 @@ def _layouts():
                     lens[active] += 1
             res[f"diffs_fast={fast}_bucketed={bucketed}"] = diffs
             res[f"rows_left_fast={fast}_bucketed={bucketed}"] = len(active)
+        # 1b. forward-only scoring (packed micro-batches) through the plain stage = megatron's forward
+        score_tokens = torch.randint(1, 50, (5, 12), generator=torch.Generator().manual_seed(1))
+        score_mask = torch.zeros(5, 12)
+        for i in range(5):
+            score_mask[i, 3: 6 + i] = 1
+        lps = {}
+        for fast in (True, False):
+            m.forward.fast_scoring = fast
+            lps[fast] = m.logprobs(score_tokens, score_mask, 0.9, max_tokens=24)
+        m.forward.fast_scoring = True
+        res["scoring_used_fast"] = m.forward._inference_stage() is not None
+        res["scoring_diff"] = float((lps[True] - lps[False]).abs().max())
+        res["scoring_nonzero"] = bool((lps[False] != 0).sum() == (score_mask[:, 1:] != 0).sum())
         # 2. the engine, with and without the cache. The stop token is the 4th greedy token of
         # row 0, so that some rows stop and others run to max_new_tokens.
         first = EmbeddedEngine(m, pad_id=0, stop_ids=[], kv_cache=False).generate(
@@ -107,6 +122,13 @@ def test_fast_path_serves_every_layout(results):
     for out in results:
         for layout, res in out.items():
             assert res["fast_path"] == "", (layout, res["fast_path"])
+
+
+def test_fast_scoring_equals_megatron_forward(results):
+    for out in results:
+        for layout, res in out.items():
+            assert res["scoring_used_fast"] and res["scoring_nonzero"], layout
+            assert res["scoring_diff"] < ATOL, (layout, res["scoring_diff"])
 
 
 def test_cached_logits_match_full_prefix(results):
