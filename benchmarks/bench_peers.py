@@ -25,8 +25,10 @@ from ``gopd_mega.hf.load_smollm2()``, offline; or ``tiny``, a random 2-layer wid
 Protocol: every measurement runs in its own process with one intra-op thread (OMP_NUM_THREADS=1
 and torch.set_num_threads(1)); the processes alternate ours / peer (the order flips every run),
 so the load of this shared machine falls on both alike; time is process CPU time (all threads),
-not wall; each process warms up once (--warmup) and measures --steps calls; figures are medians
-over all measured calls of all runs. Per phase (steps): CPU seconds spent inside the calls each
+not wall; each process first makes --warmup unmeasured calls (2: our first two steps of
+SmolLM2-135M cost ~7.5 CPU-s in the student's forward+backward, the later ones ~5.7, as the
+allocator settles; TRL's settle after one), then measures --steps calls; figures are medians over
+all measured calls of all runs. Per phase (steps): CPU seconds spent inside the calls each
 side makes (wrapped in the worker, see ``_ours_step`` and ``_trl_step``); "other" is the rest of
 the step.
 
@@ -402,7 +404,7 @@ def main(argv=None) -> None:
     ap.add_argument("--only", default="decode,step", help="comma list of 'decode' and 'step'")
     ap.add_argument("--runs", type=int, default=3, help="processes per side and comparison (interleaved)")
     ap.add_argument("--steps", type=int, default=2, help="measured calls per process")
-    ap.add_argument("--warmup", type=int, default=1, help="unmeasured calls per process first")
+    ap.add_argument("--warmup", type=int, default=2, help="unmeasured calls per process first")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new", type=int, default=32)
