@@ -32,8 +32,9 @@ all measured calls of all runs. Per phase (steps): CPU seconds spent inside the 
 side makes (wrapped in the worker, see ``_ours_step`` and ``_trl_step``); "other" is the rest of
 the step.
 
-Writes benchmarks/results/peers_<model>.json and peers.png (side-by-side bars per phase) and
-prints the tables that benchmarks/RESULTS.md quotes. The package never imports this file or its
+Writes benchmarks/results/peers_<model>.json (a run with --only keeps the other comparison already
+in the file; each comparison records its own arguments) and peers.png (side-by-side bars per
+phase), and prints the tables that benchmarks/RESULTS.md quotes (--replot: again, from the JSON). The package never imports this file or its
 peers (TRL is only in the optional ``bench`` extra).
 """
 
@@ -310,7 +311,8 @@ def measure(args, model: str, work: Path) -> dict:
                 raw[kind][side].append(_run_worker(kind, side, args, path, tokenizer))
                 print(f"  [{model}] run {run + 1}/{args.runs} {kind:6} {side:4} done in {time.time() - t0:5.1f} s wall "
                       f"(load {os.getloadavg()[0]:.1f})", flush=True)
-    out = {"model": model, "args": {k: v for k, v in vars(args).items() if k != "only"}, "raw": raw}
+    run_args = {k: v for k, v in vars(args).items() if k not in ("only", "replot")}
+    out = {"model": model, "args": run_args, "raw": raw}
     tokens = args.prompts * args.new
     if "decode" in raw:
         d = {side: [t for r in raw["decode"][side] for t in r["cpu_s"]] for side in ("ours", "peer")}
@@ -322,7 +324,7 @@ def measure(args, model: str, work: Path) -> dict:
                          "ratio": _median(d["ours"]) / _median(d["peer"]),
                          "ratios_per_run": [_median(a["cpu_s"]) / _median(b["cpu_s"])
                                             for a, b in zip(raw["decode"]["ours"], raw["decode"]["peer"])],
-                         "same_tokens": same, "token_match": match}
+                         "same_tokens": same, "token_match": match, "args": run_args}
     if "step" in raw:
         s = {}
         for side in ("ours", "peer"):
@@ -332,7 +334,8 @@ def measure(args, model: str, work: Path) -> dict:
                        "phases": {k: _median([st["phases"].get(k, 0.0) for st in steps]) for k in names}}
         out["step"] = {**s, "ratio": s["ours"]["cpu_s"] / s["peer"]["cpu_s"],
                        "ratios_per_run": [_median([st["cpu_s"] for st in a["steps"]]) / _median([st["cpu_s"] for st in b["steps"]])
-                                          for a, b in zip(raw["step"]["ours"], raw["step"]["peer"])]}
+                                          for a, b in zip(raw["step"]["ours"], raw["step"]["peer"])],
+                       "args": run_args}
     return out
 
 
@@ -340,23 +343,33 @@ PHASES = ["generation", "teacher forward", "reference forward", "student fwd+bwd
           "weight sync", "other"]
 
 
+def _f(x: float) -> str:
+    return f"{x:.2f}" if abs(x) >= 1 else f"{x:.3f}"
+
+
+def _setting(a: dict) -> str:
+    return (f"{a['prompts']} prompts x {a['prompt_len']} tokens, {a['new']} new, fp32, 1 thread, {a['runs']} runs x "
+            f"{a['warmup']} warm-up + {a['steps']} measured calls (medians, process CPU seconds)")
+
+
 def table(r: dict) -> str:
-    lines = [f"## {r['model']}: {r['args']['prompts']} prompts x {r['args']['prompt_len']} tokens, {r['args']['new']} new, "
-             f"fp32, 1 thread, {r['args']['runs']} runs x {r['args']['steps']} measured (medians, process CPU seconds)"]
+    lines = [f"## {r['model']}"]
     if "decode" in r:
         d = r["decode"]
-        lines += ["", "| decode (greedy) | ours | HF generate | ratio | runs |", "|---|---|---|---|---|",
+        lines += ["", f"decode: {_setting(d.get('args', r['args']))}",
+                  "", "| decode (greedy) | ours | HF generate | ratio | runs |", "|---|---|---|---|---|",
                   f"| CPU-ms per token | {d['ours_ms_per_token']:.2f} | {d['peer_ms_per_token']:.2f} | **{d['ratio']:.2f}x** | "
                   f"{', '.join(f'{x:.2f}' for x in d['ratios_per_run'])} |",
                   f"", f"same greedy tokens: {d['same_tokens']} (match {d['token_match']:.1%})"]
     if "step" in r:
         s = r["step"]
-        lines += ["", "| OPD step phase (CPU-s) | ours | TRL DistillationTrainer | gap |", "|---|---|---|---|"]
+        lines += ["", f"step: {_setting(s.get('args', r['args']))}",
+                  "", "| OPD step phase (CPU-s) | ours | TRL DistillationTrainer | gap |", "|---|---|---|---|"]
         for k in PHASES:
             a, b = s["ours"]["phases"].get(k, 0.0), s["peer"]["phases"].get(k, 0.0)
             if a or b:
-                lines.append(f"| {k} | {a:.2f} | {b:.2f} | {a - b:+.2f} |")
-        lines.append(f"| **whole step** | **{s['ours']['cpu_s']:.2f}** | **{s['peer']['cpu_s']:.2f}** | "
+                lines.append(f"| {k} | {_f(a)} | {_f(b)} | {'+' if a >= b else '-'}{_f(abs(a - b))} |")
+        lines.append(f"| **whole step** | **{_f(s['ours']['cpu_s'])}** | **{_f(s['peer']['cpu_s'])}** | "
                      f"**{s['ratio']:.2f}x** (runs: {', '.join(f'{x:.2f}' for x in s['ratios_per_run'])}) |")
     return "\n".join(lines)
 
@@ -386,10 +399,11 @@ def plot(results: list[dict], path: Path) -> None:
     if decodes:
         ax = axes[0][-1]
         x = range(len(decodes))
-        ax.bar([i - 0.2 for i in x], [r["decode"]["ours_ms_per_token"] for r in decodes], 0.4, label="gopd-mega engine")
-        ax.bar([i + 0.2 for i in x], [r["decode"]["peer_ms_per_token"] for r in decodes], 0.4, label="HF generate")
-        ax.set_xticks(list(x), [f"{r['model']}\n{r['decode']['ratio']:.2f}x" for r in decodes])
-        ax.set_ylabel("CPU-ms per generated token (median)")
+        ax.bar([i - 0.2 for i in x], [r["decode"]["ratio"] for r in decodes], 0.4, label="gopd-mega engine")
+        ax.bar([i + 0.2 for i in x], [1.0 for _ in decodes], 0.4, label="HF generate")
+        ax.set_xticks(list(x), [f"{r['model']}: {_f(r['decode']['ours_ms_per_token'])} vs\n"
+                                f"{_f(r['decode']['peer_ms_per_token'])} CPU-ms/token" for r in decodes])
+        ax.set_ylabel("CPU time per generated token, HF generate = 1")
         ax.set_title("greedy decode")
         ax.legend(fontsize=7)
     fig.suptitle("gopd-mega beside its peers, CPU, 1 thread, fp32 (benchmarks/bench_peers.py)", fontsize=9)
@@ -411,6 +425,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--megatron-decode", action="store_true", help="ours: megatron's own decode forward (the old path)")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--replot", action="store_true", help="no measuring: tables and plot from --out's peers_*.json")
     # internal: one worker process
     ap.add_argument("--worker", choices=["decode", "step"], help=argparse.SUPPRESS)
     ap.add_argument("--side", choices=["ours", "peer"], help=argparse.SUPPRESS)
@@ -425,19 +440,33 @@ def main(argv=None) -> None:
         Path(args.result).write_text(json.dumps(res))
         return
     args.only = args.only.split(",")
+    out = Path(args.out)
+    if args.replot:
+        results = [json.loads((out / f"peers_{m}.json").read_text()) for m in args.model.split(",")]
+        plot(results, out / "peers.png")
+        for r in results:
+            print()
+            print(table(r))
+        return
     try:
         import trl  # noqa: F401
     except ImportError:
         if "step" in args.only:
             raise SystemExit("bench_peers: the step comparison needs TRL: pip install -e '.[bench]'")
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory() as work:
         for model in args.model.split(","):
             print(f"== {model} (load average {os.getloadavg()[0]:.1f})", flush=True)
             r = measure(args, model, Path(work))
-            (out / f"peers_{model}.json").write_text(json.dumps(r, indent=1))
+            path = out / f"peers_{model}.json"
+            if path.exists():  # keep the comparisons this run did not make (each carries its own args)
+                old = json.loads(path.read_text())
+                for kind in ("decode", "step"):
+                    if kind not in r and kind in old:
+                        r[kind] = old[kind]
+                        r["raw"][kind] = old.get("raw", {}).get(kind)
+            path.write_text(json.dumps(r, indent=1))
             results.append(r)
     plot(results, out / "peers.png")
     print(f"command: python benchmarks/bench_peers.py {' '.join(argv if argv is not None else sys.argv[1:])}")
