@@ -109,8 +109,10 @@ def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     1-element fp32 tensor) with one ``torch._foreach_norm`` instead of a Python loop and a host
     round trip per tensor."""
     tensors = [t for group in tensor_lists for t in group]
-    if not tensors:
-        return torch.zeros(1, dtype=torch.float32), None
+    if not tensors:  # (megatron never calls it so, but its own fallback answers this on the device)
+        from gopd_mega.platform import device
+
+        return torch.zeros(1, dtype=torch.float32, device=device()), None
     norms = torch._foreach_norm(tensors)
     return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
 
