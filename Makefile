@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench gpu-wheels gpu-check-dry clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,17 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/bench_logprob.py
+
+# Wheels the GPU check machine (Python 3.12, torch, triton, transformers, no registry) lacks, for
+# benchmarks/gpu_check.sh: megatron-core (cp312 manylinux), and the kernel anchors Liger and CCE.
+GPU_WHEELS := megatron-core==0.19.2 liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+gpu-wheels: setup
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+	    --platform manylinux2014_x86_64 --platform any -d benchmarks/wheels $(GPU_WHEELS)
+
+# Every step of benchmarks/gpu_check.sh that can run on a CPU, on tiny shapes.
+gpu-check-dry: setup
+	PY=$(PY) bash benchmarks/gpu_check.sh --dry
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -12,6 +12,7 @@ Results: benchmarks/RESULTS.md, "Embedded engine decode".
     python benchmarks/bench_decode.py --model tiny                  # random 4-layer model
     python benchmarks/bench_decode.py --model smollm2 --new 96      # SmolLM2-135M (offline GGUF)
     python benchmarks/bench_decode.py --model smollm2 --skip-nocache --new 256
+    python benchmarks/bench_decode.py --model qwen3-0.6b --batch 64 --new 256 --skip-nocache  # GPU, bf16
 
 Runs on the GPU when there is one (gopd_mega.platform.device), on the CPU otherwise; set
 OMP_NUM_THREADS / --threads for a fair CPU figure.
@@ -34,10 +35,15 @@ def build(name: str):
     from gopd_mega.config import ModelConfig
     from gopd_mega.models import ShardedGPT
     from gopd_mega.parallel import build_model_groups
-    from gopd_mega.platform import init_distributed
+    from gopd_mega.platform import init_distributed, on_gpu
 
     init_distributed()
     groups = build_model_groups(1, 1)
+    if name == "qwen3-0.6b":  # Qwen3-0.6B's shape, random weights; bf16 on a GPU, fp32 on the CPU
+        cfg = ModelConfig(num_layers=28, hidden_size=1024, num_attention_heads=16, num_query_groups=8, kv_channels=128,
+                          ffn_hidden_size=3072, vocab_size=151936, qk_layernorm=True, max_seq_len=1024, seed=1,
+                          params_dtype="bfloat16" if on_gpu() else "float32")
+        return ShardedGPT(cfg, groups), cfg.vocab_size
     if name == "tiny":
         cfg = ModelConfig(num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=4,
                           ffn_hidden_size=768, vocab_size=4096, max_seq_len=1024, seed=1)
@@ -50,7 +56,7 @@ def build(name: str):
         model = ShardedGPT(cfg, groups)
         load_hf_checkpoint(model, path)
         return model, cfg.vocab_size
-    raise SystemExit(f"--model must be 'tiny' or 'smollm2', got {name!r}")
+    raise SystemExit(f"--model must be 'tiny', 'smollm2' or 'qwen3-0.6b', got {name!r}")
 
 
 def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -60,24 +66,31 @@ def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(3, vocab, (L,), generator=g).tolist() for L in lens]
 
 
-def run(model, kv_cache: bool, ps, new: int):
+def run(model, kv_cache: bool, ps, new: int, fast: bool = True):
     from gopd_mega.rollout.embedded import EmbeddedEngine
 
-    eng = EmbeddedEngine(model, pad_id=0, stop_ids=[], kv_cache=kv_cache)
+    eng = EmbeddedEngine(model, pad_id=0, stop_ids=[], kv_cache=kv_cache, fast_decode=fast)
     eng.generate(ps[:2], temperature=1.0, max_new_tokens=2, greedy=True)  # warm-up
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     t0, c0 = time.perf_counter(), time.process_time()
     out = eng.generate(ps, temperature=1.0, max_new_tokens=new, greedy=True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - t0, time.process_time() - c0, out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="tiny", help="'tiny' (random 4 layers, H=256) or 'smollm2' (135M)")
+    ap.add_argument("--model", default="tiny",
+                    help="'tiny' (random 4 layers, H=256), 'smollm2' (135M) or 'qwen3-0.6b' (random, its shape)")
     ap.add_argument("--batch", type=int, default=8, help="rows generated together")
     ap.add_argument("--prompt-len", type=int, default=32, help="mean prompt length (ragged +-25%%)")
     ap.add_argument("--new", type=int, default=96, help="tokens generated per row")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     ap.add_argument("--skip-nocache", action="store_true", help="time only the KV-cache path")
+    ap.add_argument("--megatron", action="store_true", help="also time the KV cache through megatron's own forward")
+    ap.add_argument("--json", default=None, help="write the figures to this file")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,16 +102,29 @@ def main() -> None:
           f"device={device()} threads={torch.get_num_threads()} cpu={platform.processor() or platform.machine()} "
           f"load={os.getloadavg()[0]:.2f}")
     total = args.batch * args.new
-    results = {}
-    for kv in ([True] if args.skip_nocache else [False, True]):
-        secs, cpu, out = run(model, kv, ps, args.new)
-        results[kv] = out
-        print(f"kv_cache={kv!s:5}  wall {secs:8.2f} s  {total / secs:8.1f} tokens/s   process CPU {cpu:8.2f} s  "
+    results, figures = {}, {}
+    paths = [(False, True)] if not args.skip_nocache else []
+    paths += [(True, True)] + ([(True, False)] if args.megatron else [])
+    for kv, fast in paths:
+        secs, cpu, out = run(model, kv, ps, args.new, fast)
+        name = "no cache" if not kv else ("KV cache, fast path" if fast else "KV cache, megatron forward")
+        results[name] = out
+        figures[name] = {"wall_s": secs, "cpu_s": cpu, "tokens_per_s": total / secs}
+        print(f"{name:27} wall {secs:8.2f} s  {total / secs:8.1f} tokens/s   process CPU {cpu:8.2f} s  "
               f"{total / cpu:8.1f} tokens/CPU-s  (load {os.getloadavg()[0]:.2f})", flush=True)
-    if len(results) == 2:
-        same = torch.equal(results[False].tokens, results[True].tokens)
-        dlp = float((results[False].sampler_logp - results[True].sampler_logp).abs().max())
-        print(f"same greedy tokens: {same}; max |logp diff| = {dlp:.2e}")
+    first = results["KV cache, fast path"]
+    for name, out in results.items():
+        if out is not first:
+            same = torch.equal(out.tokens, first.tokens)
+            dlp = float((out.sampler_logp - first.sampler_logp).abs().max())
+            print(f"{name} vs the fast path: same greedy tokens: {same}; max |logp diff| = {dlp:.2e}")
+    if args.json:
+        import json
+
+        device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "batch": args.batch, "new": args.new, "device": device_name,
+                       "paths": figures}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -243,6 +243,11 @@ class ObjectiveConfig:
     kl_coef: float = 0.0
     """GRPO only: coefficient of the k3 KL(pi_theta || pi_ref) loss term (verl's kl_loss_coef
     with low_var_kl; 0 = off, and the reference is then not scored)."""
+    reference_metrics_every: int = 0
+    """When the loss does not use the reference (``needs_reference()`` is False: G-OPD at
+    lambda = 1, where it cancels from the advantage; GRPO without kl_coef), it is not scored, and
+    the metrics that need it alone (``implicit_reward``; GRPO's ``kl_ref``) are not logged. N > 0
+    scores it for those metrics on every N-th step (logged steps 1, N + 1, 2N + 1, ...); 0 = never."""
 
     def validate(self, where: str = "") -> None:
         _check_finite(self, where)
@@ -254,6 +259,9 @@ class ObjectiveConfig:
             _fail(f"{where}.kl_coef", "is a GRPO setting (G-OPD's KL term is built into its advantage); set it to 0")
         if not (self.lam >= 0.0):
             _fail(f"{where}.lam", f"reward scale lambda must be >= 0, got {self.lam}")
+        if isinstance(self.reference_metrics_every, bool) or not isinstance(self.reference_metrics_every, int) \
+                or self.reference_metrics_every < 0:
+            _fail(f"{where}.reference_metrics_every", f"must be an integer >= 0, got {self.reference_metrics_every!r}")
         if self.reference_server is not None:
             _check_urls(f"{where}.reference_server", self.reference_server)
         if isinstance(self.reference, ModelConfig):
@@ -272,6 +280,14 @@ class ObjectiveConfig:
             _fail(f"{where}.is_cap", f"must be > 0 or null, got {self.is_cap}")
         if self.aggregation not in AGGREGATIONS:
             _fail(f"{where}.aggregation", f"must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+
+    def needs_reference(self) -> bool:
+        """Does the loss use pi_ref's log-probs? The one place that decides whether the reference
+        is scored every step. G-OPD: lambda != 1 (at lambda = 1 the advantage is
+        log pi_teacher - log pi_old: the reference cancels); GRPO: kl_coef > 0."""
+        if self.kind == "grpo":
+            return self.kl_coef > 0
+        return self.lam != 1.0
 
     def loss_settings(self) -> LossSettings:
         return LossSettings(self.lam, self.clip_eps_low, self.clip_eps_high, self.dual_clip, self.is_cap, self.aggregation,

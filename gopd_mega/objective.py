@@ -144,10 +144,15 @@ def full_vocab_token_loss(
 
 
 def gopd_advantage(
-    student_logp: torch.Tensor, teacher_logp: torch.Tensor, ref_logp: torch.Tensor, lam: float
+    student_logp: torch.Tensor, teacher_logp: torch.Tensor, ref_logp: torch.Tensor | None, lam: float
 ) -> torch.Tensor:
-    """A_t = lambda * (t - r) - (s - r), detached. ``student_logp`` is the trainer's own log-prob."""
+    """A_t = lambda * (t - r) - (s - r), detached. ``student_logp`` is the trainer's own log-prob.
+    ``ref_logp=None`` is allowed at lambda = 1 only, where r cancels: A_t = t - s."""
     with torch.no_grad():
+        if ref_logp is None:
+            if lam != 1.0:
+                raise ValueError(f"gopd_advantage: ref_logp is needed at lambda = {lam} (it cancels only at lambda = 1)")
+            return teacher_logp - student_logp
         return implicit_reward(teacher_logp, ref_logp, lam) - (student_logp - ref_logp)
 
 
@@ -211,7 +216,7 @@ def gopd_token_loss(
     logp: torch.Tensor,
     *,
     teacher_logp: torch.Tensor,
-    ref_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
     sampler_logp: torch.Tensor | None,
     old_logp: torch.Tensor | None,
     settings: LossSettings,
@@ -221,7 +226,8 @@ def gopd_token_loss(
     Elementwise in every argument, so it can be evaluated on any slice of tokens (the fused
     kernels call it chunk by chunk). ``old_logp=None`` means one update per batch: o_t = s_t
     detached, the ratio is 1 and the clip never binds. ``sampler_logp=None`` disables the
-    truncated importance weight. Returns (loss, advantage, clipped).
+    truncated importance weight. ``ref_logp=None``: lambda = 1 only (see gopd_advantage).
+    Returns (loss, advantage, clipped).
     """
     old = logp.detach() if old_logp is None else old_logp
     advantage = gopd_advantage(old, teacher_logp, ref_logp, settings.lam)
@@ -269,26 +275,28 @@ def token_metrics(
     logp: torch.Tensor,
     mask: torch.Tensor,
     teacher_logp: torch.Tensor,
-    ref_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
     advantage: torch.Tensor,
     clipped: torch.Tensor,
     lam: float,
 ) -> dict[str, float]:
-    """Token-mean diagnostics over the response tokens of a batch."""
+    """Token-mean diagnostics over the response tokens of a batch (``implicit_reward`` only when
+    ``ref_logp`` is given)."""
     m = mask.to(torch.float32)
     n = m.sum().clamp(min=1.0)
 
     def mean(x: torch.Tensor) -> float:
         return float((x.detach().to(torch.float32) * m).sum() / n)
 
-    return {
+    out = {
         # single-sample estimate of KL(pi_theta || pi_star) per token
         "reverse_kl": mean(logp - teacher_logp),
-        "implicit_reward": mean(implicit_reward(teacher_logp, ref_logp, lam)),
+        "implicit_reward": None if ref_logp is None else mean(implicit_reward(teacher_logp, ref_logp, lam)),
         "advantage": mean(advantage),
         "clip_frac": mean(clipped.to(torch.float32)),
         "tokens": float(n),
     }
+    return {k: v for k, v in out.items() if v is not None}
 
 
 # ----------------------------------------------------------------------------- GRPO

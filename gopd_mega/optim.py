@@ -19,6 +19,11 @@ Pieces (all megatron-core's own; gopd_mega.platform makes them run on CPU/gloo t
     gradients, norm summed once per parameter (TP duplicates and the tied copy excluded) over the
     model-parallel group (the whole world with the distributed optimizer).
     Weight decay follows megatron: not applied to biases and 1-D weights (norms).
+  * Without Transformer Engine or Apex (always on CPU) megatron builds torch's own AdamW, which
+    on CPU defaults to one tensor at a time (~8 passes over each), and computes norms and clip
+    scales in Python loops. ``StudentOptimizer`` switches that AdamW to torch's fused kernel and
+    those loops to foreach kernels (``use_foreach_fallbacks``): same arithmetic, measured 0.70 ->
+    0.14 CPU-s per step for SmolLM2-135M (1 thread; torch's fused AdamW + clip alone: 0.12 s).
 
 Why fp32 masters: a bf16 weight w has a spacing of 2^-8 |w| around it, so an AdamW update of
 ~lr (1e-5) to weights of size ~1e-2 is below half a spacing and rounds away; fp32 masters keep
@@ -99,6 +104,65 @@ class _ExternalGradReady(torch.autograd.Function):
         return g, torch.empty(w.shape, dtype=w.dtype, device=w.device)
 
 
+def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """megatron's ``local_multi_tensor_l2_norm`` (the total L2 norm of the tensors, as a
+    1-element fp32 tensor) with one ``torch._foreach_norm`` instead of a Python loop and a host
+    round trip per tensor."""
+    tensors = [t for group in tensor_lists for t in group]
+    if not tensors:  # (megatron never calls it so, but its own fallback answers this on the device)
+        from gopd_mega.platform import device
+
+        return torch.zeros(1, dtype=torch.float32, device=device()), None
+    norms = torch._foreach_norm(tensors)
+    return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
+
+
+def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """megatron's ``local_multi_tensor_scale`` (dst = src * scale) with foreach kernels."""
+    src, dst = tensor_lists
+    if all(a is b for a, b in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
+def use_foreach_fallbacks() -> None:
+    """Where megatron-core found neither Transformer Engine nor Apex (always on CPU, and on GPU
+    machines without them), its gradient norm, clipping and master copies fall back to Python
+    loops over the tensors (megatron.core.utils.local_multi_tensor_*). Replace those fallbacks,
+    and only those, with torch's foreach kernels: the same arithmetic (one norm per tensor, then
+    the norm of the norms; one multiply per element). Idempotent."""
+    from megatron.core import utils as mutils
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as moptimizer
+
+    for module in (clip_grads, moptimizer):
+        if getattr(module, "multi_tensor_applier", None) is mutils.local_multi_tensor_applier:
+            if getattr(module, "l2_norm_impl", None) is mutils.local_multi_tensor_l2_norm:
+                module.l2_norm_impl = _foreach_l2_norm
+            if module.multi_tensor_scale_impl is mutils.local_multi_tensor_scale:
+                module.multi_tensor_scale_impl = _foreach_scale
+
+
+def _fuse_torch_adam(opt) -> bool:
+    """When megatron built torch's own Adam/AdamW (no Transformer Engine / Apex), switch it to
+    torch's fused kernel (one pass per tensor instead of ~8; ~6x cheaper on CPU for a 135M model).
+    torch reads ``fused`` from the param group at every step; its fused kernels cover CPU and CUDA
+    float tensors. Returns whether it did."""
+    inner = getattr(opt, "optimizer", None)
+    if type(inner) not in (torch.optim.AdamW, torch.optim.Adam):
+        return False
+    params = [p for g in inner.param_groups for p in g["params"]]
+    if not params or any(p.device.type not in ("cpu", "cuda") or not p.is_floating_point() for p in params):
+        return False
+    if len({p.device for p in params}) != 1:
+        return False
+    for group in inner.param_groups:
+        group["fused"], group["foreach"] = True, False
+    inner.defaults["fused"], inner.defaults["foreach"] = True, False
+    return True
+
+
 class StudentOptimizer:
     """megatron DDP + megatron optimizer over one ShardedGPT, and the LR schedule.
 
@@ -137,6 +201,9 @@ class StudentOptimizer:
         if len(parts) != 1:
             raise RuntimeError(f"{model.name}: expected one megatron optimizer for a dense model, got {len(parts)}")
         self.opt = parts[0]
+        use_foreach_fallbacks()
+        self.fused = _fuse_torch_adam(self.opt)
+        """True when the Adam update is torch's fused kernel (megatron chose torch's AdamW)."""
         self.scaler = getattr(self.opt, "grad_scaler", None)
         if self.scaler is not None:  # fp16: the schedules scale each micro-batch's loss
             tcfg.grad_scale_func = self.opt.scale_loss
@@ -297,8 +364,8 @@ class StudentOptimizer:
         state = self.opt.optimizer.state
         for name, _, main, offset in self._slots():
             n = main.numel()
-            if step > 0:
-                st = {"step": torch.tensor(float(step), dtype=torch.float32)}
+            if step > 0:  # torch keeps the step on the param's device for its fused kernel, else on the CPU
+                st = {"step": torch.tensor(float(step), dtype=torch.float32, device=main.device if self.fused else "cpu")}
                 for m in MOMENTS:
                     st[m] = moments[m][name].to(main.device, torch.float32).reshape(-1)[offset: offset + n].view(main.shape).clone()
                 state[main] = st

@@ -4,7 +4,8 @@
         prompts   = data.next_batch()                      # each names its teacher
         rollout   = coordinator.collect(step, prompts)     # responses + sampler log-probs
         t_logp    = teacher[route].logprobs(rollout)       # every teacher, its own layout
-        r_logp    = reference.logprobs(rollout)            # pi_ref (initial student by default)
+        r_logp    = reference.logprobs(rollout)            # pi_ref (initial student by default);
+                                                           # not scored at lambda = 1, where it cancels
         student.train_step(rollout, gopd_token_loss(...))  # advantage, clipped IS loss, AdamW
                                                            # (train.updates_per_rollout steps)
         coordinator.refresh(student, step + 1)             # weight sync, once, to the engine
@@ -69,7 +70,7 @@ def score_teachers(teachers: dict, batch: RolloutBatch, routes: list[str], tempe
 
 def gopd_loss_builder(
     teacher_logp: torch.Tensor,
-    ref_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
     sampler_logp: torch.Tensor,
     weights: torch.Tensor,
     settings,
@@ -77,14 +78,15 @@ def gopd_loss_builder(
 ) -> Callable:
     """For ShardedGPT.train_step: per-token weighted G-OPD loss fn(logp, flat_index), where
     flat_index indexes the full batch's [N * S] tensors. ``old_logp`` [N, S]: pi_old of the batch
-    (None: the student's own detached log-probs)."""
-    t, r, q, w = (x.reshape(-1) for x in (teacher_logp, ref_logp, sampler_logp, weights))
+    (None: the student's own detached log-probs); ``ref_logp`` None at lambda = 1."""
+    t, q, w = (x.reshape(-1) for x in (teacher_logp, sampler_logp, weights))
+    r = None if ref_logp is None else ref_logp.reshape(-1)
     o = None if old_logp is None else old_logp.reshape(-1)
 
     def token_loss(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         idx = idx.cpu()
         loss, _, _ = gopd_token_loss(
-            logp, teacher_logp=t[idx].to(logp), ref_logp=r[idx].to(logp), sampler_logp=q[idx].to(logp),
+            logp, teacher_logp=t[idx].to(logp), ref_logp=None if r is None else r[idx].to(logp), sampler_logp=q[idx].to(logp),
             old_logp=None if o is None else o[idx].to(logp), settings=settings
         )
         return loss * w[idx].to(logp)
@@ -214,9 +216,10 @@ class Distiller:
         temperature = cfg.rollout.temperature
         budget = cfg.train.max_tokens_per_micro_batch
         teacher_logp = score_teachers(self.m.teachers, batch, routes, temperature, budget)
-        ref_logp = self.m.reference.logprobs(batch.tokens, batch.loss_mask, temperature, max_tokens=budget)
+        ref_logp = self._reference_logp(batch, temperature)  # None where it cancels (lambda = 1)
+        loss_ref = ref_logp if cfg.objective.needs_reference() else None  # a metric alone: not in the loss
         self.rollout.before_training()
-        out = self._gopd_update(batch, teacher_logp, ref_logp, temperature)
+        out = self._gopd_update(batch, teacher_logp, loss_ref, temperature)
         self.sync_weights(self.step + 1)
         t_end = time.perf_counter()
 
@@ -224,7 +227,7 @@ class Distiller:
         student_logp = out["logp"]
         # Diagnostics are computed from the pre-update log-probs (pi_old; ratio = 1).
         _, advantage, clipped = gopd_token_loss(
-            student_logp, teacher_logp=teacher_logp, ref_logp=ref_logp, sampler_logp=None, old_logp=None, settings=self.settings
+            student_logp, teacher_logp=teacher_logp, ref_logp=loss_ref, sampler_logp=None, old_logp=None, settings=self.settings
         )
         metrics = {
             "loss": out["loss"],
@@ -326,16 +329,29 @@ class Distiller:
                 f"train.max_consecutive_skips={limit}); the weights are those of the last finite update and were not "
                 f"saved; lower optim.lr or check the inputs; newest checkpoint: {newest or 'none'}")
 
-    def _gopd_update(self, batch: RolloutBatch, teacher_logp: torch.Tensor, ref_logp: torch.Tensor,
+    def _reference_logp(self, batch: RolloutBatch, temperature: float) -> torch.Tensor | None:
+        """pi_ref's log-probs of the batch [N, S] when the loss needs them or this step logs the
+        metrics that need them (objective.reference_metrics_every); None otherwise (not scored)."""
+        obj = self.cfg.objective
+        every = obj.reference_metrics_every
+        if not obj.needs_reference() and not (every and self.step % every == 0):
+            return None
+        return self.m.reference.logprobs(batch.tokens, batch.loss_mask, temperature,
+                                         max_tokens=self.cfg.train.max_tokens_per_micro_batch)
+
+    def _gopd_update(self, batch: RolloutBatch, teacher_logp: torch.Tensor, ref_logp: torch.Tensor | None,
                      temperature: float) -> dict:
-        """update_student with the G-OPD loss (objective.gopd_token_loss)."""
+        """update_student with the G-OPD loss (objective.gopd_token_loss; ``ref_logp`` None at lambda = 1)."""
         s = self.settings
 
+        def ref(rows):
+            return None if ref_logp is None else ref_logp[rows]
+
         def loss_fn_for(rows, weights, old):
-            return gopd_loss_builder(teacher_logp[rows], ref_logp[rows], batch.sampler_logp[rows], weights, s, old_logp=old)
+            return gopd_loss_builder(teacher_logp[rows], ref(rows), batch.sampler_logp[rows], weights, s, old_logp=old)
 
         def clipped_for(rows, logp, old):
-            return gopd_token_loss(logp, teacher_logp=teacher_logp[rows], ref_logp=ref_logp[rows], sampler_logp=None,
+            return gopd_token_loss(logp, teacher_logp=teacher_logp[rows], ref_logp=ref(rows), sampler_logp=None,
                                    old_logp=old, settings=s)[2]
 
         return self.update_student(batch, loss_fn_for, clipped_for, temperature)
@@ -352,8 +368,8 @@ class Distiller:
         mask = batch.loss_mask
         advantage = grpo_advantage(rewards, n)[:, None] * mask.to(torch.float32)
         temperature = cfg.rollout.temperature
-        ref_logp = (self.m.reference.logprobs(batch.tokens, mask, temperature, max_tokens=cfg.train.max_tokens_per_micro_batch)
-                    if self.settings.kl_coef > 0 else None)
+        ref_logp = self._reference_logp(batch, temperature)  # scored for kl_coef > 0 (or the kl_ref metric)
+        metric_ref, ref_logp = ref_logp, (ref_logp if cfg.objective.needs_reference() else None)
         s = self.settings
 
         def loss_fn_for(rows, weights, old):
@@ -389,8 +405,8 @@ class Distiller:
         }
         if cfg.train.updates_per_rollout > 1:  # what the clip did over the updates
             metrics.update(clip_frac=out["clip_frac"], ratio_dev=out["ratio_dev"], updates=float(len(self.update_stats)))
-        if ref_logp is not None:
-            metrics["kl_ref"] = float((k3_kl(out["logp"], ref_logp) * m).sum() / m.sum().clamp(min=1))
+        if metric_ref is not None:
+            metrics["kl_ref"] = float((k3_kl(out["logp"], metric_ref) * m).sum() / m.sum().clamp(min=1))
         for route in sorted({str(p.teacher) for p in prompts}):
             rows = torch.tensor([i for i, p in enumerate(prompts) if str(p.teacher) == route])
             metrics[f"reward/{route}"] = float(rewards[rows].mean())

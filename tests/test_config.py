@@ -51,6 +51,8 @@ def test_yaml_and_toml_recipes_with_overrides(tmp_path, teacher_dir):
         ("train.keep_last=-1", "train.keep_last"),
         ("rollout.samples_per_prompt=0", "rollout.samples_per_prompt"),
         ("objective.clip_eps_high=-0.1", "objective.clip_eps_high"),
+        ("objective.reference_metrics_every=-1", "objective.reference_metrics_every"),
+        ("objective.reference_metrics_every=2.5", "objective.reference_metrics_every"),
         ("optim.min_lr=1.0", "optim.min_lr"),
         ("optim.weight_decay=-1", "optim.weight_decay"),
         ("optim.grad_clip=-1", "optim.grad_clip"),
@@ -128,3 +130,12 @@ def test_yaml_booleans_for_string_fields(tmp_path, teacher_dir):
         build_config(RunConfig, _base(teacher_dir), ["rollout.server_check=on"])
     with pytest.raises(ConfigError, match="'train.log_backend': expected a string, got the boolean False"):
         build_config(RunConfig, _base(teacher_dir), ["train.log_backend=no"])
+
+
+def test_the_reference_is_needed_where_it_does_not_cancel():
+    from gopd_mega.config import ObjectiveConfig
+
+    assert not ObjectiveConfig(lam=1.0).needs_reference()  # OPD: the reference cancels
+    assert ObjectiveConfig(lam=1.25).needs_reference() and ObjectiveConfig(lam=0.5).needs_reference()
+    assert not ObjectiveConfig(kind="grpo", lam=1.25).needs_reference()  # lambda is a G-OPD setting
+    assert ObjectiveConfig(kind="grpo", kl_coef=0.01).needs_reference()

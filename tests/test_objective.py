@@ -163,3 +163,16 @@ def test_tilted_target_against_enumeration():
     log_q, log_z = tilted_target(t, r, 1.0)
     torch.testing.assert_close(log_q, t)
     assert log_z.abs().max() < 1e-12
+
+
+def test_advantage_without_the_reference_at_lambda_one():
+    """At lambda = 1 the reference cancels: A = t - s, equal (to fp32 rounding) to the formula
+    with any reference, and refused at any other lambda."""
+    from gopd_mega.objective import gopd_advantage
+
+    g = torch.Generator().manual_seed(0)
+    s, t, r = (-torch.rand(64, generator=g) * 5 for _ in range(3))
+    torch.testing.assert_close(gopd_advantage(s, t, None, 1.0), gopd_advantage(s, t, r, 1.0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(gopd_advantage(s.double(), t.double(), None, 1.0), (t - s).double())
+    with pytest.raises(ValueError, match="lambda = 1.25"):
+        gopd_advantage(s, t, None, 1.25)

@@ -71,6 +71,9 @@ def _master_worker(root):
     build_optimizer(ref, ocfg)
     opt = build_optimizer(bf, ocfg)
     assert type(opt.opt).__name__ == "Float16OptimizerWithFloat16Params"
+    from gopd_mega.model.build import has_transformer_engine
+
+    assert opt.fused or has_transformer_engine()  # torch's fused AdamW unless megatron took TE's
     # (clones: at TP=PP=1 full_state_dict hands out the live parameters)
     ref0 = {k: v.clone() for k, v in ref.full_state_dict().items()}
     bf_local0 = {n: p.detach().clone() for n, p in bf.model.named_parameters()}  # bf16 (norms fp32)
@@ -90,7 +93,8 @@ def _master_worker(root):
     def replay(start, grads, dtype):
         """torch AdamW from ``start`` ({local name: tensor}) in ``dtype`` fed ``grads``."""
         params = {n: t.detach().to(dtype).clone().requires_grad_(True) for n, t in start.items()}
-        adamw = torch.optim.AdamW(list(params.values()), lr=1e-5, weight_decay=0.0)
+        # the kernel the student's optimizer runs (gopd_mega.optim: megatron's torch AdamW, fused)
+        adamw = torch.optim.AdamW(list(params.values()), lr=1e-5, weight_decay=0.0, fused=bf.optimizer.fused)
         for step_grads in grads:
             for n, p in params.items():
                 p.grad = step_grads[n].to(dtype)
@@ -262,3 +266,26 @@ def test_fp16_dynamic_loss_scale():
     # That step's (unscaled) gradient norm is the fp32 one up to fp16 rounding of the forward
     # (11-bit mantissa: ~1e-3 relative; measured below 1e-4).
     assert abs(log[-1][2] - ref_norm) < 1e-2 * ref_norm, (log, ref_norm)
+
+
+def test_foreach_fallbacks_equal_megatron_loops():
+    """gopd_mega.optim's foreach replacements of megatron's local (no TE / Apex) multi-tensor ops
+    compute the same norm and the same scaled tensors."""
+    from megatron.core import utils as mutils
+
+    from gopd_mega.optim import _foreach_l2_norm, _foreach_scale
+    from gopd_mega.platform import setup_platform
+
+    setup_platform()
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(shape, generator=g) for shape in [(64, 32), (7,), (3, 5, 2), (1,)]]
+    want, _ = mutils.local_multi_tensor_l2_norm(0, None, [ts], False)
+    got, _ = _foreach_l2_norm(0, None, [ts], False)
+    assert got.shape == (1,) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want.to(got.device), rtol=1e-6, atol=0)
+    for same in (True, False):
+        a, b = [t.clone() for t in ts], [t.clone() for t in ts]
+        out_a, out_b = (a, b) if same else ([torch.empty_like(t) for t in ts], [torch.empty_like(t) for t in ts])
+        mutils.local_multi_tensor_scale(0, None, [a, out_a], 0.37)
+        _foreach_scale(0, None, [b, out_b], 0.37)
+        assert all(torch.equal(x, y) for x, y in zip(out_a, out_b))

@@ -102,13 +102,41 @@ def test_metrics_and_learning(model_dirs, tmp_path):
     before = _next_token_kl(run.m.student, run.m.teachers, prompts, routes)
     history = run.fit()
     after = _next_token_kl(run.m.student, run.m.teachers, prompts, routes)
-    for key in ("loss", "grad_norm", "reverse_kl", "implicit_reward", "entropy", "clip_frac",
+    for key in ("loss", "grad_norm", "reverse_kl", "entropy", "clip_frac",
                 "response_len", "tokens_per_s", "reverse_kl/add", "reverse_kl/mul"):
         assert key in history[-1], key
+    # lambda = 1: the reference cancels, so implicit_reward is logged only when asked for
+    assert "implicit_reward" not in history[-1]
     # Deterministic (seeded rollouts, fixed prompts). Measured: 1.393 -> 1.341 after 12 steps and
     # falling monotonically (a random teacher is hard to match exactly, so the drop is slow);
     # a wrong-signed update raises the KL instead.
     assert after < 0.98 * before, (before, after)
+
+
+def test_reference_is_not_scored_where_it_cancels(model_dirs, tmp_path, monkeypatch):
+    """At lambda = 1 the reference is never scored (unless objective.reference_metrics_every asks
+    for its metrics), and training is what it was when it was scored and cancelled in the
+    advantage: same losses and gradient norms to fp32 rounding."""
+    from gopd_mega.config import ObjectiveConfig
+
+    def run(name, **extra):
+        d = _distiller(_run_cfg(model_dirs, tmp_path / name, 3, **{"objective.lam": 1.0, **extra}))
+        d.m.reference.stats.reset()
+        history = d.fit()
+        return history, d.m.reference.stats.forward_calls
+
+    skipped, calls = run("skip")
+    assert calls == 0
+    assert all("implicit_reward" not in m for m in skipped)
+    every2, calls = run("every2", **{"objective.reference_metrics_every": 2})
+    assert calls > 0
+    assert ["implicit_reward" in m for m in every2] == [True, False, True]  # steps 1 and 3
+    assert [m["loss"] for m in every2] == [m["loss"] for m in skipped]  # a metric never enters the loss
+    monkeypatch.setattr(ObjectiveConfig, "needs_reference", lambda self: True)  # the old way: scored, cancels
+    scored, calls = run("scored")
+    assert calls > 0 and all("implicit_reward" in m for m in scored)
+    assert [m["loss"] for m in skipped] == pytest.approx([m["loss"] for m in scored], rel=1e-5, abs=1e-7)
+    assert [m["grad_norm"] for m in skipped] == pytest.approx([m["grad_norm"] for m in scored], rel=1e-5)
 
 
 def test_each_prompt_is_scored_by_its_teacher(model_dirs, tmp_path):

@@ -4,6 +4,7 @@
     weights.py  canonical weight names, shard / unshard, layout-free init, full state dicts
     batch.py    how a batch is packed: token-budget micro-batches, DP balance, masks / THD
     forward.py  how a step runs: the pipeline-schedule scaffold -> kernels -> gathered results
+    inference.py the forward of one stage as plain torch ops (decode with a KV cache, scoring)
 
 The public facade is gopd_mega.models.ShardedGPT.
 """

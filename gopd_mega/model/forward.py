@@ -70,6 +70,10 @@ class PipelineForward:
         self.output_weight = output_weight
         self.stats = ForwardStats()
         self.thd = has_transformer_engine()
+        self.fast_scoring = True
+        """Forward-only scoring (``logprobs``) through gopd_mega.model.inference where it serves
+        the model (same log-probs to fp32 rounding); False: megatron's own forward."""
+        self._stage = None  # (Stage | None, why not), built on first use
         # Sequence parallelism splits the packed length over TP ranks: T must divide by tp.
         self.multiple = cfg.tp if cfg.sequence_parallel else 1
 
@@ -126,6 +130,37 @@ class PipelineForward:
         finally:
             self.model.train(was_training)
 
+    def _inference_stage(self):
+        """The plain-torch forward of this stage (gopd_mega.model.inference) for forward-only
+        scoring, or None: with Transformer Engine (THD packing), for a model it does not support,
+        or when ``fast_scoring`` is off."""
+        if not self.fast_scoring or self.thd:
+            return None
+        if self._stage is None:
+            from gopd_mega.model.inference import stage_of
+
+            self._stage = stage_of(self.model, self.tconfig, self.groups)
+        return self._stage[0]
+
+    def _run_scoring(self, mbs: list[MicroBatch], loss_func) -> list[dict]:
+        """Forward-only micro-batches for scoring: through the plain-torch stage when it serves
+        this model (every stage hands its hidden states to the next itself), else ``_run_eval``.
+        Returns the last stage's ``loss_func`` dicts, as ``_run``."""
+        stage = self._inference_stage()
+        if stage is None:
+            return self._run_eval(mbs, loss_func)
+        dev, stats, results = device(), self.stats, []
+        with torch.inference_mode():
+            for mb in mbs:
+                stats.forward_calls += 1
+                stats.max_tokens_per_forward = max(stats.max_tokens_per_forward, mb.num_tokens)
+                stats.positions_computed += mb.num_tokens
+                stats.positions_scored += len(mb.score_pos)
+                hidden = stage.hidden_states(mb.tokens.to(dev), mb.position_ids[0].to(dev), ~mb.attention_mask(dev))
+                if hidden is not None:
+                    results.append({k: v.clone() if torch.is_tensor(v) else v for k, v in loss_func(mb, hidden)[2].items()})
+        return results
+
     def _collect(self, results: list[dict], keys: tuple[str, ...], size: int, width: int = 1) -> torch.Tensor:
         """Scatter the last stage's per-micro-batch results (``flat`` indices) into a
         [len(keys), size, width] tensor present on every rank of this model."""
@@ -164,7 +199,7 @@ class PipelineForward:
             out = {"flat": mb.flat_index.to(h.device), "logp": logp.float(), "entropy": ent.float()}
             return torch.zeros((), device=h.device), torch.tensor(0, dtype=torch.int), out
 
-        results = self._run_eval(mbs, loss_func)
+        results = self._run_scoring(mbs, loss_func)
         out = self._collect(results, ("logp", "entropy"), N * S).view(2, N, S).cpu()
         return out[0], out[1]
 

@@ -11,7 +11,9 @@ any device and sampling happens there. For ``update_weights`` it offers
 
 Decoding (``kv_cache=True``, the default, for a megatron ShardedGPT): a KV cache, batched
 (gopd_mega.rollout.kv_decode.CachedDecoder): one prefill over the prompts, then one token per
-active row per step, O(context) per step. With ``kv_cache=False``, or for any other model
+active row per step, O(context) per step; by default through the plain-torch fast path
+(gopd_mega.model.inference; ``fast_decode=False``: megatron's own forward). With
+``kv_cache=False``, or for any other model
 object, each step re-runs ``next_token_logits`` on the whole [N_active, prompt + generated]
 batch (quadratic in the response length; the reference the cached path is tested against).
 Either way finished rows are dropped from later steps, and both paths feed the same logits (to
@@ -74,13 +76,17 @@ def sample_tokens(
 class EmbeddedEngine(RolloutEngine):
     """Samples in-process from ``model`` (see the module docstring for what the model offers)."""
 
-    def __init__(self, model: LogitsModel, *, pad_id: int, stop_ids: list[int], kv_cache: bool = True):
+    def __init__(self, model: LogitsModel, *, pad_id: int, stop_ids: list[int], kv_cache: bool = True,
+                 fast_decode: bool = True):
         self.model = model
         self.pad_id = pad_id
         self.stop_ids = list(stop_ids)
         self.kv_cache = kv_cache
         """Decode with a KV cache when the model supports it (a ShardedGPT); False: re-run the
         whole prefix every step (the reference path)."""
+        self.fast_decode = fast_decode
+        """With the KV cache: the plain-torch decode of gopd_mega.model.inference where it
+        supports the model (same tokens); False: megatron's own forward and inference context."""
 
     @torch.no_grad()
     def generate(
@@ -107,7 +113,8 @@ class EmbeddedEngine(RolloutEngine):
         generator = None
         cached = None
         if self.kv_cache and supports_kv_cache(self.model):
-            cached = CachedDecoder(self.model, tokens[:, :int(lengths.max())], lengths, max_new_tokens)
+            cached = CachedDecoder(self.model, tokens[:, :int(lengths.max())], lengths, max_new_tokens,
+                                   fast=self.fast_decode)
         with cached if cached is not None else contextlib.nullcontext():
             for step in range(max_new_tokens):
                 if not active:

@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from gopd_mega.platform import device
+from gopd_mega.model.inference import stage_of
 
 
 def _core_attention_is_local(model) -> bool:
@@ -65,10 +66,11 @@ def supports_kv_cache(model) -> bool:
 
 
 class _Bucket:
-    """Rows decoded together with one StaticInferenceContext (left-padded to a common length)."""
+    """Rows decoded together with one KV cache (left-padded to a common length): megatron's
+    StaticInferenceContext, or with the fast path (``stage``) one preallocated tensor."""
 
     def __init__(self, sharded, rows: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
-                 max_new_tokens: int):
+                 max_new_tokens: int, stage=None):
         from megatron.core.inference.contexts import StaticInferenceContext
 
         self.rows = rows  # global row ids, in order
@@ -80,7 +82,13 @@ class _Bucket:
             left[i, L - int(lengths[i]):] = tokens[i, :int(lengths[i])]
         self.prompt = left
         # The token sampled at the last step is never fed back: L + max_new - 1 slots suffice.
-        self.ctx = StaticInferenceContext(max_batch_size=n, max_sequence_length=L + max(1, max_new_tokens - 1))
+        self.slots = L + max(1, max_new_tokens - 1)
+        self.ctx = self.cache = None
+        self._offset = 0
+        if stage is not None:
+            self.cache = stage.new_cache(n, self.slots, device())
+            return
+        self.ctx = StaticInferenceContext(max_batch_size=n, max_sequence_length=self.slots)
         dtype = next(sharded.model.parameters()).dtype
         for layer in sharded.model.decoder.layers:  # this stage's layers; shapes as megatron's own
             attn = layer.self_attention
@@ -88,6 +96,17 @@ class _Bucket:
             self.ctx.key_value_memory_dict[attn.layer_number] = (
                 torch.zeros((slots, n, heads, attn.key_hidden_size), dtype=dtype, device=device()),
                 torch.zeros((slots, n, heads, attn.val_hidden_size), dtype=dtype, device=device()))
+
+    @property
+    def offset(self) -> int:
+        """Slots already filled (the next token goes to this slot)."""
+        return self.ctx.sequence_len_offset if self.ctx is not None else self._offset
+
+    def advance(self, sq: int) -> None:
+        if self.ctx is not None:
+            self.ctx.increment_sequence_len_offset(sq)
+        else:
+            self._offset += sq
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -101,16 +120,20 @@ class _Bucket:
         self.rows = self.rows[idx]
         idx_dev = idx.to(device())
         self.pad = self.pad[idx_dev]
+        if self.cache is not None:
+            self.cache = self.cache.index_select(2, idx_dev)
+            return
         for k, (key, value) in list(self.ctx.key_value_memory_dict.items()):
             self.ctx.key_value_memory_dict[k] = (key.index_select(1, idx_dev), value.index_select(1, idx_dev))
 
-    def mask(self, sq: int) -> torch.Tensor | None:
+    def mask(self, sq: int, causal: bool = False) -> torch.Tensor | None:
         """Boolean [n, 1, sq, sk] (True = masked) for ``sq`` new slots after the current offset;
-        None when no row has pad slots (megatron then applies its own causal mask, sq == sk, in
-        the prefill and none in decode: what any core attention, TE's included, does)."""
-        if not bool(self.pad.any()):
+        None when no row has pad slots and ``causal`` is False (megatron then applies its own
+        causal mask, sq == sk, in the prefill and none in decode: what any core attention, TE's
+        included, does); ``causal``: the mask whenever it hides anything (the fast path)."""
+        if not bool(self.pad.any()) and not (causal and sq > 1):
             return None
-        start = self.ctx.sequence_len_offset
+        start = self.offset
         sk = start + sq
         k = torch.arange(sk, device=device())
         q = torch.arange(start, sk, device=device())
@@ -132,10 +155,12 @@ class CachedDecoder:
     """
 
     def __init__(self, sharded, tokens: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int,
-                 bucketed: bool | None = None):
+                 bucketed: bool | None = None, fast: bool = True):
         """``tokens`` [N, S] right-padded prompts with ``lengths`` [N]; ``bucketed``: one bucket
         per prompt length (no pad slots) instead of one left-padded batch; None = only when the
-        core attention ignores explicit masks (Transformer Engine)."""
+        core attention ignores explicit masks (Transformer Engine). ``fast``: decode with
+        gopd_mega.model.inference when it supports the model (``self.fast_path_off`` says
+        why not otherwise); False: megatron's own forward with its StaticInferenceContext."""
         if not supports_kv_cache(sharded):
             raise TypeError(f"CachedDecoder needs a ShardedGPT (megatron GPTModel), got {type(sharded).__name__}")
         N = tokens.shape[0]
@@ -152,13 +177,20 @@ class CachedDecoder:
         parts = torch.tensor_split(torch.arange(N), self.groups.dp)
         self.dp_rows = list(parts)  # every DP rank's fixed share of the rows
         mine = parts[self.groups.dp_rank]
-        if bucketed is None:
+        self.stage, self.fast_path_off = (stage_of(sharded.model, sharded.tconfig, sharded.groups) if fast
+                                          else (None, "fast=False"))
+        if self.stage is not None:
+            bucketed = bool(bucketed)  # the fast path honours the mask: one bucket unless asked
+        elif bucketed is None:
             bucketed = not _core_attention_is_local(sharded.model)
         if not bucketed:
             keys = [mine] if len(mine) else []
         else:  # Transformer Engine attention: no pad slots, one bucket per prompt length
             keys = [mine[lengths[mine] == L] for L in torch.unique(lengths[mine]).tolist()]
-        self.buckets = [_Bucket(sharded, r, tokens[r], lengths[r], max_new_tokens) for r in keys]
+        self.buckets = [_Bucket(sharded, r, tokens[r], lengths[r], max_new_tokens, self.stage) for r in keys]
+        if self.stage is not None:  # RoPE tables of every slot, once for all layers and steps
+            slots = max([b.slots for b in self.buckets], default=1)
+            self.cos, self.sin = self.stage.rope_tables(slots, device())
         self.vocab = sharded.cfg.vocab_size
         self.active = torch.arange(N)
         self.started = False
@@ -185,17 +217,21 @@ class CachedDecoder:
 
         g = self.groups
         n, sq = tokens.shape
-        ctx = bucket.ctx
         dev = device()
+        weight = self._output_weight() if g.is_last_stage else None
+        if self.stage is not None:
+            logits = self._fast_forward(bucket, tokens.to(dev), weight)
+            bucket.advance(sq)
+            return logits
+        ctx = bucket.ctx
         mask = bucket.mask(sq)
         start = ctx.sequence_len_offset
         positions = torch.arange(start, start + sq, device=dev).unsqueeze(0).expand(n, sq)
         model = self.sharded.model
-        weight = self._output_weight() if g.is_last_stage else None
         if g.pp == 1:
             hidden = model(input_ids=tokens.to(dev), position_ids=positions, attention_mask=mask,
                            inference_context=ctx)
-            logits = self._logits(hidden, weight)
+            logits = self._logits(hidden[-1], weight)
         else:
             out: dict = {}
 
@@ -205,7 +241,7 @@ class CachedDecoder:
                 return h, loss_func
 
             def loss_func(h):
-                out["logits"] = self._logits(h, weight)
+                out["logits"] = self._logits(h[-1], weight)
                 return torch.zeros((), device=h.device), torch.tensor(0, dtype=torch.int), {}
 
             from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
@@ -216,11 +252,26 @@ class CachedDecoder:
                p2p_communicator=P2PCommunicator(pp_group=g.pg.pp, config=self.sharded.tconfig))
             logits = out["logits"] if g.is_last_stage else torch.zeros(n, self.vocab, device=dev)
             dist.broadcast(logits, src=g.last_stage_global_rank, group=g.pg.pp)
-        ctx.increment_sequence_len_offset(sq)
+        bucket.advance(sq)
         return logits
 
-    def _logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        last = hidden[-1]  # [n, H]: every row's newest slot (left padding)
+    def _fast_forward(self, bucket: _Bucket, tokens: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """_forward on the fast path (gopd_mega.model.inference), without autograd."""
+        g = self.groups
+        n, sq = tokens.shape
+        start = bucket.offset
+        mask = bucket.mask(sq, causal=True)
+        with torch.inference_mode():
+            last = self.stage.forward(tokens, bucket.cache, start, self.cos[start:start + sq], self.sin[start:start + sq],
+                                      None if mask is None else ~mask)
+            logits = self._logits(last, weight) if g.is_last_stage else torch.zeros(n, self.vocab, device=tokens.device)
+        logits = logits.clone()  # a normal tensor again (inference tensors cannot enter autograd later)
+        if g.pp > 1:
+            dist.broadcast(logits, src=g.last_stage_global_rank, group=g.pg.pp)
+        return logits
+
+    def _logits(self, last: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """[n, H] final hidden state of every row's newest slot (left padding) -> fp32 logits."""
         z = last.float() @ weight.float().t()  # [n, Vp/tp]
         if self.groups.tp > 1:
             parts = [torch.empty_like(z) for _ in range(self.groups.tp)]
