@@ -25,6 +25,12 @@ sequence-level optimum pi_theta(y | x) ~ pi_star^lambda * pi_ref^(1 - lambda) of
 objective also carries -sum_t log Z_t(h_t) through the prefixes; the two coincide at lambda = 1
 (Z_t = 1) and differ otherwise.
 
+Full-vocabulary estimator (full_vocab_token_loss): instead of the one sampled token, the exact
+expectation over the next token at each visited prefix,
+    L_t = sum_v p_theta(v | h_t) (log p_theta(v | h_t) - g_t(v)) = KL(p_theta(. | h_t) || q_t) - log Z_t,
+whose gradient is E_{y_t ~ p_theta}[ grad of -A_t * ratio_t ] with no sampling variance
+(kernels.full_vocab_gopd_loss computes it from hidden states without [tokens x vocab] logits).
+
 Policy loss per token (PPO clip eps, dual clip c, truncated importance weight w):
     rho_t = exp(s_t - o_t)
     l_t   = max(-A_t rho_t, -A_t clip(rho_t, 1 - eps_low, 1 + eps_high))
@@ -89,6 +95,54 @@ def tilted_target(teacher_logp: torch.Tensor, ref_logp: torch.Tensor, lam: float
     g = lam * teacher_logp + (1.0 - lam) * ref_logp
     log_z = torch.logsumexp(g, dim=-1)
     return g - log_z.unsqueeze(-1), log_z
+
+
+def full_vocab_token_loss(
+    student_logits: torch.Tensor,
+    teacher_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    lam: float,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact expectation over the next token of the per-token G-OPD objective (a reference).
+
+    Per position t (the Rao-Blackwellised form of what the sampled advantage estimates):
+        log p = log_softmax(student_logits / temperature)
+        g     = lam * teacher_logp + (1 - lam) * ref_logp        (log q + log Z, tilted_target)
+        L_t   = sum_v p(v) (log p(v) - g(v)) = KL(p || q) - log Z
+        dL_t / dz_u = p(u) (log p(u) - g(u) - L_t),   z = student_logits / temperature
+    Its expected value under y_t ~ p equals that of the sampled loss -A_t * ratio_t (ratio 1),
+    and so does its gradient; minimising it drives p to q at every visited prefix.
+
+    ``student_logits`` [..., V] raw logits (differentiable); ``teacher_logp`` / ``ref_logp``
+    [..., V] full-vocabulary log-probs AT ``temperature`` (detached here). ``ref_logp`` may be None
+    iff lam == 1 and ``teacher_logp`` None iff lam == 0 (its weight is then 0). Returns
+    (loss [...], log_z [...]) in the promoted dtype, at least float32 (pass float64 for a
+    reference); log_z is detached. Masking and aggregation are the caller's (multiply by the
+    token weights).
+    """
+    if temperature <= 0:
+        raise ValueError(f"full_vocab_token_loss: temperature must be > 0, got {temperature}")
+    if ref_logp is None and lam != 1.0:
+        raise ValueError(f"full_vocab_token_loss: lam={lam} needs ref_logp (None only at lam=1)")
+    if teacher_logp is None and lam != 0.0:
+        raise ValueError(f"full_vocab_token_loss: lam={lam} needs teacher_logp (None only at lam=0)")
+    given = [x for x in (teacher_logp, ref_logp) if x is not None]
+    if not given:
+        raise ValueError("full_vocab_token_loss: needs teacher_logp or ref_logp")
+    for name, x in (("teacher_logp", teacher_logp), ("ref_logp", ref_logp)):
+        if x is not None and x.shape != student_logits.shape:
+            raise ValueError(f"full_vocab_token_loss: {name} {tuple(x.shape)} vs student_logits "
+                             f"{tuple(student_logits.shape)}")
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, given[0].dtype), torch.float32)
+    log_p = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    if teacher_logp is not None and ref_logp is not None:
+        log_q, log_z = tilted_target(teacher_logp.detach().to(dtype), ref_logp.detach().to(dtype), lam)
+    else:  # lam = 1 (teacher only) or lam = 0 (reference only): q is that model itself
+        log_q = given[0].detach().to(dtype)
+        log_z = torch.zeros(log_q.shape[:-1], dtype=dtype, device=log_q.device)
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    return kl - log_z, log_z
 
 
 def gopd_advantage(

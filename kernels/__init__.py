@@ -11,6 +11,10 @@ Public API (same arguments for every backend):
     linear_logprob_inference(...same...)  forward only, no autograd state
     linear_logprob_loss(hidden, weight, targets, token_loss_fn, ..., grad_weight_acc=None)
         -> (loss, logp, entropy)
+    full_vocab_gopd_loss(h_s, w_s, h_t, w_t, h_r, w_r, *, lam, temperature=1.0,
+                         token_weight=None, group=None, vocab_start=0, vocab_valid=None,
+                         grad_weight_acc=None, backend=None, reduce_dh=True)
+        -> (loss [N], log_z [N])   the exact full-vocabulary G-OPD loss (kernels.full_vocab)
 
 ``logits_dtype`` (chunked / triton backends): the dtype of the one logits chunk they keep. None =
 fp32: logits accurate to fp32 (logp ~1e-6 relative error with bf16 inputs). The input dtype
@@ -38,12 +42,14 @@ from typing import Callable
 import torch
 
 from . import chunked, fused_loss, reference
+from .full_vocab import full_vocab_gopd_loss
 
 __gopd_mega_kernels__ = True
 
 BACKENDS = ("auto", "triton", "chunked", "torch")
 
-__all__ = ["linear_logprob", "linear_logprob_inference", "linear_logprob_loss", "BACKENDS"]
+__all__ = ["linear_logprob", "linear_logprob_inference", "linear_logprob_loss",
+           "full_vocab_gopd_loss", "BACKENDS"]
 
 
 def _resolve(backend: str, hidden: torch.Tensor) -> str:
