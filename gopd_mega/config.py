@@ -668,9 +668,6 @@ class RunConfig:
             if self.objective.reference_server is not None and lam != 1.0:
                 _fail("objective.reference_server", "objective.estimator='full_vocab' needs the reference's hidden "
                       "states in the trainer (lam != 1); a server cannot ship them: score the reference locally")
-            if self.student.sequence_parallel:
-                _fail("student.sequence_parallel", "objective.estimator='full_vocab' does not run under sequence "
-                      "parallelism yet")
         if est == "top_k" and self.objective.reference_server is not None and lam != 1.0:
             _fail("objective.reference_server", "objective.estimator='top_k' at lam != 1 needs the reference's "
                   "log-probs at the teacher's top-k ids, which the server scoring request does not return: score "

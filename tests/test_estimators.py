@@ -22,7 +22,7 @@ import torch
 
 from gopd_mega.config import ConfigError
 from gopd_mega.model.distill import FullVocabLoss, Projection, TopK, TopKLoss
-from gopd_mega.objective import tilted_target, token_weights, top_k_token_loss
+from gopd_mega.objective import full_vocab_token_loss, tilted_target, token_weights, top_k_token_loss
 from gopd_mega.optim import build_optimizer
 from gopd_mega.run import build_model, build_models
 from test_trainer import TOK, _run_cfg, _save_random_model
@@ -91,11 +91,9 @@ def _reference(models, student, batch, weights, lam, per_position):
 
 
 def _exact(ls, lt, lr, _token, lam):
-    """The full-vocabulary loss of one position, written out (fp64)."""
-    log_q, log_z = tilted_target(lt, lr, lam)
-    p = ls.exp()
-    loss = (p * (ls - log_q - log_z)).sum()
-    return loss, log_z, float((p * (ls - lt)).sum())
+    """The full-vocabulary loss of one position: the objective's fp64 reference."""
+    loss, log_z = full_vocab_token_loss(ls, lt, lr, lam)
+    return loss, log_z, float((ls.exp() * (ls - lt)).sum())
 
 
 def _compare(out, total, want, student, fused, mask):

@@ -31,22 +31,23 @@ def _dirs(root, heads: int, groups: int, widths: tuple[int, int, int, int]) -> d
             "ref": _save_random_model(root / "r", 4, hidden_size=r, ffn_hidden_size=2 * r, init_std=0.2, **arch)}
 
 
-def _train(dirs, out_dir, runs: list[tuple[str, dict]]) -> dict:
-    """3 steps of each (estimator, layout overrides); per-step metrics of each run."""
+def _train(dirs, out_dir, runs: list[tuple[str, str, dict]]) -> dict:
+    """3 steps of each (name, estimator, overrides); the per-step metrics of each run by name."""
     out = {}
-    for estimator, layout in runs:
+    for name, estimator, layout in runs:
+        layout = dict(layout)
         ref = f"{{load: {dirs['ref']}, tp: {layout.pop('ref_tp', 1)}, {layout.pop('ref_arch', '')}}}"
-        cfg = _run_cfg(dirs, out_dir / estimator, 3, **{"objective.estimator": estimator, "objective.top_k": 6,
-                                                        "objective.reference": ref, **layout})
-        out[estimator] = [m[k] for m in _distiller(cfg).fit() for k in KEYS]
+        cfg = _run_cfg(dirs, out_dir / name, 3, **{"objective.estimator": estimator, "objective.top_k": 6,
+                                                   "objective.reference": ref, **layout})
+        out[name] = [m[k] for m in _distiller(cfg).fit() for k in KEYS]
     return out
 
 
 def _check(results: list[dict], base: dict) -> None:
     for rank in results:
         assert rank == results[0]  # every rank reports the full-batch numbers
-        for estimator, steps in base.items():
-            assert rank[estimator] == pytest.approx(steps, rel=1e-5, abs=1e-7), estimator
+        for name, steps in rank.items():
+            assert steps == pytest.approx(base[name.split(" ")[0]], rel=1e-5, abs=1e-7), name
 
 
 @pytest.fixture(scope="module")
@@ -55,20 +56,26 @@ def four_heads(tmp_path_factory):
 
 
 def test_student_tp2_beside_teachers_tp1_pp2_and_reference_tp2(four_heads, tmp_path):
-    runs = [("full_vocab", {}), ("top_k", {})]
-    base = _train(four_heads, tmp_path / "one", [(e, dict(l)) for e, l in runs])
+    base = _train(four_heads, tmp_path / "one", [("full_vocab", "full_vocab", {}), ("top_k", "top_k", {})])
     assert base["full_vocab"][KEYS.index("log_z")] != 0  # lam = 1.25: the reference matters
     layout = {"student.tp": 2, "teachers.1.model.pp": 2, "ref_tp": 2}  # teacher 'add': TP=1 (DP=2), width 48
-    _check(run_distributed(_train, 2, (four_heads, tmp_path / "two", [(e, dict(layout)) for e, _ in runs])), base)
+    runs = [("full_vocab", "full_vocab", layout), ("top_k", "top_k", layout),
+            # sequence parallelism: the kernel leaves dh to the hidden states' all-gather backward
+            # (the embedded engine's KV-cache decode does not run under SP: kv_cache off)
+            ("full_vocab sp", "full_vocab", {**layout, "student.sequence_parallel": True, "rollout.kv_cache": False}),
+            ("top_k sp", "top_k", {**layout, "student.sequence_parallel": True, "rollout.kv_cache": False}),
+            # the student at DP=2 with the overlapped gradient reduce (DDP's hooks on the output weight)
+            ("full_vocab dp2", "full_vocab", {"optim.overlap_grad_reduce": True})]
+    _check(run_distributed(_train, 2, (four_heads, tmp_path / "two", runs)), base)
 
 
 def test_student_tp3_uneven_vocab_shards(tmp_path):
     dirs = _dirs(tmp_path / "m", 6, 3, (48, 36, 48, 24))
-    runs = [("full_vocab", {}), ("top_k", {})]
-    base = _train(dirs, tmp_path / "one", [(e, dict(l)) for e, l in runs])
+    base = _train(dirs, tmp_path / "one", [("full_vocab", "full_vocab", {}), ("top_k", "top_k", {})])
     # (validation checks tp against the head counts of the config, also for a loaded model: give them)
     arch = {f"{m}.{k}": v for m in ("student", "teachers.1.model")
             for k, v in (("num_attention_heads", 6), ("num_query_groups", 3), ("hidden_size", 48))}
     layout = {"student.tp": 3, "teachers.1.model.tp": 3, "ref_tp": 3, **arch,  # teacher 'add': TP=1 (DP=3), width 36
               "ref_arch": "num_attention_heads: 6, num_query_groups: 3, hidden_size: 24"}
-    _check(run_distributed(_train, 3, (dirs, tmp_path / "three", [(e, dict(layout)) for e, _ in runs])), base)
+    runs = [("full_vocab", "full_vocab", layout), ("top_k", "top_k", layout)]
+    _check(run_distributed(_train, 3, (dirs, tmp_path / "three", runs)), base)

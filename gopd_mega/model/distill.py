@@ -28,15 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import full_vocab_gopd_loss
+
 from gopd_mega.model import vocab
 from gopd_mega.model.forward import HiddenLoss
 from gopd_mega.model.transfer import ScoredHidden
 from gopd_mega.objective import top_k_token_loss
-
-try:  # the fused kernel (issue 18 part A); until it lands, a private pure-torch stand-in
-    from kernels import full_vocab_gopd_loss
-except ImportError:  # pragma: no cover - removed at merge
-    from gopd_mega.model._full_vocab_standin import full_vocab_gopd_loss
 
 PER_TOKEN = ("token_loss", "log_z", "reverse_kl")
 """Per-position outputs of both losses: L_t (the estimated G-OPD loss before weighting), log Z_t of
@@ -61,7 +58,7 @@ class Projection:
 
 
 def _kernel_kwargs(kw: dict) -> dict:
-    return {k: kw[k] for k in ("temperature", "group", "vocab_start", "vocab_valid")}
+    return {k: kw[k] for k in ("temperature", "group", "vocab_start", "vocab_valid", "reduce_dh")}
 
 
 class FullVocabLoss(HiddenLoss):
@@ -107,7 +104,8 @@ class FullVocabLoss(HiddenLoss):
                 with torch.no_grad():
                     kl, _ = full_vocab_gopd_loss(h[sel].detach(), weight.detach(), h_t, head, None, None, lam=1.0, **kkw)
                 out["reverse_kl"][sel] = kl.float()
-        # gradient of sum_k loss_k.sum() (the kernel weighs it by token_weight); value sum_t w_t L_t
+        # the gradient of sum_k loss_k.sum(), which the kernel weighs by token_weight (upstream
+        # gradient 1 per token: kernels.full_vocab_gopd_loss); the value sum_t w_t L_t
         return total - total.detach() + value.to(total.dtype), out
 
 

@@ -248,10 +248,13 @@ class PipelineForward:
             with torch.no_grad():
                 logp, ent = kernels.linear_logprob_inference(h.detach(), weight.detach(), mb.targets.to(h.device),
                                                              return_entropy=True, **kw)
-            acc = grads.output_grad_acc(weight) if grads is not None and hidden_loss.uses_grad_acc else None
-            loss, per_token = hidden_loss(h, weight, flat, {**vkw, "grad_weight_acc": acc})
+            acc = None
             if grads is not None and hidden_loss.uses_grad_acc:
-                loss = grads.mark_output_grad(loss, weight)
+                acc = grads.output_grad_acc(weight)
+                # on h, not on the loss: DDP's hook for the weight then runs after the kernel's
+                # backward, which may be where it adds dW into main_grad (kernels.full_vocab_gopd_loss)
+                h = grads.mark_output_grad(h, weight)
+            loss, per_token = hidden_loss(h, weight, flat, {**vkw, "grad_weight_acc": acc})
             out = {"flat": flat, "loss": loss.detach().reshape(()).float(), "logp": logp.float(), "entropy": ent.float(),
                    **{k: per_token[k].float() for k in hidden_loss.keys}}
             return loss, torch.tensor(0, dtype=torch.int), out
