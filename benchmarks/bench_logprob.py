@@ -18,6 +18,15 @@ Our rows:
   ..., bf16 logits                  logits_dtype = the input dtype (the plain torch path's rounding)
   teacher: ours triton              cuBLAS GEMM + Triton row stats; low_memory: the tl.dot kernel
 
+Full-vocabulary G-OPD (kernels.full_vocab_gopd_loss), mode "full-vocab G-OPD lam=..": student
+fwd+bwd with a teacher (hidden 5120) and, at lam != 1, a reference (4096), each model's logits
+over the whole vocabulary (V_local per rank). Floor FLOPs: 2TV(Hs + Ht [+ Hr]) forward + 4TVHs
+backward; the two-pass kernels recompute the forward GEMMs in the backward, so 1.6x is their
+best case at lam != 1 with equal hidden sizes. Rows: naive torch (three full fp32 logits
+matrices, autograd), Liger's fused linear JSD with beta = 1 (reverse KL to the teacher: the
+lam = 1 peer, if installed), ours chunked, ours triton (tl.dot tiles, no logits), and ours
+triton -> main_grad. Accuracy (loss, dh, dW vs fp64) is reported for each at the accuracy shape.
+
     python benchmarks/bench_logprob.py --out bench_out          # one GPU, ~2.5 min on an H200
     python benchmarks/bench_logprob.py --smoke --out /tmp/bench # tiny CPU run of the same code
     bash benchmarks/gpu_check.sh                                # GPU kernel tests + this script
@@ -156,6 +165,114 @@ def teacher_impls(device: str, chunk_size: int | None) -> dict[str, Callable | s
 
 
 # ----------------------------------------------------------------------------------------------
+# Full-vocabulary G-OPD: each fn(h_s, w_s, h_t, w_t, h_r, w_r, weight, lam, acc) runs forward +
+# backward of sum_t weight_t L_t and returns (dh_s, dW_s) (dW None when it went into acc).
+
+FV_HIDDEN_T = 5120  # a teacher wider than the student (hidden sizes may differ)
+FV_LAMS = (1.0, 1.25)
+
+
+def naive_full_vocab(h_s, w_s, h_t, w_t, h_r, w_r, weight, lam, acc):
+    """Three full [T, V] fp32 logits matrices, log_softmax, autograd: what plain torch does."""
+    log_p = torch.log_softmax((h_s @ w_s.t()).float(), -1)
+    with torch.no_grad():
+        g = lam * torch.log_softmax((h_t @ w_t.t()).float(), -1)
+        if lam != 1.0:
+            g += (1.0 - lam) * torch.log_softmax((h_r @ w_r.t()).float(), -1)
+    loss = (log_p.exp() * (log_p - g)).sum(-1)
+    return _grads((loss * weight).sum(), h_s, w_s)
+
+
+def full_vocab_impls(device: str, chunk_size: int | None, lam: float) -> dict[str, Callable | str]:
+    impls: dict[str, Callable | str] = {"naive torch (3 full logits)": naive_full_vocab}
+    if lam == 1.0:
+        try:
+            from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
+
+            jsd = LigerFusedLinearJSD(jsd_beta=1.0)  # beta = 1: reverse KL(student || teacher)
+
+            def liger(h_s, w_s, h_t, w_t, h_r, w_r, weight, lam, acc):
+                return _grads(jsd(h_s, w_s, h_t, w_t), h_s, w_s)  # mean over tokens
+
+            impls["liger fused linear JSD (beta=1)"] = liger
+        except ImportError as e:
+            impls["liger fused linear JSD (beta=1)"] = f"skipped: {e}"
+
+    def ours(backend, into_acc=False):
+        def fn(h_s, w_s, h_t, w_t, h_r, w_r, weight, lam, acc):
+            loss, _ = kernels.full_vocab_gopd_loss(
+                h_s, w_s, h_t, w_t, h_r if lam != 1.0 else None, w_r if lam != 1.0 else None,
+                lam=lam, token_weight=weight, backend=backend, chunk_size=chunk_size,
+                grad_weight_acc=acc if into_acc else None)
+            if into_acc:
+                return torch.autograd.grad(loss.sum(), [h_s])[0], None
+            return _grads(loss.sum(), h_s, w_s)
+        return fn
+
+    impls["ours full-vocab chunked"] = ours("chunked")
+    if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        impls["ours full-vocab triton"] = ours("triton")
+        impls["ours full-vocab triton -> main_grad"] = ours("triton", into_acc=True)
+    else:
+        impls["ours full-vocab triton"] = "skipped: no CUDA"
+    return impls
+
+
+def full_vocab_inputs(T, H, V, device, dtype, seed=0):
+    """(h_s, w_s, h_t, w_t, h_r, w_r, weight): student/reference hidden H, teacher FV_HIDDEN_T
+    scaled like H (so the smoke shapes stay small); token weights 1/T with every 16th token 0."""
+    ht = max(16, H * FV_HIDDEN_T // H_FULL)
+    h_s, w_s, _, _ = make_inputs(T, H, V, device, dtype, seed=seed, requires_grad=True)
+    h_t, w_t, _, _ = make_inputs(T, ht, V, device, dtype, seed=seed + 1)
+    h_r, w_r, _, _ = make_inputs(T, H, V, device, dtype, seed=seed + 2)
+    w_t.mul_(1.5)  # a peakier teacher
+    weight = torch.full((T,), 1.0 / T, device=device)
+    weight[::16] = 0.0
+    return h_s, w_s, h_t, w_t, h_r, w_r, weight
+
+
+def full_vocab_flops(T, H, V, lam) -> int:
+    ht = max(16, H * FV_HIDDEN_T // H_FULL)
+    return 2 * T * V * (H + ht + (H if lam != 1.0 else 0)) + 4 * T * V * H
+
+
+def full_vocab_call(fn, T, H, V, device, dtype, lam, name):
+    """A zero-argument call of one full-vocab implementation on fresh inputs (for measure)."""
+    h_s, w_s, h_t, w_t, h_r, w_r, weight = full_vocab_inputs(T, H, V, device, dtype)
+    acc = (torch.zeros(V, H, device=device, dtype=torch.float32)
+           if "main_grad" in name else None)  # the optimizer's buffer: an input, not extra
+    return lambda: fn(h_s, w_s, h_t, w_t, h_r, w_r, weight, lam, acc)
+
+
+def accuracy_full_vocab(device, T, H, V, chunk_size) -> list[dict]:
+    """Loss (value of sum_t w_t L_t), dh and dW rel. error vs fp64 on the same bf16 inputs."""
+    rows = []
+    for lam in FV_LAMS:
+        h_s, w_s, h_t, w_t, h_r, w_r, weight = full_vocab_inputs(T, H, V, device, torch.bfloat16,
+                                                                 seed=3)
+        up = [x.double() for x in (h_s, w_s, h_t, w_t, h_r, w_r)]
+        up[0].requires_grad_()
+        up[1].requires_grad_()
+        loss64, _ = kernels.full_vocab_gopd_loss(*up[:4], *(up[4:] if lam != 1.0 else (None, None)),
+                                                 lam=lam, backend="torch")
+        dh64, dw64 = torch.autograd.grad((loss64 * weight.double()).sum(), up[:2])
+        for name, fn in full_vocab_impls(device, chunk_size, lam).items():
+            if isinstance(fn, str) or name.startswith("liger"):
+                continue  # Liger's loss is a mean reverse KL, not this weighted sum
+            hh, ww = h_s.detach().clone().requires_grad_(), w_s.detach().clone().requires_grad_()
+            acc = torch.zeros(w_s.shape, dtype=torch.float32, device=device)
+            try:
+                dh, dw = fn(hh, ww, h_t, w_t, h_r, w_r, weight, lam, acc)
+                dw = acc if dw is None else dw
+                rows.append({"impl": f"full-vocab lam={lam}: {name}", "dh_rel_err": rel(dh, dh64),
+                             "dW_rel_err": rel(dw, dw64)})
+            except Exception as e:
+                rows.append({"impl": f"full-vocab lam={lam}: {name}",
+                             "note": f"error: {type(e).__name__}: {e}"[:200]})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 # Measurement
 
 
@@ -201,22 +318,21 @@ def sweep_chunks(T: int, v_local: int, chunk: int | None) -> list[int]:
 
 
 def measure(mode, name, fn, T, H, v_local, tp, flops, tflops, device, dtype, budget, max_reps,
-            t_deadline) -> dict:
+            t_deadline, make_call=None) -> dict:
     """One timed case: median ms, multiple of the matmul floor, peak extra GiB (a note instead when
-    skipped or failed)."""
+    skipped or failed). ``make_call()`` -> a zero-argument call on its own inputs (default: the
+    log-prob cases' (h, w, y, g) inputs)."""
     floor_ms = flops / (tflops * 1e12) * 1e3
     row = {"mode": mode, "impl": name, "T": T, "H": H, "V_local": v_local, "tp": tp,
            "flops": flops, "floor_ms": floor_ms}
-    student = mode.startswith("student")
+    student = mode.startswith(("student", "full-vocab"))
     if isinstance(fn, str):
         row["note"] = fn
     elif time.perf_counter() > t_deadline:
         row["note"] = "skipped: time limit"
     else:
-        h, w, y, g = make_inputs(T, H, v_local, device, dtype, requires_grad=student)
-        acc = (torch.zeros(v_local, H, device=device, dtype=torch.float32)
-               if "main_grad" in name else None)  # the optimizer's buffer: an input, not extra
-        call = (lambda: fn(h, w, y, g, acc)) if student else (lambda: fn(h, w, y))
+        call = (make_call or (lambda: logprob_call(fn, student, T, H, v_local, device, dtype,
+                                                   name)))()
         try:
             with torch.set_grad_enabled(student):
                 call()  # compile / autotune / cuBLAS workspace outside the peak
@@ -227,13 +343,21 @@ def measure(mode, name, fn, T, H, v_local, tp, flops, tflops, device, dtype, bud
             row["note"] = "skipped: OOM"
         except Exception as e:  # an optional library failing must not stop the benchmark
             row["note"] = f"error: {type(e).__name__}: {e}"[:200]
-        del h, w, y, g, acc, call
+        del call
         if device == "cuda":
             torch.cuda.empty_cache()
     print(f"  {mode:16s} T={T:6d} V={v_local:6d} {name:50s} "
           f"{row.get('ms', float('nan')):9.2f} ms {row.get('x_floor', float('nan')):6.2f}x "
           f"{row.get('peak_extra_gib', float('nan')):6.2f} GiB {row.get('note', '')}", flush=True)
     return row
+
+
+def logprob_call(fn, student, T, H, v_local, device, dtype, name):
+    """A zero-argument call of one log-prob implementation on fresh inputs (for measure)."""
+    h, w, y, g = make_inputs(T, H, v_local, device, dtype, requires_grad=student)
+    acc = (torch.zeros(v_local, H, device=device, dtype=torch.float32)
+           if "main_grad" in name else None)  # the optimizer's buffer: an input, not extra
+    return (lambda: fn(h, w, y, g, acc)) if student else (lambda: fn(h, w, y))
 
 
 def peak_extra_gib(fn: Callable[[], object], device: str) -> float:
@@ -369,7 +493,7 @@ def main(argv=None):
 
     tflops = tflops_start = matmul_tflops(device, mm_n)
     print(f"bf16 matmul {mm_n}^3: {tflops:.1f} TFLOP/s on {device}", flush=True)
-    acc_rows = accuracy(device, *acc_shape, chunk)
+    acc_rows = accuracy(device, *acc_shape, chunk) + accuracy_full_vocab(device, *acc_shape, chunk)
 
     rows: list[dict] = []
     t_deadline = time.perf_counter() + args.time_limit
@@ -394,6 +518,17 @@ def main(argv=None):
                 rows.append(measure("student fwd+bwd", name, fn, T, H, v_local, tp,
                                     6 * T * H * v_local, tflops, device, dtype, budget,
                                     max_reps, t_deadline))
+
+    # Full-vocabulary G-OPD, after the log-prob cases (a time limit cuts these first)
+    for T, tp in cases:
+        v_local = V // tp if not args.smoke else V // tp + (tp > 1)
+        for lam in FV_LAMS[-1:] if args.smoke else FV_LAMS:  # the smoke run: lam = 1.25 only
+            for name, fn in full_vocab_impls(device, chunk, lam).items():
+                make = (lambda fn, name, lam: lambda: full_vocab_call(
+                    fn, T, H, v_local, device, dtype, lam, name))(fn, name, lam)
+                rows.append(measure(f"full-vocab G-OPD lam={lam}", name, fn, T, H, v_local, tp,
+                                    full_vocab_flops(T, H, v_local, lam), tflops, device, dtype,
+                                    budget, max_reps, t_deadline, make_call=make))
 
     # The floor is the faster of the matmul rates measured before and after the cases (the
     # stricter floor; the two differ by the card's clock and thermal state).
@@ -430,7 +565,8 @@ def main(argv=None):
         else:
             grads = (f"  dh {r['dh_rel_err']:.2e}  dW {r['dW_rel_err']:.2e}"
                      if "dh_rel_err" in r else "")
-            print(f"  {r['impl']:50s} logp {r['logp_rel_err']:.2e}{grads}")
+            logp = f"logp {r['logp_rel_err']:.2e}" if "logp_rel_err" in r else " " * 13
+            print(f"  {r['impl']:60s} {logp}{grads}")
     print(f"\n{meta['device']}, bf16 matmul floor {tflops:.0f} TFLOP/s (before the cases "
           f"{tflops_start:.0f}, after {tflops_end:.0f}), wall {meta['wall_s']:.0f} s")
     print(f"{'mode':16s} {'impl':50s} {'T':>6s} {'V_local':>7s} {'ms':>9s} {'x floor':>8s} "

@@ -127,9 +127,7 @@ def full_vocab_token_loss(
         raise ValueError(f"full_vocab_token_loss: lam={lam} needs ref_logp (None only at lam=1)")
     if teacher_logp is None and lam != 0.0:
         raise ValueError(f"full_vocab_token_loss: lam={lam} needs teacher_logp (None only at lam=0)")
-    given = [x for x in (teacher_logp, ref_logp) if x is not None]
-    if not given:
-        raise ValueError("full_vocab_token_loss: needs teacher_logp or ref_logp")
+    given = [x for x in (teacher_logp, ref_logp) if x is not None]  # at least one, by the above
     for name, x in (("teacher_logp", teacher_logp), ("ref_logp", ref_logp)):
         if x is not None and x.shape != student_logits.shape:
             raise ValueError(f"full_vocab_token_loss: {name} {tuple(x.shape)} vs student_logits "

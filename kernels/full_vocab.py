@@ -18,7 +18,7 @@ vocab_start + vv) of the global vocabulary, vv = vocab_valid (rows >= vv are pad
 zero gradient). Hidden sizes may differ.
 
 Pass 1 (forward). Per token and rank, online over vocabulary tiles, for each model X present:
-    m_X = max_v zX,  s_X = sum_v exp(zX - m_X)          X in S, T, R and C (C only if 0 < lam != 1)
+    m_X = max_v zX,  s_X = sum_v exp(zX - m_X)      X in S, T, R and C (C only if lam not in {0, 1})
     sd  = sum_v exp(zS - m_S) d                       (p-weighted sum of d, relative to m_S)
 Collectives, O(N) floats, never O(N V):
     1. all_reduce MAX of m            [k, N]   (k = 2, or 4 when both teacher and reference count)
@@ -70,8 +70,6 @@ class FullVocabPlan:
 
 
 def _check_pair(name: str, h, w, n: int, vv: int) -> None:
-    if h is None or w is None:
-        raise ValueError(f"full_vocab_gopd_loss: h_{name} and w_{name} go together")
     if h.dim() != 2 or w.dim() != 2 or h.shape[1] != w.shape[1]:
         raise ValueError(f"full_vocab_gopd_loss: h_{name} [N, H] and w_{name} [V_local, H] expected, "
                          f"got {tuple(h.shape)} and {tuple(w.shape)}")
@@ -176,8 +174,8 @@ def _max_sumexp(z):
 
 
 def _chunk_size(plan: FullVocabPlan, n: int) -> int:
-    # up to five [Tc, vv] fp32 blocks are alive at once (zS, zT, zR, c, exp)
-    return plan.chunk_size or default_chunk_size(n, plan.vocab_valid, itemsize=4 * 5)
+    # up to six [Tc, vv] fp32 blocks are alive at once (zS, zT, zR, c, exp, a product)
+    return plan.chunk_size or default_chunk_size(n, plan.vocab_valid, itemsize=4 * 6)
 
 
 def chunked_local_stats(h_s, w_s, h_t, w_t, h_r, w_r, plan: FullVocabPlan):

@@ -239,6 +239,9 @@ def _models(h_s, w_s, h_t, w_t, h_r, w_r):
     for h, w in ((h_s, w_s), (h_t, w_t), (h_r, w_r)):
         h, w = (h_s, w_s) if h is None else (h, w)
         _check(h)
+        if h.dtype != h_s.dtype:  # one set of dot flags (UPCAST, IEEE) serves all three models
+            raise TypeError(f"the triton backend needs one dtype for the three models, got "
+                            f"{h.dtype} beside the student's {h_s.dtype} (cast, or use chunked)")
         if h.stride(1) != 1:
             h = h.contiguous()
         if w.stride(1) != 1:
