@@ -1,7 +1,7 @@
 """G-OPD's estimators in the miniature, over seeds: sampled (the paper's one-sample advantage) vs
 full_vocab (the exact expectation over the vocabulary) vs top_k (the teacher's top-k + a tail).
 
-    python benchmarks/estimators.py                                   # 3 seeds, OPD and ExOPD
+    python benchmarks/estimators.py                                   # 5 seeds, OPD and ExOPD (~25 min)
     python benchmarks/estimators.py --seeds 0 --steps 20 --out runs/estimators_quick base.steps=50
 
 Per seed, the demo's base student and its two GRPO teachers (recipes/demo.yaml, its seeds: found
@@ -17,9 +17,11 @@ teachers into the base, reference = the base, with the demo's settings except --
   at lam = 1); mean and sample std over seeds;
 - for top_k also the reverse KL it would report itself on those positions (the coarsened one):
   its bias against the exact value;
-- the steps each estimator needs to reach the KL the sampled estimator ends at;
-- held-out exact accuracy (the probability of the reference answer at temperature 1) after the
-  last step, the demo's own evaluation, on --eval-prompts per domain;
+- the steps each run needs to halve the held-out KL of step 0 (the first measured step at or
+  below half of it);
+- held-out exact accuracy (the probability of the reference answer at temperature 1) of the base
+  and after the last step, the demo's own evaluation, on --eval-prompts per domain, and the
+  paired per-seed difference of each estimator to the sampled one;
 - process CPU time per step and the process's peak RSS of each estimator (--time-steps steps
   after one warm-up, each estimator in a fresh process, random weights of the demo's shape, at the
   miniature's vocabulary and at --wide-vocab ids).
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -45,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 ESTIMATORS = ("sampled", "full_vocab", "top_k")
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 LAMBDAS = (1.0, 1.25)
 
 
@@ -153,7 +157,7 @@ def seed_job(cfg, args, seed: int) -> dict:
     model_cfg = dataclasses.replace(cfg.model, seed=cfg.model.seed + 1000 * seed)  # as the demo's merge_seed
     _sft_model(cfg, model_cfg, train_records, cfg.base, tokenizer, sd / "base", 7919 * seed + 1, f"[seed {seed}] base SFT")
     teachers, _ = _grpo_teachers(cfg, sd / "base", train_records, tokenizer, sd, seed)
-    runs = {}
+    runs = {"base": {"accuracy": base_accuracy(cfg, args, sd / "base", held_out, tokenizer, Path(args.out) / f"seed{seed}")}}
     for lam in LAMBDAS:
         for estimator in args.estimators:
             name = _run_name(lam, estimator)
@@ -163,6 +167,26 @@ def seed_job(cfg, args, seed: int) -> dict:
             print(f"[seed {seed}] {name}: final exact KL {statistics.fmean(_final(runs[name])):.4f} "
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)
     return runs
+
+
+def base_accuracy(cfg, args, base: Path, held_out, tokenizer, out: Path) -> dict:
+    """Held-out exact accuracy of the base student (cached in out/base_accuracy.json)."""
+    from gopd_mega.data import synthetic
+    from gopd_mega.evaluation import evaluate_modes
+    from gopd_mega.rollout.embedded import EmbeddedEngine
+    from gopd_mega.run import build_model
+
+    path = out / "base_accuracy.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    model = build_model(dataclasses.replace(cfg.model, load=str(base)), trainable=False, name="base")
+    engine = EmbeddedEngine(model, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids)
+    eval_cfg = dataclasses.replace(cfg.eval, exact=True, greedy=False, sampled=False, max_prompts=args.eval_prompts)
+    acc = dict(evaluate_modes(engine, held_out, tokenizer, synthetic.check, eval_cfg, cfg.rollout, seed=cfg.data.seed + 17,
+                              model=model, answer_of=synthetic.answer)["exact"].accuracy)
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(acc))
+    return acc
 
 
 def _final(run: dict) -> list[float]:
@@ -222,18 +246,22 @@ def time_job(estimator: str, lam: float, vocab: int, steps: int) -> dict:
 
 
 def time_all(args) -> dict:
-    out = {}
-    for vocab in (None, args.wide_vocab):
-        for estimator in args.estimators:
-            cmd = [sys.executable, __file__, "--time-job", estimator, "--time-steps", str(args.time_steps)]
-            if vocab:
-                cmd += ["--time-vocab", str(vocab)]
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-            if proc.returncode:
-                raise RuntimeError(f"timing {estimator} failed:\n{proc.stderr[-3000:]}")
-            key = f"{estimator} V={vocab or 'miniature'}"
-            out[key] = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(f"timing {key}: {out[key]}", flush=True)
+    """Each estimator's time_job in its own process, --time-repeats times in turn (interleaved, so
+    that a change in the machine's load hits every estimator alike)."""
+    out: dict[str, list] = {}
+    for _ in range(args.time_repeats):
+        for vocab in (None, args.wide_vocab):
+            for estimator in args.estimators:
+                cmd = [sys.executable, __file__, "--time-job", estimator, "--time-steps", str(args.time_steps)]
+                if vocab:
+                    cmd += ["--time-vocab", str(vocab)]
+                env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}  # not this process's world
+                proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+                if proc.returncode:
+                    raise RuntimeError(f"timing {estimator} failed:\n{proc.stderr[-3000:]}")
+                key = f"{estimator} V={vocab or 'miniature'}"
+                out.setdefault(key, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                print(f"timing {key}: {out[key][-1]}", flush=True)
     return out
 
 
@@ -246,24 +274,27 @@ def _ms(values: list[float]) -> tuple[float, float]:
 
 def summarise(runs_by_seed: dict[int, dict], domains: list[str]) -> dict:
     """Per (lambda, estimator): the held-out exact KL curve (mean / std over seeds of the domain
-    mean), its start and end, steps to reach the sampled run's final KL, accuracy, top-k bias."""
+    mean), its start and end, the steps to halve it, accuracy (and paired minus the sampled run's),
+    top-k's reported KL over the exact one; and the base's accuracy."""
     seeds = sorted(runs_by_seed)
-    names = list(runs_by_seed[seeds[0]])
-    out = {}
+    names = [n for n in runs_by_seed[seeds[0]] if n != "base"]
+
+    def acc_of(s, name):
+        return statistics.fmean(runs_by_seed[s][name]["accuracy"][d] for d in domains)
+
+    out = {"base": {"accuracy": _ms([acc_of(s, "base") for s in seeds])}}
     for name in names:
         steps = [p["step"] for p in runs_by_seed[seeds[0]][name]["curve"]]
         per_seed = [[statistics.fmean(p[f"exact_kl/{d}"] for d in domains) for p in runs_by_seed[s][name]["curve"]]
                     for s in seeds]
+        halve = [next((st for st, v in zip(steps, kl) if v <= kl[0] / 2), None) for kl in per_seed]
+        acc = [acc_of(s, name) for s in seeds]
         sampled = name.rsplit(" ", 1)[0] + " sampled"
-        reach = []
-        for s, kl in zip(seeds, per_seed):
-            target = statistics.fmean(runs_by_seed[s][sampled]["curve"][-1][f"exact_kl/{d}"] for d in domains)
-            reach.append(next((st for st, v in zip(steps, kl) if v <= target), None))
-        acc = [statistics.fmean(runs_by_seed[s][name]["accuracy"][d] for d in domains) for s in seeds]
         row = {"steps": steps, "kl_mean": [statistics.fmean(c) for c in zip(*per_seed)],
                "kl_std": [statistics.stdev(c) if len(c) > 1 else 0.0 for c in zip(*per_seed)],
                "kl_start": _ms([k[0] for k in per_seed]), "kl_end": _ms([k[-1] for k in per_seed]),
-               "steps_to_sampled_final": reach, "accuracy": _ms(acc), "accuracy_per_seed": acc}
+               "steps_to_half": halve, "accuracy": _ms(acc), "accuracy_per_seed": acc,
+               "accuracy_minus_sampled": _ms([a - acc_of(s, sampled) for s, a in zip(seeds, acc)])}
         if "top_k" in name:
             ratio = [statistics.fmean(p[f"top_k_kl/{d}"] / p[f"exact_kl/{d}"] for d in domains for p in runs_by_seed[s][name]["curve"])
                      for s in seeds]
@@ -273,25 +304,36 @@ def summarise(runs_by_seed: dict[int, dict], domains: list[str]) -> dict:
 
 
 def table(summary: dict, timing: dict, args) -> str:
-    lines = [f"| run | exact KL, step 0 | exact KL, step {args.steps} | steps to the sampled run's final KL "
-             f"| held-out exact accuracy (%) |", "|---|---|---|---|---|"]
+    n = len(args.seeds)
+    lines = [f"| run | exact KL, step 0 | exact KL, step {args.steps} | steps to halve it | held-out exact "
+             f"accuracy (%) | accuracy − sampled, paired |", "|---|---|---|---|---|---|"]
+    base = summary["base"]["accuracy"]
+    lines.append(f"| base student | | | | {100 * base[0]:.1f} ± {100 * base[1]:.1f} | |")
     for name, r in summary.items():
-        reach = r["steps_to_sampled_final"]
-        got = [x for x in reach if x is not None]
-        reach_s = (f"{statistics.fmean(got):.0f}" + (f" ± {statistics.stdev(got):.0f}" if len(got) > 1 else "")
-                   + ("" if len(got) == len(reach) else f" ({len(reach) - len(got)} of {len(reach)} seeds never)")) if got else "never"
+        if name == "base":
+            continue
+        got = [x for x in r["steps_to_half"] if x is not None]
+        half = (f"{statistics.fmean(got):.0f}" + (f" ± {statistics.stdev(got):.0f}" if len(got) > 1 else "")
+                + ("" if len(got) == n else f" ({n - len(got)} of {n} seeds: not in {args.steps})")) if got else f"not in {args.steps}"
+        diff = "" if name.endswith("sampled") else (f"{100 * r['accuracy_minus_sampled'][0]:+.1f} ± "
+                                                     f"{100 * r['accuracy_minus_sampled'][1]:.1f}")
         lines.append(f"| {name} | {r['kl_start'][0]:.4f} ± {r['kl_start'][1]:.4f} | {r['kl_end'][0]:.4f} ± "
-                     f"{r['kl_end'][1]:.4f} | {reach_s} | {100 * r['accuracy'][0]:.1f} ± {100 * r['accuracy'][1]:.1f} |")
+                     f"{r['kl_end'][1]:.4f} | {half} | {100 * r['accuracy'][0]:.1f} ± {100 * r['accuracy'][1]:.1f} | {diff} |")
     for name, r in summary.items():
         if "top_k_kl_over_exact" in r:
             lines.append(f"\ntop_k (k={args.top_k}), {name.split(' ')[0]}: the coarsened reverse KL it reports is "
                          f"{r['top_k_kl_over_exact'][0]:.3f} ± {r['top_k_kl_over_exact'][1]:.3f} of the exact one "
                          "(mean over the measured steps; seeds ± std)")
     if timing:
-        lines += ["", "| estimator | vocabulary | CPU s per step | peak RSS (MiB) |", "|---|---|---|---|"]
-        for key, t in timing.items():
+        lines += ["", f"Step cost (lam = 1.25; process CPU time per step, the median of {args.time_steps} steps after a "
+                  "warm-up; random weights of the demo's shape, its 256 prompts per step, one thread; each estimator "
+                  f"in its own process, {args.time_repeats} times in turn, every repeat shown):", "",
+                  "| estimator | vocabulary | CPU s per step | peak RSS (MiB) |", "|---|---|---|---|"]
+        for key, reps in timing.items():
             est, vocab = key.split(" V=")
-            lines.append(f"| {est} | {vocab} | {t['cpu_s_per_step']:.2f} | {t['peak_rss_mib']:.0f} |")
+            cpu = " / ".join(f"{t['cpu_s_per_step']:.2f}" for t in reps)
+            rss = " / ".join(f"{t['peak_rss_mib']:.0f}" for t in reps)
+            lines.append(f"| {est} | {vocab} | {cpu} | {rss} |")
     return "\n".join(lines) + "\n"
 
 
@@ -305,7 +347,7 @@ def plot(path: Path, summary: dict) -> None:
     colors = {"sampled": "tab:blue", "full_vocab": "tab:red", "top_k": "tab:green"}
     for ax, lam in zip(axes, LAMBDAS):
         for name, r in summary.items():
-            if not name.startswith(_run_name(lam, "").strip()):
+            if name == "base" or not name.startswith(_run_name(lam, "").strip()):
                 continue
             est = name.rsplit(" ", 1)[1]
             mean, std = torch.tensor(r["kl_mean"]), torch.tensor(r["kl_std"])
@@ -322,7 +364,7 @@ def plot(path: Path, summary: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=ESTIMATORS)
     ap.add_argument("--steps", type=int, default=60, help="distillation steps (the demo: 120)")
     ap.add_argument("--prompts", type=int, default=128, help="prompts per step (the demo: 256)")
@@ -330,7 +372,8 @@ def main() -> None:
     ap.add_argument("--kl-every", type=int, default=5)
     ap.add_argument("--kl-prompts", type=int, default=64, help="held-out prompts per domain for the KL")
     ap.add_argument("--eval-prompts", type=int, default=500, help="held-out prompts per domain for the accuracy")
-    ap.add_argument("--time-steps", type=int, default=5)
+    ap.add_argument("--time-steps", type=int, default=10)
+    ap.add_argument("--time-repeats", type=int, default=2)
     ap.add_argument("--wide-vocab", type=int, default=32768)
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--demo-dir", default="runs/demo", help="where `make demo` left its bases and teachers")

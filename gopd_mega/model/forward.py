@@ -220,16 +220,22 @@ class PipelineForward:
             out = {"flat": flat, "loss": loss.detach().reshape(()).float(), "logp": logp.float(), "entropy": ent.float()}
             return loss, torch.tensor(0, dtype=torch.int), out
 
+        return self._train(mbs, loss_func, ("logp", "entropy"), (N, S), grads)
+
+    def _train(self, mbs: list[MicroBatch], loss_func, keys: tuple[str, ...], shape: tuple[int, int], grads) -> dict:
+        """Forward + backward of ``mbs`` in train mode (through the DDP wrapper of ``grads``): the
+        full-batch loss and each per-token result in ``keys`` as [N, S] CPU, on every rank."""
+        N, S = shape
         self.model.train()
         results = self._run(mbs, loss_func, forward_only=False, module=grads.ddp if grads is not None else None)
-        out = self._collect(results, ("logp", "entropy"), N * S).view(2, N, S).cpu()
+        out = self._collect(results, keys, N * S).view(len(keys), N, S).cpu()
         loss = torch.zeros((), device=device(), dtype=torch.float64)
         loss += sum(float(r["loss"]) for r in results)
         if self.groups.pp > 1:
             dist.broadcast(loss, src=self.groups.last_stage_global_rank, group=self.groups.pg.pp)
         if self.groups.dp > 1:
             dist.all_reduce(loss, group=self.groups.pg.dp)
-        return {"loss": float(loss), "logp": out[0], "entropy": out[1]}
+        return {"loss": float(loss), **dict(zip(keys, out))}
 
     def hidden_loss_and_grads(self, tokens: torch.Tensor, loss_mask: torch.Tensor, hidden_loss: HiddenLoss,
                               temperature: float, max_tokens: int, max_rows: int | None = None, grads=None) -> dict:
@@ -259,17 +265,7 @@ class PipelineForward:
                    **{k: per_token[k].float() for k in hidden_loss.keys}}
             return loss, torch.tensor(0, dtype=torch.int), out
 
-        self.model.train()
-        results = self._run(mbs, loss_func, forward_only=False, module=grads.ddp if grads is not None else None)
-        keys = ("logp", "entropy", *hidden_loss.keys)
-        out = self._collect(results, keys, N * S).view(len(keys), N, S).cpu()
-        loss = torch.zeros((), device=device(), dtype=torch.float64)
-        loss += sum(float(r["loss"]) for r in results)
-        if self.groups.pp > 1:
-            dist.broadcast(loss, src=self.groups.last_stage_global_rank, group=self.groups.pg.pp)
-        if self.groups.dp > 1:
-            dist.all_reduce(loss, group=self.groups.pg.dp)
-        return {"loss": float(loss), **dict(zip(keys, out))}
+        return self._train(mbs, loss_func, ("logp", "entropy", *hidden_loss.keys), (N, S), grads)
 
     @torch.no_grad()
     def scored_hidden(self, tokens: torch.Tensor, loss_mask: torch.Tensor, max_tokens: int,
