@@ -219,3 +219,23 @@ def test_estimator_config_is_validated(dirs, tmp_path):
                                        "rollout.samples_per_prompt": 2})
     assert _cfg(dirs, tmp_path, 1.0, "top_k", **{"teachers.0.server": "http://127.0.0.1:1"}).objective.estimator == "top_k"
     assert _run_cfg(dirs, tmp_path, 1).objective.estimator == "sampled"
+
+
+@pytest.mark.parametrize("estimator", ["full_vocab", "top_k"])
+def test_several_updates_per_rollout(dirs, tmp_path, estimator):
+    """train.updates_per_rollout = 2: two mini-batch updates per batch, and the per-position
+    outputs of both gathered at every scored position (each from its own update's forward)."""
+    from test_trainer import _distiller
+
+    cfg = _cfg(dirs, tmp_path, 1.25, estimator, **{"train.updates_per_rollout": 2, "train.steps": 2})
+    d = _distiller(cfg)
+    prompts, batch = d.next_rollout()
+    update = d._full_vocab_update if estimator == "full_vocab" else d._top_k_update
+    out = update(batch, [p.teacher for p in prompts], T)
+    scored = batch.loss_mask.bool().clone()
+    scored[:, 0] = False
+    assert len(d.update_stats) == 2
+    assert (out["reverse_kl"][scored] > 0).all() and (out["log_z"][scored] != 0).all()
+    assert (out["reverse_kl"][~scored] == 0).all()
+    metrics = d.train_step()
+    assert metrics["updates"] == 2.0 and metrics["reverse_kl"] > 0

@@ -1,7 +1,8 @@
 """objective.estimator = full_vocab / top_k across layouts (gloo, 2 and 3 processes): the same run
 at TP = 1 and with the student at TP = 2 or 3 beside teachers and a reference in other layouts
-(TP = 1 at another hidden size, PP = 2, their own TP), gives the same losses, gradient norms and
-reverse KLs over 3 steps; every rank reports the same numbers.
+(TP = 1 at another hidden size, PP = 2, their own TP), with sequence parallelism, at DP = 2 with
+the overlapped gradient reduce, or at PP = 2, gives the same losses, gradient norms and reverse
+KLs over 3 steps; every rank reports the same numbers.
 
 What differs between layouts: the vocab-parallel logsumexps split over 2 or 3 ranks (3: uneven
 shards, 16/16/12 of 44 ids), the row-parallel all-reduces, and where the hidden states travel
@@ -65,7 +66,10 @@ def test_student_tp2_beside_teachers_tp1_pp2_and_reference_tp2(four_heads, tmp_p
             ("full_vocab sp", "full_vocab", {**layout, "student.sequence_parallel": True, "rollout.kv_cache": False}),
             ("top_k sp", "top_k", {**layout, "student.sequence_parallel": True, "rollout.kv_cache": False}),
             # the student at DP=2 with the overlapped gradient reduce (DDP's hooks on the output weight)
-            ("full_vocab dp2", "full_vocab", {"optim.overlap_grad_reduce": True})]
+            ("full_vocab dp2", "full_vocab", {"optim.overlap_grad_reduce": True}),
+            # the student at PP=2: only its last stage receives hidden states and computes the loss
+            ("full_vocab pp2", "full_vocab", {"student.pp": 2, "ref_tp": 2}),
+            ("top_k pp2", "top_k", {"student.pp": 2})]
     _check(run_distributed(_train, 2, (four_heads, tmp_path / "two", runs)), base)
 
 
