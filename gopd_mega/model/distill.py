@@ -17,9 +17,10 @@ log-prob (objective.estimator; the README's "Estimators" says what each one esti
 Both losses are :class:`gopd_mega.model.forward.HiddenLoss` callables for ShardedGPT.train_step,
 weighted per position by the aggregation weights (objective.token_weights). Neither uses an
 importance weight or the PPO clip: at each visited prefix the expectation over the next token is
-taken under the student itself (what the sampled estimator's truncated weight min(exp(o - q), c)
-corrects the sampled token towards), and the target q_t does not depend on the student, so there
-is no ratio to clip. The prefixes are the sampler's, as for the sampled estimator.
+taken under the student itself (what the sampled estimator's truncated weight
+min(exp(logp_old - logp_sampler), c) corrects the sampled token towards), and the target
+q_t ~ pi_T^lam pi_ref^(1-lam) does not depend on the student, so there is no ratio to clip. The
+prefixes are the sampler's, as for the sampled estimator.
 """
 
 from __future__ import annotations
