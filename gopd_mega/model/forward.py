@@ -16,6 +16,11 @@ gradients accumulate into megatron DDP's fp32 main_grad buffers (the output laye
 from the fused kernel). Finalising them (DP/TP/PP reductions) and the optimizer step are the
 caller's (ShardedGPT.train_step -> gopd_mega.optim.StudentOptimizer.step).
 
+For the estimators that need more than the sampled token (objective.estimator, gopd_mega.model.
+distill) the same scaffold also trains on a :class:`HiddenLoss` of h and the weight shard, hands
+out h itself (``scored_hidden``, on the last stage, for gopd_mega.model.transfer), and scores a
+model's top-k ids or given ids per position (gopd_mega.model.vocab).
+
 ``ForwardStats`` counts what the forwards did on this rank (tests and benchmarks read it).
 """
 
@@ -176,7 +181,7 @@ class PipelineForward:
         kw = self._kernel_kwargs(temperature)
         return {k: kw[k] for k in ("vocab_start", "vocab_valid", "group", "temperature", "reduce_dh")}
 
-    # ------------------------------------------------------------------ the three computations
+    # ------------------------------------------------------------------ the computations
     @torch.no_grad()
     def logprobs(self, tokens: torch.Tensor, loss_mask: torch.Tensor, temperature: float,
                  max_tokens: int, max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,7 +283,7 @@ class PipelineForward:
         def loss_func(mb, hidden):
             h = self._scored_hidden(mb, hidden)
             return torch.zeros((), device=h.device), torch.tensor(0, dtype=torch.int), {
-                "flat": mb.flat_index.to(h.device), "hidden": h.detach().clone()}
+                "flat": mb.flat_index.to(h.device), "hidden": h.detach()}
 
         results = self._run_eval(mbs, loss_func)
         if not self.groups.is_last_stage:
