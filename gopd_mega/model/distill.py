@@ -32,6 +32,7 @@ import torch
 from kernels import full_vocab_gopd_loss
 
 from gopd_mega.model import vocab
+from gopd_mega.model.build import DTYPES
 from gopd_mega.model.forward import HiddenLoss
 from gopd_mega.model.transfer import ScoredHidden
 from gopd_mega.objective import top_k_token_loss
@@ -50,7 +51,10 @@ class Projection:
 
     def __init__(self, model, student, name: str):
         self.model, self.student, self.name = model, student, name
-        self.head = model.output_weight_on(student)
+        head = model.output_weight_on(student)
+        # in the student's dtype, as the hidden states at use: the kernel's Triton path takes one
+        # dtype for all three models
+        self.head = None if head is None else head.to(DTYPES[student.cfg.params_dtype])
 
     def hidden(self, tokens: torch.Tensor, loss_mask: torch.Tensor, rows=None, *,
                max_tokens: int | None = None) -> ScoredHidden | None:
@@ -91,8 +95,8 @@ class FullVocabLoss(HiddenLoss):
             if not sel.numel():
                 continue
             f = flat[sel]
-            h_t = hidden.at(f)
-            h_r, w_r = (None, None) if self.reference is None else (self.reference[0].at(f), self.reference[1])
+            h_t = hidden.at(f).to(h.dtype)
+            h_r, w_r = (None, None) if self.reference is None else (self.reference[0].at(f).to(h.dtype), self.reference[1])
             tw = self.token_weight[f.cpu()].to(h.device)
             loss, log_z = full_vocab_gopd_loss(h[sel], weight, h_t, head, h_r, w_r, lam=self.lam, token_weight=tw,
                                                grad_weight_acc=kw.get("grad_weight_acc"), **kkw)
