@@ -22,6 +22,9 @@ import yaml
 
 from gopd_mega.objective import AGGREGATIONS, LossSettings
 
+ESTIMATORS: tuple[str, ...] = ("sampled", "full_vocab", "top_k")
+"""objective.estimator choices (see ObjectiveConfig.estimator)."""
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field (``section.field``)."""
@@ -248,11 +251,30 @@ class ObjectiveConfig:
     lambda = 1, where it cancels from the advantage; GRPO without kl_coef), it is not scored, and
     the metrics that need it alone (``implicit_reward``; GRPO's ``kl_ref``) are not logged. N > 0
     scores it for those metrics on every N-th step (logged steps 1, N + 1, 2N + 1, ...); 0 = never."""
+    estimator: str = "sampled"
+    """How G-OPD's per-position objective is estimated at each visited prefix h_t (README,
+    "Estimators"): 'sampled' (the paper's: the sampled token's advantage in the clipped,
+    importance-weighted policy loss); 'full_vocab' (the exact expectation over the whole
+    vocabulary, KL(pi_theta || q_t) - log Z_t with q_t ~ pi_T^lam pi_ref^(1-lam), from the
+    teachers' and reference's final hidden states and output layers in the trainer: no sampling
+    variance at the position; local teachers and reference only); 'top_k' (that expectation over
+    the teacher's ``top_k`` most likely tokens plus the sampled token, the rest of the vocabulary
+    as one tail bucket: works with teachers served by SGLang). The PPO clip and the truncated
+    importance weight act on the sampled token, so they apply to 'sampled' only."""
+    top_k: int = 20
+    """estimator='top_k': how many of the teacher's most likely tokens per position."""
 
     def validate(self, where: str = "") -> None:
         _check_finite(self, where)
         if self.kind not in ("gopd", "grpo"):
             _fail(f"{where}.kind", f"must be 'gopd' or 'grpo', got {self.kind!r}")
+        if self.estimator not in ESTIMATORS:
+            _fail(f"{where}.estimator", f"must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+        if self.kind == "grpo" and self.estimator != "sampled":
+            _fail(f"{where}.estimator", f"{self.estimator!r} estimates the G-OPD objective; GRPO's advantage is a "
+                  "sequence reward: use 'sampled'")
+        if self.estimator == "top_k" and self.top_k < 1:
+            _fail(f"{where}.top_k", f"must be >= 1, got {self.top_k}")
         if not (self.kl_coef >= 0.0):
             _fail(f"{where}.kl_coef", f"must be >= 0, got {self.kl_coef}")
         if self.kind == "gopd" and self.kl_coef != 0.0:
@@ -693,6 +715,7 @@ class RunConfig:
             _fail("teachers", f"route keys must be unique, got {names}")
         for i, teacher in enumerate(self.teachers):
             teacher.validate(f"teachers[{i}]")
+        self._check_estimator()
         for name in ("objective", "rollout", "optim", "data", "train", "eval"):
             getattr(self, name).validate(name)
         rows = self.train.prompts_per_step * self.rollout.samples_per_prompt
@@ -713,6 +736,23 @@ class RunConfig:
             if model.load is None and model.max_seq_len < prompt_plus_response:
                 _fail(f"{where}.max_seq_len", f"{model.max_seq_len} < data.max_prompt_len + rollout.max_new_tokens = {prompt_plus_response}")
         return self
+
+    def _check_estimator(self) -> None:
+        """What objective.estimator needs of the teachers and the reference."""
+        est, lam = self.objective.estimator, self.objective.lam
+        if est == "full_vocab":
+            for i, teacher in enumerate(self.teachers):
+                if teacher.server is not None:
+                    _fail(f"teachers[{i}].server", f"objective.estimator='full_vocab' needs the final hidden states and "
+                          f"output layer of teacher '{teacher.name}' in the trainer; a server cannot ship hidden states: "
+                          "score it locally (teachers[i].model.load, no server) or use objective.estimator=top_k")
+            if self.objective.reference_server is not None and lam != 1.0:
+                _fail("objective.reference_server", "objective.estimator='full_vocab' needs the reference's hidden "
+                      "states in the trainer (lam != 1); a server cannot ship them: score the reference locally")
+        if est == "top_k" and self.objective.reference_server is not None and lam != 1.0:
+            _fail("objective.reference_server", "objective.estimator='top_k' at lam != 1 needs the reference's "
+                  "log-probs at the teacher's top-k ids, which the server scoring request does not return: score "
+                  "the reference locally, or use lam = 1 (the reference then cancels)")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -30,14 +30,17 @@ from gopd_mega.config import ModelConfig, OptimConfig
 from gopd_mega.model import weights as W
 from gopd_mega.model.build import (build_gpt, check_platform_support, ffn_size, has_transformer_engine,
                                    transformer_config)
-from gopd_mega.model.forward import IGNORE, ForwardStats, PipelineForward, TokenLossFn
+from gopd_mega.model import transfer
+from gopd_mega.model.build import DTYPES
+from gopd_mega.model.forward import IGNORE, ForwardStats, HiddenLoss, PipelineForward, TokenLossFn
+from gopd_mega.model.transfer import ScoredHidden
 from gopd_mega.model.weights import ParamInfo
 from gopd_mega.optim import StudentOptimizer, build_optimizer
 from gopd_mega.parallel import ModelGroups
 from gopd_mega.platform import device, setup_platform
 
-__all__ = ["ShardedGPT", "ParamInfo", "ForwardStats", "TokenLossFn", "IGNORE", "ffn_size",
-           "DEFAULT_MAX_TOKENS"]
+__all__ = ["ShardedGPT", "ParamInfo", "ForwardStats", "TokenLossFn", "HiddenLoss", "ScoredHidden", "IGNORE",
+           "ffn_size", "DEFAULT_MAX_TOKENS"]
 
 DEFAULT_MAX_TOKENS = {"thd": 4096, "mask": 512}
 """Token budget of one micro-batch forward when neither the call nor the model sets one: with
@@ -184,7 +187,7 @@ class ShardedGPT:
         logp, ent = self.forward.logprobs(tokens, loss_mask, temperature, self._budget(max_tokens), micro_batch_size)
         return (logp, ent) if return_entropy else logp
 
-    def train_step(self, tokens: torch.Tensor, loss_mask: torch.Tensor, token_loss_fn: TokenLossFn,
+    def train_step(self, tokens: torch.Tensor, loss_mask: torch.Tensor, token_loss_fn: TokenLossFn | HiddenLoss,
                    micro_batch_size: int | None = None, temperature: float = 1.0, *,
                    max_tokens: int | None = None) -> dict:
         """One optimizer step on the full batch (every rank passes the same tokens/loss_mask).
@@ -194,6 +197,10 @@ class ShardedGPT:
         [N * S] (only j >= 1 with loss_mask 1 are scored). Loss = sum of fn over all scored
         tokens of the full batch, so fn must bake the global normalisation into its weights
         (e.g. objective.token_weights). Micro-batches as in :meth:`logprobs`.
+
+        ``token_loss_fn`` may instead be a :class:`HiddenLoss` (a loss of the scored positions'
+        final hidden states and the output shard: the full-vocabulary and top-k estimators,
+        gopd_mega.model.distill); its per-token outputs (``keys``) come back as [N, S] too.
 
         Clips and applies AdamW at the optimizer's current LR; the caller advances the LR
         schedule with ``optimizer.step_schedule()`` once per update.
@@ -207,14 +214,82 @@ class ShardedGPT:
             raise RuntimeError(f"{self.name}: train_step needs trainable=True and an optimizer "
                                "(gopd_mega.optim.build_optimizer or optim=...)")
         self.optimizer.zero_grad()
-        out = self.forward.loss_and_grads(tokens, loss_mask, token_loss_fn, temperature,
-                                          self._budget(max_tokens), micro_batch_size, grads=self.optimizer)
+        run = (self.forward.hidden_loss_and_grads if isinstance(token_loss_fn, HiddenLoss)
+               else self.forward.loss_and_grads)
+        out = run(tokens, loss_mask, token_loss_fn, temperature, self._budget(max_tokens), micro_batch_size,
+                  grads=self.optimizer)
         # megatron's finalize_model_grads + clip + AdamW (gopd_mega.optim); no update on a non-finite loss or norm
         stats = self.optimizer.step(loss=out["loss"])
         mask = loss_mask.float().clone()
         mask[:, 0] = 0
-        entropy = float((out["entropy"] * mask).sum() / mask.sum().clamp(min=1))
-        return {"loss": out["loss"], "logp": out["logp"], "entropy": entropy, **stats}
+        entropy = float((out.pop("entropy") * mask).sum() / mask.sum().clamp(min=1))
+        return {**out, "entropy": entropy, **stats}
+
+    # ------------------------------------------------------------------ for other models' estimators
+
+    def hidden_states_for(self, student: "ShardedGPT", tokens: torch.Tensor, loss_mask: torch.Tensor,
+                          rows: torch.Tensor | None = None, *, max_tokens: int | None = None) -> ScoredHidden | None:
+        """COLLECTIVE. This model's final hidden states (after the final norm, in its own dtype)
+        of the scored positions of batch ``rows`` (default: all), computed in its own layout and
+        delivered to ``student``'s ranks (gopd_mega.model.transfer): on each rank of the
+        student's last pipeline stage, the positions the student's DP rank there scores in
+        ``student.train_step(tokens, loss_mask, ...)`` (flat indices into the full [N * S]) that
+        lie in ``rows``; None on the student's other stages. Memory: [positions x hidden]."""
+        N, S = tokens.shape
+        rows = torch.arange(N) if rows is None else torch.as_tensor(rows, dtype=torch.long).sort().values
+        sub = self.forward.scored_hidden(tokens[rows], loss_mask[rows], self._budget(max_tokens))
+        if sub is not None:  # flat indices of the sub-batch -> of the full batch (rows ascending: still sorted)
+            f = sub.flat.cpu()
+            sub = ScoredHidden((rows[f // S] * S + f % S).to(sub.flat.device), sub.hidden)
+        return transfer.deliver(sub, self.groups, transfer.dp_positions(loss_mask, self.groups.dp, rows),
+                                student.groups, transfer.dp_positions(loss_mask, student.groups.dp),
+                                self.cfg.hidden_size, DTYPES[self.cfg.params_dtype], device())
+
+    @torch.no_grad()
+    def full_output_weight(self) -> torch.Tensor:
+        """COLLECTIVE. [vocab_size, H] the real rows of the output layer (the embedding when
+        tied), gathered over TP and PP, on every rank, in the model's dtype."""
+        V, H = self.cfg.vocab_size, self.cfg.hidden_size
+        if self.groups.is_last_stage:
+            w = self._output_weight().detach()
+            if self.groups.tp > 1:
+                parts = [torch.empty_like(w) for _ in range(self.groups.tp)]
+                dist.all_gather(parts, w.contiguous(), group=self.groups.pg.tp)
+                w = torch.cat(parts)
+            full = w[:V].contiguous()
+        else:
+            full = torch.empty(V, H, dtype=DTYPES[self.cfg.params_dtype], device=device())
+        if self.groups.pp > 1:
+            dist.broadcast(full, src=self.groups.last_stage_global_rank, group=self.groups.pg.pp)
+        return full
+
+    @torch.no_grad()
+    def output_weight_on(self, student: "ShardedGPT") -> torch.Tensor | None:
+        """COLLECTIVE; once per run (build time). This model's output-layer rows of the student's
+        vocabulary partition, [student.cfg.padded_vocab / student.tp, H] (zero past the real
+        vocabulary), on the student's last-stage ranks (None elsewhere): the head the
+        full-vocabulary kernel pairs with :meth:`hidden_states_for`. On the student's own layout
+        and vocabulary (e.g. reference = the initial student) it is this model's shard itself.
+        Otherwise the full weight is gathered once on every rank (transient [V, H]) and cut."""
+        same = ((self.cfg.tp, self.cfg.pp, self.cfg.padded_vocab, self.cfg.vocab_size)
+                == (student.cfg.tp, student.cfg.pp, student.cfg.padded_vocab, student.cfg.vocab_size))
+        if same:
+            return self._output_weight().detach() if student.groups.is_last_stage else None
+        full = self.full_output_weight()
+        return transfer.vocab_rows_on(full, student.cfg, student.groups) if student.groups.is_last_stage else None
+
+    def top_k_logprobs(self, tokens: torch.Tensor, loss_mask: torch.Tensor, k: int, temperature: float = 1.0, *,
+                       max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """COLLECTIVE. (ids [N, S, k] long, logp [N, S, k], target_logp [N, S]) on every rank: the
+        k most likely next tokens at each scored position (id -1 elsewhere) and the log-prob of
+        the token there (what an SGLang server returns with top_logprobs_num)."""
+        return self.forward.top_k(tokens, loss_mask, k, temperature, self._budget(max_tokens))
+
+    def logprobs_at(self, tokens: torch.Tensor, loss_mask: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
+                    *, max_tokens: int | None = None) -> torch.Tensor:
+        """COLLECTIVE. fp32 [N, S, K] log p(ids[i, j, k] | tokens[i, :j]) at the scored
+        positions (0 elsewhere and where an id is < 0), on every rank."""
+        return self.forward.logprobs_at(tokens, loss_mask, ids, temperature, self._budget(max_tokens))
 
     def next_token_logits(self, tokens: torch.Tensor, lengths: torch.Tensor, *,
                           max_tokens: int | None = None) -> torch.Tensor:

@@ -358,3 +358,57 @@ def grpo_token_loss(
             raise ValueError("grpo_token_loss: kl_coef > 0 needs ref_logp")
         loss = loss + settings.kl_coef * k3_kl(logp, ref_logp)
     return loss, clipped
+
+
+# ----------------------------------------------------------------------------- top-k estimator
+
+TOP_K_TAIL_FLOOR = 1e-6
+"""Least tail mass used in a log: a teacher's top-k can cover all of its mass numerically (or,
+served in bf16, sum to slightly more than 1)."""
+
+
+def top_k_token_loss(
+    student_logp: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    lam: float,
+    mask: torch.Tensor | None = None,
+    tail_floor: float = TOP_K_TAIL_FLOOR,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-position G-OPD loss on the teacher's top-k plus one tail bucket (estimator top_k).
+
+    ``*_logp`` [..., K]: each model's log-probs at the same K ids per position, the teacher's
+    top-k ids plus the sampled token; ``mask`` [..., K] bool marks the entries that are in K_t
+    (False: a duplicate of the sampled token, or an id the student cannot produce). ``ref_logp``
+    may be None iff lam == 1. Every model's vocabulary is coarsened to K_t and one tail bucket
+    holding its remaining mass (1 - sum over K_t, floored at ``tail_floor`` inside a log), and on
+    those |K_t| + 1 outcomes the loss is the full-vocabulary one:
+
+        g(v) = lam * log pi_T(v) + (1 - lam) * log pi_ref(v)      v in K_t or the tail
+        L_t  = sum_v p(v) (log p(v) - g(v)) = KL(p~ || q~) - log Z~      (tilted_target)
+
+    Differentiable in ``student_logp`` (the student's tail mass is 1 - its mass on K_t). At
+    lam = 1 it is the reverse KL between the coarsened distributions: never above the exact one
+    (merging outcomes loses information), equal when the tail is empty or when student and
+    teacher are proportional inside it. Returns (loss [...], log_z [...]).
+    """
+    if (ref_logp is None) and lam != 1.0:
+        raise ValueError("top_k_token_loss: ref_logp is needed unless lam == 1")
+    if mask is None:
+        mask = torch.ones(student_logp.shape, dtype=torch.bool, device=student_logp.device)
+    off = torch.tensor(-1e4, dtype=student_logp.dtype, device=student_logp.device)  # mass exp(-1e4) = 0
+
+    def with_tail(lp: torch.Tensor) -> torch.Tensor:
+        lp = torch.where(mask, lp, off)
+        tail = (1.0 - torch.where(mask, lp.exp(), torch.zeros_like(lp)).sum(-1)).clamp(min=tail_floor)
+        return torch.cat([lp, tail.log().unsqueeze(-1)], dim=-1)
+
+    teacher = with_tail(teacher_logp.to(student_logp.dtype))
+    ref = teacher if ref_logp is None else with_tail(ref_logp.to(student_logp.dtype))
+    log_q, log_z = tilted_target(teacher, ref, lam)
+    g = log_q + log_z.unsqueeze(-1)
+    p_in = torch.where(mask, student_logp.exp(), torch.zeros_like(student_logp))
+    p_tail = (1.0 - p_in.sum(-1)).clamp(min=0.0)
+    log_p = with_tail(student_logp)
+    p = torch.cat([p_in, p_tail.unsqueeze(-1)], dim=-1)
+    return (p * (log_p - g)).sum(-1), log_z

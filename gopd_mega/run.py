@@ -17,6 +17,7 @@ from gopd_mega.data import synthetic
 from gopd_mega.data.prompts import DataError
 from gopd_mega.evaluation import evaluate_config
 from gopd_mega.metrics import is_rank0
+from gopd_mega.model.distill import Projection
 from gopd_mega.model_io import load_weights, resolve_model_config
 from gopd_mega.models import ShardedGPT
 from gopd_mega.optim import build_optimizer
@@ -112,6 +113,11 @@ def build_models(cfg: RunConfig, tokenizer) -> Models:
                                 **{f"teacher '{k}' (check copy)": v for k, v in local_copies.items()}}.items()
               if isinstance(v, ShardedGPT)}
     check_vocab(student, others, tokenizer)
+    projections, reference_projection = {}, None
+    if cfg.objective.estimator == "full_vocab":  # the heads on the student's vocabulary partition, once
+        projections = {name: Projection(t, student, f"teacher '{name}'") for name, t in teachers.items()}
+        if cfg.objective.lam != 1.0:
+            reference_projection = Projection(reference, student, "reference")
     needed = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
     for name, model in {"student": student, **others}.items():
         if model.cfg.max_seq_len < needed:
@@ -125,7 +131,7 @@ def build_models(cfg: RunConfig, tokenizer) -> Models:
         engine.update_weights(student)
     rollout = build_rollout(cfg, engine, teachers, reference)
     return Models(student=student, reference=reference, teachers=teachers, engine=engine, rollout=rollout,
-                  check_copies=local_copies)
+                  check_copies=local_copies, projections=projections, reference_projection=reference_projection)
 
 
 def server_pool(urls, rollout_cfg, tokenizer) -> SGLangPool:

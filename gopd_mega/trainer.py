@@ -34,6 +34,7 @@ from gopd_mega.checkpoint import CheckpointManager
 from gopd_mega.config import RunConfig, to_dict
 from gopd_mega.failures import StopRequested, StopSignals, TrainingError, on_rank0
 from gopd_mega.metrics import MetricsLogger, is_rank0
+from gopd_mega.model.distill import FullVocabLoss, TopK, TopKLoss
 from gopd_mega.objective import grpo_advantage, grpo_token_loss, gopd_token_loss, k3_kl, token_metrics, token_weights
 from gopd_mega.rollout.base import RolloutBatch
 from gopd_mega.rollout.coordinator import RolloutCoordinator, Sampling
@@ -50,6 +51,8 @@ class Models:
     engine: object  # a RolloutEngine
     rollout: object = None  # a rollout.coordinator.RolloutCoordinator (None: one around ``engine``)
     check_copies: dict = field(default_factory=dict)  # route key -> local copy of a served teacher
+    projections: dict = field(default_factory=dict)  # route key -> model.distill.Projection (full_vocab)
+    reference_projection: object = None  # the reference's Projection (full_vocab, lam != 1)
 
 
 def rows_by_teacher(routes: list[str], teachers: dict) -> dict[str, torch.Tensor]:
@@ -66,6 +69,18 @@ def score_teachers(teachers: dict, batch: RolloutBatch, routes: list[str], tempe
     for name, rows in rows_by_teacher(routes, teachers).items():
         out[rows] = teachers[name].logprobs(batch.tokens[rows], batch.loss_mask[rows], temperature, max_tokens=max_tokens)
     return out
+
+
+def score_teachers_top_k(teachers: dict, batch: RolloutBatch, routes: list[str], k: int, temperature: float,
+                         vocab_size: int, max_tokens: int | None = None) -> TopK:
+    """Each row's teacher's top-k log-probs and the sampled token's, per position (a local model
+    or an SGLang server), as the top-k estimator's K_t (``vocab_size``: the student's)."""
+    N, S = batch.tokens.shape
+    ids, logp, target = torch.full((N, S, k), -1, dtype=torch.long), torch.zeros(N, S, k), torch.zeros(N, S)
+    for name, rows in rows_by_teacher(routes, teachers).items():
+        ids[rows], logp[rows], target[rows] = teachers[name].top_k_logprobs(
+            batch.tokens[rows], batch.loss_mask[rows], k, temperature, max_tokens=max_tokens)
+    return TopK.from_teacher(batch.tokens, batch.loss_mask, ids, logp, target, vocab_size)
 
 
 def gopd_loss_builder(
@@ -118,6 +133,11 @@ def grpo_loss_builder(
         return loss * w[idx].to(logp)
 
     return token_loss
+
+
+def _nothing_clipped(rows, logp: torch.Tensor, old) -> torch.Tensor:
+    """The estimators without a ratio to clip (full_vocab, top_k): update_student's clipped_for."""
+    return torch.zeros(logp.shape, dtype=torch.bool)
 
 
 RewardFn = Callable[[object, list], float]
@@ -213,6 +233,10 @@ class Distiller:
         if cfg.objective.kind == "grpo":
             return self._grpo_update(prompts, batch, t0, t_rollout)
 
+        if cfg.objective.estimator == "full_vocab":  # the exact expectation over the vocabulary at each prefix
+            return self._expected_step(batch, routes, self._full_vocab_update, t0, t_rollout)
+        if cfg.objective.estimator == "top_k":  # the same over the teacher's top-k, the sampled token and a tail
+            return self._expected_step(batch, routes, self._top_k_update, t0, t_rollout)
         temperature = cfg.rollout.temperature
         budget = cfg.train.max_tokens_per_micro_batch
         teacher_logp = score_teachers(self.m.teachers, batch, routes, temperature, budget)
@@ -234,20 +258,59 @@ class Distiller:
             "grad_norm": out["grad_norm"],
             "lr": self.optimizer.lr,
             **{k: v for k, v in token_metrics(student_logp, mask, teacher_logp, ref_logp, advantage, clipped, self.settings.lam).items() if k != "tokens"},
-            "entropy": out["entropy"],
-            "response_len": float(batch.response_lens.float().mean()),
-            "sampler_mismatch": float(((student_logp - batch.sampler_logp).abs() * mask).sum() / mask.sum().clamp(min=1)),
-            "tokens_per_s": float(mask.sum()) / (t_end - t0),
-            "rollout_s": t_rollout - t0,
-            "step_s": t_end - t0,
-            "policy_lag": float(self.step - min(int(v) for v in batch.weight_versions)) if all(
-                v.isdigit() for v in batch.weight_versions) else 0.0,
+            **self._run_metrics(out, batch, t0, t_rollout, t_end),
         }
         if cfg.train.updates_per_rollout > 1:  # what the clip did over the updates
             metrics.update(clip_frac=out["clip_frac"], ratio_dev=out["ratio_dev"], updates=float(len(self.update_stats)))
         for name, rows in rows_by_teacher(routes, self.m.teachers).items():
             m = mask[rows].float()
             metrics[f"reverse_kl/{name}"] = float(((student_logp[rows] - teacher_logp[rows]) * m).sum() / m.sum().clamp(min=1))
+        return metrics
+
+    def _run_metrics(self, out: dict, batch: RolloutBatch, t0: float, t_rollout: float, t_end: float) -> dict:
+        """The G-OPD step's metrics that do not depend on the estimator."""
+        mask = batch.loss_mask
+        return {
+            "entropy": out["entropy"],
+            "response_len": float(batch.response_lens.float().mean()),
+            "sampler_mismatch": float(((out["logp"] - batch.sampler_logp).abs() * mask).sum() / mask.sum().clamp(min=1)),
+            "tokens_per_s": float(mask.sum()) / (t_end - t0),
+            "rollout_s": t_rollout - t0,
+            "step_s": t_end - t0,
+            "policy_lag": float(self.step - min(int(v) for v in batch.weight_versions)) if all(
+                v.isdigit() for v in batch.weight_versions) else 0.0,
+        }
+
+    def _expected_step(self, batch: RolloutBatch, routes: list[str], update: Callable, t0: float,
+                       t_rollout: float) -> dict[str, float]:
+        """The G-OPD step of the estimators that take the expectation over the next token at each
+        visited prefix (full_vocab, top_k): ``update(batch, routes, temperature)`` -> the student's
+        update(s) with the per-token outputs of gopd_mega.model.distill (PER_TOKEN). Metrics
+        (token means over the response tokens): reverse_kl (and per teacher) = KL(pi_theta ||
+        pi_T) at each prefix (exact for full_vocab; between the coarsened distributions for
+        top_k), log_z, kl_target = KL(pi_theta || q_t), and the estimator-free ones."""
+        cfg = self.cfg
+        out = update(batch, routes, cfg.rollout.temperature)
+        self.sync_weights(self.step + 1)
+        t_end = time.perf_counter()
+        m = batch.loss_mask.float()
+
+        def mean(x: torch.Tensor, rows=slice(None)) -> float:
+            return float((x[rows] * m[rows]).sum() / m[rows].sum().clamp(min=1))
+
+        metrics = {
+            "loss": out["loss"],
+            "grad_norm": out["grad_norm"],
+            "lr": self.optimizer.lr,
+            "reverse_kl": mean(out["reverse_kl"]),
+            "log_z": mean(out["log_z"]),
+            "kl_target": mean(out["token_loss"] + out["log_z"]),
+            **self._run_metrics(out, batch, t0, t_rollout, t_end),
+        }
+        if cfg.train.updates_per_rollout > 1:
+            metrics["updates"] = float(len(self.update_stats))
+        for name, rows in rows_by_teacher(routes, self.m.teachers).items():
+            metrics[f"reverse_kl/{name}"] = mean(out["reverse_kl"], rows)
         return metrics
 
     def update_student(self, batch: RolloutBatch, loss_fn_for: Callable, clipped_for: Callable,
@@ -284,6 +347,7 @@ class Distiller:
             return out
         old = self.m.student.logprobs(batch.tokens, mask, temperature, train.micro_batch_size, max_tokens=budget)
         self.update_stats = []
+        per_token: dict[str, torch.Tensor] = {}
         for rows in torch.tensor_split(all_rows, train.updates_per_rollout):
             sub = mask[rows]
             fn = loss_fn_for(rows, token_weights(sub, agg), old[rows])
@@ -299,10 +363,14 @@ class Distiller:
                 "clipped": float((clipped.float() * m).sum()),
                 "ratio_dev": float(((out["logp"] - old[rows]).exp().sub(1).abs() * m).sum()),
             })
+            for k, v in out.items():  # a HiddenLoss's per-token outputs, each from its update's forward
+                if isinstance(v, torch.Tensor) and k != "logp":
+                    per_token.setdefault(k, torch.zeros(mask.shape))[rows] = v
         stats = self.update_stats
         n = max(1.0, sum(u["tokens"] for u in stats))
         return {"logp": old, **{k: sum(u[k] for u in stats) / len(stats) for k in ("loss", "grad_norm", "entropy")},
-                "clip_frac": sum(u["clipped"] for u in stats) / n, "ratio_dev": sum(u["ratio_dev"] for u in stats) / n}
+                "clip_frac": sum(u["clipped"] for u in stats) / n, "ratio_dev": sum(u["ratio_dev"] for u in stats) / n,
+                **per_token}
 
     def _count_skip(self, out: dict) -> None:
         """Track updates the optimizer skipped because the loss or gradient norm was not finite
@@ -355,6 +423,43 @@ class Distiller:
                                    old_logp=old, settings=s)[2]
 
         return self.update_student(batch, loss_fn_for, clipped_for, temperature)
+
+    def _full_vocab_update(self, batch: RolloutBatch, routes: list[str], temperature: float) -> dict:
+        """update_student with the exact full-vocabulary loss (model.distill.FullVocabLoss): for
+        each update, every teacher's hidden states of its rows, and the reference's (lam != 1),
+        are delivered to the student's ranks; the heads were re-sharded at build time."""
+        lam, budget = self.settings.lam, self.cfg.train.max_tokens_per_micro_batch
+        names = list(self.m.teachers)
+        route = torch.tensor([names.index(r) for r in routes], dtype=torch.long)
+        ref = self.m.reference_projection
+        self.rollout.before_training()
+
+        def loss_fn_for(rows, weights, old):
+            tokens, mask, sub = batch.tokens[rows], batch.loss_mask[rows], route[rows]
+            teachers = [(None, None)] * len(names)
+            for name, own in rows_by_teacher([routes[int(i)] for i in rows], self.m.teachers).items():
+                p = self.m.projections[name]
+                teachers[names.index(name)] = (p.hidden(tokens, mask, own, max_tokens=budget), p.head)
+            reference = None if lam == 1.0 else (ref.hidden(tokens, mask, max_tokens=budget), ref.head)
+            return FullVocabLoss(teachers, sub, reference, weights, lam, tokens.shape[1])
+
+        return self.update_student(batch, loss_fn_for, _nothing_clipped, temperature)
+
+    def _top_k_update(self, batch: RolloutBatch, routes: list[str], temperature: float) -> dict:
+        """update_student with the top-k loss (model.distill.TopKLoss): each row's teacher's top-k
+        (local or served) and, at lam != 1, the reference's log-probs at those ids."""
+        lam, budget = self.settings.lam, self.cfg.train.max_tokens_per_micro_batch
+        top = score_teachers_top_k(self.m.teachers, batch, routes, self.cfg.objective.top_k, temperature,
+                                   self.m.student.cfg.vocab_size, budget)
+        if lam != 1.0:
+            top.ref_logp = self.m.reference.logprobs_at(batch.tokens, batch.loss_mask, top.ids, temperature,
+                                                        max_tokens=budget)
+        self.rollout.before_training()
+
+        def loss_fn_for(rows, weights, old):
+            return TopKLoss(top.rows(rows), weights, lam)
+
+        return self.update_student(batch, loss_fn_for, _nothing_clipped, temperature)
 
     def _grpo_update(self, prompts: list, batch: RolloutBatch, t0: float, t_rollout: float) -> dict[str, float]:
         """The GRPO branch of train_step: verifier rewards -> group advantages -> one update."""

@@ -25,6 +25,7 @@ from test_trainer import model_dirs  # noqa: F401 (fixture)
 from gopd_mega.rollout.coordinator import RolloutCoordinator, Sampling
 from gopd_mega.rollout.pool import SGLangPool
 from gopd_mega.rollout.protocol import parse_version, protocol_for
+from gopd_mega.rollout.servers import top_k_request
 from gopd_mega.rollout.sglang import SGLangError, generate_body, http_call, sampling_params, score_body
 
 
@@ -49,7 +50,9 @@ def _params(**kw):
     generate_body([[1, 2]], [_params(greedy=True)], None, batched=False),              # greedy, server rid
     score_body([[1, 2, 3], [4, 5]], batched=True),
     score_body([[1, 2, 3]], batched=False),
-], ids=["router", "router-seed", "batch", "batch-seeds", "greedy", "score-batch", "score-one"])
+    top_k_request([[1, 2, 3], [4, 5]], 4, batched=True),
+    top_k_request([[1, 2, 3]], 4, batched=False),
+], ids=["router", "router-seed", "batch", "batch-seeds", "greedy", "score-batch", "score-one", "top-k-batch", "top-k-one"])
 def test_every_generate_body_passes_sglangs_own_checks(contract, body):
     contract.check("/generate", body, vocab_size=100)
 

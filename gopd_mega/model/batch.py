@@ -175,3 +175,15 @@ def last_token_micro_batches(tokens: torch.Tensor, lengths: torch.Tensor, dp: in
         out.append(MicroBatch(torch.tensor(rows), ids, pos, cu, last, torch.zeros(0, dtype=torch.long),
                               torch.tensor(rows)))
     return out
+
+
+def scored_flat_index(loss_mask: torch.Tensor, rows) -> torch.Tensor:
+    """[P] ascending flat indices i * S + j (into the [N * S] batch ``loss_mask`` belongs to) of the
+    scored positions (loss_mask 1, j >= 1) of batch rows ``rows``."""
+    S = loss_mask.shape[1]
+    rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+    scored = loss_mask[rows].bool().clone()
+    if scored.numel():
+        scored[:, 0] = False
+    i, j = scored.nonzero(as_tuple=True)
+    return (rows[i] * S + j).sort().values

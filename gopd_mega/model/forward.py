@@ -16,6 +16,11 @@ gradients accumulate into megatron DDP's fp32 main_grad buffers (the output laye
 from the fused kernel). Finalising them (DP/TP/PP reductions) and the optimizer step are the
 caller's (ShardedGPT.train_step -> gopd_mega.optim.StudentOptimizer.step).
 
+For the estimators that need more than the sampled token (objective.estimator, gopd_mega.model.
+distill) the same scaffold also trains on a :class:`HiddenLoss` of h and the weight shard, hands
+out h itself (``scored_hidden``, on the last stage, for gopd_mega.model.transfer), and scores a
+model's top-k ids or given ids per position (gopd_mega.model.vocab).
+
 ``ForwardStats`` counts what the forwards did on this rank (tests and benchmarks read it).
 """
 
@@ -30,8 +35,10 @@ import torch.distributed as dist
 
 import kernels
 from gopd_mega.config import ModelConfig
+from gopd_mega.model import vocab
 from gopd_mega.model.batch import MicroBatch, last_token_micro_batches, scoring_micro_batches
 from gopd_mega.model.build import DTYPES, has_transformer_engine
+from gopd_mega.model.transfer import ScoredHidden
 from gopd_mega.parallel import ModelGroups
 from gopd_mega.platform import device
 
@@ -39,6 +46,27 @@ IGNORE = -100
 TokenLossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """fn(logp [R] fp32 (differentiable), flat_index [R] long into the full batch's [N * S]) ->
 per-token loss [R]."""
+
+
+class HiddenLoss:
+    """A student loss of the scored positions' final hidden states, the alternative to a
+    TokenLossFn for estimators that need more than the sampled token's log-prob
+    (gopd_mega.model.distill):
+
+        loss, per_token = fn(h [R, H] (differentiable), weight (this rank's output shard),
+                             flat [R] (into the full batch's [N * S]), kw)
+
+    ``kw``: the vocab-parallel arguments of ``kernels`` (vocab_start, vocab_valid, group,
+    temperature, reduce_dh) and, when ``uses_grad_acc``, grad_weight_acc (the weight's fp32
+    main_grad, or None: then dW goes through autograd). ``loss`` is a scalar back-propagated with
+    gradient 1 (the batch's normalisation baked in); ``per_token`` maps each name in ``keys`` to a
+    detached [R] tensor, gathered into [N, S] on every rank like the log-probs."""
+
+    keys: tuple[str, ...] = ()
+    uses_grad_acc: bool = False
+
+    def __call__(self, h: torch.Tensor, weight: torch.Tensor, flat: torch.Tensor, kw: dict):
+        raise NotImplementedError
 
 
 @dataclass
@@ -183,7 +211,12 @@ class PipelineForward:
         """[T, 1, H] -> [R, H]: the states that predict the scored targets."""
         return hidden[mb.score_pos.to(hidden.device), 0]
 
-    # ------------------------------------------------------------------ the three computations
+    def _vocab_kwargs(self, temperature: float) -> dict:
+        """The vocab-parallel arguments of a HiddenLoss / gopd_mega.model.vocab."""
+        kw = self._kernel_kwargs(temperature)
+        return {k: kw[k] for k in ("vocab_start", "vocab_valid", "group", "temperature", "reduce_dh")}
+
+    # ------------------------------------------------------------------ the computations
     @torch.no_grad()
     def logprobs(self, tokens: torch.Tensor, loss_mask: torch.Tensor, temperature: float,
                  max_tokens: int, max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,16 +260,120 @@ class PipelineForward:
             out = {"flat": flat, "loss": loss.detach().reshape(()).float(), "logp": logp.float(), "entropy": ent.float()}
             return loss, torch.tensor(0, dtype=torch.int), out
 
+        return self._train(mbs, loss_func, ("logp", "entropy"), (N, S), grads)
+
+    def _train(self, mbs: list[MicroBatch], loss_func, keys: tuple[str, ...], shape: tuple[int, int], grads) -> dict:
+        """Forward + backward of ``mbs`` in train mode (through the DDP wrapper of ``grads``): the
+        full-batch loss and each per-token result in ``keys`` as [N, S] CPU, on every rank."""
+        N, S = shape
         self.model.train()
         results = self._run(mbs, loss_func, forward_only=False, module=grads.ddp if grads is not None else None)
-        out = self._collect(results, ("logp", "entropy"), N * S).view(2, N, S).cpu()
+        out = self._collect(results, keys, N * S).view(len(keys), N, S).cpu()
         loss = torch.zeros((), device=device(), dtype=torch.float64)
         loss += sum(float(r["loss"]) for r in results)
         if self.groups.pp > 1:
             dist.broadcast(loss, src=self.groups.last_stage_global_rank, group=self.groups.pg.pp)
         if self.groups.dp > 1:
             dist.all_reduce(loss, group=self.groups.pg.dp)
-        return {"loss": float(loss), "logp": out[0], "entropy": out[1]}
+        return {"loss": float(loss), **dict(zip(keys, out))}
+
+    def hidden_loss_and_grads(self, tokens: torch.Tensor, loss_mask: torch.Tensor, hidden_loss: HiddenLoss,
+                              temperature: float, max_tokens: int, max_rows: int | None = None, grads=None) -> dict:
+        """:meth:`loss_and_grads` with a :class:`HiddenLoss` instead of a per-token function:
+        returns loss, logp and entropy [N, S] of the sampled tokens (one forward-only pass of the
+        log-prob kernel, for the metrics) and each of ``hidden_loss.keys`` as [N, S]."""
+        N, S = tokens.shape
+        mbs = self._scoring(tokens, loss_mask, max_tokens, max_rows)
+        kw = self._kernel_kwargs(temperature)
+        vkw = self._vocab_kwargs(temperature)
+
+        def loss_func(mb, hidden):
+            h = self._scored_hidden(mb, hidden)
+            flat = mb.flat_index.to(h.device)
+            weight = self.output_weight()
+            with torch.no_grad():
+                logp, ent = kernels.linear_logprob_inference(h.detach(), weight.detach(), mb.targets.to(h.device),
+                                                             return_entropy=True, **kw)
+            acc = None
+            if grads is not None and hidden_loss.uses_grad_acc:
+                acc = grads.output_grad_acc(weight)
+                # on h, not on the loss: DDP's hook for the weight then runs after the kernel's
+                # backward, which may be where it adds dW into main_grad (kernels.full_vocab_gopd_loss)
+                h = grads.mark_output_grad(h, weight)
+            loss, per_token = hidden_loss(h, weight, flat, {**vkw, "grad_weight_acc": acc})
+            out = {"flat": flat, "loss": loss.detach().reshape(()).float(), "logp": logp.float(), "entropy": ent.float(),
+                   **{k: per_token[k].float() for k in hidden_loss.keys}}
+            return loss, torch.tensor(0, dtype=torch.int), out
+
+        return self._train(mbs, loss_func, ("logp", "entropy", *hidden_loss.keys), (N, S), grads)
+
+    @torch.no_grad()
+    def scored_hidden(self, tokens: torch.Tensor, loss_mask: torch.Tensor, max_tokens: int,
+                      max_rows: int | None = None) -> ScoredHidden | None:
+        """The final hidden states of this DP rank's scored positions of the batch (flat indices
+        into ITS [N * S]), in the model's dtype, on every TP rank of the last stage (None on the
+        other stages): what gopd_mega.model.transfer.deliver hands on."""
+        mbs = self._scoring(tokens, loss_mask, max_tokens, max_rows)
+
+        def loss_func(mb, hidden):
+            h = self._scored_hidden(mb, hidden)
+            return torch.zeros((), device=h.device), torch.tensor(0, dtype=torch.int), {
+                "flat": mb.flat_index.to(h.device), "hidden": h.detach()}
+
+        results = self._run_eval(mbs, loss_func)
+        if not self.groups.is_last_stage:
+            return None
+        dev, H = device(), self.cfg.hidden_size
+        if not results:
+            return ScoredHidden(torch.zeros(0, dtype=torch.long, device=dev),
+                                torch.zeros(0, H, dtype=DTYPES[self.cfg.params_dtype], device=dev))
+        flat = torch.cat([r["flat"] for r in results])
+        order = flat.argsort()
+        return ScoredHidden(flat[order], torch.cat([r["hidden"] for r in results])[order])
+
+    @torch.no_grad()
+    def top_k(self, tokens: torch.Tensor, loss_mask: torch.Tensor, k: int, temperature: float, max_tokens: int,
+              max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids [N, S, k] long, logp [N, S, k], target_logp [N, S]) fp32 CPU: the k most likely
+        next tokens at each scored position (loss_mask 1, j >= 1; else id -1, logp 0) and the
+        log-prob of the token there (gopd_mega.model.vocab.top_k_logprobs)."""
+        N, S = tokens.shape
+        mbs = self._scoring(tokens, loss_mask, max_tokens, max_rows)
+        vkw = self._vocab_kwargs(temperature)
+
+        def loss_func(mb, hidden):
+            h = self._scored_hidden(mb, hidden)
+            ids, lp, tgt = vocab.top_k_logprobs(h, self.output_weight(), mb.targets.to(h.device), k, **vkw)
+            out = {"flat": mb.flat_index.to(h.device), "ids": ids.float(), "logp": lp, "target": tgt}
+            return torch.zeros((), device=h.device), torch.tensor(0, dtype=torch.int), out
+
+        results = self._run_eval(mbs, loss_func)
+        for r in results:  # unscored positions stay 0 in the collected tensors: mark them id -1
+            r["ids"] = r["ids"] + 1
+        ids = self._collect(results, ("ids",), N * S, k)[0].view(N, S, k).cpu().long() - 1
+        lp = self._collect(results, ("logp",), N * S, k)[0].view(N, S, k).cpu()
+        tgt = self._collect(results, ("target",), N * S)[0].view(N, S).cpu()
+        return ids, lp, tgt
+
+    @torch.no_grad()
+    def logprobs_at(self, tokens: torch.Tensor, loss_mask: torch.Tensor, ids: torch.Tensor, temperature: float,
+                    max_tokens: int, max_rows: int | None = None) -> torch.Tensor:
+        """fp32 [N, S, K] CPU log p(ids[i, j, k] | tokens[i, :j]) at the scored positions (0
+        elsewhere and where an id is < 0)."""
+        N, S = tokens.shape
+        K = ids.shape[-1]
+        flat_ids = ids.reshape(N * S, K)
+        mbs = self._scoring(tokens, loss_mask, max_tokens, max_rows)
+        vkw = self._vocab_kwargs(temperature)
+
+        def loss_func(mb, hidden):
+            h = self._scored_hidden(mb, hidden)
+            lp = vocab.logprobs_at(h, self.output_weight(), flat_ids[mb.flat_index], **vkw)
+            out = {"flat": mb.flat_index.to(h.device), "logp": lp}
+            return torch.zeros((), device=h.device), torch.tensor(0, dtype=torch.int), out
+
+        results = self._run_eval(mbs, loss_func)
+        return self._collect(results, ("logp",), N * S, K)[0].view(N, S, K).cpu()
 
     @torch.no_grad()
     def next_token_logits(self, tokens: torch.Tensor, lengths: torch.Tensor, max_tokens: int) -> torch.Tensor:

@@ -4,7 +4,8 @@
     t_logp = teacher.logprobs(tokens, loss_mask, temperature)     # COLLECTIVE, like ShardedGPT
 
 Scoring is prefill-only (/generate with max_new_tokens 0, return_logprob, logprob_start_len 0;
-meta_info.input_token_logprobs, entry 0 null). Global rank 0 sends the requests and broadcasts
+meta_info.input_token_logprobs, entry 0 null); with top_logprobs_num k also the server's top-k per
+position (meta_info.input_top_logprobs: :meth:`ServerScorer.top_k_logprobs`, the top-k estimator). Global rank 0 sends the requests and broadcasts
 the result. Shapes as gopd_mega.models.ShardedGPT.logprobs: tokens [N, S] int64 right-padded,
 loss_mask [N, S] bool -> fp32 [N, S], entry [i, j] = log p(tokens[i, j] | tokens[i, :j]) at
 temperature T where loss_mask[i, j], 0 elsewhere. Row i is sent up to its last masked position.
@@ -25,12 +26,13 @@ log-probs, which do apply the temperature), so the check holds at any temperatur
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import torch
 
 from gopd_mega.rollout.collective import run_on_rank0
-from gopd_mega.rollout.sglang import require_unit_temperature
+from gopd_mega.rollout.sglang import SGLangError, require_unit_temperature, score_body
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,80 @@ class ServerScorer:
         require_unit_temperature(temperature, f"{self.name} served by SGLang")
         tokens, loss_mask = tokens.cpu(), loss_mask.cpu().bool()
         return run_on_rank0(lambda: self._score_rank0(tokens, loss_mask, temperature), f"{self.name} scoring")
+
+    def _top_k_rank0(self, tokens: torch.Tensor, loss_mask: torch.Tensor, k: int, temperature: float):
+        N, S = tokens.shape
+        ids, logp, target = torch.full((N, S, k), -1, dtype=torch.long), torch.zeros(N, S, k), torch.zeros(N, S)
+        lengths = [int(m.nonzero().max()) + 1 if m.any() else 0 for m in loss_mask]
+        rows = [i for i, n in enumerate(lengths) if n > 1]
+        seqs = [tokens[i, :lengths[i]].tolist() for i in rows]
+
+        async def job(server, chunk: list[int]):
+            sub = [seqs[r] for r in chunk]
+            if server.batched:
+                outputs = await server.acall("/generate", top_k_request(sub, k, batched=True))
+            else:  # a router: one request per sequence
+                outputs = await asyncio.gather(*[server.acall("/generate", top_k_request([q], k, batched=False))
+                                                 for q in sub])
+            return parse_top_k(outputs, sub, k, server.url)
+
+        for i, (t_ids, t_lp, t_tgt) in zip(rows, self.pool.dispatch(len(seqs), job, "top-k scoring")):
+            ids[i, :lengths[i]], logp[i, :lengths[i]], target[i, :lengths[i]] = t_ids, t_lp, t_tgt
+        scored = loss_mask.clone()
+        scored[:, 0] = False
+        ids[~scored] = -1
+        return ids, torch.where(scored[..., None], logp, torch.zeros(())), target * scored
+
+    def top_k_logprobs(self, tokens: torch.Tensor, loss_mask: torch.Tensor, k: int, temperature: float = 1.0, **_):
+        """COLLECTIVE. (ids [N, S, k] long, logp [N, S, k], target_logp [N, S]) on every rank, as
+        gopd_mega.models.ShardedGPT.top_k_logprobs: the server's k most likely tokens at each
+        scored position and the log-prob of the token there, from one prefill request per chunk
+        (:func:`top_k_request`); temperature 1 only, as :meth:`logprobs`."""
+        require_unit_temperature(temperature, f"{self.name} served by SGLang")
+        tokens, loss_mask = tokens.cpu(), loss_mask.cpu().bool()
+        return run_on_rank0(lambda: self._top_k_rank0(tokens, loss_mask, k, temperature), f"{self.name} top-k scoring")
+
+
+def top_k_request(sequences: list[list[int]], k: int, *, batched: bool) -> dict:
+    """The /generate body of prefill-only top-k scoring: the scoring body (sglang.score_body:
+    return_logprob, logprob_start_len 0, every input position) plus top_logprobs_num k."""
+    return {**score_body(sequences, batched=batched), "top_logprobs_num": int(k)}
+
+
+def parse_top_k(outputs, sequences: list[list[int]], k: int, url: str = "") -> list[tuple]:
+    """Each output's (ids [L, k] long, logp [L, k], target_logp [L]) for a sequence of L tokens.
+
+    SGLang (0.5.x, tokenizer_manager.add_logprob_to_meta_info with logprob_start_len 0) answers
+    ``meta_info.input_token_logprobs``: L entries [logprob, token_id, text|null], entry 0's logprob
+    null; ``meta_info.input_top_logprobs``: L entries, entry 0 null, entry t a list of [logprob,
+    token_id, text|null] for the next-token distribution after tokens[:t]. Fewer than k entries
+    (a small vocabulary) leave id -1, logp -inf; position 0 is all -1 / 0."""
+    if isinstance(outputs, dict):
+        outputs = [outputs]
+    if not isinstance(outputs, list) or len(outputs) != len(sequences):
+        raise SGLangError(f"SGLang {url}/generate (top-k scoring): expected {len(sequences)} outputs")
+    result = []
+    for n, (seq, out) in enumerate(zip(sequences, outputs)):
+        where = f"SGLang {url}/generate (top-k scoring) output {n}"
+        try:
+            tokens, top = out["meta_info"]["input_token_logprobs"], out["meta_info"]["input_top_logprobs"]
+        except (KeyError, TypeError) as exc:
+            raise SGLangError(f"{where}: missing field {exc} (does the server support top_logprobs_num?)") from None
+        L = len(seq)
+        if len(tokens) != L or len(top) != L:
+            raise SGLangError(f"{where}: {len(tokens)} token and {len(top)} top-k entries for {L} tokens")
+        ids = torch.full((L, k), -1, dtype=torch.long)
+        logp = torch.full((L, k), float("-inf"))
+        logp[0] = 0.0
+        target = torch.zeros(L)
+        for t in range(1, L):
+            if tokens[t][0] is None or top[t] is None or len(top[t]) > k:
+                raise SGLangError(f"{where}: position {t} has no log-prob or more than {k} top entries")
+            target[t] = float(tokens[t][0])
+            for c, entry in enumerate(top[t]):
+                logp[t, c], ids[t, c] = float(entry[0]), int(entry[1])
+        result.append((ids, logp, target))
+    return result
 
 
 def scoring_gap(server_logp: torch.Tensor, trainer_logp: torch.Tensor, loss_mask: torch.Tensor) -> tuple[float, float]:
