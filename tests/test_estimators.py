@@ -213,11 +213,13 @@ def test_estimator_config_is_validated(dirs, tmp_path):
     with pytest.raises(ConfigError, match=r"'teachers\[0\].server'.*hidden states"):
         _cfg(dirs, tmp_path, 1.0, "full_vocab", **{"teachers.0.server": "http://127.0.0.1:1"})
     with pytest.raises(ConfigError, match="'objective.reference_server'"):
-        _cfg(dirs, tmp_path, 1.25, "top_k", **{"objective.reference_server": "http://127.0.0.1:1"})
+        _cfg(dirs, tmp_path, 1.25, "top_k", **{"objective.reference_server": "http://127.0.0.1:1",
+                                               "rollout.temperature": 1.0})
     with pytest.raises(ConfigError, match="'objective.estimator'.*GRPO"):
         _run_cfg(dirs, tmp_path, 1, **{"objective.kind": "grpo", "objective.estimator": "full_vocab", "teachers": "[]",
                                        "rollout.samples_per_prompt": 2})
-    assert _cfg(dirs, tmp_path, 1.0, "top_k", **{"teachers.0.server": "http://127.0.0.1:1"}).objective.estimator == "top_k"
+    served = {"teachers.0.server": "http://127.0.0.1:1", "rollout.temperature": 1.0}  # served models score at T = 1
+    assert _cfg(dirs, tmp_path, 1.0, "top_k", **served).objective.estimator == "top_k"
     assert _run_cfg(dirs, tmp_path, 1).objective.estimator == "sampled"
 
 
