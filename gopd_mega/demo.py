@@ -57,10 +57,11 @@ from gopd_mega.config import (
     to_dict,
 )
 from gopd_mega.data import synthetic
-from gopd_mega.data.prompts import PromptDataset
+from gopd_mega.data.prompts import PromptDataset, sft_batch
 from gopd_mega.data.tokenizer import CharTokenizer
 from gopd_mega.evaluation import evaluate_modes
 from gopd_mega.model_io import is_model_dir, save_model_dir
+from gopd_mega.oracle import per_token_target, sequence_target
 from gopd_mega.rollout.embedded import EmbeddedEngine
 from gopd_mega.run import build_model, build_models, build_student_optimizer, report, synthetic_evaluator, synthetic_reward
 from gopd_mega.sft import train_sft
@@ -133,6 +134,26 @@ class StrongToWeak:
 
 
 @dataclass
+class OracleConfig:
+    """The exact targets beside the students (gopd_mega/oracle.py), per seed, lambda and domain."""
+
+    enabled: bool = True
+    """Compute the targets (per-token on every evaluated prompt; sequence-level on a few)."""
+    lambdas: list[float] = field(default_factory=lambda: [1.0, 1.25, 1.5, 2.0, 3.0])
+    """Reward scales to compute the targets at (the distilled ones are added): beyond them, the
+    extrapolation cliff."""
+    sequence_prompts: int = 16
+    """Held-out prompts per domain for the sequence-level target (0: not computed)."""
+    beam: int = 128
+    """Prefixes kept per depth of the response tree (oracle.sequence_target): the enumerated Z is a
+    lower bound, so the sequence-level accuracy shown is an upper bound."""
+
+    def validate(self, where: str) -> None:
+        if self.sequence_prompts < 0 or self.beam < 1 or any(not (lam >= 0) for lam in self.lambdas):
+            raise ConfigError(f"config field '{where}': need sequence_prompts >= 0, beam >= 1, lambdas >= 0")
+
+
+@dataclass
 class DemoConfig:
     """The demo experiment."""
 
@@ -166,6 +187,8 @@ class DemoConfig:
     """Held-out evaluation."""
     strong_to_weak: StrongToWeak = field(default_factory=StrongToWeak)
     """Only for ``--strong-to-weak``."""
+    oracle: OracleConfig = field(default_factory=OracleConfig)
+    """The exact per-token and sequence-level targets, reported beside the students."""
 
     def validate(self) -> "DemoConfig":
         self.model.validate("model")
@@ -174,6 +197,7 @@ class DemoConfig:
         self.base.validate("base")
         self.teacher.validate("teacher")
         self.strong_to_weak.validate("strong_to_weak")
+        self.oracle.validate("oracle")
         if self.workers < 0:
             raise ConfigError(f"config field 'workers': must be >= 0 (0: one per CPU), got {self.workers}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -189,6 +213,11 @@ class DemoConfig:
 
 def system_name(lam: float) -> str:
     return ("OPD" if lam == 1.0 else "ExOPD" if lam > 1 else "G-OPD") + f" (lam={lam:g})"
+
+
+def _s2w_name(lam: float, reference: str) -> str:
+    """A strong-to-weak student's system name: lambda and which reference it was distilled against."""
+    return f"{system_name(lam)}, ref = {REFERENCE_NAMES[reference]}"
 
 
 # ----------------------------------------------------------------------------- phases
@@ -284,6 +313,52 @@ def _evaluate_dir(cfg: DemoConfig, model_cfg: ModelConfig, path: Path, held_out:
             for mode, r in results.items()}
 
 
+def _oracle(cfg: DemoConfig, teachers: dict[str, tuple[ModelConfig, Path]], reference: tuple[ModelConfig, Path],
+            lambdas: list[float], held_out: dict[str, list[dict]], tokenizer) -> dict:
+    """The exact targets of distilling ``teachers`` (domain -> architecture, directory) against
+    ``reference`` at each lambda (gopd_mega.oracle), per held-out domain, every prompt routed to its
+    domain's teacher: the per-token target's expected accuracy and mean log Z_t on the evaluated
+    prompts, and on the first ``oracle.sequence_prompts`` of them the sequence-level target's
+    accuracy (an upper bound), its log Z (a lower bound) and the beam's coverage. Keys: f"{lam:g}"."""
+    oc, temp = cfg.oracle, cfg.rollout.temperature
+    ref = build_model(dataclasses.replace(reference[0], load=str(reference[1])), trainable=False, name="oracle reference")
+    keys = {lam: f"{lam:g}" for lam in lambdas}
+    out: dict = {k: {} for k in ("per_token", "per_token_log_z", "sequence_upper", "sequence_log_z", "coverage_teacher",
+                                  "coverage_reference", "sequence_exact")}
+    for name in ("per_token", "per_token_log_z", "sequence_upper", "sequence_log_z"):
+        out[name] = {keys[lam]: {} for lam in lambdas}
+    for domain, records in held_out.items():
+        arch, path = teachers[domain]
+        teacher = build_model(dataclasses.replace(arch, load=str(path)), trainable=False, name=f"oracle teacher {domain}")
+        records = records[:cfg.eval.max_prompts]
+        pairs = [{"prompt": r[cfg.data.prompt_field], "answer": synthetic.answer(domain, r[cfg.data.prompt_field])}
+                 for r in records]
+        tokens, mask = sft_batch(pairs, tokenizer, None)
+        tok = per_token_target(teacher, ref, tokens, mask, lambdas, temp)
+        for lam in lambdas:
+            out["per_token"][keys[lam]][domain] = tok.accuracy(lam)
+            out["per_token_log_z"][keys[lam]][domain] = float(tok.mean_log_z[lam].mean())
+        n = min(oc.sequence_prompts, len(pairs))
+        if n:
+            bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+            prompts = [bos + list(tokenizer.encode(p["prompt"])) for p in pairs[:n]]
+            answers = [list(tokenizer.encode(p["answer"])) + [tokenizer.eos_id] for p in pairs[:n]]
+            seq = sequence_target(teacher, ref, prompts, answers, lambdas, stop_ids=tokenizer.stop_ids,
+                                  max_new_tokens=cfg.rollout.max_new_tokens, beam=oc.beam, temperature=temp)
+            for lam in lambdas:
+                out["sequence_upper"][keys[lam]][domain] = seq.accuracy_upper(lam)
+                out["sequence_log_z"][keys[lam]][domain] = seq.mean_log_z(lam)
+            out["coverage_teacher"][domain] = float(seq.coverage_teacher.mean())
+            out["coverage_reference"][domain] = float(seq.coverage_reference.mean())
+            out["sequence_exact"][domain] = float(seq.exact.double().mean())
+    out["sequence_prompts"], out["beam"] = oc.sequence_prompts, oc.beam
+    return out
+
+
+def _oracle_lambdas(cfg: DemoConfig, distilled: list[float]) -> list[float]:
+    return sorted(set(cfg.oracle.lambdas) | set(distilled) | {1.0})
+
+
 def _curves(train_dir: Path, keys: list[str]) -> dict[str, list[float]]:
     """Per-step training metrics from a run's metrics.jsonl (what the plot draws)."""
     path = train_dir / "metrics.jsonl"
@@ -341,8 +416,13 @@ def merge_seed(cfg: DemoConfig, seed: int) -> dict:
         curves[name] = _curves(run_dir / "train", [f"reverse_kl/{d}" for d in cfg.data.domains])
     # 4. evaluation
     systems = {"base student": sd / "base", **{f"teacher '{d}'": p for d, p in teachers.items()}, **students}
-    return {"eval": {name: _evaluate_dir(cfg, cfg.model, path, held_out, tokenizer) for name, path in systems.items()},
-            "curves": curves}
+    result = {"eval": {name: _evaluate_dir(cfg, cfg.model, path, held_out, tokenizer) for name, path in systems.items()},
+              "curves": curves}
+    if cfg.oracle.enabled:  # 5. the exact targets each lambda trains towards (reference = the base)
+        arch = {d: (cfg.model, p) for d, p in teachers.items()}
+        result["oracle"] = {"base": _oracle(cfg, arch, (cfg.model, sd / "base"), _oracle_lambdas(cfg, cfg.lambdas),
+                                            held_out, tokenizer)}
+    return result
 
 
 def strong_to_weak_seed(cfg: DemoConfig, seed: int) -> dict:
@@ -362,7 +442,7 @@ def strong_to_weak_seed(cfg: DemoConfig, seed: int) -> dict:
     teachers, curves = _grpo_teachers(cfg, sd / "teacher_base", train_records, tokenizer, sd, seed, " (large)")
     students = {}
     for ref in s2w.references:
-        name = f"{system_name(s2w.lam)}, ref = " + ("student initial" if ref == "student_initial" else "teacher pre-RL base")
+        name = _s2w_name(s2w.lam, ref)
         reference = "initial" if ref == "student_initial" else str(sd / "teacher_base")
         run_dir = sd / f"s2w_{ref}"
         students[name] = _distill(cfg, dataclasses.replace(small, load=str(sd / "student_base")), teachers, s2w.lam,
@@ -371,8 +451,14 @@ def strong_to_weak_seed(cfg: DemoConfig, seed: int) -> dict:
     systems = {"student base (small)": (small, sd / "student_base"), "teacher base (large)": (cfg.model, sd / "teacher_base"),
                **{f"teacher '{d}' (large)": (cfg.model, p) for d, p in teachers.items()},
                **{k: (small, v) for k, v in students.items()}}
-    return {"eval": {name: _evaluate_dir(cfg, m, path, held_out, tokenizer) for name, (m, path) in systems.items()},
-            "curves": curves}
+    result = {"eval": {name: _evaluate_dir(cfg, m, path, held_out, tokenizer) for name, (m, path) in systems.items()},
+              "curves": curves}
+    if cfg.oracle.enabled:  # does the reference choice move the target?
+        arch = {d: (cfg.model, p) for d, p in teachers.items()}
+        refs = {"student_initial": (small, sd / "student_base"), "teacher_base": (cfg.model, sd / "teacher_base")}
+        result["oracle"] = {r: _oracle(cfg, arch, refs[r], _oracle_lambdas(cfg, [s2w.lam]), held_out, tokenizer)
+                            for r in s2w.references}
+    return result
 
 
 SEED_JOBS = {"merge": merge_seed, "strong_to_weak": strong_to_weak_seed}
@@ -475,6 +561,12 @@ def run_seeds(cfg: DemoConfig, kind: str) -> dict:
     first_student = next(n for n in runs[str(cfg.seeds[0])] if n.startswith(("OPD", "ExOPD", "G-OPD")))
     doc = summarise(cfg.data.domains, runs, baseline="OPD (lam=1)" if kind == "merge" else first_student)
     doc.update(curves=curves, wall_s=time.perf_counter() - t_start, kind=kind, workers=workers)
+    oracles = {s: r["oracle"] for s, r in per_seed.items() if "oracle" in r}
+    if len(oracles) == len(per_seed):
+        students = ({("base", float(lam)): system_name(lam) for lam in cfg.lambdas} if kind == "merge" else
+                    {(ref, float(cfg.strong_to_weak.lam)): _s2w_name(cfg.strong_to_weak.lam, ref)
+                     for ref in cfg.strong_to_weak.references})
+        doc["oracle"] = summarise_oracle(cfg.data.domains, oracles, runs, students)
     write_results(out, doc)
     return doc
 
@@ -524,6 +616,76 @@ def summarise(domains: list[str], runs: dict[str, dict], baseline: str) -> dict:
             "baseline": baseline, "paired": paired}
 
 
+REFERENCE_NAMES = {"base": "the base", "student_initial": "student initial", "teacher_base": "teacher pre-RL base"}
+
+
+def summarise_oracle(domains: list[str], per_seed: dict[str, dict], runs: dict[str, dict], students: dict) -> dict:
+    """Per reference and lambda, mean +- std over seeds (accuracy in points) of the per-token
+    target, the student's attainment (its exact accuracy minus that target, where a student was
+    distilled at that lambda against that reference: ``students[(reference, lam)]`` = its system
+    name), the sequence-level target (upper bound) and the mean log Z's. ``per_seed[seed][reference]``
+    is :func:`_oracle`'s output."""
+    seeds = list(per_seed)
+    first = per_seed[seeds[0]]
+    out: dict = {}
+    for ref, o in first.items():
+        rows = {}
+        for lam in o["per_token"]:
+            def points(key, seed, d=None):
+                vals = per_seed[seed][ref][key][lam]
+                return 100 * (vals[d] if d else statistics.fmean(vals[x] for x in domains))
+
+            row = {"per_token": {d: mean_std([points("per_token", k, d if d != "avg" else None) for k in seeds])
+                                 for d in domains + ["avg"]},
+                   "per_token_log_z": mean_std([statistics.fmean(per_seed[k][ref]["per_token_log_z"][lam][d] for d in domains)
+                                                for k in seeds])}
+            if o["sequence_upper"][lam]:
+                row["sequence_upper"] = mean_std([points("sequence_upper", k) for k in seeds])
+                row["sequence_log_z"] = mean_std([statistics.fmean(per_seed[k][ref]["sequence_log_z"][lam][d]
+                                                                   for d in domains) for k in seeds])
+            student = students.get((ref, float(lam)))
+            if student is not None:
+                row["student"] = student
+                row["attainment"] = mean_std([
+                    100 * statistics.fmean(runs[k][student]["exact"][d]["accuracy"] for d in domains)
+                    - points("per_token", k) for k in seeds])
+            rows[lam] = row
+        coverage = {m: mean_std([statistics.fmean(per_seed[k][ref][f"coverage_{m}"].values()) for k in seeds])
+                    for m in ("teacher", "reference") if o[f"coverage_{m}"]}
+        out[ref] = {"lambdas": rows, "coverage": coverage, "sequence_prompts": o["sequence_prompts"], "beam": o["beam"]}
+    return out
+
+
+def oracle_table(doc: dict) -> str:
+    """The targets beside the students, one table per reference (see summarise_oracle)."""
+    domains = doc["domains"]
+    blocks = []
+    for ref, o in doc.get("oracle", {}).items():
+        head = (["lambda"] + [f"per-token target {d}" for d in domains + ["avg"]]
+                + ["student − per-token target (avg)", f"sequence-level target ≤ (avg, {o['sequence_prompts']} prompts/domain)",
+                   "mean log Z_t (per token)", "mean log Z(x) ≥ (sequence)"])
+        lines = [f"Targets with reference = {REFERENCE_NAMES.get(ref, ref)} (exact; accuracy %, mean ± std over seeds)", "",
+                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+        def cell(x, signed=False, digits=1):
+            return "—" if x is None else f"{x['mean']:{'+' if signed else ''}.{digits}f} ± {x['std']:.{digits}f}"
+
+        for lam, row in o["lambdas"].items():
+            lines.append("| " + " | ".join(
+                [lam] + [cell(row["per_token"][d]) for d in domains + ["avg"]]
+                + [cell(row.get("attainment"), signed=True), cell(row.get("sequence_upper")),
+                   cell(row["per_token_log_z"], digits=3), cell(row.get("sequence_log_z"), digits=3)]) + " |")
+        cov = o["coverage"]
+        if cov:
+            lines.append("")
+            lines.append(f"Sequence-level target: a beam of {o['beam']} prefixes per depth enumerated responses holding "
+                         f"{100 * cov['teacher']['mean']:.2f}% of the teacher's and {100 * cov['reference']['mean']:.2f}% of "
+                         "the reference's probability (mean over prompts and seeds); the enumerated Z is a lower bound, so "
+                         "the accuracy shown is an upper bound and log Z(x) a lower bound.")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def results_table(doc: dict) -> str:
     domains, modes = doc["domains"], doc["modes"]
     cols = list(domains) + ["avg"]
@@ -566,6 +728,32 @@ def conclusions(doc: dict) -> list[str]:
                 if s.startswith(("OPD", "ExOPD", "G-OPD")):
                     gaps = ", ".join(f"{d} {summ[s][m][d]['mean'] - best[d]:+.1f}" for d in doc["domains"])
                     lines.append(f"{s} vs the best teacher per domain ({m}): {gaps} points")
+    lines += _oracle_conclusions(doc)
+    return lines
+
+
+def _oracle_conclusions(doc: dict) -> list[str]:
+    """The targets in words: headroom of each lambda over lambda = 1, attainment, the sequence-level bound."""
+    lines = []
+    n = len(doc["seeds"])
+    for ref, o in doc.get("oracle", {}).items():
+        rows = o["lambdas"]
+        base = rows.get("1")
+        for lam, row in rows.items():
+            where = f"reference = {REFERENCE_NAMES.get(ref, ref)}, lambda {lam}"
+            if base is not None and lam != "1":
+                d = mean_std([a - b for a, b in zip(row["per_token"]["avg"]["values"], base["per_token"]["avg"]["values"])])
+                lines.append(f"{where}: the per-token target's avg exact accuracy is {row['per_token']['avg']['mean']:.1f}, "
+                             f"{d['mean']:+.1f} ± {d['std']:.1f} points from lambda 1's (paired over {n} seeds): the "
+                             "headroom a student trained at this lambda can have")
+            if "attainment" in row:
+                a = row["attainment"]
+                lines.append(f"{where}: {row['student']} ends {a['mean']:+.1f} ± {a['std']:.1f} points from its "
+                             "per-token target (avg exact)")
+            if "sequence_upper" in row and base is not None and "sequence_upper" in base and lam != "1":
+                lines.append(f"{where}: the sequence-level target's avg accuracy is at most "
+                             f"{row['sequence_upper']['mean']:.1f} (lambda 1: {base['sequence_upper']['mean']:.1f}), "
+                             f"mean log Z(x) >= {row['sequence_log_z']['mean']:.2f} nats")
     return lines
 
 
@@ -587,7 +775,9 @@ def write_results(out: Path, doc: dict) -> None:
     n = len(doc["seeds"])
     title = f"Held-out accuracy (%), mean ± std over {n} seed{'s' * (n > 1)} ({', '.join(doc['seeds'])})"
     legend = "; ".join(f"{m}: {MODE_NOTES[m]}" for m in doc["modes"] if m in MODE_NOTES)
-    text = (title + "\n\n" + table + "\n\n" + legend + "\n\n" + "\n".join(f"- {c}" for c in doc["conclusions"]) + "\n")
+    oracle = oracle_table(doc)
+    text = (title + "\n\n" + table + "\n\n" + legend + "\n\n" + (oracle + "\n\n" if oracle else "")
+            + "\n".join(f"- {c}" for c in doc["conclusions"]) + "\n")
     (out / "results.md").write_text(text + f"\nwall time {doc['wall_s']:.0f}s\n")
     _plot(out / "results.png", doc)
     print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'} (wall {doc['wall_s']:.0f}s)", flush=True)

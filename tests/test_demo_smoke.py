@@ -13,7 +13,8 @@ from gopd_mega.demo import DemoConfig, mean_std, run_demo, summarise
 
 TINY = ["model.num_layers=1", "model.hidden_size=32", "model.ffn_hidden_size=64", "base.steps=3", "teacher.steps=2",
         "teacher.prompts_per_step=4", "train.steps=2", "train.prompts_per_step=8", "data.num_train=64",
-        "data.num_eval=8", "eval.max_prompts=8", "train.progress=false", "train.eval_every=1", "seeds=[0, 1]"]
+        "data.num_eval=8", "eval.max_prompts=8", "train.progress=false", "train.eval_every=1", "seeds=[0, 1]",
+        "oracle.sequence_prompts=2", "oracle.beam=4"]
 
 
 def test_demo_pipeline_smoke(tmp_path):
@@ -55,6 +56,21 @@ def test_demo_pipeline_smoke(tmp_path):
     assert "| ExOPD (lam=1.25) |" in md and "− OPD (lam=1), paired" in md and "±" in md
     assert "ExOPD (lam=1.25) − base student on exact avg accuracy" in md
     assert (out / "results.png").stat().st_size > 1000
+    # the targets: at lambda 1 the per-token target IS the routed teacher, so its accuracy is that
+    # teacher's exact accuracy on its own domain; every lambda asked has a row, the distilled ones
+    # an attainment (student minus target); the tables are printed
+    oracle = doc["oracle"]["base"]
+    assert list(oracle["lambdas"]) == ["1", "1.25", "1.5", "2", "3"]
+    for d in domains:
+        teacher_exact = doc["summary"][f"teacher '{d}'"]["exact"][d]["values"]
+        assert oracle["lambdas"]["1"]["per_token"][d]["values"] == pytest.approx(teacher_exact, abs=1e-3)
+    assert oracle["lambdas"]["1"]["per_token_log_z"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert {lam for lam, row in oracle["lambdas"].items() if "attainment" in row} == {"1", "1.25", "1.5"}
+    opd = doc["summary"]["OPD (lam=1)"]["exact"]["avg"]["values"]
+    target = oracle["lambdas"]["1"]["per_token"]["avg"]["values"]
+    assert oracle["lambdas"]["1"]["attainment"]["values"] == pytest.approx([a - b for a, b in zip(opd, target)])
+    assert all(0 < oracle["coverage"][m]["mean"] <= 1 for m in ("teacher", "reference"))
+    assert "Targets with reference = the base" in md and "per-token target" in md
     # periodic held-out evaluation ran inside the distillation loop
     evals = [json.loads(x) for x in (out / "seed0" / "gopd_lam1" / "train" / "metrics.jsonl").read_text().splitlines()]
     assert any(r["phase"] == "eval" and "eval/greedy/mean_acc" in r and "eval/exact/mean_acc" in r for r in evals)
