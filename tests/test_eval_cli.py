@@ -31,6 +31,15 @@ def test_bad_arguments(tmp_path):
     assert r.returncode == 2 and "no such folder" in r.stderr
     r = _cli("--model", tmp_path, "--bench", f"aime24={FIX / 'aime24.jsonl'}", "--out", tmp_path / "o")
     assert r.returncode == 2 and "no Hugging Face tokenizer" in r.stderr
+    bench = f"aime24={FIX / 'aime24.jsonl'}"
+    r = _cli("--model", tmp_path, "--bench", bench, "--out", tmp_path / "o", "--oracle-teacher", tmp_path)
+    assert r.returncode == 2 and "--oracle-teacher and --oracle-reference go together" in r.stderr
+    r = _cli("--model", tmp_path, "--bench", bench, "--out", tmp_path / "o", "--oracle-teacher", tmp_path,
+             "--oracle-reference", tmp_path / "nope")
+    assert r.returncode == 2 and "--oracle-reference" in r.stderr and "no such folder" in r.stderr
+    r = _cli("--model", tmp_path, "--bench", bench, "--out", tmp_path / "o", "--oracle-teacher", tmp_path,
+             "--oracle-reference", tmp_path, "--oracle-lambdas", "1,nan")
+    assert r.returncode == 2 and "--oracle-lambdas: need finite lambdas >= 0" in r.stderr
 
 
 def _tiny_model_with_byte_tokenizer(directory: Path) -> Path:
@@ -68,3 +77,27 @@ def test_end_to_end_tiny_hf_model(tmp_path):
     assert "| aime24 | 3 | 2 |" in (out / "results.md").read_text()
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert "| livecodebench | 2 | 2 |" in r.stdout
+
+
+@pytest.mark.slow
+def test_oracle_rows_on_reference_answers(tmp_path):
+    """--oracle-teacher/--oracle-reference: with reference = the evaluated model, the lambda-0 target
+    is that model, so its answer log-probability equals the model's own and its log Z_t is 0; at
+    lambda 1 log Z_t is 0 too (the target is the teacher, another random model)."""
+    from gopd_mega.hf.testing import tiny_hf_model
+
+    model = _tiny_model_with_byte_tokenizer(tmp_path / "model")
+    teacher = tmp_path / "teacher"
+    tiny_hf_model("llama", teacher, seed=7, vocab_size=259, max_position_embeddings=512)
+    out = tmp_path / "out"
+    r = _cli("--model", model, "--bench", f"aime24={FIX / 'aime24.jsonl'}", "--samples-math", 1, "--max-new-tokens", 2,
+             "--no-chat-template", "--out", out, "--oracle-teacher", teacher, "--oracle-reference", model,
+             "--oracle-lambdas", "0,1,1.5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads((out / "results.json").read_text())["oracle"]["benchmarks"]["aime24"]
+    assert row["problems"] == 3 and set(row["targets"]) == {"0", "1", "1.5"}
+    assert row["targets"]["0"]["log_prob"] == pytest.approx(row["model"]["log_prob"], abs=1e-3)
+    assert abs(row["targets"]["0"]["mean_log_z"]) < 1e-6 and abs(row["targets"]["1"]["mean_log_z"]) < 1e-6
+    assert row["targets"]["1"]["log_prob"] != pytest.approx(row["model"]["log_prob"], abs=1e-2)
+    assert row["targets"]["1.5"]["mean_log_z"] > 0  # Hoelder: sum pT^lam pref^(1-lam) >= 1 for lam > 1
+    assert "target lam 1.5" in (out / "results.md").read_text() and "target lam 1.5" in r.stdout

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--math-workers", type=int, default=4, help="math grading processes")
     p.add_argument("--code-workers", type=int, default=4, help="programs run in parallel")
     p.add_argument("--code-timeout-s", type=float, default=6.0, help="wall time per code test")
+    p.add_argument("--oracle-teacher", help="a teacher's model folder: also report the per-token G-OPD target "
+                   "(gopd_mega.eval.targets) on each benchmark's reference answers, with --oracle-reference")
+    p.add_argument("--oracle-reference", help="the reference's model folder (pi_ref) for --oracle-teacher")
+    p.add_argument("--oracle-lambdas", default="1,1.25,1.5", help="reward scales of the targets, comma-separated")
     p.add_argument("--no-isolation", action="store_true",
                    help="run generated code WITHOUT network/mount/pid namespaces (only rlimits, session, temp dir)")
     return p
@@ -93,6 +97,50 @@ def build_engine(args, tokenizer):
     return EmbeddedEngine(model, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids)
 
 
+def _oracle_args(args, parser) -> list[float]:
+    """The lambdas of the oracle rows ([] without --oracle-teacher); one-line errors for bad ones."""
+    if (args.oracle_teacher is None) != (args.oracle_reference is None):
+        parser.error("--oracle-teacher and --oracle-reference go together (the target needs both models)")
+    if args.oracle_teacher is None:
+        return []
+    for flag, path in (("--oracle-teacher", args.oracle_teacher), ("--oracle-reference", args.oracle_reference)):
+        if not Path(path).is_dir():
+            parser.error(f"{flag} {path}: no such folder")
+    if args.engine != "embedded":
+        parser.error("--oracle-teacher scores the answers in this process: use --engine embedded")
+    try:
+        lams = [float(x) for x in args.oracle_lambdas.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--oracle-lambdas must be comma-separated numbers, got {args.oracle_lambdas!r}")
+    if not lams or any(not (lam >= 0 and lam < float("inf")) for lam in lams):
+        parser.error(f"--oracle-lambdas: need finite lambdas >= 0, got {args.oracle_lambdas!r}")
+    return lams
+
+
+def oracle_rows(args, engine, tokenizer, loaded, lambdas: list[float]) -> dict[str, dict]:
+    """Per benchmark with reference answers, gopd_mega.eval.targets.answer_targets; a benchmark
+    without them (code) is named on stdout as not computed."""
+    from gopd_mega.config import ModelConfig
+    from gopd_mega.eval.targets import answer_targets
+    from gopd_mega.run import build_model
+
+    teacher = build_model(ModelConfig(load=args.oracle_teacher, params_dtype=args.dtype), trainable=False, name="oracle teacher")
+    reference = build_model(ModelConfig(load=args.oracle_reference, params_dtype=args.dtype), trainable=False,
+                            name="oracle reference")
+    sizes = {"--model": engine.model.cfg.vocab_size, "--oracle-teacher": teacher.cfg.vocab_size,
+             "--oracle-reference": reference.cfg.vocab_size}
+    if len(set(sizes.values())) > 1:
+        raise SystemExit(f"gopd-eval: error: the oracle needs one vocabulary, got vocab_size {sizes}")
+    rows = {}
+    for bench in loaded:
+        if not all("answer" in r for r in bench.records):
+            print(f"{bench.name}: oracle not computed (no reference answer per problem)", flush=True)
+            continue
+        rows[bench.name] = answer_targets(engine.model, teacher, reference, tokenizer, bench.records, lambdas,
+                                          temperature=args.temperature, chat_template=not args.no_chat_template)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -104,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--pass-k must be comma-separated integers, got {args.pass_k!r}")
     if not Path(args.model).is_dir():
         parser.error(f"--model {args.model}: no such folder")
+    oracle_lambdas = _oracle_args(args, parser)
     from gopd_mega.verify.code import CodeVerifier
     from gopd_mega.verify.math import MathVerifier
     from gopd_mega.verify.sandbox import IsolationUnavailable, SandboxLimits, require_isolation
@@ -140,12 +189,23 @@ def main(argv: list[str] | None = None) -> None:
             res = evaluate_benchmark(engine, tokenizer, bench, settings, pass_ks)
             results.append(res)
             print(f"{bench.name}: " + ", ".join(f"{k}={100 * v:.1f}" for k, v in res.scores.items()), flush=True)
+        oracle = oracle_rows(args, engine, tokenizer, loaded, oracle_lambdas) if oracle_lambdas else {}
     finally:
         engine.close()
         math_verifier.close()
-    write_report(results, args.out, title=f"gopd-eval: {args.model}",
-                 extra={"model": args.model, "engine": args.engine, "benchmarks_files": benches})
+    extra = {"model": args.model, "engine": args.engine, "benchmarks_files": benches}
+    if oracle_lambdas:
+        from gopd_mega.eval.targets import NOTE, markdown
+
+        extra["oracle"] = {"teacher": args.oracle_teacher, "reference": args.oracle_reference, "note": NOTE,
+                           "benchmarks": oracle}
+    paths = write_report(results, args.out, title=f"gopd-eval: {args.model}", extra=extra)
     sys.stdout.write(markdown_table(results, title=f"gopd-eval: {args.model}"))
+    if oracle_lambdas:
+        table = markdown(oracle)
+        with open(paths["markdown"], "a") as fh:
+            fh.write("\n" + table)
+        sys.stdout.write("\n" + table)
 
 
 if __name__ == "__main__":
