@@ -28,6 +28,7 @@ import random
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 from gopd_mega.config import ConfigError, RunConfig, load_config
@@ -158,6 +159,10 @@ def train(cfg: RunConfig) -> Distiller:
     return distiller
 
 
+REPORTER_GRACE_S = 30.0
+"""How long a rank that does not print a user error waits before exiting (see main)."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message alone tells the user what to fix (no traceback needed)."""
     from gopd_mega.hf.families import UnsupportedCheckpoint
@@ -200,6 +205,10 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(exc, user_errors()):
             report_user_error(exc)
             mark_failed(_one_line(exc), printed=report_here(exc))
+            if not report_here(exc) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                # The reporting rank meets the same error; were this rank to exit first, torchrun
+                # would stop the reporter before it printed. It stops this one when the reporter exits.
+                time.sleep(REPORTER_GRACE_S)
             _exit(EXIT_ERROR)
         if not is_collective_failure(exc):
             raise

@@ -67,6 +67,17 @@ def test_user_error_is_one_line_with_exit_code_2(recipe, tmp_path):  # noqa: F81
     assert set(codes.values()) <= {"2", "-15"}, output
 
 
+def test_user_error_is_printed_when_another_rank_meets_it_first(recipe, tmp_path):  # noqa: F811
+    """Rank 0 (the one that prints) starts 3 s late: rank 1 meets the config error first and must
+    not exit before rank 0 has printed it (torchrun would stop rank 0 first: no line at all)."""
+    slow = REPO / "tests" / "fixtures" / "slow_rank0"
+    proc = torchrun(recipe, tmp_path / "run", "optim.lr=.nan", PYTHONPATH=f"{slow}{os.pathsep}{REPO}")
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    assert ours(output) == ["gopd-train: error: config field 'optim.lr': must be a finite number, got nan"], output
+    assert exit_codes(output).get(0) == "2", output  # rank 0 reported and left with the user-error code
+
+
 def test_signal_to_one_rank_stops_both_with_one_checkpoint(recipe, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     proc = torchrun(recipe, out)
