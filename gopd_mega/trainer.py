@@ -13,7 +13,7 @@
 With ``objective.kind: grpo`` the same loop does RL from a verifier instead (how the paper makes
 its domain teachers): no teachers; each prompt is sampled ``samples_per_prompt`` times, every
 response gets ``reward(prompt, response_ids)``, the group-normalised advantage is broadcast to its
-tokens and trained with the same clipped, IS-weighted, aggregated loss (objective.grpo_token_loss).
+tokens and trained with the same clipped, IS-weighted, aggregated loss (objective.advantage_token_loss).
 
 SPMD: every rank runs this loop and holds the whole (small) rollout batch as token ids (one global
 batch: a server engine is driven by rank 0 and its batch broadcast, see rollout/coordinator.py); each
@@ -35,7 +35,7 @@ from gopd_mega.config import RunConfig, to_dict
 from gopd_mega.failures import StopRequested, StopSignals, TrainingError, on_rank0
 from gopd_mega.metrics import MetricsLogger, is_rank0
 from gopd_mega.model.distill import FullVocabLoss, TopK, TopKLoss
-from gopd_mega.objective import grpo_advantage, grpo_token_loss, gopd_token_loss, k3_kl, token_metrics, token_weights
+from gopd_mega.objective import grpo_advantage, advantage_token_loss, gopd_token_loss, k3_kl, token_metrics, token_weights
 from gopd_mega.rollout.base import RolloutBatch
 from gopd_mega.rollout.coordinator import RolloutCoordinator, Sampling
 from gopd_mega.rollout.servers import startup_checks
@@ -109,7 +109,7 @@ def gopd_loss_builder(
     return token_loss
 
 
-def grpo_loss_builder(
+def advantage_loss_builder(
     advantage: torch.Tensor,
     ref_logp: torch.Tensor | None,
     sampler_logp: torch.Tensor,
@@ -127,7 +127,7 @@ def grpo_loss_builder(
 
     def token_loss(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         idx = idx.cpu()
-        loss, _ = grpo_token_loss(logp, advantage=a[idx].to(logp), ref_logp=None if r is None else r[idx].to(logp),
+        loss, _ = advantage_token_loss(logp, advantage=a[idx].to(logp), ref_logp=None if r is None else r[idx].to(logp),
                                   sampler_logp=q[idx].to(logp), old_logp=None if o is None else o[idx].to(logp),
                                   settings=settings)
         return loss * w[idx].to(logp)
@@ -479,11 +479,11 @@ class Distiller:
 
         def loss_fn_for(rows, weights, old):
             ref = None if ref_logp is None else ref_logp[rows]
-            return grpo_loss_builder(advantage[rows], ref, batch.sampler_logp[rows], weights, s, old_logp=old)
+            return advantage_loss_builder(advantage[rows], ref, batch.sampler_logp[rows], weights, s, old_logp=old)
 
         def clipped_for(rows, logp, old):
             ref = None if ref_logp is None else ref_logp[rows]
-            return grpo_token_loss(logp, advantage=advantage[rows], ref_logp=ref, sampler_logp=None, old_logp=old, settings=s)[1]
+            return advantage_token_loss(logp, advantage=advantage[rows], ref_logp=ref, sampler_logp=None, old_logp=old, settings=s)[1]
 
         self.rollout.before_training()
         out = self.update_student(batch, loss_fn_for, clipped_for, temperature)
