@@ -190,7 +190,8 @@ def sequence_advantage(
     means the whole batch is one group. The baseline is leave-one-out so that it depends only on
     the other rows, which are independent samples: it is not a function of y_t or any later token
     of its own row, so E[grad log pi(y_t | h_t) b_t] = 0 and the gradient stays unbiased (a mean
-    that included the row itself would correlate b_t with G_t and shrink the signal by 1/n).
+    that included the row itself would contain G_t / n and scale the expected gradient by
+    (n - 1) / n, differently for positions that fewer rows reach).
     Computed in float64. Unbiased for the sequence objective under token-mean aggregation or
     equal lengths; seq-mean-token-mean weighs each sequence by 1 / its length, as in token mode.
     """

@@ -131,8 +131,8 @@ def advantage_loss_builder(
     def token_loss(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         idx = idx.cpu()
         loss, _ = advantage_token_loss(logp, advantage=a[idx].to(logp), ref_logp=None if r is None else r[idx].to(logp),
-                                  sampler_logp=q[idx].to(logp), old_logp=None if o is None else o[idx].to(logp),
-                                  settings=settings)
+                                       sampler_logp=q[idx].to(logp), old_logp=None if o is None else o[idx].to(logp),
+                                       settings=settings)
         return loss * w[idx].to(logp)
 
     return token_loss
@@ -253,7 +253,7 @@ class Distiller:
         mask = batch.loss_mask
         student_logp = out["logp"]
         # Diagnostics are computed from the pre-update log-probs (pi_old; ratio = 1).
-        if "advantage" in out:  # objective.returns = 'sequence': the return-to-go advantage the update used
+        if cfg.objective.returns == "sequence":  # the return-to-go advantage the update used
             advantage, clipped = out["advantage"], torch.zeros(mask.shape, dtype=torch.bool)
         else:
             _, advantage, clipped = gopd_token_loss(
