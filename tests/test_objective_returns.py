@@ -150,7 +150,9 @@ def train_bandit(lam: float, returns: str, steps: int = 300, n: int = 4096, seed
 LAM = 2.0
 TOL = 0.03
 """TV tolerance of a trained student to its target: 4096 samples per step and a decaying step
-size leave a residual noise well under it (measured in the report of issue 19)."""
+size leave a residual well under it (measured, seed 0: token 0.0006, sequence 0.0018 at lam = 2;
+below 1e-7 at lam = 1, where every sample's advantage is 0 at the fixed point). The two targets
+are 0.21 apart, so a mode that reached the other one fails by a wide margin."""
 
 
 def test_the_two_targets_differ_at_lam_2_and_coincide_at_1():
