@@ -263,6 +263,13 @@ class ObjectiveConfig:
     importance weight act on the sampled token, so they apply to 'sampled' only."""
     top_k: int = 20
     """estimator='top_k': how many of the teacher's most likely tokens per position."""
+    returns: str = "token"
+    """What the sampled G-OPD advantage credits (objective.py, "Returns"): 'token' (the paper's
+    official code: each token's own lam t + (1 - lam) r - o, no return over later tokens; fixed
+    point: the per-token target q_t ~ pi_T^lam pi_ref^(1-lam) at every prefix) or 'sequence' (the
+    return-to-go over the later response tokens minus a leave-one-out baseline over the prompt's
+    other samples; fixed point: the sequence-level pi* ~ pi_T(y)^lam pi_ref(y)^(1-lam); one extra
+    no-grad student forward per step). The two coincide at lam = 1."""
 
     def validate(self, where: str = "") -> None:
         _check_finite(self, where)
@@ -273,6 +280,14 @@ class ObjectiveConfig:
         if self.kind == "grpo" and self.estimator != "sampled":
             _fail(f"{where}.estimator", f"{self.estimator!r} estimates the G-OPD objective; GRPO's advantage is a "
                   "sequence reward: use 'sampled'")
+        if self.returns not in ("token", "sequence"):
+            _fail(f"{where}.returns", f"must be 'token' or 'sequence', got {self.returns!r}")
+        if self.returns == "sequence" and self.kind != "gopd":
+            _fail(f"{where}.returns", "'sequence' is a G-OPD setting (GRPO's advantage is already a sequence reward); "
+                  "use 'token'")
+        if self.returns == "sequence" and self.estimator != "sampled":
+            _fail(f"{where}.returns", f"'sequence' needs estimator 'sampled': {self.estimator!r} is a per-position "
+                  "expectation over the next token at each prefix, which has no return over later tokens")
         if self.estimator == "top_k" and self.top_k < 1:
             _fail(f"{where}.top_k", f"must be >= 1, got {self.top_k}")
         if not (self.kl_coef >= 0.0):

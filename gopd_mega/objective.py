@@ -19,11 +19,24 @@ The per-position target (over the whole vocabulary v, at one prefix h_t):
     g_t(v)   = lambda * log pi_star(v | h_t) + (1 - lambda) * log pi_ref(v | h_t)
     log Z_t  = logsumexp_v g_t(v)
     log q_t  = g_t - log Z_t                                           (tilted_target)
-The advantage above has no return over later tokens (discount 0, as the paper's official code),
-so its fixed point is the PER-TOKEN target: pi_theta(. | h_t) = q_t at every prefix. The
-sequence-level optimum pi_theta(y | x) ~ pi_star^lambda * pi_ref^(1 - lambda) of the paper's
-objective also carries -sum_t log Z_t(h_t) through the prefixes; the two coincide at lambda = 1
-(Z_t = 1) and differ otherwise.
+Returns (objective.returns; sequence_advantage):
+    'token'     A_t as above: no return over later tokens (discount 0, the paper's official code).
+                At each prefix the expected update is -grad KL(pi_theta(. | h_t) || q_t), so its
+                fixed point is the PER-TOKEN target pi_theta(. | h_t) = q_t at every prefix.
+    'sequence'  A_t = G_t - b_t with the return-to-go G_t = sum_{k >= t} rho_k over the response
+                tokens of the same sequence, rho_k = A_k of 'token', and b_t the leave-one-out
+                mean of G at the same response position over the other sequences of the group
+                (one prompt's samples; the whole batch without groups). E[sum_t grad s_t G_t] is
+                the gradient of E_y[sum_t rho_t] = -KL(pi_theta(. | x) || pi*) + log Z(x), so the
+                fixed point is the SEQUENCE-LEVEL target
+                    pi*(y | x) = pi_star(y | x)^lambda pi_ref(y | x)^(1 - lambda) / Z(x)
+                               = prod_t q_t(y_t | h_t) * exp(sum_t log Z_t(h_t)) / Z(x),
+                the paper's stated optimum. b_t depends on other sequences only (independent
+                samples), never on y_t or later tokens of its own row, so it adds no bias.
+                Cost: pi_old from one extra no-grad student forward.
+The two targets differ by the per-prefix normalisers: pi* up-weights the prefixes whose Z_t is
+large, the per-token target ignores them. They coincide at lambda = 1 (Z_t = 1: both are
+pi_star) and differ otherwise.
 
 Full-vocabulary estimator (full_vocab_token_loss): instead of the one sampled token, the exact
 expectation over the next token at each visited prefix,
@@ -154,6 +167,65 @@ def gopd_advantage(
                 raise ValueError(f"gopd_advantage: ref_logp is needed at lambda = {lam} (it cancels only at lambda = 1)")
             return teacher_logp - student_logp
         return implicit_reward(teacher_logp, ref_logp, lam) - (student_logp - ref_logp)
+
+
+def sequence_advantage(
+    old_logp: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    lam: float,
+    mask: torch.Tensor,
+    group_size: int = 1,
+) -> torch.Tensor:
+    """The return-to-go advantage of objective.returns = 'sequence' (module docstring, "Returns").
+
+    All [B, S], one row per sequence; ``mask`` marks each row's response tokens, which are
+    contiguous. ``old_logp`` is pi_old (o_t); ``ref_logp`` None is allowed at lambda = 1 only.
+        rho_t = lambda t_t + (1 - lambda) r_t - o_t                     (gopd_advantage)
+        G_t   = sum_{k >= t, k in the response} rho_k                   (reverse cumulative sum)
+        b_t   = mean of G at the same response position j = t - (row's first response index)
+                over the OTHER rows of the group that have a token at position j; 0 if none
+        A_t   = G_t - b_t on response tokens, 0 elsewhere                (detached, float32)
+    Groups are consecutive blocks of ``group_size`` rows (one prompt's samples); group_size = 1
+    means the whole batch is one group. The baseline is leave-one-out so that it depends only on
+    the other rows, which are independent samples: it is not a function of y_t or any later token
+    of its own row, so E[grad log pi(y_t | h_t) b_t] = 0 and the gradient stays unbiased (a mean
+    that included the row itself would contain G_t / n and scale the expected gradient by
+    (n - 1) / n, differently for positions that fewer rows reach).
+    Computed in float64. Unbiased for the sequence objective under token-mean aggregation or
+    equal lengths; seq-mean-token-mean weighs each sequence by 1 / its length, as in token mode.
+    """
+    if mask.shape != old_logp.shape:
+        raise ValueError(f"sequence_advantage: mask {tuple(mask.shape)} vs old_logp {tuple(old_logp.shape)}")
+    B, S = mask.shape
+    if group_size < 1 or B % group_size:
+        raise ValueError(f"sequence_advantage: {B} rows do not split into groups of {group_size}")
+    with torch.no_grad():
+        f64 = torch.float64
+        rho = gopd_advantage(old_logp.to(f64), teacher_logp.to(f64), None if ref_logp is None else ref_logp.to(f64), lam)
+        m = mask.to(torch.bool)
+        lengths = m.sum(dim=1)
+        start = torch.where(lengths > 0, m.to(torch.int8).argmax(dim=1), torch.zeros_like(lengths))
+        pos = torch.arange(S, device=m.device)
+        if not torch.equal(m, (pos >= start[:, None]) & (pos < (start + lengths)[:, None])):
+            raise ValueError("sequence_advantage: each row's response tokens must be contiguous in mask")
+        rho = torch.where(m, rho, torch.zeros_like(rho))
+        ret = torch.flip(torch.cumsum(torch.flip(rho, [1]), dim=1), [1])  # G_t, 0 after the response
+        # Align by response position j: g[b, j] = G[b, start_b + j] for j < length_b.
+        L = int(lengths.max()) if B else 0
+        if L == 0:
+            return torch.zeros((B, S), dtype=torch.float32, device=m.device)
+        j = torch.arange(L, device=m.device)
+        valid = j[None, :] < lengths[:, None]
+        idx = (start[:, None] + j[None, :]).clamp(max=S - 1)
+        g = torch.where(valid, torch.gather(ret, 1, idx), torch.zeros((), dtype=f64, device=m.device))
+        n = group_size if group_size > 1 else B
+        gs, vs = g.view(-1, n, L), valid.view(-1, n, L).to(f64)
+        others = vs.sum(dim=1, keepdim=True) - vs
+        base = torch.where(others > 0, (gs.sum(dim=1, keepdim=True) - gs) / others.clamp(min=1.0), torch.zeros_like(gs))
+        adv = ((gs - base) * vs).view(B, L)
+        out = torch.zeros((B, S), dtype=f64, device=m.device).scatter_add_(1, idx, adv)
+        return out.to(torch.float32)
 
 
 def truncated_importance_weight(
@@ -331,7 +403,7 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return (torch.exp(d) - d - 1.0).clamp(-10.0, 10.0)
 
 
-def grpo_token_loss(
+def advantage_token_loss(
     logp: torch.Tensor,
     *,
     advantage: torch.Tensor,
@@ -340,12 +412,14 @@ def grpo_token_loss(
     old_logp: torch.Tensor | None,
     settings: LossSettings,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token GRPO loss (before aggregation), elementwise like :func:`gopd_token_loss`.
+    """Per-token policy loss of a precomputed advantage (before aggregation), elementwise like
+    :func:`gopd_token_loss`: GRPO's (``advantage`` = the sequence advantage of
+    :func:`grpo_advantage` broadcast to its tokens) and G-OPD's with returns = 'sequence'
+    (:func:`sequence_advantage`).
 
-    ``advantage`` is the sequence advantage broadcast to its tokens (:func:`grpo_advantage`).
     The policy term is :func:`clipped_policy_loss` times the truncated IS weight, exactly as in
-    G-OPD; ``settings.kl_coef * k3`` is added when ``kl_coef > 0`` (``ref_logp`` then required).
-    Returns (loss, clipped).
+    G-OPD's token mode; ``settings.kl_coef * k3`` is added when ``kl_coef > 0`` (``ref_logp`` then
+    required; GRPO only: config keeps kl_coef = 0 for G-OPD). Returns (loss, clipped).
     """
     old = logp.detach() if old_logp is None else old_logp
     loss, clipped = clipped_policy_loss(
@@ -355,7 +429,7 @@ def grpo_token_loss(
         loss = loss * truncated_importance_weight(old, sampler_logp, settings.is_cap)
     if settings.kl_coef > 0:
         if ref_logp is None:
-            raise ValueError("grpo_token_loss: kl_coef > 0 needs ref_logp")
+            raise ValueError("advantage_token_loss: kl_coef > 0 needs ref_logp")
         loss = loss + settings.kl_coef * k3_kl(logp, ref_logp)
     return loss, clipped
 

@@ -13,7 +13,7 @@
 With ``objective.kind: grpo`` the same loop does RL from a verifier instead (how the paper makes
 its domain teachers): no teachers; each prompt is sampled ``samples_per_prompt`` times, every
 response gets ``reward(prompt, response_ids)``, the group-normalised advantage is broadcast to its
-tokens and trained with the same clipped, IS-weighted, aggregated loss (objective.grpo_token_loss).
+tokens and trained with the same clipped, IS-weighted, aggregated loss (objective.advantage_token_loss).
 
 SPMD: every rank runs this loop and holds the whole (small) rollout batch as token ids (one global
 batch: a server engine is driven by rank 0 and its batch broadcast, see rollout/coordinator.py); each
@@ -35,7 +35,8 @@ from gopd_mega.config import RunConfig, to_dict
 from gopd_mega.failures import StopRequested, StopSignals, TrainingError, on_rank0
 from gopd_mega.metrics import MetricsLogger, is_rank0
 from gopd_mega.model.distill import FullVocabLoss, TopK, TopKLoss
-from gopd_mega.objective import grpo_advantage, grpo_token_loss, gopd_token_loss, k3_kl, token_metrics, token_weights
+from gopd_mega.objective import (advantage_token_loss, gopd_token_loss, grpo_advantage, k3_kl, sequence_advantage, token_metrics,
+                                 token_weights)
 from gopd_mega.rollout.base import RolloutBatch
 from gopd_mega.rollout.coordinator import RolloutCoordinator, Sampling
 from gopd_mega.rollout.servers import startup_checks
@@ -109,7 +110,7 @@ def gopd_loss_builder(
     return token_loss
 
 
-def grpo_loss_builder(
+def advantage_loss_builder(
     advantage: torch.Tensor,
     ref_logp: torch.Tensor | None,
     sampler_logp: torch.Tensor,
@@ -117,19 +118,21 @@ def grpo_loss_builder(
     settings,
     old_logp: torch.Tensor | None = None,
 ) -> Callable:
-    """For ShardedGPT.train_step: per-token weighted GRPO loss fn(logp, flat_index), where
-    flat_index indexes the full batch's [N * S] tensors. ``advantage`` [N, S] is each sequence's
-    group-normalised advantage on its response tokens; ``old_logp`` [N, S] pi_old (None: the
-    student's own detached log-probs)."""
+    """For ShardedGPT.train_step: per-token weighted policy loss of a precomputed advantage
+    fn(logp, flat_index) (objective.advantage_token_loss), where flat_index indexes the full
+    batch's [N * S] tensors. ``advantage`` [N, S]: GRPO's group-normalised sequence advantage on
+    each response's tokens, or G-OPD's return-to-go advantage (objective.returns = 'sequence');
+    ``old_logp`` [N, S] pi_old (None: the student's own detached log-probs); ``ref_logp`` only
+    for GRPO's k3 term (kl_coef > 0)."""
     a, q, w = (x.reshape(-1) for x in (advantage, sampler_logp, weights))
     r = None if ref_logp is None else ref_logp.reshape(-1)
     o = None if old_logp is None else old_logp.reshape(-1)
 
     def token_loss(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         idx = idx.cpu()
-        loss, _ = grpo_token_loss(logp, advantage=a[idx].to(logp), ref_logp=None if r is None else r[idx].to(logp),
-                                  sampler_logp=q[idx].to(logp), old_logp=None if o is None else o[idx].to(logp),
-                                  settings=settings)
+        loss, _ = advantage_token_loss(logp, advantage=a[idx].to(logp), ref_logp=None if r is None else r[idx].to(logp),
+                                       sampler_logp=q[idx].to(logp), old_logp=None if o is None else o[idx].to(logp),
+                                       settings=settings)
         return loss * w[idx].to(logp)
 
     return token_loss
@@ -250,9 +253,12 @@ class Distiller:
         mask = batch.loss_mask
         student_logp = out["logp"]
         # Diagnostics are computed from the pre-update log-probs (pi_old; ratio = 1).
-        _, advantage, clipped = gopd_token_loss(
-            student_logp, teacher_logp=teacher_logp, ref_logp=loss_ref, sampler_logp=None, old_logp=None, settings=self.settings
-        )
+        if cfg.objective.returns == "sequence":  # the return-to-go advantage the update used
+            advantage, clipped = out["advantage"], torch.zeros(mask.shape, dtype=torch.bool)
+        else:
+            _, advantage, clipped = gopd_token_loss(
+                student_logp, teacher_logp=teacher_logp, ref_logp=loss_ref, sampler_logp=None, old_logp=None, settings=self.settings
+            )
         metrics = {
             "loss": out["loss"],
             "grad_norm": out["grad_norm"],
@@ -314,7 +320,7 @@ class Distiller:
         return metrics
 
     def update_student(self, batch: RolloutBatch, loss_fn_for: Callable, clipped_for: Callable,
-                       temperature: float) -> dict:
+                       temperature: float, old_logp: torch.Tensor | None = None) -> dict:
         """The policy update(s) on one rollout batch (G-OPD and GRPO alike); the student's
         log-probs use the rollout temperature like every other model's (loss, importance weight
         and metrics alike).
@@ -329,6 +335,8 @@ class Distiller:
         update; the rows are split into N contiguous mini-batches, one optimizer step each, and
         each mini-batch's aggregation weights are normalised over that mini-batch
         (objective.token_weights), so every update's loss has the scale of a whole-batch loss.
+        ``old_logp`` [N, S]: that no-grad pass when the caller has already run it (returns =
+        'sequence' needs it for its advantage), so that it is not run twice; unused for N = 1.
 
         Returns loss, grad_norm, entropy (means over the updates), logp [N, S] (pi_old), and for
         N > 1 clip_frac and ratio_dev = mean |rho - 1| (token means over all updates, rho from each
@@ -345,7 +353,8 @@ class Distiller:
             self._count_skip(out)
             self.optimizer.step_schedule()
             return out
-        old = self.m.student.logprobs(batch.tokens, mask, temperature, train.micro_batch_size, max_tokens=budget)
+        old = old_logp if old_logp is not None else \
+            self.m.student.logprobs(batch.tokens, mask, temperature, train.micro_batch_size, max_tokens=budget)
         self.update_stats = []
         per_token: dict[str, torch.Tensor] = {}
         for rows in torch.tensor_split(all_rows, train.updates_per_rollout):
@@ -409,8 +418,30 @@ class Distiller:
 
     def _gopd_update(self, batch: RolloutBatch, teacher_logp: torch.Tensor, ref_logp: torch.Tensor | None,
                      temperature: float) -> dict:
-        """update_student with the G-OPD loss (objective.gopd_token_loss; ``ref_logp`` None at lambda = 1)."""
+        """update_student with the G-OPD loss (objective.gopd_token_loss; ``ref_logp`` None at lambda = 1).
+
+        objective.returns = 'sequence': pi_old of the whole batch from one no-grad student pass
+        (the one update_student needs anyway for updates_per_rollout > 1), the return-to-go
+        advantage objective.sequence_advantage (groups: one prompt's samples), and the same
+        clipped, importance-weighted policy loss on it (objective.advantage_token_loss, no k3:
+        kl_coef = 0 for G-OPD). The advantage used is returned as out['advantage'] [N, S]."""
         s = self.settings
+        if self.cfg.objective.returns == "sequence":
+            train = self.cfg.train
+            old = self.m.student.logprobs(batch.tokens, batch.loss_mask, temperature, train.micro_batch_size,
+                                          max_tokens=train.max_tokens_per_micro_batch)
+            advantage = sequence_advantage(old, teacher_logp, ref_logp, s.lam, batch.loss_mask,
+                                           self.cfg.rollout.samples_per_prompt)
+
+            def seq_loss_fn_for(rows, weights, o):
+                return advantage_loss_builder(advantage[rows], None, batch.sampler_logp[rows], weights, s, old_logp=o)
+
+            def seq_clipped_for(rows, logp, o):
+                return advantage_token_loss(logp, advantage=advantage[rows], ref_logp=None, sampler_logp=None, old_logp=o,
+                                            settings=s)[1]
+
+            out = self.update_student(batch, seq_loss_fn_for, seq_clipped_for, temperature, old_logp=old)
+            return {**out, "advantage": advantage}
 
         def ref(rows):
             return None if ref_logp is None else ref_logp[rows]
@@ -479,11 +510,11 @@ class Distiller:
 
         def loss_fn_for(rows, weights, old):
             ref = None if ref_logp is None else ref_logp[rows]
-            return grpo_loss_builder(advantage[rows], ref, batch.sampler_logp[rows], weights, s, old_logp=old)
+            return advantage_loss_builder(advantage[rows], ref, batch.sampler_logp[rows], weights, s, old_logp=old)
 
         def clipped_for(rows, logp, old):
             ref = None if ref_logp is None else ref_logp[rows]
-            return grpo_token_loss(logp, advantage=advantage[rows], ref_logp=ref, sampler_logp=None, old_logp=old, settings=s)[1]
+            return advantage_token_loss(logp, advantage=advantage[rows], ref_logp=ref, sampler_logp=None, old_logp=old, settings=s)[1]
 
         self.rollout.before_training()
         out = self.update_student(batch, loss_fn_for, clipped_for, temperature)

@@ -53,6 +53,7 @@ def test_yaml_and_toml_recipes_with_overrides(tmp_path, teacher_dir):
         ("objective.clip_eps_high=-0.1", "objective.clip_eps_high"),
         ("objective.reference_metrics_every=-1", "objective.reference_metrics_every"),
         ("objective.reference_metrics_every=2.5", "objective.reference_metrics_every"),
+        ("objective.returns=tokens", "objective.returns"),
         ("optim.min_lr=1.0", "optim.min_lr"),
         ("optim.weight_decay=-1", "optim.weight_decay"),
         ("optim.grad_clip=-1", "optim.grad_clip"),
@@ -139,3 +140,18 @@ def test_the_reference_is_needed_where_it_does_not_cancel():
     assert ObjectiveConfig(lam=1.25).needs_reference() and ObjectiveConfig(lam=0.5).needs_reference()
     assert not ObjectiveConfig(kind="grpo", lam=1.25).needs_reference()  # lambda is a G-OPD setting
     assert ObjectiveConfig(kind="grpo", kl_coef=0.01).needs_reference()
+
+
+def test_sequence_returns_need_sampled_gopd(teacher_dir):
+    """objective.returns: 'sequence' is a return over the sampled tokens of G-OPD: refused for
+    GRPO and for the per-position expectation estimators, accepted otherwise."""
+    assert build_config(RunConfig, _base(teacher_dir)).objective.returns == "token"
+    ok = build_config(RunConfig, _base(teacher_dir), ["objective.returns=sequence", "objective.lam=1.5"])
+    assert ok.objective.returns == "sequence"
+    with pytest.raises(ConfigError, match="'objective.returns': 'sequence' is a G-OPD setting"):
+        build_config(RunConfig, {"teachers": []}, ["objective.kind=grpo", "objective.returns=sequence",
+                                                   "rollout.samples_per_prompt=2"])
+    for estimator in ("full_vocab", "top_k"):
+        with pytest.raises(ConfigError, match=f"'objective.returns': 'sequence' needs estimator 'sampled': '{estimator}' "
+                                              "is a per-position expectation"):
+            build_config(RunConfig, _base(teacher_dir), ["objective.returns=sequence", f"objective.estimator={estimator}"])

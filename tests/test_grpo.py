@@ -12,7 +12,7 @@ from gopd_mega.config import ConfigError, RunConfig, build_config
 from gopd_mega.data import synthetic
 from gopd_mega.data.prompts import PromptDataset
 from gopd_mega.data.tokenizer import CharTokenizer
-from gopd_mega.objective import LossSettings, grpo_advantage, grpo_token_loss, k3_kl
+from gopd_mega.objective import LossSettings, grpo_advantage, advantage_token_loss, k3_kl
 from gopd_mega.run import build_models, build_student_optimizer, synthetic_reward, verifier_reward
 from gopd_mega.trainer import Distiller
 
@@ -56,7 +56,7 @@ def test_grpo_advantage_rejects_bad_groups():
         grpo_advantage(torch.zeros(2, 4), 4)
 
 
-def test_grpo_token_loss_gradient_is_advantage_plus_k3():
+def test_advantage_token_loss_gradient_is_advantage_plus_k3():
     """One update per batch (ratio 1): d loss / d s_t = -A_t * w_t + beta * (1 - exp(r_t - s_t))."""
     gen = torch.Generator().manual_seed(0)
     s = (torch.rand(64, generator=gen, dtype=torch.float64) * -3).requires_grad_()
@@ -64,7 +64,7 @@ def test_grpo_token_loss_gradient_is_advantage_plus_k3():
     q = s.detach() + torch.randn(64, generator=gen, dtype=torch.float64) * 0.1
     a = torch.randn(64, generator=gen, dtype=torch.float64)
     settings = LossSettings(kl_coef=0.05, is_cap=5.0)
-    loss, clipped = grpo_token_loss(s, advantage=a, ref_logp=r, sampler_logp=q, old_logp=None, settings=settings)
+    loss, clipped = advantage_token_loss(s, advantage=a, ref_logp=r, sampler_logp=q, old_logp=None, settings=settings)
     loss.sum().backward()
     w = torch.exp(s.detach() - q).clamp(max=5.0)
     want = -a * w + 0.05 * (1.0 - torch.exp(r - s.detach()))
@@ -73,7 +73,7 @@ def test_grpo_token_loss_gradient_is_advantage_plus_k3():
     # k3 is a non-negative KL estimate, zero where the policy equals the reference
     assert (k3_kl(s.detach(), r) >= 0).all() and k3_kl(r, r).abs().max() == 0
     with pytest.raises(ValueError, match="ref_logp"):
-        grpo_token_loss(s, advantage=a, ref_logp=None, sampler_logp=None, old_logp=None, settings=settings)
+        advantage_token_loss(s, advantage=a, ref_logp=None, sampler_logp=None, old_logp=None, settings=settings)
 
 
 def _grpo_cfg(tmp_path, steps, **extra) -> RunConfig:
