@@ -175,6 +175,9 @@ class DemoConfig:
     """GRPO from the base on one domain: each domain teacher."""
     lambdas: list[float] = field(default_factory=lambda: [1.0, 1.25, 1.5])
     """Reward scales to distil with (1 = OPD, > 1 = ExOPD)."""
+    sequence_lambdas: list[float] = field(default_factory=list)
+    """Reward scales to distil with ALSO with objective.returns = 'sequence' (return-to-go: the
+    sequence-level target; the runs above use the paper's per-token advantage): [] = none."""
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     """G-OPD settings shared by the distillation runs (lam is set per run)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -202,17 +205,19 @@ class DemoConfig:
             raise ConfigError(f"config field 'workers': must be >= 0 (0: one per CPU), got {self.workers}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"config field 'seeds': need one or more distinct seeds, got {self.seeds}")
-        for i, lam in enumerate(self.lambdas):
-            if lam < 0:
-                raise ConfigError(f"config field 'lambdas[{i}]': must be >= 0, got {lam}")
+        for name in ("lambdas", "sequence_lambdas"):
+            for i, lam in enumerate(getattr(self, name)):
+                if not lam >= 0:
+                    raise ConfigError(f"config field '{name}[{i}]': must be >= 0, got {lam}")
         if self.objective.kind != "gopd":
             raise ConfigError("config field 'objective.kind': the distillation runs are G-OPD ('gopd'); GRPO "
                               "settings of the teachers are under 'teacher'")
         return self
 
 
-def system_name(lam: float) -> str:
-    return ("OPD" if lam == 1.0 else "ExOPD" if lam > 1 else "G-OPD") + f" (lam={lam:g})"
+def system_name(lam: float, returns: str = "token") -> str:
+    name = ("OPD" if lam == 1.0 else "ExOPD" if lam > 1 else "G-OPD") + f" (lam={lam:g})"
+    return name if returns == "token" else f"{name}, sequence returns"
 
 
 def _s2w_name(lam: float, reference: str) -> str:
@@ -274,8 +279,8 @@ def _grpo_teacher(cfg: DemoConfig, base: Path, domain: str, records: list[dict],
 
 
 def _distill(cfg: DemoConfig, student: ModelConfig, teachers: dict[str, Path], lam: float, reference: str,
-             records: list[dict], held_out: dict, tokenizer, out: Path, seed: int, desc: str) -> Path:
-    """G-OPD of ``teachers`` into ``student``; the result is saved to out/student."""
+             records: list[dict], held_out: dict, tokenizer, out: Path, seed: int, desc: str, returns: str = "token") -> Path:
+    """G-OPD of ``teachers`` into ``student`` (objective.returns ``returns``); saved to out/student."""
     result = out / "student"
     if is_model_dir(result):
         report(f"{desc}: found {result}, skipping")
@@ -283,7 +288,7 @@ def _distill(cfg: DemoConfig, student: ModelConfig, teachers: dict[str, Path], l
     run_cfg = RunConfig(
         student=student,
         teachers=[TeacherConfig(name=d, model=dataclasses.replace(cfg.model, load=str(p))) for d, p in teachers.items()],
-        objective=dataclasses.replace(cfg.objective, lam=lam, reference=reference),
+        objective=dataclasses.replace(cfg.objective, lam=lam, reference=reference, returns=returns),
         rollout=cfg.rollout,
         optim=cfg.optim,
         data=cfg.data,
@@ -408,11 +413,11 @@ def merge_seed(cfg: DemoConfig, seed: int) -> dict:
     teachers, curves = _grpo_teachers(cfg, sd / "base", train_records, tokenizer, sd, seed)
     # 3. G-OPD distillation of all teachers back into the base, reference = the base
     students = {}
-    for lam in cfg.lambdas:
-        name = system_name(lam)
-        run_dir = sd / f"gopd_lam{lam:g}"
+    for lam, returns in [(x, "token") for x in cfg.lambdas] + [(x, "sequence") for x in cfg.sequence_lambdas]:
+        name = system_name(lam, returns)
+        run_dir = sd / (f"gopd_lam{lam:g}" + ("" if returns == "token" else "_sequence"))
         students[name] = _distill(cfg, dataclasses.replace(cfg.model, load=str(sd / "base")), teachers, lam, "initial",
-                                  train_records, held_out, tokenizer, run_dir, seed, f"[seed {seed}] {name}")
+                                  train_records, held_out, tokenizer, run_dir, seed, f"[seed {seed}] {name}", returns)
         curves[name] = _curves(run_dir / "train", [f"reverse_kl/{d}" for d in cfg.data.domains])
     # 4. evaluation
     systems = {"base student": sd / "base", **{f"teacher '{d}'": p for d, p in teachers.items()}, **students}
@@ -420,8 +425,8 @@ def merge_seed(cfg: DemoConfig, seed: int) -> dict:
               "curves": curves}
     if cfg.oracle.enabled:  # 5. the exact targets each lambda trains towards (reference = the base)
         arch = {d: (cfg.model, p) for d, p in teachers.items()}
-        result["oracle"] = {"base": _oracle(cfg, arch, (cfg.model, sd / "base"), _oracle_lambdas(cfg, cfg.lambdas),
-                                            held_out, tokenizer)}
+        lambdas = _oracle_lambdas(cfg, cfg.lambdas + cfg.sequence_lambdas)
+        result["oracle"] = {"base": _oracle(cfg, arch, (cfg.model, sd / "base"), lambdas, held_out, tokenizer)}
     return result
 
 
@@ -563,9 +568,13 @@ def run_seeds(cfg: DemoConfig, kind: str) -> dict:
     doc.update(curves=curves, wall_s=time.perf_counter() - t_start, kind=kind, workers=workers)
     oracles = {s: r["oracle"] for s, r in per_seed.items() if "oracle" in r}
     if len(oracles) == len(per_seed):
-        students = ({("base", float(lam)): system_name(lam) for lam in cfg.lambdas} if kind == "merge" else
-                    {(ref, float(cfg.strong_to_weak.lam)): _s2w_name(cfg.strong_to_weak.lam, ref)
-                     for ref in cfg.strong_to_weak.references})
+        students: dict[tuple[str, float], list[str]] = {}
+        if kind == "merge":
+            for lam, returns in [(x, "token") for x in cfg.lambdas] + [(x, "sequence") for x in cfg.sequence_lambdas]:
+                students.setdefault(("base", float(lam)), []).append(system_name(lam, returns))
+        else:
+            for ref in cfg.strong_to_weak.references:
+                students[(ref, float(cfg.strong_to_weak.lam))] = [_s2w_name(cfg.strong_to_weak.lam, ref)]
         doc["oracle"] = summarise_oracle(cfg.data.domains, oracles, runs, students)
     write_results(out, doc)
     return doc
@@ -621,9 +630,9 @@ REFERENCE_NAMES = {"base": "the base", "student_initial": "student initial", "te
 
 def summarise_oracle(domains: list[str], per_seed: dict[str, dict], runs: dict[str, dict], students: dict) -> dict:
     """Per reference and lambda, mean +- std over seeds (accuracy in points) of the per-token
-    target, the student's attainment (its exact accuracy minus that target, where a student was
-    distilled at that lambda against that reference: ``students[(reference, lam)]`` = its system
-    name), the sequence-level target (upper bound) and the mean log Z's. ``per_seed[seed][reference]``
+    target, each student's attainment (its exact accuracy minus that target, for the students
+    distilled at that lambda against that reference: ``students[(reference, lam)]`` = their system
+    names), the sequence-level target (upper bound) and the mean log Z's. ``per_seed[seed][reference]``
     is :func:`_oracle`'s output."""
     seeds = list(per_seed)
     first = per_seed[seeds[0]]
@@ -643,12 +652,10 @@ def summarise_oracle(domains: list[str], per_seed: dict[str, dict], runs: dict[s
                 row["sequence_upper"] = mean_std([points("sequence_upper", k) for k in seeds])
                 row["sequence_log_z"] = mean_std([statistics.fmean(per_seed[k][ref]["sequence_log_z"][lam][d]
                                                                    for d in domains) for k in seeds])
-            student = students.get((ref, float(lam)))
-            if student is not None:
-                row["student"] = student
-                row["attainment"] = mean_std([
-                    100 * statistics.fmean(runs[k][student]["exact"][d]["accuracy"] for d in domains)
-                    - points("per_token", k) for k in seeds])
+            row["attainment"] = {
+                student: mean_std([100 * statistics.fmean(runs[k][student]["exact"][d]["accuracy"] for d in domains)
+                                   - points("per_token", k) for k in seeds])
+                for student in students.get((ref, float(lam)), [])}
             rows[lam] = row
         coverage = {m: mean_std([statistics.fmean(per_seed[k][ref][f"coverage_{m}"].values()) for k in seeds])
                     for m in ("teacher", "reference") if o[f"coverage_{m}"]}
@@ -662,7 +669,7 @@ def oracle_table(doc: dict) -> str:
     blocks = []
     for ref, o in doc.get("oracle", {}).items():
         head = (["lambda"] + [f"per-token target {d}" for d in domains + ["avg"]]
-                + ["student − per-token target (avg)", f"sequence-level target ≤ (avg, {o['sequence_prompts']} prompts/domain)",
+                + ["students − per-token target (avg)", f"sequence-level target ≤ (avg, {o['sequence_prompts']} prompts/domain)",
                    "mean log Z_t (per token)", "mean log Z(x) ≥ (sequence)"])
         lines = [f"Targets with reference = {REFERENCE_NAMES.get(ref, ref)} (exact; accuracy %, mean ± std over seeds)", "",
                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -673,7 +680,8 @@ def oracle_table(doc: dict) -> str:
         for lam, row in o["lambdas"].items():
             lines.append("| " + " | ".join(
                 [lam] + [cell(row["per_token"][d]) for d in domains + ["avg"]]
-                + [cell(row.get("attainment"), signed=True), cell(row.get("sequence_upper")),
+                + ["; ".join(f"{s}: {cell(a, signed=True)}" for s, a in row["attainment"].items()) or "—",
+                   cell(row.get("sequence_upper")),
                    cell(row["per_token_log_z"], digits=3), cell(row.get("sequence_log_z"), digits=3)]) + " |")
         cov = o["coverage"]
         if cov:
@@ -746,9 +754,8 @@ def _oracle_conclusions(doc: dict) -> list[str]:
                 lines.append(f"{where}: the per-token target's avg exact accuracy is {row['per_token']['avg']['mean']:.1f}, "
                              f"{d['mean']:+.1f} ± {d['std']:.1f} points from lambda 1's (paired over {n} seeds): the "
                              "headroom a student trained at this lambda can have")
-            if "attainment" in row:
-                a = row["attainment"]
-                lines.append(f"{where}: {row['student']} ends {a['mean']:+.1f} ± {a['std']:.1f} points from its "
+            for student, a in row["attainment"].items():
+                lines.append(f"{where}: {student} ends {a['mean']:+.1f} ± {a['std']:.1f} points from the "
                              "per-token target (avg exact)")
             if "sequence_upper" in row and base is not None and "sequence_upper" in base and lam != "1":
                 lines.append(f"{where}: the sequence-level target's avg accuracy is at most "

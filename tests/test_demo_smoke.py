@@ -24,12 +24,12 @@ def test_demo_pipeline_smoke(tmp_path):
 
     init_distributed()
     cfg = build_config(DemoConfig, read_recipe("recipes/demo.yaml"), [f"out_dir={tmp_path / 'demo'}", *TINY, "workers=2",
-                                                                      "eval.sampled=true"])
+                                                                      "eval.sampled=true", "sequence_lambdas=[1.5]"])
     doc = run_demo(cfg)
     assert doc["workers"] == 2 and doc["modes"] == ["exact", "greedy", "sampled"]
     domains = cfg.data.domains
     systems = ["base student"] + [f"teacher '{d}'" for d in domains] + [
-        "OPD (lam=1)", "ExOPD (lam=1.25)", "ExOPD (lam=1.5)"]
+        "OPD (lam=1)", "ExOPD (lam=1.25)", "ExOPD (lam=1.5)", "ExOPD (lam=1.5), sequence returns"]
     assert doc["seeds"] == ["0", "1"] and list(doc["summary"]) == systems
     for seed in doc["seeds"]:
         assert list(doc["runs"][seed]) == systems
@@ -65,10 +65,14 @@ def test_demo_pipeline_smoke(tmp_path):
         teacher_exact = doc["summary"][f"teacher '{d}'"]["exact"][d]["values"]
         assert oracle["lambdas"]["1"]["per_token"][d]["values"] == pytest.approx(teacher_exact, abs=1e-3)
     assert oracle["lambdas"]["1"]["per_token_log_z"]["mean"] == pytest.approx(0.0, abs=1e-6)
-    assert {lam for lam, row in oracle["lambdas"].items() if "attainment" in row} == {"1", "1.25", "1.5"}
+    assert {lam for lam, row in oracle["lambdas"].items() if row["attainment"]} == {"1", "1.25", "1.5"}
     opd = doc["summary"]["OPD (lam=1)"]["exact"]["avg"]["values"]
     target = oracle["lambdas"]["1"]["per_token"]["avg"]["values"]
-    assert oracle["lambdas"]["1"]["attainment"]["values"] == pytest.approx([a - b for a, b in zip(opd, target)])
+    assert list(oracle["lambdas"]["1.5"]["attainment"]) == ["ExOPD (lam=1.5)", "ExOPD (lam=1.5), sequence returns"]
+    ckpt = out / "seed0" / "gopd_lam1.5_sequence" / "train" / "checkpoints" / "step_000002"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["config"]["objective"]["returns"] == "sequence"
+    attained = oracle["lambdas"]["1"]["attainment"]["OPD (lam=1)"]["values"]
+    assert attained == pytest.approx([a - b for a, b in zip(opd, target)])
     assert all(0 < oracle["coverage"][m]["mean"] <= 1 for m in ("teacher", "reference"))
     assert "Targets with reference = the base" in md and "per-token target" in md
     # periodic held-out evaluation ran inside the distillation loop
