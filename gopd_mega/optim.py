@@ -33,7 +33,8 @@ Step (``step()``, called by ShardedGPT.train_step after the backward of all micr
     finalize_model_grads -> set lr / weight decay of every param group -> prepare_grads
     (main_grad -> master .grad; fp16: unscale, inf check) -> grad norm (clip if grad_clip > 0)
     -> skip the update if the norm is not finite -> step_with_ready_grads (Adam on the masters,
-    copy back to the model weights; all-gather them with the distributed optimizer).
+    copy back to the model weights; all-gather them with the distributed optimizer) -> advance
+    the LR schedule by one update (a skipped update counts too), so no caller does it.
 
 LR schedule (step = number of optimizer steps already taken):
     warm-up  lr = peak * (step + 1) / warmup_steps            for step < warmup_steps
@@ -166,9 +167,9 @@ def _fuse_torch_adam(opt) -> bool:
 class StudentOptimizer:
     """megatron DDP + megatron optimizer over one ShardedGPT, and the LR schedule.
 
-    ``step()`` (called by ShardedGPT.train_step) reduces the gradients and applies AdamW at the
-    current LR; ``step_schedule()`` (called by the training loop once per update) advances the
-    schedule.
+    ``step()`` (called by ShardedGPT.train_step) reduces the gradients, applies AdamW at the
+    current LR and then advances the schedule by one update (``schedule_step``), whether the
+    update was applied or skipped.
     """
 
     def __init__(self, model, cfg: OptimConfig, total_steps: int | None = None):
@@ -220,9 +221,6 @@ class StudentOptimizer:
         """The learning rate the next ``step()`` uses."""
         return lr_at(self.cfg, self.schedule_step, self.total_steps)
 
-    def step_schedule(self) -> None:
-        self.schedule_step += 1
-
     # ------------------------------------------------------------------ gradients and step
 
     def zero_grad(self) -> None:
@@ -253,9 +251,17 @@ class StudentOptimizer:
         return _ExternalGradReady.apply(loss, weight)
 
     def step(self, loss: float | None = None) -> dict[str, float]:
-        """Reduce the gradients, clip to cfg.grad_clip by the global norm and apply AdamW
-        (skipped on a non-finite ``loss`` or norm, or an fp16 overflow). Returns grad_norm
-        (before clipping), lr, skipped, and overflow (1: the skip was the fp16 loss scaler's)."""
+        """Reduce the gradients, clip to cfg.grad_clip by the global norm and apply AdamW at the
+        LR of the current schedule position (skipped on a non-finite ``loss`` or norm, or an fp16
+        overflow), then advance the schedule by one update, applied or skipped. Returns grad_norm
+        (before clipping), lr (the one this update used), skipped, and overflow (1: the skip was
+        the fp16 loss scaler's)."""
+        stats = self._update(loss)
+        self.schedule_step += 1
+        return stats
+
+    def _update(self, loss: float | None) -> dict[str, float]:
+        """step() less the schedule advance."""
         from megatron.core.distributed import finalize_model_grads
 
         finalize_model_grads([self.ddp], num_tokens=None, pg_collection=self.pg)

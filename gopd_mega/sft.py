@@ -35,7 +35,6 @@ def train_sft(model, optimizer, records: list[dict], tokenizer, *, steps: int, b
         tokens, mask = sft_batch(batch, tokenizer, max_len)
         out = model.train_step(tokens, mask, nll_loss_builder(token_weights(mask, "token-mean")), micro_batch_size,
                                max_tokens=max_tokens)
-        optimizer.step_schedule()
         losses.append(out["loss"])
         bar.set_postfix(loss=f"{out['loss']:.3f}")
     return losses

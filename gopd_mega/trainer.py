@@ -351,7 +351,6 @@ class Distiller:
             out = self.m.student.train_step(batch.tokens, mask, fn, train.micro_batch_size, temperature=temperature,
                                             max_tokens=budget)
             self._count_skip(out)
-            self.optimizer.step_schedule()
             return out
         old = old_logp if old_logp is not None else \
             self.m.student.logprobs(batch.tokens, mask, temperature, train.micro_batch_size, max_tokens=budget)
@@ -363,7 +362,6 @@ class Distiller:
             out = self.m.student.train_step(batch.tokens[rows], sub, fn, train.micro_batch_size, temperature=temperature,
                                             max_tokens=budget)
             self._count_skip(out)
-            self.optimizer.step_schedule()
             clipped = clipped_for(rows, out["logp"], old[rows])
             m = sub.clone().float()
             m[:, 0] = 0

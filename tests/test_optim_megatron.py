@@ -47,10 +47,10 @@ def _train(model, steps=STEPS, record_grads=False, micro_batch_size=4):
         tokens, mask = _data(s)
         out = model.train_step(tokens, mask, _loss_fn, micro_batch_size=micro_batch_size)
         assert out["skipped"] == 0.0
+        assert model.optimizer.schedule_step == s + 1  # train_step's optimizer step advanced the schedule
         stats.append((out["loss"], out["grad_norm"]))
         if record_grads:
             grads.append({n: p.main_grad.clone() for n, p in model.model.named_parameters()})
-        model.optimizer.step_schedule()
     return stats, grads
 
 
@@ -253,6 +253,7 @@ def _fp16_worker():
             break
         unchanged = all(torch.equal(v, master0[k]) for k, v in full_master_state_dict(fp16).items())
         assert unchanged, "a skipped (overflowed) step changed the masters"
+    assert opt.schedule_step == len(log), (opt.schedule_step, log)  # skipped updates advance the schedule too
     return ref_stats[0][1], log
 
 
