@@ -161,7 +161,7 @@ class Distiller:
         self.data = data
         self.optimizer = optimizer
         self.evaluate = evaluate
-        self.settings = cfg.objective.loss_settings()
+        self.settings = cfg.objective  # an ObjectiveConfig is the LossSettings of the loss functions
         self.ckpt = CheckpointManager(cfg.train.out_dir, keep_last=cfg.train.keep_last)
         # With a progress bar the console gets a metrics line every 10 steps, else every step.
         self.logger = MetricsLogger(cfg.train.out_dir, cfg.train.log_backend, console_every=10 if cfg.train.progress else 1)
