@@ -62,7 +62,8 @@ class Models:
 
 
 class Distiller:
-    """Runs G-OPD (or, with objective.kind='grpo', GRPO) training for a :class:`RunConfig`."""
+    """Runs the training of a :class:`RunConfig`: G-OPD, GRPO or any objective.kind of
+    gopd_mega.steps.STEPS, all through the same loop (:meth:`train_step`)."""
 
     def __init__(self, cfg: RunConfig, models: Models, data, optimizer, evaluate: Callable | None = None,
                  reward: RewardFn | None = None):
