@@ -24,6 +24,9 @@ from gopd_mega.objective import AGGREGATIONS, LossSettings
 
 ESTIMATORS: tuple[str, ...] = ("sampled", "full_vocab", "top_k")
 """objective.estimator choices (see ObjectiveConfig.estimator)."""
+OBJECTIVE_KINDS: tuple[str, ...] = ("gopd", "grpo")
+"""objective.kind choices: the keys of gopd_mega.steps.STEPS (kept here so that the config does
+not import the trainer's torch/megatron modules; tests/test_steps.py checks that they agree)."""
 
 
 class ConfigError(ValueError):
@@ -216,15 +219,17 @@ class TeacherConfig:
 
 
 @dataclass
-class ObjectiveConfig:
-    """The training objective: G-OPD (default) or GRPO (see gopd_mega/objective.py for the math)."""
+class ObjectiveConfig(LossSettings):
+    """The training objective: G-OPD (default) or GRPO (see gopd_mega/objective.py for the math).
+
+    The policy-loss fields (lam, clip_eps_low, clip_eps_high, dual_clip, is_cap, aggregation,
+    kl_coef) are objective.LossSettings', defined and documented there: an ObjectiveConfig is the
+    LossSettings the loss functions take."""
 
     kind: str = "gopd"
     """'gopd' (distil the teachers, lambda-scaled implicit reward) or 'grpo' (RL from a verifier's
     sequence reward with group-normalised advantages; no teachers; rollout.samples_per_prompt is
-    the group size)."""
-    lam: float = 1.0
-    """Reward scaling lambda: 1 = OPD, (0, 1) interpolates to the reference, > 1 = ExOPD."""
+    the group size). The choices are OBJECTIVE_KINDS (gopd_mega.steps.STEPS: one step class each)."""
     reference: str | ModelConfig = "initial"
     """pi_ref. 'initial' = the student's initial weights (a frozen copy on the student's layout);
     a path = that checkpoint on the student's layout (tp, pp, params_dtype, logits_dtype of
@@ -233,19 +238,6 @@ class ObjectiveConfig:
     reference_server: str | list[str] | None = None
     """SGLang server URL(s) serving the reference model (prefill scoring, like teachers[i].server);
     None scores it in the trainer. The server must hold the weights ``reference`` names."""
-    clip_eps_low: float = 0.2
-    """PPO clip: ratio floor is 1 - clip_eps_low."""
-    clip_eps_high: float = 0.2
-    """PPO clip: ratio ceiling is 1 + clip_eps_high."""
-    dual_clip: float | None = 3.0
-    """Dual-clip constant c (> 1) for negative advantages; None disables it."""
-    is_cap: float | None = 5.0
-    """Cap of the token-level truncated importance weight exp(old - sampler); None disables it."""
-    aggregation: str = "seq-mean-token-mean"
-    """'token-mean' or 'seq-mean-token-mean' (the paper's)."""
-    kl_coef: float = 0.0
-    """GRPO only: coefficient of the k3 KL(pi_theta || pi_ref) loss term (verl's kl_loss_coef
-    with low_var_kl; 0 = off, and the reference is then not scored)."""
     reference_metrics_every: int = 0
     """When the loss does not use the reference (``needs_reference()`` is False: G-OPD at
     lambda = 1, where it cancels from the advantage; GRPO without kl_coef), it is not scored, and
@@ -273,8 +265,8 @@ class ObjectiveConfig:
 
     def validate(self, where: str = "") -> None:
         _check_finite(self, where)
-        if self.kind not in ("gopd", "grpo"):
-            _fail(f"{where}.kind", f"must be 'gopd' or 'grpo', got {self.kind!r}")
+        if self.kind not in OBJECTIVE_KINDS:
+            _fail(f"{where}.kind", f"must be one of {', '.join(repr(k) for k in OBJECTIVE_KINDS)}, got {self.kind!r}")
         if self.estimator not in ESTIMATORS:
             _fail(f"{where}.estimator", f"must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
         if self.kind == "grpo" and self.estimator != "sampled":
@@ -325,10 +317,6 @@ class ObjectiveConfig:
         if self.kind == "grpo":
             return self.kl_coef > 0
         return self.lam != 1.0
-
-    def loss_settings(self) -> LossSettings:
-        return LossSettings(self.lam, self.clip_eps_low, self.clip_eps_high, self.dual_clip, self.is_cap, self.aggregation,
-                            kl_coef=self.kl_coef)
 
 
 @dataclass

@@ -202,8 +202,8 @@ class ShardedGPT:
         final hidden states and the output shard: the full-vocabulary and top-k estimators,
         gopd_mega.model.distill); its per-token outputs (``keys``) come back as [N, S] too.
 
-        Clips and applies AdamW at the optimizer's current LR; the caller advances the LR
-        schedule with ``optimizer.step_schedule()`` once per update.
+        Clips and applies AdamW at the optimizer's current LR; the optimizer's ``step()`` then
+        advances the LR schedule by this update (also when the update is skipped).
 
         Returns loss (full batch), grad_norm (before clipping), lr, skipped (no update: the loss
         or the norm was not finite, or fp16 overflowed), overflow, logp [N, S]

@@ -77,18 +77,27 @@ Aggregation = Literal["token-mean", "seq-mean-token-mean"]
 AGGREGATIONS: tuple[str, ...] = ("token-mean", "seq-mean-token-mean")
 
 
-@dataclass(frozen=True)
+@dataclass
 class LossSettings:
-    """Hyper-parameters of the G-OPD policy loss (validated by gopd_mega.config.ObjectiveConfig)."""
+    """Hyper-parameters of the policy loss (G-OPD and GRPO alike): the one place these fields
+    are defined. gopd_mega.config.ObjectiveConfig extends this class (an ObjectiveConfig is a
+    LossSettings, validated there); tests and kernels build a bare one."""
 
     lam: float = 1.0
+    """Reward scaling lambda: 1 = OPD, (0, 1) interpolates to the reference, > 1 = ExOPD."""
     clip_eps_low: float = 0.2
+    """PPO clip: ratio floor is 1 - clip_eps_low."""
     clip_eps_high: float = 0.2
+    """PPO clip: ratio ceiling is 1 + clip_eps_high."""
     dual_clip: float | None = 3.0
+    """Dual-clip constant c (> 1) for negative advantages; None disables it."""
     is_cap: float | None = 5.0
+    """Cap of the token-level truncated importance weight exp(old - sampler); None disables it."""
     aggregation: str = "seq-mean-token-mean"
+    """'token-mean' or 'seq-mean-token-mean' (the paper's)."""
     kl_coef: float = 0.0
-    """GRPO only: coefficient beta of the k3 KL-to-reference loss term."""
+    """GRPO only: coefficient of the k3 KL(pi_theta || pi_ref) loss term (verl's kl_loss_coef
+    with low_var_kl; 0 = off, and the reference is then not scored)."""
 
 
 def implicit_reward(teacher_logp: torch.Tensor, ref_logp: torch.Tensor, lam: float) -> torch.Tensor:

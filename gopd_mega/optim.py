@@ -18,7 +18,9 @@ Pieces (all megatron-core's own; gopd_mega.platform makes them run on CPU/gloo t
     OptimConfig.loss_scale). Gradient clipping is megatron's clip_grad_norm_fp32 over the fp32
     gradients, norm summed once per parameter (TP duplicates and the tied copy excluded) over the
     model-parallel group (the whole world with the distributed optimizer).
-    Weight decay follows megatron: not applied to biases and 1-D weights (norms).
+    Weight decay: on every parameter by default, as torch AdamW in the paper's runs
+    (OptimConfig.decay_all_params); decay_all_params=false follows megatron's rule (no decay on
+    biases and 1-D weights such as norms).
   * Without Transformer Engine or Apex (always on CPU) megatron builds torch's own AdamW, which
     on CPU defaults to one tensor at a time (~8 passes over each), and computes norms and clip
     scales in Python loops. ``StudentOptimizer`` switches that AdamW to torch's fused kernel and
@@ -33,13 +35,18 @@ Step (``step()``, called by ShardedGPT.train_step after the backward of all micr
     finalize_model_grads -> set lr / weight decay of every param group -> prepare_grads
     (main_grad -> master .grad; fp16: unscale, inf check) -> grad norm (clip if grad_clip > 0)
     -> skip the update if the norm is not finite -> step_with_ready_grads (Adam on the masters,
-    copy back to the model weights; all-gather them with the distributed optimizer).
+    copy back to the model weights; all-gather them with the distributed optimizer) -> advance
+    the LR schedule by one update (a skipped update counts too), so no caller does it.
 
-LR schedule (step = number of optimizer steps already taken):
+LR schedule (step = number of updates already taken, skipped ones included: ``schedule_step``):
     warm-up  lr = peak * (step + 1) / warmup_steps            for step < warmup_steps
     constant lr = peak
     cosine   lr = min + (peak - min) * (1 + cos(pi * p)) / 2,  p = (step - warmup) / (total - warmup)
     linear   lr = peak + (min - peak) * p
+
+megatron-core has no public accessor pairing a model parameter with its fp32 master:
+``master_params`` is the one function that reads those optimizer internals, with a clear error
+(attribute, megatron-core version) if an upgrade removes one.
 
 Layout-free state (used by gopd_mega.hf.train_state, model_io, the HF export):
 ``master_weights()`` / ``moments()`` give, per local parameter name, fp32 tensors shaped like the
@@ -166,9 +173,9 @@ def _fuse_torch_adam(opt) -> bool:
 class StudentOptimizer:
     """megatron DDP + megatron optimizer over one ShardedGPT, and the LR schedule.
 
-    ``step()`` (called by ShardedGPT.train_step) reduces the gradients and applies AdamW at the
-    current LR; ``step_schedule()`` (called by the training loop once per update) advances the
-    schedule.
+    ``step()`` (called by ShardedGPT.train_step) reduces the gradients, applies AdamW at the
+    current LR and then advances the schedule by one update (``schedule_step``), whether the
+    update was applied or skipped.
     """
 
     def __init__(self, model, cfg: OptimConfig, total_steps: int | None = None):
@@ -220,9 +227,6 @@ class StudentOptimizer:
         """The learning rate the next ``step()`` uses."""
         return lr_at(self.cfg, self.schedule_step, self.total_steps)
 
-    def step_schedule(self) -> None:
-        self.schedule_step += 1
-
     # ------------------------------------------------------------------ gradients and step
 
     def zero_grad(self) -> None:
@@ -253,9 +257,17 @@ class StudentOptimizer:
         return _ExternalGradReady.apply(loss, weight)
 
     def step(self, loss: float | None = None) -> dict[str, float]:
-        """Reduce the gradients, clip to cfg.grad_clip by the global norm and apply AdamW
-        (skipped on a non-finite ``loss`` or norm, or an fp16 overflow). Returns grad_norm
-        (before clipping), lr, skipped, and overflow (1: the skip was the fp16 loss scaler's)."""
+        """Reduce the gradients, clip to cfg.grad_clip by the global norm and apply AdamW at the
+        LR of the current schedule position (skipped on a non-finite ``loss`` or norm, or an fp16
+        overflow), then advance the schedule by one update, applied or skipped. Returns grad_norm
+        (before clipping), lr (the one this update used), skipped, and overflow (1: the skip was
+        the fp16 loss scaler's)."""
+        stats = self._update(loss)
+        self.schedule_step += 1
+        return stats
+
+    def _update(self, loss: float | None) -> dict[str, float]:
+        """step() less the schedule advance."""
         from megatron.core.distributed import finalize_model_grads
 
         finalize_model_grads([self.ddp], num_tokens=None, pg_collection=self.pg)
@@ -280,21 +292,7 @@ class StudentOptimizer:
         """(local name, model param, master tensor, flat offset) for every master tensor on this
         rank: the master holds elements [offset, offset + master.numel()) of the flattened
         param (all of it, except with the distributed optimizer's DP shards)."""
-        o = self.opt
-        out = []
-        if hasattr(o, "shard_fp32_from_float16_groups"):  # DistributedOptimizer
-            pairs = [(m, s, v) for mg, sg, vg in zip(o.model_float16_groups, o.shard_fp32_from_float16_groups,
-                                                     o.shard_float16_groups) for m, s, v in zip(mg, sg, vg)]
-            pairs += [(m, s, s) for mg, sg in zip(o.model_fp32_groups, o.shard_fp32_groups) for m, s in zip(mg, sg)]
-            for model_p, main, view in pairs:  # view: the shard of the model param itself
-                out.append((self._names[model_p], model_p, main, view.storage_offset() - model_p.storage_offset()))
-        elif hasattr(o, "fp32_from_float16_groups"):  # Float16OptimizerWithFloat16Params
-            for mg, sg in zip(o.float16_groups, o.fp32_from_float16_groups):
-                out += [(self._names[m], m, s, 0) for m, s in zip(mg, sg)]
-            out += [(self._names[p], p, p, 0) for g in o.fp32_from_fp32_groups for p in g]
-        else:  # FP32Optimizer: the model params are the masters
-            out += [(self._names[p], p, p, 0) for g in o.optimizer.param_groups for p in g["params"]]
-        return out
+        return [(self._names[model_p], model_p, main, offset) for model_p, main, offset in master_params(self.opt)]
 
     def _complete(self, parts: dict[str, list[tuple[int, torch.Tensor]]]) -> dict[str, torch.Tensor]:
         """{name: [(offset, flat values)]} -> {name: fp32 tensor shaped like the param}, summed
@@ -415,6 +413,65 @@ class StudentOptimizer:
         self.schedule_step = int(sd["schedule_step"])
         if self.scaler is not None and "grad_scaler" in sd:
             self.scaler.load_state_dict(sd["grad_scaler"])
+
+
+MEGATRON_TESTED = ">=0.16.1,<0.20"
+"""The megatron-core releases whose optimizer internals :func:`master_params` was checked
+against (pyproject's pin)."""
+
+
+def megatron_version() -> str:
+    from megatron.core import package_info
+
+    return package_info.__version__
+
+
+def _internals(opt, names: tuple[str, ...]) -> list:
+    """``opt``'s attributes ``names``: megatron-core optimizer internals that no public API gives
+    (below). A missing one raises a RuntimeError naming it, the optimizer class and the
+    installed megatron-core version, instead of a bare AttributeError deep in a checkpoint save."""
+    missing = [n for n in names if not hasattr(opt, n)]
+    if missing:
+        raise RuntimeError(
+            f"megatron-core {megatron_version()}: {type(opt).__name__} has no attribute {missing[0]!r}, which "
+            f"gopd_mega.optim.master_params reads to pair each model parameter with its fp32 master (checked "
+            f"against megatron-core {MEGATRON_TESTED}); this megatron-core changed its optimizer internals: "
+            "install a release in that range or update master_params")
+    return [getattr(opt, n) for n in names]
+
+
+def master_params(opt) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """(model param, fp32 master tensor, flat offset) for every master tensor of the megatron
+    optimizer ``opt`` on this rank: the master holds elements [offset, offset + numel) of the
+    flattened model param (all of it, except for the distributed optimizer's DP shards).
+
+    The ONE place that reads megatron-core optimizer internals: megatron-core has no public
+    accessor for the model-param <-> master pairing (its own checkpoint code reads the same
+    attributes: DistributedOptimizer's model_float16_groups / shard_fp32_from_float16_groups /
+    shard_float16_groups / model_fp32_groups / shard_fp32_groups, and
+    Float16OptimizerWithFloat16Params' float16_groups / fp32_from_float16_groups /
+    fp32_from_fp32_groups). Each access goes through :func:`_internals` (a clear error naming the
+    attribute and the megatron-core version if one disappears); tests/test_optim_megatron.py
+    checks them on real optimizers. FP32Optimizer's masters are its params (public API)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params, FP32Optimizer
+
+    if isinstance(opt, DistributedOptimizer):
+        model16, main16, shard16, model32, shard32 = _internals(opt, (
+            "model_float16_groups", "shard_fp32_from_float16_groups", "shard_float16_groups", "model_fp32_groups",
+            "shard_fp32_groups"))
+        pairs = [(m, s, v) for mg, sg, vg in zip(model16, main16, shard16) for m, s, v in zip(mg, sg, vg)]
+        pairs += [(m, s, s) for mg, sg in zip(model32, shard32) for m, s in zip(mg, sg)]
+        # view: the shard of the model param itself, whose storage offset locates the master's elements
+        return [(model_p, main, view.storage_offset() - model_p.storage_offset()) for model_p, main, view in pairs]
+    if isinstance(opt, Float16OptimizerWithFloat16Params):
+        model16, main16, main32 = _internals(opt, ("float16_groups", "fp32_from_float16_groups", "fp32_from_fp32_groups"))
+        out = [(m, s, 0) for mg, sg in zip(model16, main16) for m, s in zip(mg, sg)]
+        return out + [(p, p, 0) for g in main32 for p in g]
+    if isinstance(opt, FP32Optimizer):  # the model params are the masters
+        return [(p, p, 0) for g in opt.optimizer.param_groups for p in g["params"]]
+    raise TypeError(f"gopd_mega.optim.master_params: unexpected megatron optimizer {type(opt).__name__} "
+                    f"(megatron-core {megatron_version()})")
 
 
 def build_optimizer(model, cfg: OptimConfig, total_steps: int | None = None) -> StudentOptimizer:

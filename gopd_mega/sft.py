@@ -1,7 +1,9 @@
 """Supervised fine-tuning with the same megatron-core student and train_step as G-OPD.
 
-The demo uses it to make its mediocre base model (briefly, on every domain) and its domain
-teachers (further, on one domain each, from that same base).
+The demo uses it to make its mediocre base models, briefly, on every domain (the base that the
+domain teachers start from, and strong-to-weak's smaller student base); its domain teachers are
+then made from that base by GRPO (the Distiller with objective.kind='grpo'), not by SFT. The
+optimizer's step advances the LR schedule, once per SFT step.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ def train_sft(model, optimizer, records: list[dict], tokenizer, *, steps: int, b
         tokens, mask = sft_batch(batch, tokenizer, max_len)
         out = model.train_step(tokens, mask, nll_loss_builder(token_weights(mask, "token-mean")), micro_batch_size,
                                max_tokens=max_tokens)
-        optimizer.step_schedule()
         losses.append(out["loss"])
         bar.set_postfix(loss=f"{out['loss']:.3f}")
     return losses

@@ -1,19 +1,23 @@
-"""The G-OPD driver loop.
+"""The driver loop, one for every objective (G-OPD, GRPO).
 
     for each step:
         prompts   = data.next_batch()                      # each names its teacher
         rollout   = coordinator.collect(step, prompts)     # responses + sampler log-probs
-        t_logp    = teacher[route].logprobs(rollout)       # every teacher, its own layout
-        r_logp    = reference.logprobs(rollout)            # pi_ref (initial student by default);
-                                                           # not scored at lambda = 1, where it cancels
-        student.train_step(rollout, gopd_token_loss(...))  # advantage, clipped IS loss, AdamW
+        scores    = algorithm.score(rollout, prompts)      # G-OPD: every teacher, its own layout, and
+                                                           # pi_ref (not scored at lambda = 1, where it
+                                                           # cancels); GRPO: verifier rewards
+        out       = algorithm.update(rollout, scores)      # update_student: clipped IS loss, AdamW
                                                            # (train.updates_per_rollout steps)
         coordinator.refresh(student, step + 1)             # weight sync, once, to the engine
+        metrics   = step_metrics(out, algorithm.metrics(...))   # one schema, the algorithm's own keys
 
-With ``objective.kind: grpo`` the same loop does RL from a verifier instead (how the paper makes
-its domain teachers): no teachers; each prompt is sampled ``samples_per_prompt`` times, every
-response gets ``reward(prompt, response_ids)``, the group-normalised advantage is broadcast to its
-tokens and trained with the same clipped, IS-weighted, aggregated loss (objective.advantage_token_loss).
+``algorithm`` is the gopd_mega.steps.Step of ``objective.kind`` (steps.STEPS): GOPDStep distils
+the teachers (estimators sampled / full_vocab / top_k, returns token / sequence); GRPOStep does RL
+from a verifier instead (how the paper makes its domain teachers): no teachers; each prompt is
+sampled ``samples_per_prompt`` times, every response gets ``reward(prompt, response_ids)``, the
+group-normalised advantage is broadcast to its tokens and trained with the same clipped,
+IS-weighted, aggregated loss (objective.advantage_token_loss). Both update the student through
+:meth:`Distiller.update_student`; the optimizer's step advances the LR schedule.
 
 SPMD: every rank runs this loop and holds the whole (small) rollout batch as token ids (one global
 batch: a server engine is driven by rank 0 and its batch broadcast, see rollout/coordinator.py); each
@@ -34,12 +38,13 @@ from gopd_mega.checkpoint import CheckpointManager
 from gopd_mega.config import RunConfig, to_dict
 from gopd_mega.failures import StopRequested, StopSignals, TrainingError, on_rank0
 from gopd_mega.metrics import MetricsLogger, is_rank0
-from gopd_mega.model.distill import FullVocabLoss, TopK, TopKLoss
-from gopd_mega.objective import (advantage_token_loss, gopd_token_loss, grpo_advantage, k3_kl, sequence_advantage, token_metrics,
-                                 token_weights)
+from gopd_mega.objective import token_weights
 from gopd_mega.rollout.base import RolloutBatch
 from gopd_mega.rollout.coordinator import RolloutCoordinator, Sampling
 from gopd_mega.rollout.servers import startup_checks
+# Re-exported: the scoring helpers, loss builders and reward hook moved to gopd_mega.steps.
+from gopd_mega.steps import (RewardFn, Step, advantage_loss_builder, build_step, gopd_loss_builder,  # noqa: F401
+                             rows_by_teacher, score_teachers, score_teachers_top_k)
 
 
 @dataclass
@@ -56,112 +61,21 @@ class Models:
     reference_projection: object = None  # the reference's Projection (full_vocab, lam != 1)
 
 
-def rows_by_teacher(routes: list[str], teachers: dict) -> dict[str, torch.Tensor]:
-    """Batch rows routed to each teacher (teachers with no rows in this batch are left out)."""
-    rows = {name: torch.tensor([i for i, r in enumerate(routes) if r == name], dtype=torch.long) for name in teachers}
-    return {name: r for name, r in rows.items() if r.numel()}
-
-
-def score_teachers(teachers: dict, batch: RolloutBatch, routes: list[str], temperature: float,
-                   max_tokens: int | None = None) -> torch.Tensor:
-    """Teacher log-probs [N, S]: each row is scored by the teacher its prompt routes to
-    (micro-batches of at most ``max_tokens`` packed positions)."""
-    out = torch.zeros(batch.tokens.shape, dtype=torch.float32)
-    for name, rows in rows_by_teacher(routes, teachers).items():
-        out[rows] = teachers[name].logprobs(batch.tokens[rows], batch.loss_mask[rows], temperature, max_tokens=max_tokens)
-    return out
-
-
-def score_teachers_top_k(teachers: dict, batch: RolloutBatch, routes: list[str], k: int, temperature: float,
-                         vocab_size: int, max_tokens: int | None = None) -> TopK:
-    """Each row's teacher's top-k log-probs and the sampled token's, per position (a local model
-    or an SGLang server), as the top-k estimator's K_t (``vocab_size``: the student's)."""
-    N, S = batch.tokens.shape
-    ids, logp, target = torch.full((N, S, k), -1, dtype=torch.long), torch.zeros(N, S, k), torch.zeros(N, S)
-    for name, rows in rows_by_teacher(routes, teachers).items():
-        ids[rows], logp[rows], target[rows] = teachers[name].top_k_logprobs(
-            batch.tokens[rows], batch.loss_mask[rows], k, temperature, max_tokens=max_tokens)
-    return TopK.from_teacher(batch.tokens, batch.loss_mask, ids, logp, target, vocab_size)
-
-
-def gopd_loss_builder(
-    teacher_logp: torch.Tensor,
-    ref_logp: torch.Tensor | None,
-    sampler_logp: torch.Tensor,
-    weights: torch.Tensor,
-    settings,
-    old_logp: torch.Tensor | None = None,
-) -> Callable:
-    """For ShardedGPT.train_step: per-token weighted G-OPD loss fn(logp, flat_index), where
-    flat_index indexes the full batch's [N * S] tensors. ``old_logp`` [N, S]: pi_old of the batch
-    (None: the student's own detached log-probs); ``ref_logp`` None at lambda = 1."""
-    t, q, w = (x.reshape(-1) for x in (teacher_logp, sampler_logp, weights))
-    r = None if ref_logp is None else ref_logp.reshape(-1)
-    o = None if old_logp is None else old_logp.reshape(-1)
-
-    def token_loss(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        idx = idx.cpu()
-        loss, _, _ = gopd_token_loss(
-            logp, teacher_logp=t[idx].to(logp), ref_logp=None if r is None else r[idx].to(logp), sampler_logp=q[idx].to(logp),
-            old_logp=None if o is None else o[idx].to(logp), settings=settings
-        )
-        return loss * w[idx].to(logp)
-
-    return token_loss
-
-
-def advantage_loss_builder(
-    advantage: torch.Tensor,
-    ref_logp: torch.Tensor | None,
-    sampler_logp: torch.Tensor,
-    weights: torch.Tensor,
-    settings,
-    old_logp: torch.Tensor | None = None,
-) -> Callable:
-    """For ShardedGPT.train_step: per-token weighted policy loss of a precomputed advantage
-    fn(logp, flat_index) (objective.advantage_token_loss), where flat_index indexes the full
-    batch's [N * S] tensors. ``advantage`` [N, S]: GRPO's group-normalised sequence advantage on
-    each response's tokens, or G-OPD's return-to-go advantage (objective.returns = 'sequence');
-    ``old_logp`` [N, S] pi_old (None: the student's own detached log-probs); ``ref_logp`` only
-    for GRPO's k3 term (kl_coef > 0)."""
-    a, q, w = (x.reshape(-1) for x in (advantage, sampler_logp, weights))
-    r = None if ref_logp is None else ref_logp.reshape(-1)
-    o = None if old_logp is None else old_logp.reshape(-1)
-
-    def token_loss(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        idx = idx.cpu()
-        loss, _ = advantage_token_loss(logp, advantage=a[idx].to(logp), ref_logp=None if r is None else r[idx].to(logp),
-                                       sampler_logp=q[idx].to(logp), old_logp=None if o is None else o[idx].to(logp),
-                                       settings=settings)
-        return loss * w[idx].to(logp)
-
-    return token_loss
-
-
-def _nothing_clipped(rows, logp: torch.Tensor, old) -> torch.Tensor:
-    """The estimators without a ratio to clip (full_vocab, top_k): update_student's clipped_for."""
-    return torch.zeros(logp.shape, dtype=torch.bool)
-
-
-RewardFn = Callable[[object, list], float]
-"""GRPO's verifier hook: (Prompt, response token ids, stop token included) -> scalar reward.
-gopd_mega.run.verifier_reward adapts a (record, response_text) -> reward verifier to it."""
-
-
 class Distiller:
-    """Runs G-OPD (or, with objective.kind='grpo', GRPO) training for a :class:`RunConfig`."""
+    """Runs the training of a :class:`RunConfig`: G-OPD, GRPO or any objective.kind of
+    gopd_mega.steps.STEPS, all through the same loop (:meth:`train_step`)."""
 
     def __init__(self, cfg: RunConfig, models: Models, data, optimizer, evaluate: Callable | None = None,
                  reward: RewardFn | None = None):
-        if cfg.objective.kind == "grpo" and reward is None:
-            raise ValueError("objective.kind='grpo' needs a reward function (a verifier for the prompts' domain)")
         self.reward = reward
         self.cfg = cfg
+        self.algorithm: Step = build_step(self)
+        """The per-step algorithm of objective.kind (gopd_mega.steps.STEPS); GRPO refuses a missing reward."""
         self.m = models
         self.data = data
         self.optimizer = optimizer
         self.evaluate = evaluate
-        self.settings = cfg.objective.loss_settings()
+        self.settings = cfg.objective  # an ObjectiveConfig is the LossSettings of the loss functions
         self.ckpt = CheckpointManager(cfg.train.out_dir, keep_last=cfg.train.keep_last)
         # With a progress bar the console gets a metrics line every 10 steps, else every step.
         self.logger = MetricsLogger(cfg.train.out_dir, cfg.train.log_backend, console_every=10 if cfg.train.progress else 1)
@@ -228,55 +142,33 @@ class Distiller:
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict[str, float]:
-        cfg = self.cfg
+        """One step of the objective's algorithm (self.algorithm, gopd_mega.steps): rollout ->
+        score -> update(s) -> weight sync -> metrics (step_metrics)."""
         t0 = time.perf_counter()
         prompts, batch = self.next_rollout()
-        routes = [p.teacher for p in prompts]
         t_rollout = time.perf_counter()
-        if cfg.objective.kind == "grpo":
-            return self._grpo_update(prompts, batch, t0, t_rollout)
-
-        if cfg.objective.estimator == "full_vocab":  # the exact expectation over the vocabulary at each prefix
-            return self._expected_step(batch, routes, self._full_vocab_update, t0, t_rollout)
-        if cfg.objective.estimator == "top_k":  # the same over the teacher's top-k, the sampled token and a tail
-            return self._expected_step(batch, routes, self._top_k_update, t0, t_rollout)
-        temperature = cfg.rollout.temperature
-        budget = cfg.train.max_tokens_per_micro_batch
-        teacher_logp = score_teachers(self.m.teachers, batch, routes, temperature, budget)
-        ref_logp = self._reference_logp(batch, temperature)  # None where it cancels (lambda = 1)
-        loss_ref = ref_logp if cfg.objective.needs_reference() else None  # a metric alone: not in the loss
+        scores = self.algorithm.score(batch, prompts)
         self.rollout.before_training()
-        out = self._gopd_update(batch, teacher_logp, loss_ref, temperature)
+        out = self.algorithm.update(batch, scores)
         self.sync_weights(self.step + 1)
         t_end = time.perf_counter()
+        own, breakdown = self.algorithm.metrics(batch, scores, out)
+        return self.step_metrics(out, batch, own, breakdown, t0, t_rollout, t_end)
 
+    def step_metrics(self, out: dict, batch: RolloutBatch, own: dict[str, float], breakdown: dict[str, float],
+                     t0: float, t_rollout: float, t_end: float) -> dict[str, float]:
+        """The metrics of a step, every objective alike: loss, grad_norm (means over the updates),
+        lr (of the next update), the algorithm's ``own`` scalars, entropy, response_len,
+        sampler_mismatch (token mean |pi_old - sampler| log-prob), tokens_per_s, rollout_s, step_s,
+        policy_lag (steps between the weights that sampled the batch and the student's); with
+        train.updates_per_rollout > 1 also clip_frac and ratio_dev (over the updates: update_student)
+        and updates; then the algorithm's ``breakdown`` (per teacher, per route)."""
         mask = batch.loss_mask
-        student_logp = out["logp"]
-        # Diagnostics are computed from the pre-update log-probs (pi_old; ratio = 1).
-        if cfg.objective.returns == "sequence":  # the return-to-go advantage the update used
-            advantage, clipped = out["advantage"], torch.zeros(mask.shape, dtype=torch.bool)
-        else:
-            _, advantage, clipped = gopd_token_loss(
-                student_logp, teacher_logp=teacher_logp, ref_logp=loss_ref, sampler_logp=None, old_logp=None, settings=self.settings
-            )
         metrics = {
             "loss": out["loss"],
             "grad_norm": out["grad_norm"],
             "lr": self.optimizer.lr,
-            **{k: v for k, v in token_metrics(student_logp, mask, teacher_logp, ref_logp, advantage, clipped, self.settings.lam).items() if k != "tokens"},
-            **self._run_metrics(out, batch, t0, t_rollout, t_end),
-        }
-        if cfg.train.updates_per_rollout > 1:  # what the clip did over the updates
-            metrics.update(clip_frac=out["clip_frac"], ratio_dev=out["ratio_dev"], updates=float(len(self.update_stats)))
-        for name, rows in rows_by_teacher(routes, self.m.teachers).items():
-            m = mask[rows].float()
-            metrics[f"reverse_kl/{name}"] = float(((student_logp[rows] - teacher_logp[rows]) * m).sum() / m.sum().clamp(min=1))
-        return metrics
-
-    def _run_metrics(self, out: dict, batch: RolloutBatch, t0: float, t_rollout: float, t_end: float) -> dict:
-        """The G-OPD step's metrics that do not depend on the estimator."""
-        mask = batch.loss_mask
-        return {
+            **own,
             "entropy": out["entropy"],
             "response_len": float(batch.response_lens.float().mean()),
             "sampler_mismatch": float(((out["logp"] - batch.sampler_logp).abs() * mask).sum() / mask.sum().clamp(min=1)),
@@ -286,37 +178,9 @@ class Distiller:
             "policy_lag": float(self.step - min(int(v) for v in batch.weight_versions)) if all(
                 v.isdigit() for v in batch.weight_versions) else 0.0,
         }
-
-    def _expected_step(self, batch: RolloutBatch, routes: list[str], update: Callable, t0: float,
-                       t_rollout: float) -> dict[str, float]:
-        """The G-OPD step of the estimators that take the expectation over the next token at each
-        visited prefix (full_vocab, top_k): ``update(batch, routes, temperature)`` -> the student's
-        update(s) with the per-token outputs of gopd_mega.model.distill (PER_TOKEN). Metrics
-        (token means over the response tokens): reverse_kl (and per teacher) = KL(pi_theta ||
-        pi_T) at each prefix (exact for full_vocab; between the coarsened distributions for
-        top_k), log_z, kl_target = KL(pi_theta || q_t), and the estimator-free ones."""
-        cfg = self.cfg
-        out = update(batch, routes, cfg.rollout.temperature)
-        self.sync_weights(self.step + 1)
-        t_end = time.perf_counter()
-        m = batch.loss_mask.float()
-
-        def mean(x: torch.Tensor, rows=slice(None)) -> float:
-            return float((x[rows] * m[rows]).sum() / m[rows].sum().clamp(min=1))
-
-        metrics = {
-            "loss": out["loss"],
-            "grad_norm": out["grad_norm"],
-            "lr": self.optimizer.lr,
-            "reverse_kl": mean(out["reverse_kl"]),
-            "log_z": mean(out["log_z"]),
-            "kl_target": mean(out["token_loss"] + out["log_z"]),
-            **self._run_metrics(out, batch, t0, t_rollout, t_end),
-        }
-        if cfg.train.updates_per_rollout > 1:
-            metrics["updates"] = float(len(self.update_stats))
-        for name, rows in rows_by_teacher(routes, self.m.teachers).items():
-            metrics[f"reverse_kl/{name}"] = mean(out["reverse_kl"], rows)
+        if self.cfg.train.updates_per_rollout > 1:  # what the clip did over the updates
+            metrics.update(clip_frac=out["clip_frac"], ratio_dev=out["ratio_dev"], updates=float(len(self.update_stats)))
+        metrics.update(breakdown)
         return metrics
 
     def update_student(self, batch: RolloutBatch, loss_fn_for: Callable, clipped_for: Callable,
@@ -351,7 +215,6 @@ class Distiller:
             out = self.m.student.train_step(batch.tokens, mask, fn, train.micro_batch_size, temperature=temperature,
                                             max_tokens=budget)
             self._count_skip(out)
-            self.optimizer.step_schedule()
             return out
         old = old_logp if old_logp is not None else \
             self.m.student.logprobs(batch.tokens, mask, temperature, train.micro_batch_size, max_tokens=budget)
@@ -363,7 +226,6 @@ class Distiller:
             out = self.m.student.train_step(batch.tokens[rows], sub, fn, train.micro_batch_size, temperature=temperature,
                                             max_tokens=budget)
             self._count_skip(out)
-            self.optimizer.step_schedule()
             clipped = clipped_for(rows, out["logp"], old[rows])
             m = sub.clone().float()
             m[:, 0] = 0
@@ -406,148 +268,6 @@ class Distiller:
                 f"train.max_consecutive_skips={limit}); the weights are those of the last finite update and were not "
                 f"saved; lower optim.lr or check the inputs; newest checkpoint: {newest or 'none'}")
 
-    def _reference_logp(self, batch: RolloutBatch, temperature: float) -> torch.Tensor | None:
-        """pi_ref's log-probs of the batch [N, S] when the loss needs them or this step logs the
-        metrics that need them (objective.reference_metrics_every); None otherwise (not scored)."""
-        obj = self.cfg.objective
-        every = obj.reference_metrics_every
-        if not obj.needs_reference() and not (every and self.step % every == 0):
-            return None
-        return self.m.reference.logprobs(batch.tokens, batch.loss_mask, temperature,
-                                         max_tokens=self.cfg.train.max_tokens_per_micro_batch)
-
-    def _gopd_update(self, batch: RolloutBatch, teacher_logp: torch.Tensor, ref_logp: torch.Tensor | None,
-                     temperature: float) -> dict:
-        """update_student with the G-OPD loss (objective.gopd_token_loss; ``ref_logp`` None at lambda = 1).
-
-        objective.returns = 'sequence': pi_old of the whole batch from one no-grad student pass
-        (the one update_student needs anyway for updates_per_rollout > 1), the return-to-go
-        advantage objective.sequence_advantage (groups: one prompt's samples), and the same
-        clipped, importance-weighted policy loss on it (objective.advantage_token_loss, no k3:
-        kl_coef = 0 for G-OPD). The advantage used is returned as out['advantage'] [N, S]."""
-        s = self.settings
-        if self.cfg.objective.returns == "sequence":
-            train = self.cfg.train
-            old = self.m.student.logprobs(batch.tokens, batch.loss_mask, temperature, train.micro_batch_size,
-                                          max_tokens=train.max_tokens_per_micro_batch)
-            advantage = sequence_advantage(old, teacher_logp, ref_logp, s.lam, batch.loss_mask,
-                                           self.cfg.rollout.samples_per_prompt)
-
-            def seq_loss_fn_for(rows, weights, o):
-                return advantage_loss_builder(advantage[rows], None, batch.sampler_logp[rows], weights, s, old_logp=o)
-
-            def seq_clipped_for(rows, logp, o):
-                return advantage_token_loss(logp, advantage=advantage[rows], ref_logp=None, sampler_logp=None, old_logp=o,
-                                            settings=s)[1]
-
-            out = self.update_student(batch, seq_loss_fn_for, seq_clipped_for, temperature, old_logp=old)
-            return {**out, "advantage": advantage}
-
-        def ref(rows):
-            return None if ref_logp is None else ref_logp[rows]
-
-        def loss_fn_for(rows, weights, old):
-            return gopd_loss_builder(teacher_logp[rows], ref(rows), batch.sampler_logp[rows], weights, s, old_logp=old)
-
-        def clipped_for(rows, logp, old):
-            return gopd_token_loss(logp, teacher_logp=teacher_logp[rows], ref_logp=ref(rows), sampler_logp=None,
-                                   old_logp=old, settings=s)[2]
-
-        return self.update_student(batch, loss_fn_for, clipped_for, temperature)
-
-    def _full_vocab_update(self, batch: RolloutBatch, routes: list[str], temperature: float) -> dict:
-        """update_student with the exact full-vocabulary loss (model.distill.FullVocabLoss): for
-        each update, every teacher's hidden states of its rows, and the reference's (lam != 1),
-        are delivered to the student's ranks; the heads were re-sharded at build time."""
-        lam, budget = self.settings.lam, self.cfg.train.max_tokens_per_micro_batch
-        names = list(self.m.teachers)
-        route = torch.tensor([names.index(r) for r in routes], dtype=torch.long)
-        ref = self.m.reference_projection
-        self.rollout.before_training()
-
-        def loss_fn_for(rows, weights, old):
-            tokens, mask, sub = batch.tokens[rows], batch.loss_mask[rows], route[rows]
-            teachers = [(None, None)] * len(names)
-            for name, own in rows_by_teacher([routes[int(i)] for i in rows], self.m.teachers).items():
-                p = self.m.projections[name]
-                teachers[names.index(name)] = (p.hidden(tokens, mask, own, max_tokens=budget), p.head)
-            reference = None if lam == 1.0 else (ref.hidden(tokens, mask, max_tokens=budget), ref.head)
-            return FullVocabLoss(teachers, sub, reference, weights, lam, tokens.shape[1])
-
-        return self.update_student(batch, loss_fn_for, _nothing_clipped, temperature)
-
-    def _top_k_update(self, batch: RolloutBatch, routes: list[str], temperature: float) -> dict:
-        """update_student with the top-k loss (model.distill.TopKLoss): each row's teacher's top-k
-        (local or served) and, at lam != 1, the reference's log-probs at those ids."""
-        lam, budget = self.settings.lam, self.cfg.train.max_tokens_per_micro_batch
-        top = score_teachers_top_k(self.m.teachers, batch, routes, self.cfg.objective.top_k, temperature,
-                                   self.m.student.cfg.vocab_size, budget)
-        if lam != 1.0:
-            top.ref_logp = self.m.reference.logprobs_at(batch.tokens, batch.loss_mask, top.ids, temperature,
-                                                        max_tokens=budget)
-        self.rollout.before_training()
-
-        def loss_fn_for(rows, weights, old):
-            return TopKLoss(top.rows(rows), weights, lam)
-
-        return self.update_student(batch, loss_fn_for, _nothing_clipped, temperature)
-
-    def _grpo_update(self, prompts: list, batch: RolloutBatch, t0: float, t_rollout: float) -> dict[str, float]:
-        """The GRPO branch of train_step: verifier rewards -> group advantages -> one update."""
-        cfg = self.cfg
-        n = cfg.rollout.samples_per_prompt
-        rewards = torch.tensor([float(self.reward(p, batch.response_ids(i))) for i, p in enumerate(prompts)],
-                               dtype=torch.float64)
-        if not torch.isfinite(rewards).all():
-            bad = int((~torch.isfinite(rewards)).nonzero()[0])
-            raise ValueError(f"reward function returned {float(rewards[bad])} for prompt {prompts[bad].text!r}")
-        mask = batch.loss_mask
-        advantage = grpo_advantage(rewards, n)[:, None] * mask.to(torch.float32)
-        temperature = cfg.rollout.temperature
-        ref_logp = self._reference_logp(batch, temperature)  # scored for kl_coef > 0 (or the kl_ref metric)
-        metric_ref, ref_logp = ref_logp, (ref_logp if cfg.objective.needs_reference() else None)
-        s = self.settings
-
-        def loss_fn_for(rows, weights, old):
-            ref = None if ref_logp is None else ref_logp[rows]
-            return advantage_loss_builder(advantage[rows], ref, batch.sampler_logp[rows], weights, s, old_logp=old)
-
-        def clipped_for(rows, logp, old):
-            ref = None if ref_logp is None else ref_logp[rows]
-            return advantage_token_loss(logp, advantage=advantage[rows], ref_logp=ref, sampler_logp=None, old_logp=old, settings=s)[1]
-
-        self.rollout.before_training()
-        out = self.update_student(batch, loss_fn_for, clipped_for, temperature)
-        self.sync_weights(self.step + 1)
-        t_end = time.perf_counter()
-
-        m = mask.float()
-        groups = rewards.view(-1, n)
-        metrics = {
-            "loss": out["loss"],
-            "grad_norm": out["grad_norm"],
-            "lr": self.optimizer.lr,
-            "reward_mean": float(rewards.mean()),
-            # fraction of responses with a positive reward (= correct, for a 0/1 verifier)
-            "success_rate": float((rewards > 0).double().mean()),
-            # groups whose responses all got the same reward: zero advantage, no learning signal
-            "flat_groups": float((groups.max(dim=1).values == groups.min(dim=1).values).double().mean()),
-            "entropy": out["entropy"],
-            "response_len": float(batch.response_lens.float().mean()),
-            "sampler_mismatch": float(((out["logp"] - batch.sampler_logp).abs() * m).sum() / m.sum().clamp(min=1)),
-            "tokens_per_s": float(m.sum()) / (t_end - t0),
-            "rollout_s": t_rollout - t0,
-            "step_s": t_end - t0,
-        }
-        if cfg.train.updates_per_rollout > 1:  # what the clip did over the updates
-            metrics.update(clip_frac=out["clip_frac"], ratio_dev=out["ratio_dev"], updates=float(len(self.update_stats)))
-        if metric_ref is not None:
-            metrics["kl_ref"] = float((k3_kl(out["logp"], metric_ref) * m).sum() / m.sum().clamp(min=1))
-        for route in sorted({str(p.teacher) for p in prompts}):
-            rows = torch.tensor([i for i, p in enumerate(prompts) if str(p.teacher) == route])
-            metrics[f"reward/{route}"] = float(rewards[rows].mean())
-        return metrics
-
     # ------------------------------------------------------------------ loop
     def fit(self) -> list[dict[str, float]]:
         """Train to train.steps. SIGTERM, SIGINT or SIGUSR1 (on any rank) ends the loop after the
@@ -568,7 +288,7 @@ class Distiller:
                 raise StopRequested(signum, self.step, None)
             start = self.step
             history = []
-            bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and is_rank0()), desc="GRPO" if self.cfg.objective.kind == "grpo" else f"G-OPD lam={self.settings.lam}")
+            bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and is_rank0()), desc=self.algorithm.describe())
             while self.step < cfg.steps:
                 metrics = self.train_step()
                 self.step += 1
@@ -577,7 +297,7 @@ class Distiller:
                 on_rank0(lambda: self.logger.log(self.step, metrics))
                 self._report_skips()
                 bar.update(1)
-                key = "reward_mean" if "reward_mean" in metrics else "reverse_kl"
+                key = self.algorithm.progress_key
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", **{key: f"{metrics[key]:.3f}"})
                 signum = stop.agreed()
                 if signum and self.step < cfg.steps:

@@ -232,8 +232,7 @@ def test_several_updates_per_rollout(dirs, tmp_path, estimator):
     cfg = _cfg(dirs, tmp_path, 1.25, estimator, **{"train.updates_per_rollout": 2, "train.steps": 2})
     d = _distiller(cfg)
     prompts, batch = d.next_rollout()
-    update = d._full_vocab_update if estimator == "full_vocab" else d._top_k_update
-    out = update(batch, [p.teacher for p in prompts], T)
+    out = d.algorithm.update(batch, d.algorithm.score(batch, prompts))
     scored = batch.loss_mask.bool().clone()
     scored[:, 0] = False
     assert len(d.update_stats) == 2

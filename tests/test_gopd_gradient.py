@@ -28,7 +28,7 @@ def test_train_step_gradient_equals_full_logits_autograd(tmp_path, lam):
     # a reference different from the student, so lambda != 1 exercises it
     ref = models.teachers["mul"].logprobs(batch.tokens, batch.loss_mask, 1.0)
     weights = token_weights(batch.loss_mask, "seq-mean-token-mean")
-    settings = cfg.objective.loss_settings()
+    settings = cfg.objective  # an ObjectiveConfig is a LossSettings
 
     student = build_model(dataclasses.replace(cfg.student), trainable=True, name="student")
     build_optimizer(student, dataclasses.replace(cfg.optim, lr=1e-30))  # keeps the grads; no update

@@ -85,8 +85,9 @@ def _save_load(ckpt_dir):
     optim = OptimConfig(lr=1e-3, schedule="cosine", warmup_steps=1, min_lr=1e-4, weight_decay=0.1)
     a = ShardedGPT(tiny_cfg(2, 1, seed=5), g, trainable=True, optim=optim, total_steps=4, name="student")
     def step(m):
+        before = m.optimizer.schedule_step
         out = m.train_step(tokens, mask, builder, micro_batch_size=2)
-        m.optimizer.step_schedule()
+        assert m.optimizer.schedule_step == before + 1  # the optimizer's step advanced the schedule
         return out
 
     step(a)

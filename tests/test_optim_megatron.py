@@ -47,10 +47,10 @@ def _train(model, steps=STEPS, record_grads=False, micro_batch_size=4):
         tokens, mask = _data(s)
         out = model.train_step(tokens, mask, _loss_fn, micro_batch_size=micro_batch_size)
         assert out["skipped"] == 0.0
+        assert model.optimizer.schedule_step == s + 1  # train_step's optimizer step advanced the schedule
         stats.append((out["loss"], out["grad_norm"]))
         if record_grads:
             grads.append({n: p.main_grad.clone() for n, p in model.model.named_parameters()})
-        model.optimizer.step_schedule()
     return stats, grads
 
 
@@ -253,6 +253,7 @@ def _fp16_worker():
             break
         unchanged = all(torch.equal(v, master0[k]) for k, v in full_master_state_dict(fp16).items())
         assert unchanged, "a skipped (overflowed) step changed the masters"
+    assert opt.schedule_step == len(log), (opt.schedule_step, log)  # skipped updates advance the schedule too
     return ref_stats[0][1], log
 
 
@@ -289,3 +290,48 @@ def test_foreach_fallbacks_equal_megatron_loops():
         mutils.local_multi_tensor_scale(0, None, [a, out_a], 0.37)
         _foreach_scale(0, None, [b, out_b], 0.37)
         assert all(torch.equal(x, y) for x, y in zip(out_a, out_b))
+
+
+def _internals_worker():
+    from gopd_mega.config import OptimConfig
+    from gopd_mega.models import ShardedGPT
+    from gopd_mega.optim import build_optimizer, master_params, megatron_version
+    from gopd_mega.parallel import build_model_groups
+
+    out = {}
+    for dtype, dist_opt in [("bfloat16", True), ("bfloat16", False), ("float32", True), ("float32", False)]:
+        model = ShardedGPT(_cfg(dtype), build_model_groups(1, 1), trainable=True)
+        opt = build_optimizer(model, OptimConfig(lr=1e-3, use_distributed_optimizer=dist_opt))
+        pairs = master_params(opt.opt)
+        names = {n for n, p in model.model.named_parameters()}
+        by_param = {id(p): n for n, p in model.model.named_parameters()}
+        covered = {}
+        for model_p, main, offset in pairs:
+            assert main.dtype == torch.float32 and offset >= 0
+            covered[by_param[id(model_p)]] = covered.get(by_param[id(model_p)], 0) + main.numel()
+        sizes = {n: p.numel() for n, p in model.model.named_parameters()}
+        case = f"{dtype}/{type(opt.opt).__name__}"
+        out[case] = {"all_params": set(covered) == names, "full": covered == sizes}  # DP = 1: no shards
+        if dist_opt and dtype == "bfloat16":  # a missing internal is named, with the version
+            del opt.opt.shard_fp32_from_float16_groups
+            try:
+                master_params(opt.opt)
+                out["error"] = None
+            except RuntimeError as exc:
+                out["error"] = str(exc)
+            out["version"] = megatron_version()
+    return out
+
+
+def test_master_params_reads_megatron_internals():
+    """gopd_mega.optim.master_params, the one place that reads megatron-core optimizer internals
+    (no public accessor pairs a model param with its fp32 master), works on the real optimizers of
+    the installed megatron-core: every parameter has its master, whole at DP = 1. If an upgrade
+    renames an attribute, this fails here, and the error names the attribute and the version."""
+    ((r,),) = [run_distributed(_internals_worker, 1)]
+    cases = [k for k in r if "/" in k]
+    assert sorted(cases) == ["bfloat16/DistributedOptimizer", "bfloat16/Float16OptimizerWithFloat16Params",
+                             "float32/DistributedOptimizer", "float32/FP32Optimizer"], cases
+    for case in cases:
+        assert r[case] == {"all_params": True, "full": True}, (case, r[case])
+    assert r["error"] and "'shard_fp32_from_float16_groups'" in r["error"] and f"megatron-core {r['version']}" in r["error"], r

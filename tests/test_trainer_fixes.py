@@ -88,8 +88,9 @@ def test_keep_last_in_a_run(model_dirs, tmp_path):
 
 
 def _record_builders(monkeypatch):
-    """Keep the arguments of every gopd_loss_builder call the trainer makes."""
-    import gopd_mega.trainer as trainer
+    """Keep the arguments of every gopd_loss_builder call the trainer makes (G-OPD's step,
+    gopd_mega.steps, builds the loss)."""
+    import gopd_mega.steps as trainer
 
     calls, real = [], trainer.gopd_loss_builder
 
