@@ -1,8 +1,8 @@
 """Layout-free training state (fp32 master weights + Adam moments) with torch.distributed.checkpoint.
 
-gopd_mega/checkpoint.py saves each rank's own shard, so a run resumes only on the same world
-size. This module saves the student's state under CANONICAL names as full (unsharded) tensors, so
-a run can resume with a different DP size, and also a different TP/PP layout:
+gopd_mega/checkpoint.py stores the student's training state through this module (its
+``train_state/`` folder): under CANONICAL names as full (unsharded) tensors, so a run can resume
+with a different DP size, and also a different TP/PP layout:
 
     <dir>/                          written by DCP (rank 0 writes the replicated full tensors)
         .metadata, __0_0.distcp ...

@@ -1,7 +1,7 @@
 """One rollout batch for the whole job, once per step, and the weight refresh that follows it.
 
     rollout = RolloutCoordinator(engine, weight_sync=sync, overlap=False, colocate=False)
-    batch = rollout.collect(step, prompt_ids, samples_per_prompt, version, sampling)   # COLLECTIVE
+    batch = rollout.collect(step, prompt_ids, samples_per_prompt, sampling)            # COLLECTIVE
     rollout.before_training()                                                          # colocated
     rollout.refresh(student, version + 1)                                              # COLLECTIVE
 
