@@ -150,7 +150,7 @@ class StopSignals:
         self.received = 0
         self._old: dict[int, object] = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._old[sig] = signal.signal(sig, self._handle)

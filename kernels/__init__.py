@@ -37,7 +37,7 @@ tells them apart.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -48,8 +48,13 @@ __gopd_mega_kernels__ = True
 
 BACKENDS = ("auto", "triton", "chunked", "torch")
 
-__all__ = ["linear_logprob", "linear_logprob_inference", "linear_logprob_loss",
-           "full_vocab_gopd_loss", "BACKENDS"]
+__all__ = [
+    "BACKENDS",
+    "full_vocab_gopd_loss",
+    "linear_logprob",
+    "linear_logprob_inference",
+    "linear_logprob_loss",
+]
 
 
 def _resolve(backend: str, hidden: torch.Tensor) -> str:

@@ -30,13 +30,23 @@ and ``loss`` must be back-propagated with grad 1 (checked; scale the loss in tok
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from . import vocab_parallel as vp
-from .chunked import (TORCH_ROW_OPS, Plan, RowOps, _chunks, acc_dtype, accumulate_grads, chunk_logits,
-                      finish_grads, grad_buffers, make_plan)
+from .chunked import (
+    TORCH_ROW_OPS,
+    Plan,
+    RowOps,
+    _chunks,
+    acc_dtype,
+    accumulate_grads,
+    chunk_logits,
+    finish_grads,
+    grad_buffers,
+    make_plan,
+)
 
 TokenLossFn = Callable[[torch.Tensor, slice], torch.Tensor]
 

@@ -14,7 +14,7 @@ when ``reduce_dh``.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -114,7 +114,7 @@ class PromptDataset:
         self._order = self._permutation(self.epoch)
 
     @classmethod
-    def from_config(cls, records: list[dict], tokenizer: Tokenizer, cfg, teachers: list[str] | None = None) -> "PromptDataset":
+    def from_config(cls, records: list[dict], tokenizer: Tokenizer, cfg, teachers: list[str] | None = None) -> PromptDataset:
         """Build from a :class:`gopd_mega.config.DataConfig`."""
         return cls(records, tokenizer, max_prompt_len=cfg.max_prompt_len, seed=cfg.seed, teachers=teachers,
                    prompt_field=cfg.prompt_field, answer_field=cfg.answer_field, teacher_field=cfg.teacher_field)

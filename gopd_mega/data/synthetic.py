@@ -37,8 +37,8 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 HELD_OUT_BUCKETS = 8
 """One problem in this many (by prompt hash) is reserved for evaluation."""

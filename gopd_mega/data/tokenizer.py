@@ -109,7 +109,7 @@ class CharTokenizer(Tokenizer):
         return path
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "CharTokenizer":
+    def load(cls, directory: str | os.PathLike) -> CharTokenizer:
         path = Path(directory) / "tokenizer.json"
         data = json.loads(path.read_text())
         if data.get("type") != "char" or tuple(data["vocab"][:3]) != SPECIALS:

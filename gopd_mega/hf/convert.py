@@ -26,17 +26,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from gopd_mega.config import ModelConfig
 from gopd_mega.failures import TrainingError, on_rank0
-from gopd_mega.model.weights import first_nonfinite
 from gopd_mega.hf.families import Family, Rule, family_for_model, get_family
 from gopd_mega.hf.safetensors_io import CheckpointError, CheckpointReader, write_checkpoint
+from gopd_mega.model.weights import first_nonfinite
 from gopd_mega.optim import full_master_state_dict
 
 TOKENIZER_FILES = (
@@ -80,7 +80,7 @@ class Geometry:
     tied: bool
 
     @classmethod
-    def of(cls, cfg: ModelConfig, padded_vocab: int | None = None) -> "Geometry":
+    def of(cls, cfg: ModelConfig, padded_vocab: int | None = None) -> Geometry:
         heads = cfg.num_attention_heads
         return cls(heads, cfg.num_query_groups or heads, cfg.kv_channels or cfg.hidden_size // heads,
                    cfg.ffn_hidden_size, cfg.hidden_size, cfg.vocab_size, padded_vocab or cfg.padded_vocab,

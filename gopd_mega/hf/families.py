@@ -39,8 +39,9 @@ fields in ``config_to_model`` (and ModelConfig fields for them). The converter m
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 from gopd_mega.config import ModelConfig
 

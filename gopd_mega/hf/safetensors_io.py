@@ -17,8 +17,8 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from safetensors import safe_open
@@ -47,7 +47,7 @@ class CheckpointReader:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
             self.where = {name: self.dir / fname for name, fname in weight_map.items()}
         elif (self.dir / SINGLE).is_file():
-            self.where = {name: self.dir / SINGLE for name in self._open(self.dir / SINGLE).keys()}
+            self.where = dict.fromkeys(self._open(self.dir / SINGLE).keys(), self.dir / SINGLE)
         else:
             raise CheckpointError(f"{self.dir}: no {SINGLE} or {INDEX} found")
 
@@ -152,7 +152,7 @@ def write_checkpoint(
         for i, names in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             (tmp / f"shard-{i:05d}.safetensors").rename(tmp / fname)
-            weight_map.update({k: fname for k in names})
+            weight_map.update(dict.fromkeys(names, fname))
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX).write_text(json.dumps(index, indent=2))
         if extra_files is not None:

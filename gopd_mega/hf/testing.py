@@ -8,7 +8,6 @@ exists so the converter can be checked without it (TP=1, PP=1, one gloo process)
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 

@@ -124,7 +124,7 @@ class HFTokenizer(Tokenizer):
             kwargs["enable_thinking"] = enable_thinking
         return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
 
-    def check_compatible(self, other: str | os.PathLike | "HFTokenizer", name: str = "other model",
+    def check_compatible(self, other: str | os.PathLike | HFTokenizer, name: str = "other model",
                          self_name: str = "student") -> None:
         """Raise :class:`TokenizerMismatch` unless ``other`` (a model folder or tokenizer) tokenizes
         like this one; embedding sizes are read from each folder's config.json when present."""

@@ -29,13 +29,12 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import full_vocab_gopd_loss
-
 from gopd_mega.model import vocab
 from gopd_mega.model.build import DTYPES
 from gopd_mega.model.forward import HiddenLoss
 from gopd_mega.model.transfer import ScoredHidden
 from gopd_mega.objective import top_k_token_loss
+from kernels import full_vocab_gopd_loss
 
 PER_TOKEN = ("token_loss", "log_z", "reverse_kl")
 """Per-position outputs of both losses: L_t (the estimated G-OPD loss before weighting), log Z_t of
@@ -131,7 +130,7 @@ class TopK:
 
     @classmethod
     def from_teacher(cls, tokens: torch.Tensor, loss_mask: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor,
-                     target_logp: torch.Tensor, vocab_size: int) -> "TopK":
+                     target_logp: torch.Tensor, vocab_size: int) -> TopK:
         """From a teacher's top-k ``ids``/``logp`` [n, S, k] and the sampled tokens' log-probs
         ``target_logp`` [n, S] (ShardedGPT.top_k_logprobs, ServerScorer.top_k_logprobs). Ids the
         student cannot produce (>= its ``vocab_size``, or < 0) leave K_t: their mass joins the tail."""
@@ -145,7 +144,7 @@ class TopK:
         t = torch.cat([logp.float(), target_logp.float()[..., None]], dim=-1)
         return cls(all_ids, mask, torch.where(mask, t, torch.zeros_like(t)))
 
-    def rows(self, rows: torch.Tensor) -> "TopK":
+    def rows(self, rows: torch.Tensor) -> TopK:
         return TopK(self.ids[rows], self.mask[rows], self.teacher_logp[rows],
                     None if self.ref_logp is None else self.ref_logp[rows])
 

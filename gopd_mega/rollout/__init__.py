@@ -14,8 +14,16 @@
 from gopd_mega.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutBatch, RolloutEngine, pack_rollouts
 from gopd_mega.rollout.embedded import EmbeddedEngine, sample_tokens
 
-__all__ = ["EmbeddedEngine", "FINISH_LENGTH", "FINISH_STOP", "RolloutBatch", "RolloutEngine", "pack_rollouts",
-           "sample_tokens", "make_engine"]
+__all__ = [
+    "FINISH_LENGTH",
+    "FINISH_STOP",
+    "EmbeddedEngine",
+    "RolloutBatch",
+    "RolloutEngine",
+    "make_engine",
+    "pack_rollouts",
+    "sample_tokens",
+]
 
 
 def make_engine(cfg, *, model=None, tokenizer):

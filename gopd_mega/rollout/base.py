@@ -31,8 +31,9 @@ With greedy decoding the reported value is the same quantity at temperature T of
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -70,7 +71,7 @@ class RolloutBatch:
         start = int(self.prompt_lens[i])
         return self.tokens[i, start:start + int(self.response_lens[i])].tolist()
 
-    def to(self, device: torch.device | str) -> "RolloutBatch":
+    def to(self, device: torch.device | str) -> RolloutBatch:
         return RolloutBatch(self.tokens.to(device), self.prompt_lens.to(device), self.response_lens.to(device),
                             self.loss_mask.to(device), self.sampler_logp.to(device), list(self.finish_reasons),
                             list(self.sample_ids), list(self.weight_versions))
@@ -143,7 +144,7 @@ class RolloutEngine(ABC):
     def close(self) -> None:
         """Release resources (connections, servers)."""
 
-    def __enter__(self) -> "RolloutEngine":
+    def __enter__(self) -> RolloutEngine:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -32,8 +32,8 @@ from typing import Any
 import torch.distributed as dist
 
 from gopd_mega.rollout.base import RolloutBatch
-from gopd_mega.rollout.sglang import SGLangError
 from gopd_mega.rollout.collective import global_rank, run_on_rank0
+from gopd_mega.rollout.sglang import SGLangError
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,7 @@ from typing import Any, Protocol
 
 import torch
 
-from gopd_mega.rollout.base import (FINISH_LENGTH, FINISH_STOP, RolloutBatch, RolloutEngine, check_prompts,
-                                    pack_rollouts)
+from gopd_mega.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutBatch, RolloutEngine, check_prompts, pack_rollouts
 from gopd_mega.rollout.kv_decode import CachedDecoder, supports_kv_cache
 
 

@@ -26,7 +26,8 @@ import atexit
 import json
 import os
 import threading
-from typing import Any, Awaitable
+from collections.abc import Awaitable
+from typing import Any
 
 import aiohttp
 
@@ -87,7 +88,7 @@ class HttpPool:
 
         try:
             status, content = await asyncio.wait_for(send(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ServerUnreachable(f"SGLang {url}: no answer within {timeout:g} s (timed out)") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise ServerUnreachable(f"cannot reach SGLang at {url}: {type(exc).__name__}: {exc or 'no answer'}") from None

@@ -45,8 +45,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from gopd_mega.platform import device
 from gopd_mega.model.inference import stage_of
+from gopd_mega.platform import device
 
 
 def _core_attention_is_local(model) -> bool:
@@ -195,7 +195,7 @@ class CachedDecoder:
         self.active = torch.arange(N)
         self.started = False
 
-    def __enter__(self) -> "CachedDecoder":
+    def __enter__(self) -> CachedDecoder:
         self._was_training = self.sharded.model.training
         self.sharded.model.eval()
         return self

@@ -31,12 +31,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Any, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import torch
 
 from gopd_mega.rollout.base import RolloutBatch, RolloutEngine, check_prompts, pack_rollouts
-from gopd_mega.rollout.http import SGLangError, ServerUnreachable, shared_http
+from gopd_mega.rollout.http import ServerUnreachable, SGLangError, shared_http
 from gopd_mega.rollout.sglang import SGLangServer, require_unit_temperature
 
 logger = logging.getLogger(__name__)

@@ -46,18 +46,27 @@ elsewhere with the same rid); any other request after ``timeout`` seconds.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from gopd_mega.rollout.base import (FINISH_LENGTH, FINISH_STOP, RolloutBatch, RolloutEngine, check_prompts,
-                                    pack_rollouts)
-from gopd_mega.rollout.http import SGLangError, ServerUnreachable, http_call, shared_http
+from gopd_mega.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutBatch, RolloutEngine, check_prompts, pack_rollouts
+from gopd_mega.rollout.http import ServerUnreachable, SGLangError, http_call, shared_http
 from gopd_mega.rollout.protocol import Protocol, protocol_for
 
-__all__ = ["SGLangError", "ServerUnreachable", "SGLangServer", "SGLangEngine", "Sample", "http_call",
-           "sampling_params", "generate_body", "score_body"]
+__all__ = [
+    "SGLangEngine",
+    "SGLangError",
+    "SGLangServer",
+    "Sample",
+    "ServerUnreachable",
+    "generate_body",
+    "http_call",
+    "sampling_params",
+    "score_body",
+]
 
 
 @dataclass

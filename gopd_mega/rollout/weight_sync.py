@@ -53,8 +53,8 @@ import shutil
 import socket
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist

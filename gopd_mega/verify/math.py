@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from gopd_mega.verify.base import Verdict
 from gopd_mega.verify.workers import OK, TIMEOUT, WorkerPool

@@ -178,7 +178,7 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-_ISOLATION: str | None | bool = False  # False: not probed yet; None: works; str: why not
+_ISOLATION: str | bool | None = False  # False: not probed yet; None: works; str: why not
 
 
 def isolation_error() -> str | None:
