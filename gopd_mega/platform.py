@@ -181,12 +181,14 @@ def _patch_optimizers() -> None:
     for module in (moptimizer, clip_grads, distrib_optimizer, grad_scaler, mutils):
         module.torch = _TorchCudaToCpu()  # patch 6
     moptimizer.Float16OptimizerWithFloat16Params.__init__ = _as_on_cuda(
-        moptimizer.Float16OptimizerWithFloat16Params.__init__)  # patch 7
+        moptimizer.Float16OptimizerWithFloat16Params.__init__
+    )  # patch 7
     distrib_optimizer.DistributedOptimizer.__init__ = _as_on_cuda(distrib_optimizer.DistributedOptimizer.__init__)
     clip = _as_on_cuda(clip_grads.clip_grad_by_total_norm_fp32)
     clip_grads.clip_grad_by_total_norm_fp32 = moptimizer.clip_grad_by_total_norm_fp32 = clip
     grad_scaler.DynamicGradScaler.load_state_dict = _as_on_cuda(
-        grad_scaler.DynamicGradScaler.load_state_dict)  # patch 8
+        grad_scaler.DynamicGradScaler.load_state_dict
+    )  # patch 8
 
 
 def setup_platform() -> None:

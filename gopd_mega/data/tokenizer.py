@@ -115,4 +115,3 @@ class CharTokenizer(Tokenizer):
         if data.get("type") != "char" or tuple(data["vocab"][:3]) != SPECIALS:
             raise ValueError(f"{path} is not a gopd-mega character tokenizer")
         return cls(data["vocab"][3:])
-

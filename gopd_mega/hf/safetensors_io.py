@@ -92,9 +92,9 @@ class CheckpointReader:
         sl = self.get_slice(name)
         try:
             if rows is not None:
-                return sl[rows[0]:rows[1]]
+                return sl[rows[0] : rows[1]]
             if cols is not None:
-                return sl[:, cols[0]:cols[1]]
+                return sl[:, cols[0] : cols[1]]
             return sl[:]
         except Exception as exc:
             raise CheckpointError(f"{self.file_of(name)}: cannot read tensor {name!r} ({exc})") from None
@@ -114,7 +114,7 @@ def write_checkpoint(
     names the path (and the space needed).
     """
     final = Path(directory)
-    needed = (sum(t.numel() * t.element_size() for _, t in tensors) if isinstance(tensors, (list, tuple)) else None)
+    needed = sum(t.numel() * t.element_size() for _, t in tensors) if isinstance(tensors, (list, tuple)) else None
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         if needed is not None:

@@ -32,13 +32,20 @@ def make_engine(cfg, *, model=None, tokenizer):
     if cfg.engine == "embedded":
         if model is None:
             raise ValueError("rollout.engine='embedded' needs the model to sample from")
-        return EmbeddedEngine(model, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids,
-                              kv_cache=cfg.kv_cache)
+        return EmbeddedEngine(model, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids, kv_cache=cfg.kv_cache)
     if cfg.engine == "sglang":
         from gopd_mega.rollout.pool import SGLangPool
 
-        return SGLangPool(cfg.sglang_url, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids,
-                          timeout=cfg.request_timeout_s, timeout_per_token=cfg.request_timeout_per_token_s,
-                          chunk_size=cfg.request_batch, send_seed=cfg.send_seed, control_urls=cfg.sglang_workers,
-                          max_inflight=cfg.max_inflight_per_server, version=cfg.sglang_version)
+        return SGLangPool(
+            cfg.sglang_url,
+            pad_id=tokenizer.pad_id,
+            stop_ids=tokenizer.stop_ids,
+            timeout=cfg.request_timeout_s,
+            timeout_per_token=cfg.request_timeout_per_token_s,
+            chunk_size=cfg.request_batch,
+            send_seed=cfg.send_seed,
+            control_urls=cfg.sglang_workers,
+            max_inflight=cfg.max_inflight_per_server,
+            version=cfg.sglang_version,
+        )
     raise ValueError(f"unknown rollout engine {cfg.engine!r} (known: 'embedded', 'sglang')")

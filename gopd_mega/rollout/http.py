@@ -59,10 +59,13 @@ class HttpPool:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="sglang-http")
         self.thread.start()
+
         async def make() -> aiohttp.ClientSession:
             connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, keepalive_timeout=60.0)
             # No session timeout: request() bounds each whole request itself.
-            return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None), trust_env=False)
+            return aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=None), trust_env=False
+            )
 
         self.client = self.run(make())
 
@@ -74,6 +77,7 @@ class HttpPool:
 
     def gather(self, coros, return_exceptions: bool = False) -> list:
         """Run the coroutines concurrently on the loop; their results in order (blocking)."""
+
         async def run_all():
             return await asyncio.gather(*coros, return_exceptions=return_exceptions)
 
@@ -91,7 +95,9 @@ class HttpPool:
         except TimeoutError:
             raise ServerUnreachable(f"SGLang {url}: no answer within {timeout:g} s (timed out)") from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise ServerUnreachable(f"cannot reach SGLang at {url}: {type(exc).__name__}: {exc or 'no answer'}") from None
+            raise ServerUnreachable(
+                f"cannot reach SGLang at {url}: {type(exc).__name__}: {exc or 'no answer'}"
+            ) from None
         if status >= 400:
             detail = content.decode(errors="replace")[:1000]
             raise SGLangError(f"SGLang {url} returned HTTP {status}: {detail}")

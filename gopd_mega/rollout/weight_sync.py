@@ -92,8 +92,9 @@ def dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def init_custom_process_group(backend: str, address: str, port: int, rank: int, world_size: int, group_name: str,
-                              timeout_s: float = 600.0):
+def init_custom_process_group(
+    backend: str, address: str, port: int, rank: int, world_size: int, group_name: str, timeout_s: float = 600.0
+):
     """A process group outside the trainer's world, built as SGLang builds its side of the
     weight-update group (a TCPStore at address:port, prefixed by ``group_name``), so the two match.
     The store is made directly, not through c10d.rendezvous: under torchrun
@@ -111,7 +112,7 @@ def init_custom_process_group(backend: str, address: str, port: int, rank: int, 
 
 def with_device_uuid(args: tuple, uuid_of: Callable[[int], str]) -> tuple:
     """torch's CUDA reduce_tensor arguments with the device index replaced by that device's UUID."""
-    return (*args[:CUDA_DEVICE_ARG], uuid_of(args[CUDA_DEVICE_ARG]), *args[CUDA_DEVICE_ARG + 1:])
+    return (*args[:CUDA_DEVICE_ARG], uuid_of(args[CUDA_DEVICE_ARG]), *args[CUDA_DEVICE_ARG + 1 :])
 
 
 def _device_uuid(index: int) -> str:
@@ -178,8 +179,9 @@ class WeightSync(ABC):
                 except SGLangError as exc:  # noqa: BLE001 - reported by _settle
                     logger.warning("%s", exc)
             self._push(student, version, targets)
-            if not run_on_rank0(lambda: self._settle(version, targets, attempt + 1 < attempts),
-                                f"weight refresh to version {version}"):
+            if not run_on_rank0(
+                lambda: self._settle(version, targets, attempt + 1 < attempts), f"weight refresh to version {version}"
+            ):
                 break
         self.version = version
         self._after_confirmed(version)
@@ -208,23 +210,32 @@ class WeightSync(ABC):
                 stale.append((server, got))
             else:
                 if got is None:
-                    logger.warning("SGLang %s does not report a weight version; the update cannot be checked", server.url)
+                    logger.warning(
+                        "SGLang %s does not report a weight version; the update cannot be checked", server.url
+                    )
                 pool.readmit(server)
         if self.broken and self.retries_after_break and stale and may_retry:
             for server, got in stale:  # still in: the push is redone with them
                 logger.warning("SGLang %s still reports version %r after a broken push; pushing again", server.url, got)
             return True
         for server, got in stale:
-            pool.take_out(server, f"reports weight_version {got!r} after the update to {version!r}: it did not load "
-                                  f"the new weights")
+            pool.take_out(
+                server,
+                f"reports weight_version {got!r} after the update to {version!r}: it did not load the new weights",
+            )
         if not pool.live_control():
             raise pool._why_none(f"weight refresh to version {version}")
         return False
 
     # ------------------------------------------------------------------ rank 0 helpers
 
-    def _post(self, path: str, targets: list[SGLangServer], payload: dict | Callable[[SGLangServer], dict],
-              timeout: float | None = None) -> list[SGLangServer]:
+    def _post(
+        self,
+        path: str,
+        targets: list[SGLangServer],
+        payload: dict | Callable[[SGLangServer], dict],
+        timeout: float | None = None,
+    ) -> list[SGLangServer]:
         """POST to every target not yet failed; record failures; the targets that succeeded."""
         live = [s for s in targets if s.url not in self.failed]
 
@@ -243,8 +254,9 @@ class WeightSync(ABC):
         if not session:
             return
         live = [s for s in targets if s.url not in self.failed and self._needs_session(s)]
-        answers = shared_http().gather([s.apost_checked("/begin_weight_update", {}) for s in live],
-                                       return_exceptions=True)
+        answers = shared_http().gather(
+            [s.apost_checked("/begin_weight_update", {}) for s in live], return_exceptions=True
+        )
         for s, a in zip(live, answers):
             if isinstance(a, BaseException) and "already open" in str(a):
                 try:  # a session left open (an earlier run died mid-sync): close it, open ours
@@ -331,8 +343,17 @@ class NcclSync(WeightSync):
     mode = "nccl"
     retries_after_break = True
 
-    def __init__(self, pool: SGLangPool, *, server_ranks: int = 1, master_address: str | None = None,
-                 master_port: int = 0, backend: str = "nccl", timeout_s: float = 600.0, **kw):
+    def __init__(
+        self,
+        pool: SGLangPool,
+        *,
+        server_ranks: int = 1,
+        master_address: str | None = None,
+        master_port: int = 0,
+        backend: str = "nccl",
+        timeout_s: float = 600.0,
+        **kw,
+    ):
         super().__init__(pool, **kw)
         self.server_ranks = server_ranks
         self.master_address = master_address
@@ -362,18 +383,32 @@ class NcclSync(WeightSync):
         errors: dict[str, str] = {}
 
         def ask():
-            answers = shared_http().gather([
-                s.apost_checked("/init_weights_update_group", {
-                    "master_address": address, "master_port": port, "rank_offset": 1 + i * self.server_ranks,
-                    "world_size": world, "group_name": self.group_name, "backend": self.backend}, timeout=self.timeout_s)
-                for i, s in enumerate(targets)], return_exceptions=True)
+            answers = shared_http().gather(
+                [
+                    s.apost_checked(
+                        "/init_weights_update_group",
+                        {
+                            "master_address": address,
+                            "master_port": port,
+                            "rank_offset": 1 + i * self.server_ranks,
+                            "world_size": world,
+                            "group_name": self.group_name,
+                            "backend": self.backend,
+                        },
+                        timeout=self.timeout_s,
+                    )
+                    for i, s in enumerate(targets)
+                ],
+                return_exceptions=True,
+            )
             errors.update({s.url: str(a) for s, a in zip(targets, answers) if isinstance(a, BaseException)})
 
         asker = threading.Thread(target=ask, daemon=True)
         asker.start()  # the servers join the rendezvous while rank 0 waits in it
         try:
-            self.group = init_custom_process_group(self.backend, address, port, 0, world, self.group_name,
-                                                   timeout_s=min(self.timeout_s, 120.0))
+            self.group = init_custom_process_group(
+                self.backend, address, port, 0, world, self.group_name, timeout_s=min(self.timeout_s, 120.0)
+            )
         except Exception as exc:  # noqa: BLE001 - every target failed to join
             asker.join()
             self.group = None
@@ -408,13 +443,21 @@ class NcclSync(WeightSync):
             logger.warning("could not destroy the weight-update group: %s", exc)
         self.group, self.members = None, []
 
-    def _send_bucket(self, bucket: list[tuple[str, torch.Tensor]], last: bool, version: int,
-                     targets: list[SGLangServer]) -> None:
-        payload = {"names": [n for n, _ in bucket], "dtypes": [dtype_name(t) for _, t in bucket],
-                   "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
-                   "flush_cache": last, "weight_version": str(version) if last else None}
-        http = threading.Thread(target=lambda: self._post("/update_weights_from_distributed", targets, payload,
-                                                          timeout=self.timeout_s), daemon=True)
+    def _send_bucket(
+        self, bucket: list[tuple[str, torch.Tensor]], last: bool, version: int, targets: list[SGLangServer]
+    ) -> None:
+        payload = {
+            "names": [n for n, _ in bucket],
+            "dtypes": [dtype_name(t) for _, t in bucket],
+            "shapes": [list(t.shape) for _, t in bucket],
+            "group_name": self.group_name,
+            "flush_cache": last,
+            "weight_version": str(version) if last else None,
+        }
+        http = threading.Thread(
+            target=lambda: self._post("/update_weights_from_distributed", targets, payload, timeout=self.timeout_s),
+            daemon=True,
+        )
         http.start()  # each server posts its receives as it parses the request; we send meanwhile
         device = self._device()
         try:
@@ -467,14 +510,18 @@ class IpcSync(WeightSync):
         self.server_ranks = server_ranks
         self.allow_cpu = allow_cpu
         if not allow_cpu and not torch.cuda.is_available():
-            raise RuntimeError("rollout.weight_sync='ipc' passes CUDA-IPC handles and needs GPUs colocated with "
-                               "the SGLang servers; use 'disk' or 'nccl' here")
+            raise RuntimeError(
+                "rollout.weight_sync='ipc' passes CUDA-IPC handles and needs GPUs colocated with "
+                "the SGLang servers; use 'disk' or 'nccl' here"
+            )
         world = dist.get_world_size() if dist.is_initialized() else 1
         need = len(pool.control) * server_ranks
         if need > world:
-            raise ValueError(f"rollout.weight_sync='ipc': {len(pool.control)} server(s) x {server_ranks} GPU(s) need "
-                             f"{need} colocated trainer ranks (server i's TP rank j on the GPU of trainer rank "
-                             f"i * server_ranks + j), the job has {world}")
+            raise ValueError(
+                f"rollout.weight_sync='ipc': {len(pool.control)} server(s) x {server_ranks} GPU(s) need "
+                f"{need} colocated trainer ranks (server i's TP rank j on the GPU of trainer rank "
+                f"i * server_ranks + j), the job has {world}"
+            )
 
     def _device(self) -> torch.device:
         if torch.cuda.is_available():
@@ -497,7 +544,7 @@ class IpcSync(WeightSync):
         if rank != 0:
             return None
         r = self.server_ranks
-        return [gathered[i * r:(i + 1) * r] for i in range(len(self.pool.control))]
+        return [gathered[i * r : (i + 1) * r] for i in range(len(self.pool.control))]
 
     def _push(self, student, version: int, targets: list[SGLangServer]) -> None:
         rank0 = global_rank() == 0
@@ -521,8 +568,12 @@ class IpcSync(WeightSync):
             return
 
         def body(server: SGLangServer) -> dict:
-            return {"serialized_named_tensors": payloads[index[server.url]], "load_format": None, "flush_cache": last,
-                    "weight_version": str(version) if last else None}
+            return {
+                "serialized_named_tensors": payloads[index[server.url]],
+                "load_format": None,
+                "flush_cache": last,
+                "weight_version": str(version) if last else None,
+            }
 
         self._post("/update_weights_from_tensor", targets, body)
 
@@ -533,8 +584,14 @@ def make_weight_sync(cfg, pool: SGLangPool, *, out_dir: str | os.PathLike, sourc
     if cfg.weight_sync == "disk":
         return DiskSync(pool, cfg.weight_dir or Path(out_dir) / "rollout_weights", source_dir=source_dir, **kw)
     if cfg.weight_sync == "nccl":
-        return NcclSync(pool, server_ranks=cfg.server_ranks, master_address=cfg.weight_sync_address,
-                        master_port=cfg.weight_sync_port, backend=cfg.weight_sync_backend, **kw)
+        return NcclSync(
+            pool,
+            server_ranks=cfg.server_ranks,
+            master_address=cfg.weight_sync_address,
+            master_port=cfg.weight_sync_port,
+            backend=cfg.weight_sync_backend,
+            **kw,
+        )
     if cfg.weight_sync == "ipc":
         return IpcSync(pool, server_ranks=cfg.server_ranks, **kw)
     raise ValueError(f"rollout.weight_sync must be one of {WEIGHT_SYNC_MODES}, got {cfg.weight_sync!r}")

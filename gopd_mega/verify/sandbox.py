@@ -119,8 +119,10 @@ def check_tests(tests: Any, where: str = "tests") -> list[dict]:
             if not isinstance(t["test_code"], str):
                 raise ValueError(f"{where}[{i}].test_code: must be a string")
         else:
-            raise ValueError(f"{where}[{i}]: unknown test style (keys {sorted(t)}); expected stdin/expected_stdout, "
-                             "fn/args/expected or test_code")
+            raise ValueError(
+                f"{where}[{i}]: unknown test style (keys {sorted(t)}); expected stdin/expected_stdout, "
+                "fn/args/expected or test_code"
+            )
     return tests
 
 
@@ -154,8 +156,14 @@ def run_tests(program: str, tests: list[dict], limits: SandboxLimits | None = No
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     # The supervisor needs about the sum of the test timeouts plus process start-ups.
     budget = len(tests) * (limits.timeout_s + 5.0) + 60.0
-    proc = subprocess.Popen([sys.executable, "-c", _SUPERVISOR_MAIN], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SUPERVISOR_MAIN],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(job, timeout=budget)
     except subprocess.TimeoutExpired:
@@ -188,9 +196,13 @@ def isolation_error() -> str | None:
         if os.geteuid() != 0:
             _ISOLATION = f"sandbox isolation needs root (euid is {os.geteuid()})"
         else:
-            probe = subprocess.run([sys.executable, "-c", "from gopd_mega.verify.sandbox import _probe; _probe()"],
-                                   capture_output=True, text=True, timeout=60,
-                                   env=dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p)))
+            probe = subprocess.run(
+                [sys.executable, "-c", "from gopd_mega.verify.sandbox import _probe; _probe()"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p)),
+            )
             _ISOLATION = None if probe.returncode == 0 else (probe.stderr.strip().splitlines() or ["probe failed"])[-1]
     return _ISOLATION
 
@@ -198,8 +210,10 @@ def isolation_error() -> str | None:
 def require_isolation() -> None:
     why = isolation_error()
     if why is not None:
-        raise IsolationUnavailable(f"{why}; refusing to run generated code without isolation "
-                                   "(pass isolate=False / --no-isolation to accept that risk)")
+        raise IsolationUnavailable(
+            f"{why}; refusing to run generated code without isolation "
+            "(pass isolate=False / --no-isolation to accept that risk)"
+        )
 
 
 def _probe() -> None:
@@ -224,7 +238,9 @@ def _libc_call(name: str, *args) -> None:
         _libc = ctypes.CDLL(None, use_errno=True)
     if getattr(_libc, name)(*args) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"{name}{tuple(a.decode() if isinstance(a, bytes) else a for a in args)}: {os.strerror(err)}")
+        raise OSError(
+            err, f"{name}{tuple(a.decode() if isinstance(a, bytes) else a for a in args)}: {os.strerror(err)}"
+        )
 
 
 def _mount_points() -> list[tuple[str, int]]:
@@ -267,7 +283,9 @@ def _expose_python() -> None:
     0700 /root: a blocking directory is covered with an empty tmpfs (also hiding its other contents)
     into which only the installation directories are bound."""
     blocked: dict[str, list[str]] = {}
-    for target in {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)))}:
+    for target in {
+        os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)))
+    }:
         cur = "/"
         for comp in target.strip("/").split("/"):
             cur = os.path.join(cur, comp)
@@ -327,6 +345,7 @@ _out.flush()
 
 def _write_files(workdir: str, program: str, test: dict) -> list[str]:
     """Files of one test in ``workdir``; returns the script to run."""
+
     def put(name: str, text: str) -> None:
         with open(os.path.join(workdir, name), "w") as f:
             f.write(text)
@@ -360,8 +379,9 @@ def _run_one(program: str, test: dict, limits: SandboxLimits) -> dict:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _candidate(script: list[str], workdir: str, stdin_fd: int, out_w: int, err_w: int, uid: int | None,
-               limits: SandboxLimits) -> None:
+def _candidate(
+    script: list[str], workdir: str, stdin_fd: int, out_w: int, err_w: int, uid: int | None, limits: SandboxLimits
+) -> None:
     """In the forked candidate process: limits, identity, exec. Never returns."""
     try:
         os.setsid()
@@ -383,8 +403,16 @@ def _candidate(script: list[str], workdir: str, stdin_fd: int, out_w: int, err_w
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
-               "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": workdir,
+            "TMPDIR": workdir,
+            "LANG": "C.UTF-8",
+            "PYTHONHASHSEED": "0",
+            "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+        }
         os.execve(sys.executable, [sys.executable, "-I", "-B", *script], env)
     except BaseException as exc:  # noqa: BLE001
         os.write(2, f"sandbox: could not start the program: {exc}\n".encode())
@@ -510,8 +538,16 @@ def _execute(script: list[str], workdir: str, stdin_fd: int, uid: int, limits: S
     return _judge(test, bytes(bufs[out_r]), bytes(bufs[err_r]), status, cpu_s, elapsed, limit, limits)
 
 
-def _judge(test: dict, out: bytes, err: bytes, status: int | None, cpu_s: float | None, elapsed: float,
-           limit: str | None, limits: SandboxLimits) -> dict:
+def _judge(
+    test: dict,
+    out: bytes,
+    err: bytes,
+    status: int | None,
+    cpu_s: float | None,
+    elapsed: float,
+    limit: str | None,
+    limits: SandboxLimits,
+) -> dict:
     stdout = out.decode(errors="replace")
     stderr = err.decode(errors="replace")
     exit_code = sig = None
@@ -530,9 +566,16 @@ def _judge(test: dict, out: bytes, err: bytes, status: int | None, cpu_s: float 
             limit = "memory"
         elif "BlockingIOError" in stderr or "Resource temporarily unavailable" in stderr:
             limit = "processes"
-    res: dict[str, Any] = {"passed": False, "limit": limit, "exit_code": exit_code, "signal": sig,
-                           "time_s": round(elapsed, 3), "cpu_s": None if cpu_s is None else round(cpu_s, 3),
-                           "stdout_head": stdout[:200], "stderr_tail": stderr[-500:]}
+    res: dict[str, Any] = {
+        "passed": False,
+        "limit": limit,
+        "exit_code": exit_code,
+        "signal": sig,
+        "time_s": round(elapsed, 3),
+        "cpu_s": None if cpu_s is None else round(cpu_s, 3),
+        "stdout_head": stdout[:200],
+        "stderr_tail": stderr[-500:],
+    }
     if limit in ("wall_time", "cpu_time"):
         res["status"] = "timeout"
     elif limit is not None:

@@ -59,8 +59,9 @@ class TimedWorker:
 
     def _start(self) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        self._proc = subprocess.Popen([sys.executable, "-c", _WORKER_MAIN, self.target],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _WORKER_MAIN, self.target], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+        )
         self._buf = b""
 
     def _kill(self) -> None:
@@ -143,4 +144,3 @@ class WorkerPool:
     def close(self) -> None:
         for w in self._all:
             w.close()
-
