@@ -95,7 +95,7 @@ def load_rng_state(path: Path) -> None:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
-            t = {k: f.get_tensor(k) for k in f.keys()}
+            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a safetensors handle, not a dict: not iterable
         pos, has_gauss, cached = json.loads(meta["numpy"])
         version, gauss_next = json.loads(meta["python"])
     except Exception as exc:  # noqa: BLE001 - not safetensors, or not the RNG state

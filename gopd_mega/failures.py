@@ -28,6 +28,7 @@ name the ranks whose counter stood still: dead or stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -110,10 +111,8 @@ def on_every_rank(fn):
         if failed and err is None:
             raise PeerFailed(f"rank {failed[0]} failed")
         if err is not None:
-            try:
+            with contextlib.suppress(AttributeError):
                 err.report_here = dist.get_rank() == failed[0]
-            except AttributeError:
-                pass
     if err is not None:
         raise err
     return value

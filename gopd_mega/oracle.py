@@ -172,9 +172,8 @@ def sequence_target(
         for j, (i, resp, _, _) in enumerate(frontier):
             log_z[i] = torch.logaddexp(log_z[i], ended[j])
             a = answers[i]
-            if resp == a[:depth]:  # on the answer's path: the answer ends here?
-                if len(a) == depth + 1:
-                    log_w_answer[i] = log_w[j, a[depth]]
+            if resp == a[:depth] and len(a) == depth + 1:  # on the answer's path, and the answer ends here
+                log_w_answer[i] = log_w[j, a[depth]]
         if last:
             break
         # the next frontier: per row, the beam best inner children (and the answer's prefix)
@@ -198,7 +197,7 @@ def sequence_target(
                 j = int(js[flat // V])
                 v = flat % V
                 _, resp, _, _ = frontier[j]
-                nxt.append((i, resp + [v], float(base_t[j] + lp_t[j, v]), float(base_r[j] + lp_r[j, v])))
+                nxt.append((i, [*resp, v], float(base_t[j] + lp_t[j, v]), float(base_r[j] + lp_r[j, v])))
         frontier = nxt
         if not frontier:
             break

@@ -92,17 +92,17 @@ def linear_logprob(
     weight. Ignored tokens get logp 0, entropy 0 and zero gradient. With a TP group each rank gets
     its own dW slice and (``reduce_dh``) the full dh; set ``reduce_dh=False`` when the caller's
     layer already all-reduces the input gradient."""
-    kw = dict(
-        vocab_start=vocab_start,
-        vocab_valid=vocab_valid,
-        group=group,
-        temperature=temperature,
-        ignore_index=ignore_index,
-        reduce_dh=reduce_dh,
-        chunk_size=chunk_size,
-        return_entropy=return_entropy,
-        logits_dtype=logits_dtype,
-    )
+    kw = {
+        "vocab_start": vocab_start,
+        "vocab_valid": vocab_valid,
+        "group": group,
+        "temperature": temperature,
+        "ignore_index": ignore_index,
+        "reduce_dh": reduce_dh,
+        "chunk_size": chunk_size,
+        "return_entropy": return_entropy,
+        "logits_dtype": logits_dtype,
+    }
     b = _resolve(backend, hidden)
     if b == "torch":
         return reference.linear_logprob(hidden, weight, targets, **kw)
@@ -131,14 +131,14 @@ def linear_logprob_inference(
     saved. Extra memory: one logits chunk (chunked; triton: cuBLAS GEMM + Triton row stats), or
     O(T) with ``low_memory`` on the triton backend (tl.dot kernel that never writes logits,
     slower on an H200: benchmarks/RESULTS.md)."""
-    kw = dict(
-        vocab_start=vocab_start,
-        vocab_valid=vocab_valid,
-        group=group,
-        temperature=temperature,
-        ignore_index=ignore_index,
-        return_entropy=return_entropy,
-    )
+    kw = {
+        "vocab_start": vocab_start,
+        "vocab_valid": vocab_valid,
+        "group": group,
+        "temperature": temperature,
+        "ignore_index": ignore_index,
+        "return_entropy": return_entropy,
+    }
     b = _resolve(backend, hidden)
     with torch.no_grad():
         if b == "torch":
@@ -173,16 +173,16 @@ def linear_logprob_loss(
     formed during the forward (one pass over the logits); backward scales the saved dh/dW.
     ``grad_weight_acc`` (fp32, the weight shard's shape, e.g. megatron's main_grad): dW is added
     into it in the forward instead of being returned through autograd (see kernels.fused_loss)."""
-    kw = dict(
-        vocab_start=vocab_start,
-        vocab_valid=vocab_valid,
-        group=group,
-        temperature=temperature,
-        ignore_index=ignore_index,
-        reduce_dh=reduce_dh,
-        chunk_size=chunk_size,
-        logits_dtype=logits_dtype,
-    )
+    kw = {
+        "vocab_start": vocab_start,
+        "vocab_valid": vocab_valid,
+        "group": group,
+        "temperature": temperature,
+        "ignore_index": ignore_index,
+        "reduce_dh": reduce_dh,
+        "chunk_size": chunk_size,
+        "logits_dtype": logits_dtype,
+    }
     b = _resolve(backend, hidden)
     if b == "torch":
         if grad_weight_acc is not None:

@@ -99,9 +99,9 @@ class FusedLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_logp, _g_ent):
         dh, dw = ctx.saved_tensors
-        if ctx.external_dw:  # dW is already in the caller's buffer, unscaled
-            if float(g_loss) != 1.0:  # one host sync per call, for a clear error
-                raise RuntimeError(f"grad_weight_acc: backpropagate the loss with gradient 1, got {float(g_loss)}")
+        # dW is already in the caller's buffer, unscaled. One host sync per call, for a clear error.
+        if ctx.external_dw and float(g_loss) != 1.0:
+            raise RuntimeError(f"grad_weight_acc: backpropagate the loss with gradient 1, got {float(g_loss)}")
         dh = dh * g_loss.to(dh.dtype) if ctx.needs_input_grad[0] else None
         dw = dw * g_loss.to(dw.dtype) if ctx.needs_input_grad[1] and not ctx.external_dw else None
         return dh, dw, None, None, None, None, None

@@ -98,7 +98,7 @@ def triton_row_stats(z, tgt_local, owned, zscale: float = 1.0):
     if Tc == 0:
         return tuple(outs)
     if n == 0:
-        return (outs[0].fill_(float("-inf")),) + tuple(o.zero_() for o in outs[1:])
+        return (outs[0].fill_(float("-inf")), *(o.zero_() for o in outs[1:]))
     assert z.stride(1) == 1
     _row_stats_kernel[(Tc,)](
         z, z.stride(0), tgt_local, owned.to(torch.int8), *outs, n, float(zscale), BLOCK=_row_block(n)

@@ -21,7 +21,7 @@ from pathlib import Path
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIALS: tuple[str, ...] = (PAD, BOS, EOS)
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
-CHARS: tuple[str, ...] = tuple("0123456789") + ("+", "*", "-", "=", " ") + tuple("abcdefghijklmnopqrstuvwxyz")
+CHARS: tuple[str, ...] = (*"0123456789", "+", "*", "-", "=", " ", *"abcdefghijklmnopqrstuvwxyz")
 
 
 class Tokenizer(ABC):

@@ -287,7 +287,8 @@ def load_hf_checkpoint(model, directory: str | os.PathLike, cfg: ModelConfig | N
         )
         if tuple(shard.shape) != tuple(slot.param.shape):
             raise CheckpointError(
-                f"{directory}: {slot.name} built from {list(hf)} has shape {list(shard.shape)}, the model has {list(slot.param.shape)}"
+                f"{directory}: {slot.name} built from {list(hf)} has shape {list(shard.shape)}, "
+                f"the model has {list(slot.param.shape)}"
             )
         if shard.is_floating_point() and not bool(torch.isfinite(shard).all()):
             raise CheckpointError(f"{directory}: {', '.join(hf)} hold NaN or inf; refusing to load them")

@@ -86,7 +86,7 @@ def _load_files(datasets, kind: str, files: list[Path]):
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         return datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
-    except Exception as exc:  # noqa: BLE001 - re-raised as a DataError naming the file
+    except Exception as exc:  # re-raised as a DataError naming the file
         if kind == "json":
             for f in files:
                 _check_json_lines(f)

@@ -58,7 +58,7 @@ class CheckpointReader:
             raise CheckpointError(f"{path}: safetensors file listed in the checkpoint is missing")
         try:
             handle = safe_open(str(path), framework="pt")
-        except Exception as exc:  # SafetensorError, OSError, or a header parse error
+        except Exception as exc:  # noqa: BLE001 - re-raised as CheckpointError: SafetensorError, OSError, or a header parse error
             raise CheckpointError(f"{path}: corrupt or unreadable safetensors file ({exc})") from None
         self._handles[path] = handle
         return handle
@@ -81,7 +81,7 @@ class CheckpointReader:
             return self._open(path).get_slice(name)
         except CheckpointError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - re-raised as CheckpointError, naming the tensor
             raise CheckpointError(f"{path}: cannot read tensor {name!r} ({exc})") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -96,7 +96,7 @@ class CheckpointReader:
             if cols is not None:
                 return sl[:, cols[0] : cols[1]]
             return sl[:]
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - re-raised as CheckpointError, naming the tensor
             raise CheckpointError(f"{self.file_of(name)}: cannot read tensor {name!r} ({exc})") from None
 
 

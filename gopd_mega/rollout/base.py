@@ -158,7 +158,7 @@ class RolloutEngine(ABC):
         """Make the engine sample from the student's current weights (what ``source`` is depends on
         the engine: the student model in-process, a checkpoint path for SGLang)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: engines that hold nothing keep it
         """Release resources (connections, servers)."""
 
     def __enter__(self) -> RolloutEngine:

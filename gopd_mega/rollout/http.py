@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import json
 import os
 import threading
@@ -111,10 +112,8 @@ class HttpPool:
         """Close the connections and stop the loop (at exit)."""
         if self.pid != os.getpid() or not self.loop.is_running():
             return
-        try:
+        with contextlib.suppress(Exception):  # best effort at interpreter exit
             self.run(self.client.close(), timeout=10)
-        except Exception:  # noqa: BLE001 - best effort at interpreter exit
-            pass
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 

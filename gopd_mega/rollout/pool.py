@@ -29,6 +29,7 @@ current version (gopd_mega.rollout.weight_sync), then :meth:`readmit`; a server 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -57,7 +58,7 @@ def as_url_list(urls: str | Sequence[str] | None) -> list[str]:
     if urls is None:
         return []
     if isinstance(urls, str):
-        urls = [u for u in urls.split(",")]
+        urls = list(urls.split(","))
     return [u.strip().rstrip("/") for u in urls if u and u.strip()]
 
 
@@ -371,10 +372,8 @@ class SGLangPool(RolloutEngine):
 
     @staticmethod
     async def _quietly(coro) -> None:
-        try:
+        with contextlib.suppress(Exception):  # best effort on a failing server
             await coro
-        except Exception:  # noqa: BLE001 - best effort on a failing server
-            pass
 
     # ------------------------------------------------------------------ engine API
 

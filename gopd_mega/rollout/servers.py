@@ -5,8 +5,9 @@
 
 Scoring is prefill-only (/generate with max_new_tokens 0, return_logprob, logprob_start_len 0;
 meta_info.input_token_logprobs, entry 0 null); with top_logprobs_num k also the server's top-k per
-position (meta_info.input_top_logprobs: :meth:`ServerScorer.top_k_logprobs`, the top-k estimator). Global rank 0 sends the requests and broadcasts
-the result. Shapes as gopd_mega.models.ShardedGPT.logprobs: tokens [N, S] int64 right-padded,
+position (meta_info.input_top_logprobs: :meth:`ServerScorer.top_k_logprobs`, the top-k estimator).
+Global rank 0 sends the requests and broadcasts the result.
+Shapes as gopd_mega.models.ShardedGPT.logprobs: tokens [N, S] int64 right-padded,
 loss_mask [N, S] bool -> fp32 [N, S], entry [i, j] = log p(tokens[i, j] | tokens[i, :j]) at
 temperature T where loss_mask[i, j], 0 elsewhere. Row i is sent up to its last masked position.
 

@@ -134,7 +134,7 @@ def serialize_named_tensors(named: list[tuple[str, torch.Tensor]]) -> str:
     whose device is its UUID (SGLang's receiver maps it to its own device index)."""
     from multiprocessing.reduction import ForkingPickler
 
-    import torch.multiprocessing  # noqa: F401 - registers torch's reductions
+    import torch.multiprocessing  # registers torch's reductions
 
     buf = io.BytesIO()
     pickler = ForkingPickler(buf)
@@ -176,11 +176,12 @@ class WeightSync(ABC):
                 self.failed, self.broken = {}, False
                 try:
                     targets = self.pool.live_control() + self.pool.probe_out()
-                except SGLangError as exc:  # noqa: BLE001 - reported by _settle
+                except SGLangError as exc:  # reported by _settle
                     logger.warning("%s", exc)
             self._push(student, version, targets)
             if not run_on_rank0(
-                lambda: self._settle(version, targets, attempt + 1 < attempts), f"weight refresh to version {version}"
+                lambda: self._settle(version, targets, attempt + 1 < attempts),  # noqa: B023 - called at once
+                f"weight refresh to version {version}",
             ):
                 break
         self.version = version
@@ -190,7 +191,7 @@ class WeightSync(ABC):
     def _push(self, student, version: int, targets: list[SGLangServer]) -> None:
         """Collective transfer; rank 0 posts to ``targets``, records failures in ``self.failed``."""
 
-    def _after_confirmed(self, version: int) -> None:
+    def _after_confirmed(self, version: int) -> None:  # noqa: B027 - optional hook
         """Clean-up once the servers in the pool run ``version``."""
 
     def _settle(self, version: int, targets: list[SGLangServer], may_retry: bool) -> bool:
@@ -277,7 +278,7 @@ class WeightSync(ABC):
 
             async def quiet(s: SGLangServer):
                 try:
-                    await s.apost_checked(path, {})
+                    await s.apost_checked(path, {})  # noqa: B023 - gathered in this iteration
                 except SGLangError as exc:
                     if s.url not in self.failed:
                         self.failed[s.url] = str(exc)
@@ -291,7 +292,7 @@ class WeightSync(ABC):
         except SGLangError:
             return False  # reported when its loads fail
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the mode holds (process groups)."""
 
 
@@ -580,7 +581,7 @@ class IpcSync(WeightSync):
 
 def make_weight_sync(cfg, pool: SGLangPool, *, out_dir: str | os.PathLike, source_dir=None, family=None) -> WeightSync:
     """The :class:`WeightSync` for ``cfg`` (a gopd_mega.config.RolloutConfig)."""
-    kw = dict(bucket_mb=cfg.bucket_mb, family=family)
+    kw = {"bucket_mb": cfg.bucket_mb, "family": family}
     if cfg.weight_sync == "disk":
         return DiskSync(pool, cfg.weight_dir or Path(out_dir) / "rollout_weights", source_dir=source_dir, **kw)
     if cfg.weight_sync == "nccl":

@@ -38,6 +38,7 @@ Test styles (each a dict; TESTS.json of gopd-verify is a list of them):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
@@ -180,10 +181,8 @@ def run_tests(program: str, tests: list[dict], limits: SandboxLimits | None = No
 
 
 def _kill_group(pgid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 _ISOLATION: str | bool | None = False  # False: not probed yet; None: works; str: why not
@@ -364,7 +363,7 @@ def _write_files(workdir: str, program: str, test: dict) -> list[str]:
 def _run_one(program: str, test: dict, limits: SandboxLimits) -> dict:
     uid = SANDBOX_UID_BASE + (os.getpid() * 7919 + time.monotonic_ns()) % SANDBOX_UID_SPAN
     workdir = os.path.realpath(tempfile.mkdtemp(prefix="gopd-sbx-"))
-    stdin_file = tempfile.TemporaryFile()
+    stdin_file = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
     try:
         script = _write_files(workdir, program, test)
         stdin_file.write(test.get("stdin", "").encode())
@@ -390,7 +389,7 @@ def _candidate(
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
         os.closerange(3, 1 << 16)
-        cpu = int(math.ceil(limits.cpu_s or limits.timeout_s))
+        cpu = math.ceil(limits.cpu_s or limits.timeout_s)
         mem = limits.memory_mb << 20
         fsize = limits.file_size_mb << 20
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
@@ -482,12 +481,10 @@ def _execute(script: list[str], workdir: str, stdin_fd: int, uid: int, limits: S
                     open_fds.remove(info_r)
                 info_buf += chunk
         target = pid_b()
-        try:
-            # B is pid 1 of the namespace: killing it kills everything in it. Without B (A never
-            # forked it), A is all there is.
+        # B is pid 1 of the namespace: killing it kills everything in it. Without B (A never
+        # forked it), A is all there is.
+        with contextlib.suppress(ProcessLookupError):
             os.kill(target if target is not None else child, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     bufs = {out_r: bytearray(), err_r: bytearray()}
     open_fds = [out_r, err_r, info_r]

@@ -39,7 +39,7 @@ def _serve(target: str) -> None:
     for line in sys.stdin:
         try:
             reply = [OK, fn(*json.loads(line))]
-        except Exception as exc:  # the caller decides; the worker lives on
+        except Exception as exc:  # noqa: BLE001 - the caller decides; the worker lives on
             reply = [CRASHED, f"{type(exc).__name__}: {exc}"]
         out.write(json.dumps(reply) + "\n")
         out.flush()
