@@ -84,7 +84,7 @@ def save_rng_state(path: Path) -> None:
     version, words, gauss_next = random.getstate()
     tensors = {
         "torch": torch.get_rng_state(),
-        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),  # type: ignore[attr-defined]  # the legacy state tuple: keys is an ndarray
         "python": torch.tensor(words, dtype=torch.int64),
     }
     meta = {"numpy": json.dumps([int(pos), int(has_gauss), float(cached)]), "python": json.dumps([version, gauss_next])}
@@ -290,7 +290,7 @@ class CheckpointManager:
             try:
                 candidates.append((read_manifest(p)["step"], p))
             except CheckpointError as exc:
-                skipped.append((int(_NAME.fullmatch(p.name).group(1)), str(exc)))
+                skipped.append((int(_NAME.fullmatch(p.name).group(1)), str(exc)))  # type: ignore[union-attr]  # listed by _NAME
         for step, p in sorted(candidates, reverse=True):
             try:
                 verify(p)

@@ -36,6 +36,7 @@ import socket
 import threading
 import time
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -147,7 +148,7 @@ class StopSignals:
 
     def __init__(self):
         self.received = 0
-        self._old: dict[int, object] = {}
+        self._old: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -255,7 +256,7 @@ def is_collective_failure(exc: BaseException) -> bool:
             )
         ):
             return True
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]  # the loop ends on None
     return False
 
 

@@ -153,7 +153,7 @@ def sequence_target(
     log_z = torch.full((n, len(all_lams)), -math.inf, dtype=torch.float64)
     log_w_answer = torch.full((n, len(all_lams)), -math.inf, dtype=torch.float64)
     # the frontier: (row, response prefix, log pi_T(prefix), log pi_ref(prefix))
-    frontier = [(i, [], 0.0, 0.0) for i in range(n)]
+    frontier: list[tuple[int, list[int], float, float]] = [(i, [], 0.0, 0.0) for i in range(n)]
     complete = torch.ones(n, dtype=torch.bool)  # no prefix of this row was left out of the beam
     for depth in range(max_new_tokens):
         contexts = [prompts[i] + resp for i, resp, _, _ in frontier]

@@ -130,7 +130,7 @@ def _patch_tied_embedding_setup() -> None:
         finally:
             torch.Tensor.cuda = saved
 
-    setup._gopd_patched = True
+    setup._gopd_patched = True  # type: ignore[attr-defined]  # marks the patch as applied
     LanguageModule.setup_embeddings_and_output_layer = setup
 
 
@@ -197,7 +197,7 @@ def setup_platform() -> None:
     if _PATCHED or on_gpu():
         return
     # Patches 2/3 and the p2p synchronize of 4: without CUDA these functions can only raise.
-    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment, return-value]  # megatron only passes it on
     torch.cuda.synchronize = lambda *args, **kwargs: None
     _patch_rng()
     from megatron.core.pipeline_parallel import schedules

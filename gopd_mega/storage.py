@@ -122,7 +122,7 @@ def storage_error(
     os_err = find_os_error(exc)
     if os_err is None:
         return None
-    reason = _USER_ERRNOS[os_err.errno]
+    reason = _USER_ERRNOS[os_err.errno]  # type: ignore[index]  # find_os_error returns one with an errno
     path = os_err.filename or directory
     if os_err.errno in (errno.ENOSPC, errno.EDQUOT):
         free = shutil.disk_usage(_existing(Path(directory))).free

@@ -336,7 +336,7 @@ def torch_full_vocab(h_s, w_s, h_t, w_t, h_r, w_r, plan: FullVocabPlan):
         zt = logits(h_t, w_t) if plan.has_t else None
         zr = logits(h_r, w_r) if plan.has_r else None
         if plan.has_c:
-            c = plan.lam * zt + (1.0 - plan.lam) * zr
+            c = plan.lam * zt + (1.0 - plan.lam) * zr  # type: ignore[operator]  # has_c: both computed
             offset = plan.lam * lse(zt) + (1.0 - plan.lam) * lse(zr)
             log_z = lse(c) - offset
         else:

@@ -368,7 +368,7 @@ def local_stats_dot(hidden, weight, tgt_local, owned, vocab_valid: int, inv_temp
         parts[0].fill_(float("-inf"))
         for p in parts[1:]:
             p.zero_()
-    return vp.merge_stats(*parts, dim=0)
+    return vp.merge_stats(*parts, dim=0)  # type: ignore[misc, arg-type]  # parts is [m, s, sz, zt]
 
 
 def _num_sms(dev) -> int:

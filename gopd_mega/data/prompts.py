@@ -148,7 +148,7 @@ class PromptDataset:
 
     def next_batch(self, n: int) -> list[Prompt]:
         """The next ``n`` prompts of the shuffled order (crossing into the next epoch if needed)."""
-        out = []
+        out: list[Prompt] = []
         while len(out) < n:
             if self.index >= len(self._order):
                 self.epoch += 1

@@ -94,7 +94,7 @@ class Geometry:
             heads,
             cfg.num_query_groups or heads,
             cfg.kv_channels or cfg.hidden_size // heads,
-            cfg.ffn_hidden_size,
+            cfg.ffn_hidden_size,  # type: ignore[arg-type]  # set for every family
             cfg.hidden_size,
             cfg.vocab_size,
             padded_vocab or cfg.padded_vocab,

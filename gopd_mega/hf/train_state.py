@@ -112,7 +112,7 @@ class SafeFileSystemReader(FileSystemReader):
                 )
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
+        metadata.storage_meta.load_id = self.load_id  # type: ignore[union-attr]  # set by DCP before this
         return metadata
 
 

@@ -100,7 +100,7 @@ def deliver(
                 continue  # r has these rows itself
             want = src_flat[d_me][torch.isin(src_flat[d_me], dst_flat[coords(dst, r)[1]])]
             if want.numel():
-                ops.append(dist.P2POp(dist.isend, local.at(want).contiguous(), r))
+                ops.append(dist.P2POp(dist.isend, local.at(want).contiguous(), r))  # type: ignore[union-attr]  # this rank holds want
     pieces = []
     if me in receivers:
         mine = dst_flat[coords(dst, me)[1]]
@@ -109,7 +109,7 @@ def deliver(
             if not want.numel():
                 continue
             if holds and d == d_me:
-                pieces.append((want, local.at(want)))
+                pieces.append((want, local.at(want)))  # type: ignore[union-attr]  # this rank holds want
             else:
                 buf = torch.empty(want.numel(), width, dtype=dtype, device=device)
                 ops.append(dist.P2POp(dist.irecv, buf, sender(d)))

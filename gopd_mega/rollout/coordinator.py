@@ -77,7 +77,12 @@ class RolloutCoordinator:
     # ------------------------------------------------------------------ sampling
 
     def _sample(self, prompts: list[list[int]], ids: list[str], version: int, s: Sampling) -> RolloutBatch:
-        kwargs = {"temperature": s.temperature, "top_p": s.top_p, "max_new_tokens": s.max_new_tokens, "seed": s.seed}
+        kwargs: dict[str, Any] = {
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "max_new_tokens": s.max_new_tokens,
+            "seed": s.seed,
+        }
         if self.spmd:
             batch = self.engine.generate(prompts, **kwargs)
             batch.sample_ids, batch.weight_versions = list(ids), [str(version)] * len(ids)

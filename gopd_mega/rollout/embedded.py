@@ -153,4 +153,4 @@ class EmbeddedEngine(RolloutEngine):
         from the student object itself (``source`` is None or the model)."""
         if source is None or source is self.model:
             return
-        self.model.copy_weights_from(source)
+        self.model.copy_weights_from(source)  # type: ignore[attr-defined]  # the student models have it

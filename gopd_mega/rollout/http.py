@@ -27,7 +27,7 @@ import contextlib
 import json
 import os
 import threading
-from collections.abc import Awaitable
+from collections.abc import Coroutine
 from typing import Any
 
 import aiohttp
@@ -70,7 +70,7 @@ class HttpPool:
 
         self.client = self.run(make())
 
-    def run(self, coro: Awaitable, timeout: float | None = None) -> Any:
+    def run(self, coro: Coroutine, timeout: float | None = None) -> Any:
         """Run ``coro`` on the pool's loop from another thread and return its result."""
         if threading.current_thread() is self.thread:
             raise RuntimeError("HttpPool.run called from its own event loop thread")

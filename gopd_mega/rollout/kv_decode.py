@@ -124,8 +124,8 @@ class _Bucket:
         if self.cache is not None:
             self.cache = self.cache.index_select(2, idx_dev)
             return
-        for k, (key, value) in list(self.ctx.key_value_memory_dict.items()):
-            self.ctx.key_value_memory_dict[k] = (key.index_select(1, idx_dev), value.index_select(1, idx_dev))
+        for k, (key, value) in list(self.ctx.key_value_memory_dict.items()):  # type: ignore[union-attr]  # set by start()
+            self.ctx.key_value_memory_dict[k] = (key.index_select(1, idx_dev), value.index_select(1, idx_dev))  # type: ignore[union-attr]  # set by start()
 
     def mask(self, sq: int, causal: bool = False) -> torch.Tensor | None:
         """Boolean [n, 1, sq, sk] (True = masked) for ``sq`` new slots after the current offset;
@@ -236,12 +236,12 @@ class CachedDecoder:
             return logits
         ctx = bucket.ctx
         mask = bucket.mask(sq)
-        start = ctx.sequence_len_offset
+        start = ctx.sequence_len_offset  # type: ignore[union-attr]  # set by start()
         positions = torch.arange(start, start + sq, device=dev).unsqueeze(0).expand(n, sq)
         model = self.sharded.model
         if g.pp == 1:
             hidden = model(input_ids=tokens.to(dev), position_ids=positions, attention_mask=mask, inference_context=ctx)
-            logits = self._logits(hidden[-1], weight)
+            logits = self._logits(hidden[-1], weight)  # type: ignore[arg-type]  # set by start()
         else:
             out: dict = {}
 
@@ -280,15 +280,15 @@ class CachedDecoder:
         start = bucket.offset
         mask = bucket.mask(sq, causal=True)
         with torch.inference_mode():
-            last = self.stage.forward(
+            last = self.stage.forward(  # type: ignore[union-attr]  # set by start()
                 tokens,
-                bucket.cache,
+                bucket.cache,  # type: ignore[arg-type]  # set by start()
                 start,
                 self.cos[start : start + sq],
                 self.sin[start : start + sq],
                 None if mask is None else ~mask,
             )
-            logits = self._logits(last, weight) if g.is_last_stage else torch.zeros(n, self.vocab, device=tokens.device)
+            logits = self._logits(last, weight) if g.is_last_stage else torch.zeros(n, self.vocab, device=tokens.device)  # type: ignore[arg-type]  # set by start()
         logits = logits.clone()  # a normal tensor again (inference tensors cannot enter autograd later)
         if g.pp > 1:
             dist.broadcast(logits, src=g.last_stage_global_rank, group=g.pg.pp)

@@ -128,7 +128,7 @@ class SGLangPool(RolloutEngine):
 
     def everyone(self) -> list[SGLangServer]:
         """Generation and control servers, each once."""
-        seen = {}
+        seen: dict[str, SGLangServer] = {}
         for s in self.servers + self.control:
             seen.setdefault(s.url, s)
         return list(seen.values())

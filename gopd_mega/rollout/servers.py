@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import torch
 
@@ -193,7 +194,9 @@ def startup_checks(cfg, models, rollout, data, *, fresh: bool) -> dict[str, floa
     from gopd_mega.rollout.coordinator import Sampling
 
     r = cfg.rollout
-    pairs = []  # (name, ServerScorer or None for the sampler's own log-probs, local model)
+    pairs: list[
+        tuple[str, ServerScorer | None, Any]
+    ] = []  # (name, ServerScorer or None for the sampler's own log-probs, local model)
     if not rollout.spmd:
         pairs.append(("rollout server (student)", None, models.student))
     for name, model in models.teachers.items():

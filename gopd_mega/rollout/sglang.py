@@ -279,7 +279,7 @@ class SGLangServer:
         rids: list[str] | None = None,
     ) -> list[Sample]:
         """One sample per prompt: one batched request, or one request per prompt (``batched``)."""
-        seeds = seeds if (self.send_seed and seeds is not None) else [None] * len(prompts)
+        seeds = seeds if (self.send_seed and seeds is not None) else [None] * len(prompts)  # type: ignore[list-item]  # no seed sent
         params = [
             sampling_params(
                 temperature=temperature,
@@ -313,9 +313,9 @@ class SGLangServer:
         samples = [self._parse_output(i, out) for i, out in enumerate(outputs)]
         if rids is not None:
             for i, (out, rid) in enumerate(zip(outputs, rids)):
-                got = (out.get("meta_info") or {}).get("id")
-                if got is not None and str(got) != str(rid):
-                    raise SGLangError(f"SGLang {self.url}/generate output {i} is request {got!r}, expected {rid!r}")
+                rid_got = (out.get("meta_info") or {}).get("id")
+                if rid_got is not None and str(rid_got) != str(rid):
+                    raise SGLangError(f"SGLang {self.url}/generate output {i} is request {rid_got!r}, expected {rid!r}")
         return samples
 
     def generate(self, prompts: list[list[int]], **kwargs) -> list[Sample]:

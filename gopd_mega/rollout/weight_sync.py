@@ -75,7 +75,8 @@ patch_torch replaces the same entry)."""
 
 def buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Group (name, tensor) pairs into lists of at most ``bucket_bytes`` (a larger tensor alone)."""
-    bucket, size = [], 0
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
     for name, t in named:
         nbytes = t.numel() * t.element_size()
         if bucket and size + nbytes > bucket_bytes:
@@ -104,8 +105,8 @@ def init_custom_process_group(
 
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore(address, port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False)
-    store = c10d.PrefixStore(group_name, store)
-    pg, _ = c10d._new_process_group_helper(world_size, rank, [], backend, store, group_name=group_name, timeout=timeout)
+    store = c10d.PrefixStore(group_name, store)  # type: ignore[assignment]  # a Store either way
+    pg, _ = c10d._new_process_group_helper(world_size, rank, [], backend, store, group_name=group_name, timeout=timeout)  # type: ignore[arg-type]  # GroupName is a str NewType
     c10d._world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     return pg
 
@@ -413,8 +414,8 @@ class NcclSync(WeightSync):
         except Exception as exc:  # noqa: BLE001 - every target failed to join
             asker.join()
             self.group = None
-            for s in targets:
-                self.failed.setdefault(s.url, errors.get(s.url) or f"/init_weights_update_group: {exc}")
+            for server in targets:
+                self.failed.setdefault(server.url, errors.get(server.url) or f"/init_weights_update_group: {exc}")
             self.broken = True
             return
         asker.join()
@@ -538,14 +539,14 @@ class IpcSync(WeightSync):
         if rank < len(self.pool.control) * self.server_ranks and bucket is not None:
             mine = serialize_named_tensors([(n, t.to(self._device())) for n, t in bucket])
         if dist.is_initialized() and dist.get_world_size() > 1:
-            gathered = [None] * dist.get_world_size() if rank == 0 else None
+            gathered: list | None = [None] * dist.get_world_size() if rank == 0 else None
             dist.gather_object(mine, gathered, dst=0)
         else:
             gathered = [mine]
         if rank != 0:
             return None
         r = self.server_ranks
-        return [gathered[i * r : (i + 1) * r] for i in range(len(self.pool.control))]
+        return [gathered[i * r : (i + 1) * r] for i in range(len(self.pool.control))]  # type: ignore[index]  # rank 0 gathered
 
     def _push(self, student, version: int, targets: list[SGLangServer]) -> None:
         rank0 = global_rank() == 0

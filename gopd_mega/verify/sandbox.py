@@ -203,7 +203,7 @@ def isolation_error() -> str | None:
                 env=dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p)),
             )
             _ISOLATION = None if probe.returncode == 0 else (probe.stderr.strip().splitlines() or ["probe failed"])[-1]
-    return _ISOLATION
+    return _ISOLATION  # type: ignore[return-value]  # probed above: never False here
 
 
 def require_isolation() -> None:
@@ -426,7 +426,9 @@ def _execute(script: list[str], workdir: str, stdin_fd: int, uid: int, limits: S
     if limits.isolate:
         child = os.fork()
         if child == 0:  # A
-            os.close(out_r), os.close(err_r), os.close(info_r)
+            os.close(out_r)
+            os.close(err_r)
+            os.close(info_r)
             try:
                 _enter_namespaces(workdir)
             except BaseException as exc:  # noqa: BLE001
@@ -438,23 +440,30 @@ def _execute(script: list[str], workdir: str, stdin_fd: int, uid: int, limits: S
                 if c == 0:
                     os.close(info_w)
                     _candidate(script, workdir, stdin_fd, out_w, err_w, uid, limits)
-                os.close(out_w), os.close(err_w)
+                os.close(out_w)
+                os.close(err_w)
                 while True:
                     pid, status, ru = os.wait4(-1, 0)
                     if pid == c:
                         break
                 os.write(info_w, (json.dumps({"status": status, "cpu_s": ru.ru_utime + ru.ru_stime}) + "\n").encode())
                 os._exit(0)  # the kernel now kills whatever is left in the namespace
-            os.close(out_w), os.close(err_w)
+            os.close(out_w)
+            os.close(err_w)
             os.write(info_w, (json.dumps({"pid_b": b}) + "\n").encode())
             os.waitpid(b, 0)
             os._exit(0)
     else:
         child = os.fork()
         if child == 0:
-            os.close(out_r), os.close(err_r), os.close(info_r), os.close(info_w)
+            os.close(out_r)
+            os.close(err_r)
+            os.close(info_r)
+            os.close(info_w)
             _candidate(script, workdir, stdin_fd, out_w, err_w, None, limits)
-    os.close(out_w), os.close(err_w), os.close(info_w)
+    os.close(out_w)
+    os.close(err_w)
+    os.close(info_w)
 
     info_buf = b""
 
@@ -520,7 +529,7 @@ def _execute(script: list[str], workdir: str, stdin_fd: int, uid: int, limits: S
     for fd in (out_r, err_r, info_r):
         os.close(fd)
     cpu_s = None
-    status = None
+    status = None  # type: ignore[assignment]  # None until C reports
     if limits.isolate:
         os.waitpid(child, 0)  # A
         for line in info_buf.split(b"\n"):

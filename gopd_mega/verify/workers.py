@@ -68,12 +68,12 @@ class TimedWorker:
         if self._proc is not None:
             self._proc.kill()
             self._proc.wait()
-            self._proc.stdin.close()
-            self._proc.stdout.close()
+            self._proc.stdin.close()  # type: ignore[union-attr]  # started above, with pipes  # type: ignore[union-attr]  # started above, with pipes
+            self._proc.stdout.close()  # type: ignore[union-attr]  # started above, with pipes  # type: ignore[union-attr]  # started above, with pipes
         self._proc = None
 
     def _read_line(self, deadline: float) -> bytes | None:
-        fd = self._proc.stdout.fileno()
+        fd = self._proc.stdout.fileno()  # type: ignore[union-attr]  # started above, with pipes  # type: ignore[union-attr]  # started above, with pipes
         while b"\n" not in self._buf:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
@@ -94,11 +94,11 @@ class TimedWorker:
             self._start()
             extra = self.start_timeout_s
         try:
-            self._proc.stdin.write((json.dumps(list(args)) + "\n").encode())
-            self._proc.stdin.flush()
+            self._proc.stdin.write((json.dumps(list(args)) + "\n").encode())  # type: ignore[union-attr]  # started above, with pipes  # type: ignore[union-attr]  # started above, with pipes
+            self._proc.stdin.flush()  # type: ignore[union-attr]  # started above, with pipes  # type: ignore[union-attr]  # started above, with pipes
             line = self._read_line(time.monotonic() + timeout_s + extra)
         except (EOFError, OSError) as exc:
-            code = self._proc.poll()
+            code = self._proc.poll()  # type: ignore[union-attr]  # started above, with pipes  # type: ignore[union-attr]  # started above, with pipes
             self._kill()
             return CRASHED, f"worker process died (exit code {code}): {exc}"
         if line is None:
