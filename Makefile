@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench gpu-wheels gpu-check-dry clean
+.PHONY: setup demo test lint bench gpu-wheels gpu-check-dry clean clean-results
 
 setup: $(STAMP)
 
@@ -28,6 +28,12 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q tests
 
+# Lint, format check and types (configured in pyproject.toml); CI runs it before the tests.
+lint: setup
+	$(VENV)/bin/ruff check gopd_mega kernels
+	$(VENV)/bin/ruff format --check gopd_mega kernels
+	$(VENV)/bin/mypy gopd_mega kernels
+
 bench: setup
 	$(PY) benchmarks/bench_logprob.py
 
@@ -42,5 +48,9 @@ gpu-wheels: setup
 gpu-check-dry: setup
 	PY=$(PY) bash benchmarks/gpu_check.sh --dry
 
+# Keeps runs/: it holds the results of demo and training runs (`make clean-results` removes them).
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) build *.egg-info
+
+clean-results:
+	rm -rf runs

@@ -82,8 +82,11 @@ def save_rng_state(path: Path) -> None:
     """This process's torch, numpy and python RNG states as tensors (no pickle)."""
     _, keys, pos, has_gauss, cached = np.random.get_state()
     version, words, gauss_next = random.getstate()
-    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
-               "python": torch.tensor(words, dtype=torch.int64)}
+    tensors = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),  # type: ignore[attr-defined]  # the legacy state tuple: keys is an ndarray
+        "python": torch.tensor(words, dtype=torch.int64),
+    }
     meta = {"numpy": json.dumps([int(pos), int(has_gauss), float(cached)]), "python": json.dumps([version, gauss_next])}
     save_safetensors(tensors, path, metadata=meta)
 
@@ -92,7 +95,7 @@ def load_rng_state(path: Path) -> None:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
-            t = {k: f.get_tensor(k) for k in f.keys()}
+            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a safetensors handle, not a dict: not iterable
         pos, has_gauss, cached = json.loads(meta["numpy"])
         version, gauss_next = json.loads(meta["python"])
     except Exception as exc:  # noqa: BLE001 - not safetensors, or not the RNG state
@@ -151,7 +154,9 @@ def verify(directory: Path) -> dict:
             raise CheckpointError(f"{directory.name}: {rel} is missing")
         size = p.stat().st_size
         if size != want["size"]:
-            raise CheckpointError(f"{directory.name}: {rel} has {size} bytes, the manifest says {want['size']} (truncated or replaced)")
+            raise CheckpointError(
+                f"{directory.name}: {rel} has {size} bytes, the manifest says {want['size']} (truncated or replaced)"
+            )
     for rel, want in files.items():
         if sha256(directory / rel) != want["sha256"]:
             raise CheckpointError(f"{directory.name}: {rel} does not match its sha256 in the manifest (corrupt)")
@@ -160,7 +165,9 @@ def verify(directory: Path) -> dict:
     except ValueError as exc:
         raise CheckpointError(f"{directory.name}: trainer_state.json is not valid JSON ({exc})") from None
     if state.get("step") != manifest["step"]:
-        raise CheckpointError(f"{directory.name}: trainer_state.json says step {state.get('step')}, the manifest {manifest['step']}")
+        raise CheckpointError(
+            f"{directory.name}: trainer_state.json says step {state.get('step')}, the manifest {manifest['step']}"
+        )
     return manifest
 
 
@@ -201,7 +208,9 @@ class CheckpointManager:
         self.root.mkdir(parents=True, exist_ok=True)
         self.clean()
         previous = self.latest()
-        if previous is not None:  # the next one takes as much room as the last (save_train_state checks its tensors too)
+        if (
+            previous is not None
+        ):  # the next one takes as much room as the last (save_train_state checks its tensors too)
             require_space(self.root, sum(f["size"] for f in read_manifest(previous)["files"].values()), what)
         partial.mkdir()
 
@@ -249,7 +258,7 @@ class CheckpointManager:
         if not self.keep_last:
             return []
         done = self.complete()
-        newest = set(done[-self.keep_last:])
+        newest = set(done[-self.keep_last :])
         removed = [p for p in done if p not in newest and p != keep]
         for p in removed:
             trash = p.with_name(p.name + ".deleting")
@@ -281,7 +290,7 @@ class CheckpointManager:
             try:
                 candidates.append((read_manifest(p)["step"], p))
             except CheckpointError as exc:
-                skipped.append((int(_NAME.fullmatch(p.name).group(1)), str(exc)))
+                skipped.append((int(_NAME.fullmatch(p.name).group(1)), str(exc)))  # type: ignore[union-attr]  # listed by _NAME
         for step, p in sorted(candidates, reverse=True):
             try:
                 verify(p)
@@ -290,8 +299,11 @@ class CheckpointManager:
                 continue
             return str(p), [why for s, why in sorted(skipped, reverse=True) if s >= step]
         if skipped:
-            raise CheckpointError(f"no checkpoint in {self.root} verifies: " + "; ".join(why for _, why in sorted(skipped, reverse=True))
-                                  + " (move them away, or set train.resume=false to start over)")
+            raise CheckpointError(
+                f"no checkpoint in {self.root} verifies: "
+                + "; ".join(why for _, why in sorted(skipped, reverse=True))
+                + " (move them away, or set train.resume=false to start over)"
+            )
         return None, []
 
     def load(self, path: Path, model, optimizer, verified: bool = False) -> dict[str, Any]:
@@ -300,7 +312,9 @@ class CheckpointManager:
         checkpoint is verified first (rank 0) unless ``verified``."""
         path = Path(path)
         if not _NAME.fullmatch(path.name):
-            raise CheckpointError(f"{path}: not a checkpoint directory name (step_NNNNNN); '.partial' and '.deleting' are never loaded")
+            raise CheckpointError(
+                f"{path}: not a checkpoint directory name (step_NNNNNN); '.partial' and '.deleting' are never loaded"
+            )
         if not verified:
             on_rank0(lambda: verify(path))
         meta = json.loads((path / "trainer_state.json").read_text())

@@ -28,6 +28,7 @@ name the ranks whose counter stood still: dead or stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -35,6 +36,7 @@ import socket
 import threading
 import time
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -110,10 +112,8 @@ def on_every_rank(fn):
         if failed and err is None:
             raise PeerFailed(f"rank {failed[0]} failed")
         if err is not None:
-            try:
+            with contextlib.suppress(AttributeError):
                 err.report_here = dist.get_rank() == failed[0]
-            except AttributeError:
-                pass
     if err is not None:
         raise err
     return value
@@ -148,9 +148,9 @@ class StopSignals:
 
     def __init__(self):
         self.received = 0
-        self._old: dict[int, object] = {}
+        self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -166,8 +166,11 @@ class StopSignals:
             return
         self.received = signum
         if rank() == 0:  # os.write: safe wherever the handler interrupts (print may be mid-write)
-            os.write(1, f"got {signal.Signals(signum).name}: the run stops after this step, with a checkpoint "
-                        "(SIGKILL abandons the step)\n".encode())
+            os.write(
+                1,
+                f"got {signal.Signals(signum).name}: the run stops after this step, with a checkpoint "
+                "(SIGKILL abandons the step)\n".encode(),
+            )
 
     def agreed(self) -> int:
         """Collective: the signal number some rank received, else 0."""
@@ -241,11 +244,19 @@ def is_collective_failure(exc: BaseException) -> bool:
         if isinstance(exc, dist.DistError):
             return True
         text = str(exc)
-        if isinstance(exc, RuntimeError) and any(s in text for s in (
-                "gloo/transport", "Connection reset by peer", "Connection closed by peer", "Timed out waiting",
-                "NCCL communicator", "ProcessGroupNCCL")):
+        if isinstance(exc, RuntimeError) and any(
+            s in text
+            for s in (
+                "gloo/transport",
+                "Connection reset by peer",
+                "Connection closed by peer",
+                "Timed out waiting",
+                "NCCL communicator",
+                "ProcessGroupNCCL",
+            )
+        ):
             return True
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]  # the loop ends on None
     return False
 
 
@@ -283,8 +294,10 @@ def diagnose(exc: BaseException, timeout_s: float | None = None) -> tuple[str, b
                 who[r] = json.loads(store.get(f"{p}who/{r}"))
     except Exception:  # noqa: BLE001 - the store is gone with the process that held it
         host = os.environ.get("MASTER_ADDR", "?")
-        return (f"rank {me}: lost the job's store at {host}:{os.environ.get('MASTER_PORT', '?')}, held by rank 0 "
-                f"(or torchrun) on {host}: it is dead or stopped ({cause})"), me == 1
+        return (
+            f"rank {me}: lost the job's store at {host}:{os.environ.get('MASTER_PORT', '?')}, held by rank 0 "
+            f"(or torchrun) on {host}: it is dead or stopped ({cause})"
+        ), me == 1
     lost = [r for r in range(n) if r != me and r not in failed and after[r] == before[r]]
     running = [r for r in range(n) if r not in failed and r not in lost]
     here = bool(running) and me == running[0]
@@ -299,5 +312,7 @@ def diagnose(exc: BaseException, timeout_s: float | None = None) -> tuple[str, b
         return f"rank {r} (host {w.get('host', '?')}, pid {w.get('pid', '?')})"
 
     verb = "is" if len(lost) == 1 else "are"
-    return (f"{', '.join(name(r) for r in lost)} {verb} dead or stopped: no heartbeat for {2.5 * HEARTBEAT_S:g} s after a "
-            f"collective failed on rank {me}{waited}: {cause}"), here
+    return (
+        f"{', '.join(name(r) for r in lost)} {verb} dead or stopped: no heartbeat for {2.5 * HEARTBEAT_S:g} s after a "
+        f"collective failed on rank {me}{waited}: {cause}"
+    ), here

@@ -35,7 +35,7 @@ class MetricsLogger:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if backend in ("jsonl", "both"):
-            self._jsonl = open(self.out_dir / "metrics.jsonl", "a", buffering=1)
+            self._jsonl = open(self.out_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - open for the run, closed by close()
         if backend in ("tensorboard", "both"):
             from torch.utils.tensorboard import SummaryWriter
 
@@ -63,7 +63,7 @@ class MetricsLogger:
                 tmp = path.with_name(path.name + ".tmp")
                 tmp.write_text("".join(kept))
                 os.replace(tmp, path)
-            self._jsonl = open(path, "a", buffering=1)
+            self._jsonl = open(path, "a", buffering=1)  # noqa: SIM115 - open for the run, closed by close()
         if self._tb is not None:
             from torch.utils.tensorboard import SummaryWriter
 

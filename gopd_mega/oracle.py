@@ -63,8 +63,9 @@ def full_vocab_logprobs(model, tokens: torch.Tensor, loss_mask: torch.Tensor, te
     return model.logprobs_at(tokens, loss_mask, ids, temperature)
 
 
-def per_token_target(teacher, reference, tokens: torch.Tensor, loss_mask: torch.Tensor, lams: list[float],
-                     temperature: float = 1.0) -> PerTokenTarget:
+def per_token_target(
+    teacher, reference, tokens: torch.Tensor, loss_mask: torch.Tensor, lams: list[float], temperature: float = 1.0
+) -> PerTokenTarget:
     """The per-token target's probability of each row's answer.
 
     ``tokens`` [N, S] = [bos] prompt answer [eos] (``data.prompts.sft_batch``), ``loss_mask``
@@ -112,13 +113,23 @@ def _next_logprobs(model, prefixes: list[list[int]], temperature: float) -> torc
     lengths = torch.tensor([len(p) for p in prefixes])
     tokens = torch.zeros(len(prefixes), int(lengths.max()), dtype=torch.long)
     for i, p in enumerate(prefixes):
-        tokens[i, :len(p)] = torch.tensor(p)
+        tokens[i, : len(p)] = torch.tensor(p)
     logits = model.next_token_logits(tokens, lengths).double()
     return torch.log_softmax(logits / temperature, dim=-1)
 
 
-def sequence_target(teacher, reference, prompts: list[list[int]], answers: list[list[int]], lams: list[float], *,
-                    stop_ids: list[int], max_new_tokens: int, beam: int, temperature: float = 1.0) -> SequenceTarget:
+def sequence_target(
+    teacher,
+    reference,
+    prompts: list[list[int]],
+    answers: list[list[int]],
+    lams: list[float],
+    *,
+    stop_ids: list[int],
+    max_new_tokens: int,
+    beam: int,
+    temperature: float = 1.0,
+) -> SequenceTarget:
     """The sequence-level target over the response tree, by a beam of the soft-Bellman recursion.
 
     ``prompts``: each row's context ([bos] + prompt ids); ``answers``: its reference response
@@ -131,8 +142,9 @@ def sequence_target(teacher, reference, prompts: list[list[int]], answers: list[
         raise ValueError(f"sequence_target: need beam >= 1 and max_new_tokens >= 1, got {beam}, {max_new_tokens}")
     for i, a in enumerate(answers):
         if not a or a[-1] not in stop_ids or len(a) > max_new_tokens or any(t in stop_ids for t in a[:-1]):
-            raise ValueError(f"sequence_target: answer {i} must be tokens then one stop id, at most "
-                             f"{max_new_tokens} long, got {a}")
+            raise ValueError(
+                f"sequence_target: answer {i} must be tokens then one stop id, at most {max_new_tokens} long, got {a}"
+            )
     n = len(prompts)
     all_lams = sorted(set(lams) | {0.0, 1.0})
     lam_t = torch.tensor(all_lams, dtype=torch.float64)  # [K]
@@ -141,7 +153,7 @@ def sequence_target(teacher, reference, prompts: list[list[int]], answers: list[
     log_z = torch.full((n, len(all_lams)), -math.inf, dtype=torch.float64)
     log_w_answer = torch.full((n, len(all_lams)), -math.inf, dtype=torch.float64)
     # the frontier: (row, response prefix, log pi_T(prefix), log pi_ref(prefix))
-    frontier = [(i, [], 0.0, 0.0) for i in range(n)]
+    frontier: list[tuple[int, list[int], float, float]] = [(i, [], 0.0, 0.0) for i in range(n)]
     complete = torch.ones(n, dtype=torch.bool)  # no prefix of this row was left out of the beam
     for depth in range(max_new_tokens):
         contexts = [prompts[i] + resp for i, resp, _, _ in frontier]
@@ -160,9 +172,8 @@ def sequence_target(teacher, reference, prompts: list[list[int]], answers: list[
         for j, (i, resp, _, _) in enumerate(frontier):
             log_z[i] = torch.logaddexp(log_z[i], ended[j])
             a = answers[i]
-            if resp == a[:depth]:  # on the answer's path: the answer ends here?
-                if len(a) == depth + 1:
-                    log_w_answer[i] = log_w[j, a[depth]]
+            if resp == a[:depth] and len(a) == depth + 1:  # on the answer's path, and the answer ends here
+                log_w_answer[i] = log_w[j, a[depth]]
         if last:
             break
         # the next frontier: per row, the beam best inner children (and the answer's prefix)
@@ -186,7 +197,7 @@ def sequence_target(teacher, reference, prompts: list[list[int]], answers: list[
                 j = int(js[flat // V])
                 v = flat % V
                 _, resp, _, _ = frontier[j]
-                nxt.append((i, resp + [v], float(base_t[j] + lp_t[j, v]), float(base_r[j] + lp_r[j, v])))
+                nxt.append((i, [*resp, v], float(base_t[j] + lp_t[j, v]), float(base_r[j] + lp_r[j, v])))
         frontier = nxt
         if not frontier:
             break

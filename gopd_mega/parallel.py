@@ -96,9 +96,7 @@ def build_model_groups(tp: int, pp: int, name: str = "model") -> ModelGroups:
     init_distributed()
     world, me = dist.get_world_size(), dist.get_rank()
     if tp < 1 or pp < 1 or world % (tp * pp):
-        raise ValueError(
-            f"{name}: tp={tp} x pp={pp} = {tp * pp} does not divide the world size {world}"
-        )
+        raise ValueError(f"{name}: tp={tp} x pp={pp} = {tp * pp} does not divide the world size {world}")
     if (tp, pp) in _CACHE:
         return _CACHE[(tp, pp)]
     _ensure_megatron_globals()
@@ -124,8 +122,10 @@ def build_model_groups(tp: int, pp: int, name: str = "model") -> ModelGroups:
     pg.mp = _new_groups(mp_lists, me)
     pg.cp = _new_groups(cp_lists, me)
     pg.tp_cp = pg.tp
-    pg.tp_dp_cp = dist.group.WORLD if pp == 1 else _new_groups(
-        [[R(t, d, p) for d in range(dp) for t in range(tp)] for p in range(pp)], me
+    pg.tp_dp_cp = (
+        dist.group.WORLD
+        if pp == 1
+        else _new_groups([[R(t, d, p) for d in range(dp) for t in range(tp)] for p in range(pp)], me)
     )
     # Ranks outside a stage that needs them get None, as megatron's own parallel_state does.
     pg.embd = _new_groups(embd_lists, me)

@@ -130,7 +130,7 @@ def _patch_tied_embedding_setup() -> None:
         finally:
             torch.Tensor.cuda = saved
 
-    setup._gopd_patched = True
+    setup._gopd_patched = True  # type: ignore[attr-defined]  # marks the patch as applied
     LanguageModule.setup_embeddings_and_output_layer = setup
 
 
@@ -181,12 +181,14 @@ def _patch_optimizers() -> None:
     for module in (moptimizer, clip_grads, distrib_optimizer, grad_scaler, mutils):
         module.torch = _TorchCudaToCpu()  # patch 6
     moptimizer.Float16OptimizerWithFloat16Params.__init__ = _as_on_cuda(
-        moptimizer.Float16OptimizerWithFloat16Params.__init__)  # patch 7
+        moptimizer.Float16OptimizerWithFloat16Params.__init__
+    )  # patch 7
     distrib_optimizer.DistributedOptimizer.__init__ = _as_on_cuda(distrib_optimizer.DistributedOptimizer.__init__)
     clip = _as_on_cuda(clip_grads.clip_grad_by_total_norm_fp32)
     clip_grads.clip_grad_by_total_norm_fp32 = moptimizer.clip_grad_by_total_norm_fp32 = clip
     grad_scaler.DynamicGradScaler.load_state_dict = _as_on_cuda(
-        grad_scaler.DynamicGradScaler.load_state_dict)  # patch 8
+        grad_scaler.DynamicGradScaler.load_state_dict
+    )  # patch 8
 
 
 def setup_platform() -> None:
@@ -195,7 +197,7 @@ def setup_platform() -> None:
     if _PATCHED or on_gpu():
         return
     # Patches 2/3 and the p2p synchronize of 4: without CUDA these functions can only raise.
-    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment, return-value]  # megatron only passes it on
     torch.cuda.synchronize = lambda *args, **kwargs: None
     _patch_rng()
     from megatron.core.pipeline_parallel import schedules

@@ -22,9 +22,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-_USER_ERRNOS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
-                errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
-                errno.ENOTDIR: "a path component is a file", errno.EEXIST: "a file is in the way"}
+_USER_ERRNOS = {
+    errno.ENOSPC: "no space left",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOTDIR: "a path component is a file",
+    errno.EEXIST: "a file is in the way",
+}
 
 
 class StorageError(OSError):
@@ -53,7 +59,9 @@ def honour_umask(path: str | os.PathLike) -> None:
     os.chmod(path, 0o666 & ~umask())
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
     """safetensors ``save_file`` with the file's mode set as for an ordinary file (see the module docstring)."""
     save_file(tensors, str(path), metadata=metadata)
     honour_umask(path)
@@ -80,8 +88,10 @@ def require_space(directory: str | os.PathLike, nbytes: int, what: str) -> None:
     where = _existing(Path(directory))
     free = shutil.disk_usage(where).free
     if free < nbytes:
-        raise StorageError(errno.ENOSPC, f"{what}: not enough space in {directory}: it needs about {size(nbytes)}, "
-                                         f"{size(free)} are free")
+        raise StorageError(
+            errno.ENOSPC,
+            f"{what}: not enough space in {directory}: it needs about {size(nbytes)}, {size(free)} are free",
+        )
 
 
 def find_os_error(exc: BaseException | None) -> OSError | None:
@@ -104,18 +114,22 @@ def find_os_error(exc: BaseException | None) -> OSError | None:
     return None
 
 
-def storage_error(exc: BaseException, directory: str | os.PathLike, what: str, nbytes: int | None = None) -> StorageError | None:
+def storage_error(
+    exc: BaseException, directory: str | os.PathLike, what: str, nbytes: int | None = None
+) -> StorageError | None:
     """A StorageError naming ``directory`` (and the space needed, for a full disk) when ``exc``
     comes from a user-fixable OSError; None for anything else."""
     os_err = find_os_error(exc)
     if os_err is None:
         return None
-    reason = _USER_ERRNOS[os_err.errno]
+    reason = _USER_ERRNOS[os_err.errno]  # type: ignore[index]  # find_os_error returns one with an errno
     path = os_err.filename or directory
     if os_err.errno in (errno.ENOSPC, errno.EDQUOT):
         free = shutil.disk_usage(_existing(Path(directory))).free
         need = f"it needs about {size(nbytes)}, " if nbytes else ""
-        return StorageError(os_err.errno, f"{what}: {reason} writing {path}: {need}{size(free)} are free in {directory}")
+        return StorageError(
+            os_err.errno, f"{what}: {reason} writing {path}: {need}{size(free)} are free in {directory}"
+        )
     return StorageError(os_err.errno, f"{what}: cannot write {path}: {reason}")
 
 

@@ -37,7 +37,7 @@ tells them apart.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -48,8 +48,13 @@ __gopd_mega_kernels__ = True
 
 BACKENDS = ("auto", "triton", "chunked", "torch")
 
-__all__ = ["linear_logprob", "linear_logprob_inference", "linear_logprob_loss",
-           "full_vocab_gopd_loss", "BACKENDS"]
+__all__ = [
+    "BACKENDS",
+    "full_vocab_gopd_loss",
+    "linear_logprob",
+    "linear_logprob_inference",
+    "linear_logprob_loss",
+]
 
 
 def _resolve(backend: str, hidden: torch.Tensor) -> str:
@@ -67,18 +72,37 @@ def _triton():
     return triton_logprob
 
 
-def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                   vocab_start: int = 0, vocab_valid: int | None = None, group=None,
-                   temperature: float = 1.0, ignore_index: int = -100,
-                   return_entropy: bool = False, reduce_dh: bool = True, backend: str = "auto",
-                   chunk_size: int | None = None, logits_dtype: torch.dtype | None = None):
+def linear_logprob(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    vocab_start: int = 0,
+    vocab_valid: int | None = None,
+    group=None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    reduce_dh: bool = True,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    logits_dtype: torch.dtype | None = None,
+):
     """Per-token log-prob (fp32 [T]; entropy too if asked), differentiable w.r.t. hidden and
     weight. Ignored tokens get logp 0, entropy 0 and zero gradient. With a TP group each rank gets
     its own dW slice and (``reduce_dh``) the full dh; set ``reduce_dh=False`` when the caller's
     layer already all-reduces the input gradient."""
-    kw = dict(vocab_start=vocab_start, vocab_valid=vocab_valid, group=group,
-              temperature=temperature, ignore_index=ignore_index, reduce_dh=reduce_dh,
-              chunk_size=chunk_size, return_entropy=return_entropy, logits_dtype=logits_dtype)
+    kw = {
+        "vocab_start": vocab_start,
+        "vocab_valid": vocab_valid,
+        "group": group,
+        "temperature": temperature,
+        "ignore_index": ignore_index,
+        "reduce_dh": reduce_dh,
+        "chunk_size": chunk_size,
+        "return_entropy": return_entropy,
+        "logits_dtype": logits_dtype,
+    }
     b = _resolve(backend, hidden)
     if b == "torch":
         return reference.linear_logprob(hidden, weight, targets, **kw)
@@ -86,19 +110,35 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     return chunked.linear_logprob(hidden, weight, targets, row_ops=row_ops, **kw)
 
 
-def linear_logprob_inference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                             *, vocab_start: int = 0, vocab_valid: int | None = None, group=None,
-                             temperature: float = 1.0, ignore_index: int = -100,
-                             return_entropy: bool = False, reduce_dh: bool = True,
-                             backend: str = "auto", chunk_size: int | None = None,
-                             logits_dtype: torch.dtype | None = None, low_memory: bool = False):
+def linear_logprob_inference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    vocab_start: int = 0,
+    vocab_valid: int | None = None,
+    group=None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    reduce_dh: bool = True,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    logits_dtype: torch.dtype | None = None,
+    low_memory: bool = False,
+):
     """Forward-only log-prob for teachers / the reference model: no autograd graph, nothing
     saved. Extra memory: one logits chunk (chunked; triton: cuBLAS GEMM + Triton row stats), or
     O(T) with ``low_memory`` on the triton backend (tl.dot kernel that never writes logits,
     slower on an H200: benchmarks/RESULTS.md)."""
-    kw = dict(vocab_start=vocab_start, vocab_valid=vocab_valid, group=group,
-              temperature=temperature, ignore_index=ignore_index,
-              return_entropy=return_entropy)
+    kw = {
+        "vocab_start": vocab_start,
+        "vocab_valid": vocab_valid,
+        "group": group,
+        "temperature": temperature,
+        "ignore_index": ignore_index,
+        "return_entropy": return_entropy,
+    }
     b = _resolve(backend, hidden)
     with torch.no_grad():
         if b == "torch":
@@ -106,31 +146,49 @@ def linear_logprob_inference(hidden: torch.Tensor, weight: torch.Tensor, targets
         if b == "triton" and low_memory:
             return _triton().linear_logprob_inference(hidden, weight, targets, **kw)
         row_ops = _triton().TRITON_ROW_OPS if b == "triton" else chunked.TORCH_ROW_OPS
-        return chunked.linear_logprob_inference(hidden, weight, targets, chunk_size=chunk_size,
-                                                logits_dtype=logits_dtype, row_ops=row_ops, **kw)
+        return chunked.linear_logprob_inference(
+            hidden, weight, targets, chunk_size=chunk_size, logits_dtype=logits_dtype, row_ops=row_ops, **kw
+        )
 
 
-def linear_logprob_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                        token_loss_fn: Callable[[torch.Tensor, slice], torch.Tensor], *,
-                        vocab_start: int = 0, vocab_valid: int | None = None, group=None,
-                        temperature: float = 1.0, ignore_index: int = -100,
-                        reduce_dh: bool = True, backend: str = "auto",
-                        chunk_size: int | None = None,
-                        grad_weight_acc: torch.Tensor | None = None,
-                        logits_dtype: torch.dtype | None = None):
+def linear_logprob_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    token_loss_fn: Callable[[torch.Tensor, slice], torch.Tensor],
+    *,
+    vocab_start: int = 0,
+    vocab_valid: int | None = None,
+    group=None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduce_dh: bool = True,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    grad_weight_acc: torch.Tensor | None = None,
+    logits_dtype: torch.dtype | None = None,
+):
     """Fused student loss: returns (loss scalar, logp [T] detached, entropy [T] detached) with
     loss = sum_t token_loss_fn(logp_chunk, slice)[t] over non-ignored tokens. The gradient is
     formed during the forward (one pass over the logits); backward scales the saved dh/dW.
     ``grad_weight_acc`` (fp32, the weight shard's shape, e.g. megatron's main_grad): dW is added
     into it in the forward instead of being returned through autograd (see kernels.fused_loss)."""
-    kw = dict(vocab_start=vocab_start, vocab_valid=vocab_valid, group=group,
-              temperature=temperature, ignore_index=ignore_index, reduce_dh=reduce_dh,
-              chunk_size=chunk_size, logits_dtype=logits_dtype)
+    kw = {
+        "vocab_start": vocab_start,
+        "vocab_valid": vocab_valid,
+        "group": group,
+        "temperature": temperature,
+        "ignore_index": ignore_index,
+        "reduce_dh": reduce_dh,
+        "chunk_size": chunk_size,
+        "logits_dtype": logits_dtype,
+    }
     b = _resolve(backend, hidden)
     if b == "torch":
         if grad_weight_acc is not None:
             raise ValueError("grad_weight_acc is for the chunked and triton backends")
         return reference.linear_logprob_loss(hidden, weight, targets, token_loss_fn, **kw)
     row_ops = _triton().TRITON_ROW_OPS if b == "triton" else chunked.TORCH_ROW_OPS
-    return fused_loss.linear_logprob_loss(hidden, weight, targets, token_loss_fn,
-                                          row_ops=row_ops, grad_weight_acc=grad_weight_acc, **kw)
+    return fused_loss.linear_logprob_loss(
+        hidden, weight, targets, token_loss_fn, row_ops=row_ops, grad_weight_acc=grad_weight_acc, **kw
+    )

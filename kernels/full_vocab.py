@@ -71,8 +71,10 @@ class FullVocabPlan:
 
 def _check_pair(name: str, h, w, n: int, vv: int) -> None:
     if h.dim() != 2 or w.dim() != 2 or h.shape[1] != w.shape[1]:
-        raise ValueError(f"full_vocab_gopd_loss: h_{name} [N, H] and w_{name} [V_local, H] expected, "
-                         f"got {tuple(h.shape)} and {tuple(w.shape)}")
+        raise ValueError(
+            f"full_vocab_gopd_loss: h_{name} [N, H] and w_{name} [V_local, H] expected, "
+            f"got {tuple(h.shape)} and {tuple(w.shape)}"
+        )
     if h.shape[0] != n:
         raise ValueError(f"full_vocab_gopd_loss: h_{name} has {h.shape[0]} rows, h_s has {n}")
     if w.shape[0] < vv:
@@ -81,8 +83,24 @@ def _check_pair(name: str, h, w, n: int, vv: int) -> None:
         raise ValueError(f"full_vocab_gopd_loss: h_{name} {h.dtype} and w_{name} {w.dtype} must match")
 
 
-def make_plan(h_s, w_s, h_t, w_t, h_r, w_r, *, lam, temperature, vocab_valid, group, reduce_dh,
-              chunk_size, n_splits, token_weight, grad_weight_acc) -> FullVocabPlan:
+def make_plan(
+    h_s,
+    w_s,
+    h_t,
+    w_t,
+    h_r,
+    w_r,
+    *,
+    lam,
+    temperature,
+    vocab_valid,
+    group,
+    reduce_dh,
+    chunk_size,
+    n_splits,
+    token_weight,
+    grad_weight_acc,
+) -> FullVocabPlan:
     lam = float(lam)
     if not math.isfinite(lam):
         raise ValueError(f"full_vocab_gopd_loss: lam must be finite, got {lam}")
@@ -92,8 +110,7 @@ def make_plan(h_s, w_s, h_t, w_t, h_r, w_r, *, lam, temperature, vocab_valid, gr
     if has_t and (h_t is None or w_t is None):
         raise ValueError(f"full_vocab_gopd_loss: lam={lam} needs the teacher (h_t, w_t)")
     if has_r and (h_r is None or w_r is None):
-        raise ValueError(f"full_vocab_gopd_loss: lam={lam} needs the reference (h_r, w_r); "
-                         "only lam=1 may omit it")
+        raise ValueError(f"full_vocab_gopd_loss: lam={lam} needs the reference (h_r, w_r); only lam=1 may omit it")
     if h_s.dim() != 2:
         raise ValueError(f"full_vocab_gopd_loss: h_s must be [N, Hs], got {tuple(h_s.shape)}")
     vv = w_s.shape[0] if vocab_valid is None else int(vocab_valid)
@@ -106,17 +123,17 @@ def make_plan(h_s, w_s, h_t, w_t, h_r, w_r, *, lam, temperature, vocab_valid, gr
     if has_r:
         _check_pair("r", h_r, w_r, n, vv)
     if token_weight is not None and token_weight.shape != (n,):
-        raise ValueError(f"full_vocab_gopd_loss: token_weight must be [N]={n}, "
-                         f"got {tuple(token_weight.shape)}")
+        raise ValueError(f"full_vocab_gopd_loss: token_weight must be [N]={n}, got {tuple(token_weight.shape)}")
     if grad_weight_acc is not None:
         want = (tuple(w_s.shape), acc_dtype(h_s))
         if (tuple(grad_weight_acc.shape), grad_weight_acc.dtype) != want:
-            raise ValueError(f"full_vocab_gopd_loss: grad_weight_acc must be {want[0]} {want[1]} "
-                             f"like w_s, got {tuple(grad_weight_acc.shape)} {grad_weight_acc.dtype}")
+            raise ValueError(
+                f"full_vocab_gopd_loss: grad_weight_acc must be {want[0]} {want[1]} "
+                f"like w_s, got {tuple(grad_weight_acc.shape)} {grad_weight_acc.dtype}"
+            )
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"full_vocab_gopd_loss: chunk_size must be >= 1, got {chunk_size}")
-    return FullVocabPlan(lam, 1.0 / float(temperature), has_t, has_r, vv, group, bool(reduce_dh),
-                         chunk_size, n_splits)
+    return FullVocabPlan(lam, 1.0 / float(temperature), has_t, has_r, vv, group, bool(reduce_dh), chunk_size, n_splits)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,8 +212,7 @@ def chunked_local_stats(h_s, w_s, h_t, w_t, h_r, w_r, plan: FullVocabPlan):
     return m, s, sd
 
 
-def chunked_grad(h_s, w_s, h_t, w_t, h_r, w_r, plan: FullVocabPlan, rows, gw, lse_s, mean_d,
-                 dh, dw_acc) -> None:
+def chunked_grad(h_s, w_s, h_t, w_t, h_r, w_r, plan: FullVocabPlan, rows, gw, lse_s, mean_d, dh, dw_acc) -> None:
     """dh[rows] = dz W_s and dw_acc += dz^T h_s[rows] for the token rows ``rows`` (index [M])."""
     w = w_s[: plan.vocab_valid]
     for sl in _chunks(rows.numel(), _chunk_size(plan, rows.numel())):
@@ -246,14 +262,15 @@ class FullVocabFunction(torch.autograd.Function):
         dh = torch.zeros_like(h_s) if need_dh else None
         dw_acc = None
         if need_dw:
-            dw_acc = (acc[: plan.vocab_valid] if acc is not None else
-                      torch.zeros(plan.vocab_valid, h_s.shape[1], dtype=acc_dtype(h_s),
-                                  device=h_s.device))
+            dw_acc = (
+                acc[: plan.vocab_valid]
+                if acc is not None
+                else torch.zeros(plan.vocab_valid, h_s.shape[1], dtype=acc_dtype(h_s), device=h_s.device)
+            )
         g = torch.zeros_like(lse_s) if g_loss is None else g_loss.to(lse_s.dtype)
         rows = torch.nonzero(g).squeeze(1)  # positions with no gradient cost nothing
         if rows.numel() and (need_dh or need_dw):
-            ctx.engine[1](h_s, w_s, h_t, w_t, h_r, w_r, plan, rows, g[rows].contiguous(),
-                          lse_s, mean_d, dh, dw_acc)
+            ctx.engine[1](h_s, w_s, h_t, w_t, h_r, w_r, plan, rows, g[rows].contiguous(), lse_s, mean_d, dh, dw_acc)
         if dh is not None and plan.reduce_dh:
             vp.all_reduce_sum_(dh, plan.group)  # every rank calls it, even with no rows
         dw = None
@@ -279,7 +296,8 @@ class _TokenWeightedGrad(torch.autograd.Function):
             raise RuntimeError(
                 "full_vocab_gopd_loss: token_weight was given, so backpropagate loss.sum() (a "
                 "uniform upstream gradient); fold per-token factors into token_weight instead of "
-                "multiplying the returned loss by them")
+                "multiplying the returned loss by them"
+            )
         return w.to(g.dtype) * g, None
 
 
@@ -318,7 +336,7 @@ def torch_full_vocab(h_s, w_s, h_t, w_t, h_r, w_r, plan: FullVocabPlan):
         zt = logits(h_t, w_t) if plan.has_t else None
         zr = logits(h_r, w_r) if plan.has_r else None
         if plan.has_c:
-            c = plan.lam * zt + (1.0 - plan.lam) * zr
+            c = plan.lam * zt + (1.0 - plan.lam) * zr  # type: ignore[operator]  # has_c: both computed
             offset = plan.lam * lse(zt) + (1.0 - plan.lam) * lse(zr)
             log_z = lse(c) - offset
         else:
@@ -337,12 +355,26 @@ def torch_full_vocab(h_s, w_s, h_t, w_t, h_r, w_r, plan: FullVocabPlan):
 # ----------------------------------------------------------------------------------------------
 
 
-def full_vocab_gopd_loss(h_s, w_s, h_t, w_t, h_r, w_r, *, lam: float, temperature: float = 1.0,
-                         token_weight: torch.Tensor | None = None, group=None,
-                         vocab_start: int = 0, vocab_valid: int | None = None,
-                         grad_weight_acc: torch.Tensor | None = None, backend: str | None = None,
-                         reduce_dh: bool = True, chunk_size: int | None = None,
-                         n_splits: int | None = None):
+def full_vocab_gopd_loss(
+    h_s,
+    w_s,
+    h_t,
+    w_t,
+    h_r,
+    w_r,
+    *,
+    lam: float,
+    temperature: float = 1.0,
+    token_weight: torch.Tensor | None = None,
+    group=None,
+    vocab_start: int = 0,
+    vocab_valid: int | None = None,
+    grad_weight_acc: torch.Tensor | None = None,
+    backend: str | None = None,
+    reduce_dh: bool = True,
+    chunk_size: int | None = None,
+    n_splits: int | None = None,
+):
     """Per-position exact G-OPD loss L_t = KL(p_S || q) - log Z and log Z, each [N] (fp32; fp64
     for fp64 inputs), from final hidden states and output-layer shards (see the module docstring).
 
@@ -355,10 +387,23 @@ def full_vocab_gopd_loss(h_s, w_s, h_t, w_t, h_r, w_r, *, lam: float, temperatur
     ``reduce_dh=False`` leaves each rank its partial dh (when the caller's layer reduces it).
     """
     del vocab_start  # the shards are given already sliced to the partition; nothing to look up
-    plan = make_plan(h_s, w_s, h_t, w_t, h_r, w_r, lam=lam, temperature=temperature,
-                     vocab_valid=vocab_valid, group=group, reduce_dh=reduce_dh,
-                     chunk_size=chunk_size, n_splits=n_splits, token_weight=token_weight,
-                     grad_weight_acc=grad_weight_acc)
+    plan = make_plan(
+        h_s,
+        w_s,
+        h_t,
+        w_t,
+        h_r,
+        w_r,
+        lam=lam,
+        temperature=temperature,
+        vocab_valid=vocab_valid,
+        group=group,
+        reduce_dh=reduce_dh,
+        chunk_size=chunk_size,
+        n_splits=n_splits,
+        token_weight=token_weight,
+        grad_weight_acc=grad_weight_acc,
+    )
     if not plan.has_t:
         h_t = w_t = None
     if not plan.has_r:
@@ -370,13 +415,11 @@ def full_vocab_gopd_loss(h_s, w_s, h_t, w_t, h_r, w_r, *, lam: float, temperatur
         b = "triton" if h_s.is_cuda else "chunked"
     if b == "torch":
         if grad_weight_acc is not None:
-            raise ValueError("full_vocab_gopd_loss: grad_weight_acc is for the chunked and triton "
-                             "backends")
+            raise ValueError("full_vocab_gopd_loss: grad_weight_acc is for the chunked and triton backends")
         loss, log_z = torch_full_vocab(h_s, w_s, h_t, w_t, h_r, w_r, plan)
     else:
         engine = CHUNKED if b == "chunked" else _triton_engine()
-        loss, log_z = FullVocabFunction.apply(h_s, w_s, h_t, w_t, h_r, w_r, plan, engine,
-                                              grad_weight_acc)
+        loss, log_z = FullVocabFunction.apply(h_s, w_s, h_t, w_t, h_r, w_r, plan, engine, grad_weight_acc)
     if token_weight is not None and loss.requires_grad:
         loss = _TokenWeightedGrad.apply(loss, token_weight.detach())
     return loss, log_z

@@ -30,13 +30,23 @@ and ``loss`` must be back-propagated with grad 1 (checked; scale the loss in tok
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from . import vocab_parallel as vp
-from .chunked import (TORCH_ROW_OPS, Plan, RowOps, _chunks, acc_dtype, accumulate_grads, chunk_logits,
-                      finish_grads, grad_buffers, make_plan)
+from .chunked import (
+    TORCH_ROW_OPS,
+    Plan,
+    RowOps,
+    _chunks,
+    acc_dtype,
+    accumulate_grads,
+    chunk_logits,
+    finish_grads,
+    grad_buffers,
+    make_plan,
+)
 
 TokenLossFn = Callable[[torch.Tensor, slice], torch.Tensor]
 
@@ -47,8 +57,7 @@ def _loss_grad(token_loss_fn: TokenLossFn, logp_c: torch.Tensor, sl: slice, vali
         lp = logp_c.detach().requires_grad_(True)
         per_token = token_loss_fn(lp, sl)
         if per_token.shape != lp.shape:
-            raise ValueError(f"token_loss_fn returned {tuple(per_token.shape)}, "
-                             f"expected {tuple(lp.shape)}")
+            raise ValueError(f"token_loss_fn returned {tuple(per_token.shape)}, expected {tuple(lp.shape)}")
         total = torch.where(valid_c, per_token, torch.zeros_like(per_token)).sum()
         (g,) = torch.autograd.grad(total, lp, allow_unused=True)
     g = torch.zeros_like(logp_c) if g is None else g
@@ -57,13 +66,11 @@ def _loss_grad(token_loss_fn: TokenLossFn, logp_c: torch.Tensor, sl: slice, vali
 
 class FusedLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, token_loss_fn: TokenLossFn, plan: Plan,
-                row_ops: RowOps, grad_weight_acc):
+    def forward(ctx, hidden, weight, targets, token_loss_fn: TokenLossFn, plan: Plan, row_ops: RowOps, grad_weight_acc):
         T = hidden.shape[0]
         dt = acc_dtype(hidden)
         dev = hidden.device
-        tgt, owned, valid = vp.local_targets(targets, plan.vocab_start, plan.vocab_valid,
-                                             plan.ignore_index)
+        tgt, owned, valid = vp.local_targets(targets, plan.vocab_start, plan.vocab_valid, plan.ignore_index)
         need_dh = ctx.needs_input_grad[0]
         need_dw = ctx.needs_input_grad[1] or grad_weight_acc is not None
         ctx.external_dw = grad_weight_acc is not None
@@ -80,8 +87,7 @@ class FusedLossFunction(torch.autograd.Function):
             loss_c, g = _loss_grad(token_loss_fn, logp[sl], sl, valid[sl])
             loss += loss_c.to(dt)
             if need_dh or need_dw:
-                dz = row_ops.dlogits(z, lse, mu, g, None, tgt[sl], owned[sl], plan.inv_temp,
-                                     hidden.dtype, zscale)
+                dz = row_ops.dlogits(z, lse, mu, g, None, tgt[sl], owned[sl], plan.inv_temp, hidden.dtype, zscale)
                 del z
                 accumulate_grads(dz, w, hidden, sl, dh, dw_acc)
                 del dz
@@ -93,18 +99,24 @@ class FusedLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_logp, _g_ent):
         dh, dw = ctx.saved_tensors
-        if ctx.external_dw:  # dW is already in the caller's buffer, unscaled
-            if float(g_loss) != 1.0:  # one host sync per call, for a clear error
-                raise RuntimeError("grad_weight_acc: backpropagate the loss with gradient 1, "
-                                   f"got {float(g_loss)}")
+        # dW is already in the caller's buffer, unscaled. One host sync per call, for a clear error.
+        if ctx.external_dw and float(g_loss) != 1.0:
+            raise RuntimeError(f"grad_weight_acc: backpropagate the loss with gradient 1, got {float(g_loss)}")
         dh = dh * g_loss.to(dh.dtype) if ctx.needs_input_grad[0] else None
-        dw = (dw * g_loss.to(dw.dtype)
-              if ctx.needs_input_grad[1] and not ctx.external_dw else None)
+        dw = dw * g_loss.to(dw.dtype) if ctx.needs_input_grad[1] and not ctx.external_dw else None
         return dh, dw, None, None, None, None, None
 
 
-def linear_logprob_loss(hidden, weight, targets, token_loss_fn: TokenLossFn, *,
-                        row_ops: RowOps = TORCH_ROW_OPS, grad_weight_acc=None, **kwargs):
+def linear_logprob_loss(
+    hidden,
+    weight,
+    targets,
+    token_loss_fn: TokenLossFn,
+    *,
+    row_ops: RowOps = TORCH_ROW_OPS,
+    grad_weight_acc=None,
+    **kwargs,
+):
     """(loss scalar, logp [T] detached, entropy [T] detached); loss is differentiable w.r.t.
     hidden and weight (or, with ``grad_weight_acc``, dW is added into that fp32 buffer).
     ``kwargs`` are those of :func:`kernels.chunked.make_plan`."""
@@ -113,7 +125,8 @@ def linear_logprob_loss(hidden, weight, targets, token_loss_fn: TokenLossFn, *,
     if grad_weight_acc is not None:
         want = (weight.shape, acc_dtype(hidden))
         if (grad_weight_acc.shape, grad_weight_acc.dtype) != want:
-            raise ValueError(f"grad_weight_acc must be {tuple(want[0])} {want[1]} like the weight "
-                             f"shard, got {tuple(grad_weight_acc.shape)} {grad_weight_acc.dtype}")
-    return FusedLossFunction.apply(hidden, weight, targets, token_loss_fn, plan, row_ops,
-                                   grad_weight_acc)
+            raise ValueError(
+                f"grad_weight_acc must be {tuple(want[0])} {want[1]} like the weight "
+                f"shard, got {tuple(grad_weight_acc.shape)} {grad_weight_acc.dtype}"
+            )
+    return FusedLossFunction.apply(hidden, weight, targets, token_loss_fn, plan, row_ops, grad_weight_acc)

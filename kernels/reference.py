@@ -14,7 +14,7 @@ when ``reduce_dh``.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -98,9 +98,7 @@ def linear_logprob_loss(
 ):
     """loss = sum_t token_loss_fn(logp)[t] over non-ignored tokens; returns (loss, logp, entropy)."""
     kwargs.pop("return_entropy", None)
-    logp, entropy = linear_logprob(
-        hidden, weight, targets, ignore_index=ignore_index, return_entropy=True, **kwargs
-    )
+    logp, entropy = linear_logprob(hidden, weight, targets, ignore_index=ignore_index, return_entropy=True, **kwargs)
     per_token = token_loss_fn(logp, slice(0, logp.shape[0]))
     valid = targets != ignore_index
     loss = torch.where(valid, per_token, torch.zeros_like(per_token)).sum()

@@ -43,16 +43,32 @@ TILES = (32, 128, 64, 4, 1) if INTERPRET else (64, 128, 64, 8, 2)
 
 def _check(t: torch.Tensor) -> None:
     if not t.is_cuda and not INTERPRET:
-        raise RuntimeError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 set "
-                           "before kernels.triton_full_vocab is imported)")
+        raise RuntimeError(
+            "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 set "
+            "before kernels.triton_full_vocab is imported)"
+        )
     if t.dtype == torch.float64:
         raise TypeError("the triton backend takes fp32/bf16/fp16 inputs (use chunked for fp64)")
 
 
 @triton.jit
-def _tile_logits(h_ptr, stride_h, w_ptr, stride_w, rows, rmask, cols, cmask, K, inv_temp,
-                 BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
-                 IEEE: tl.constexpr):
+def _tile_logits(
+    h_ptr,
+    stride_h,
+    w_ptr,
+    stride_w,
+    rows,
+    rmask,
+    cols,
+    cmask,
+    K,
+    inv_temp,
+    BT: tl.constexpr,
+    BV: tl.constexpr,
+    BK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     """z = h[rows] @ w[cols]^T * inv_temp, fp32 [BT, BV] (0 where masked)."""
     acc = tl.zeros([BT, BV], tl.float32)
     h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
@@ -83,16 +99,36 @@ def _online(m, s, x):
 
 
 @triton.jit
-def _target_tile(ht, s_ht, wt, s_wt, Ht, hr, s_hr, wr, s_wr, Hr, rows, rmask, cols, cmask,
-                 inv_temp, lam, HAS_T: tl.constexpr, HAS_R: tl.constexpr, BT: tl.constexpr,
-                 BV: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+def _target_tile(
+    ht,
+    s_ht,
+    wt,
+    s_wt,
+    Ht,
+    hr,
+    s_hr,
+    wr,
+    s_wr,
+    Hr,
+    rows,
+    rmask,
+    cols,
+    cmask,
+    inv_temp,
+    lam,
+    HAS_T: tl.constexpr,
+    HAS_R: tl.constexpr,
+    BT: tl.constexpr,
+    BV: tl.constexpr,
+    BK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     """(zT, zR, c) tiles; an absent model's tile is the other one's (never used)."""
     if HAS_T:
-        zt = _tile_logits(ht, s_ht, wt, s_wt, rows, rmask, cols, cmask, Ht, inv_temp, BT, BV, BK,
-                          UPCAST, IEEE)
+        zt = _tile_logits(ht, s_ht, wt, s_wt, rows, rmask, cols, cmask, Ht, inv_temp, BT, BV, BK, UPCAST, IEEE)
     if HAS_R:
-        zr = _tile_logits(hr, s_hr, wr, s_wr, rows, rmask, cols, cmask, Hr, inv_temp, BT, BV, BK,
-                          UPCAST, IEEE)
+        zr = _tile_logits(hr, s_hr, wr, s_wr, rows, rmask, cols, cmask, Hr, inv_temp, BT, BV, BK, UPCAST, IEEE)
     if HAS_T and HAS_R:
         c = lam * zt + (1.0 - lam) * zr
     elif HAS_T:
@@ -105,10 +141,38 @@ def _target_tile(ht, s_ht, wt, s_wt, Ht, hr, s_hr, wr, s_wr, Hr, rows, rmask, co
 
 
 @triton.jit
-def _stats_kernel(hs, s_hs, ws, s_ws, Hs, ht, s_ht, wt, s_wt, Ht, hr, s_hr, wr, s_wr, Hr,
-                  m_ptr, s_ptr, sd_ptr, N, n_cols, cols_per_split, inv_temp, lam,
-                  HAS_T: tl.constexpr, HAS_R: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                  BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+def _stats_kernel(
+    hs,
+    s_hs,
+    ws,
+    s_ws,
+    Hs,
+    ht,
+    s_ht,
+    wt,
+    s_wt,
+    Ht,
+    hr,
+    s_hr,
+    wr,
+    s_wr,
+    Hr,
+    m_ptr,
+    s_ptr,
+    sd_ptr,
+    N,
+    n_cols,
+    cols_per_split,
+    inv_temp,
+    lam,
+    HAS_T: tl.constexpr,
+    HAS_R: tl.constexpr,
+    BT: tl.constexpr,
+    BV: tl.constexpr,
+    BK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_t * BT + tl.arange(0, BT)
@@ -129,17 +193,38 @@ def _stats_kernel(hs, s_hs, ws, s_ws, Hs, ht, s_ht, wt, s_wt, Ht, hr, s_hr, wr, 
     for v0 in range(v_lo, v_hi, BV):
         cols = v0 + tl.arange(0, BV)
         cmask = cols < v_hi
-        zt, zr, c = _target_tile(ht, s_ht, wt, s_wt, Ht, hr, s_hr, wr, s_wr, Hr, rows, rmask,
-                                 cols, cmask, inv_temp, lam, HAS_T, HAS_R, BT, BV, BK, UPCAST,
-                                 IEEE)
+        zt, zr, c = _target_tile(
+            ht,
+            s_ht,
+            wt,
+            s_wt,
+            Ht,
+            hr,
+            s_hr,
+            wr,
+            s_wr,
+            Hr,
+            rows,
+            rmask,
+            cols,
+            cmask,
+            inv_temp,
+            lam,
+            HAS_T,
+            HAS_R,
+            BT,
+            BV,
+            BK,
+            UPCAST,
+            IEEE,
+        )
         if HAS_T:
             m_t, s_t, _, _ = _online(m_t, s_t, tl.where(cmask[None, :], zt, float("-inf")))
         if HAS_R:
             m_r, s_r, _, _ = _online(m_r, s_r, tl.where(cmask[None, :], zr, float("-inf")))
         if HAS_T and HAS_R:
             m_c, s_c, _, _ = _online(m_c, s_c, tl.where(cmask[None, :], c, float("-inf")))
-        zs = _tile_logits(hs, s_hs, ws, s_ws, rows, rmask, cols, cmask, Hs, inv_temp, BT, BV, BK,
-                          UPCAST, IEEE)
+        zs = _tile_logits(hs, s_hs, ws, s_ws, rows, rmask, cols, cmask, Hs, inv_temp, BT, BV, BK, UPCAST, IEEE)
         m_s, s_s, alpha, e = _online(m_s, s_s, tl.where(cmask[None, :], zs, float("-inf")))
         sd = sd * alpha + tl.sum(e * tl.where(cmask[None, :], zs - c, 0.0), axis=1)
     # layout [n_splits, 4, N]: slot 0 student, 1 teacher, 2 reference, 3 c
@@ -156,12 +241,46 @@ def _stats_kernel(hs, s_hs, ws, s_ws, Hs, ht, s_ht, wt, s_wt, Ht, hr, s_hr, wr, 
 
 
 @triton.jit
-def _grad_kernel(hs, s_hs, ws, s_ws, Hs, ht, s_ht, wt, s_wt, Ht, hr, s_hr, wr, s_wr, Hr,
-                 rows_ptr, g_ptr, lse_ptr, mean_ptr, dh_ptr, s_dh, dw_ptr, s_dw,
-                 M, n_cols, cols_per_split, inv_temp, lam,
-                 HAS_T: tl.constexpr, HAS_R: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-                 BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
-                 IEEE: tl.constexpr, DZ_FP32: tl.constexpr):
+def _grad_kernel(
+    hs,
+    s_hs,
+    ws,
+    s_ws,
+    Hs,
+    ht,
+    s_ht,
+    wt,
+    s_wt,
+    Ht,
+    hr,
+    s_hr,
+    wr,
+    s_wr,
+    Hr,
+    rows_ptr,
+    g_ptr,
+    lse_ptr,
+    mean_ptr,
+    dh_ptr,
+    s_dh,
+    dw_ptr,
+    s_dw,
+    M,
+    n_cols,
+    cols_per_split,
+    inv_temp,
+    lam,
+    HAS_T: tl.constexpr,
+    HAS_R: tl.constexpr,
+    DH: tl.constexpr,
+    DW: tl.constexpr,
+    BT: tl.constexpr,
+    BV: tl.constexpr,
+    BK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    DZ_FP32: tl.constexpr,
+):
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
     r = pid_t * BT + tl.arange(0, BT)
@@ -177,11 +296,32 @@ def _grad_kernel(hs, s_hs, ws, s_ws, Hs, ht, s_ht, wt, s_wt, Ht, hr, s_hr, wr, s
     for v0 in range(v_lo, v_hi, BV):
         cols = v0 + tl.arange(0, BV)
         cmask = cols < v_hi
-        _, _, c = _target_tile(ht, s_ht, wt, s_wt, Ht, hr, s_hr, wr, s_wr, Hr, rows, rmask,
-                               cols, cmask, inv_temp, lam, HAS_T, HAS_R, BT, BV, BK, UPCAST,
-                               IEEE)
-        zs = _tile_logits(hs, s_hs, ws, s_ws, rows, rmask, cols, cmask, Hs, inv_temp, BT, BV, BK,
-                          UPCAST, IEEE)
+        _, _, c = _target_tile(
+            ht,
+            s_ht,
+            wt,
+            s_wt,
+            Ht,
+            hr,
+            s_hr,
+            wr,
+            s_wr,
+            Hr,
+            rows,
+            rmask,
+            cols,
+            cmask,
+            inv_temp,
+            lam,
+            HAS_T,
+            HAS_R,
+            BT,
+            BV,
+            BK,
+            UPCAST,
+            IEEE,
+        )
+        zs = _tile_logits(hs, s_hs, ws, s_ws, rows, rmask, cols, cmask, Hs, inv_temp, BT, BV, BK, UPCAST, IEEE)
         p = tl.exp(zs - lse[:, None])
         dz = (g * inv_temp)[:, None] * p * (zs - c - mean[:, None])
         dz = tl.where(rmask[:, None] & cmask[None, :], dz, 0.0)
@@ -240,8 +380,10 @@ def _models(h_s, w_s, h_t, w_t, h_r, w_r):
         h, w = (h_s, w_s) if h is None else (h, w)
         _check(h)
         if h.dtype != h_s.dtype:  # one set of dot flags (UPCAST, IEEE) serves all three models
-            raise TypeError(f"the triton backend needs one dtype for the three models, got "
-                            f"{h.dtype} beside the student's {h_s.dtype} (cast, or use chunked)")
+            raise TypeError(
+                f"the triton backend needs one dtype for the three models, got "
+                f"{h.dtype} beside the student's {h_s.dtype} (cast, or use chunked)"
+            )
         if h.stride(1) != 1:
             h = h.contiguous()
         if w.stride(1) != 1:
@@ -261,9 +403,25 @@ def local_stats(h_s, w_s, h_t, w_t, h_r, w_r, plan):
     if n > 0 and vv > 0:
         upcast, ieee, _ = _flags(h_s)
         _stats_kernel[(triton.cdiv(n, bt), n_splits)](
-            *_models(h_s, w_s, h_t, w_t, h_r, w_r), m, s, sd, n, vv, cols, plan.inv_temp,
-            plan.lam, HAS_T=plan.has_t, HAS_R=plan.has_r, BT=bt, BV=bv, BK=bk, UPCAST=upcast,
-            IEEE=ieee, num_warps=warps, num_stages=stages)
+            *_models(h_s, w_s, h_t, w_t, h_r, w_r),
+            m,
+            s,
+            sd,
+            n,
+            vv,
+            cols,
+            plan.inv_temp,
+            plan.lam,
+            HAS_T=plan.has_t,
+            HAS_R=plan.has_r,
+            BT=bt,
+            BV=bv,
+            BK=bk,
+            UPCAST=upcast,
+            IEEE=ieee,
+            num_warps=warps,
+            num_stages=stages,
+        )
     keep = [0, 1, 2, 3] if plan.has_c else [0, 1 if plan.has_t else 2]
     m, s, sd = merge_splits(m[:, keep], s[:, keep], sd)
     assert m.dtype == acc_dtype(h_s)
@@ -278,19 +436,39 @@ def grad(h_s, w_s, h_t, w_t, h_r, w_r, plan, rows, gw, lse_s, mean_d, dh, dw_acc
         return
     bt, bv, bk, warps, stages = TILES
     n_splits, cols = _splits(plan, rows.numel(), vv, bt, bv, dev)
-    dh32 = (torch.zeros(n, hs_dim, dtype=torch.float32, device=dev) if dh is not None else None)
+    dh32 = torch.zeros(n, hs_dim, dtype=torch.float32, device=dev) if dh is not None else None
     upcast, ieee, dz_fp32 = _flags(h_s)
     dummy = lse_s  # a valid pointer for an output that is not wanted (DH / DW constexpr False)
     dwb = dw_acc if dw_acc is not None else dummy
     if dw_acc is not None:
         assert dw_acc.dtype == torch.float32 and dw_acc.stride(1) == 1
     _grad_kernel[(triton.cdiv(rows.numel(), bt), n_splits)](
-        *_models(h_s, w_s, h_t, w_t, h_r, w_r), rows.to(torch.int32), gw.float().contiguous(),
-        lse_s.float().contiguous(), mean_d.float().contiguous(),
-        dh32 if dh32 is not None else dummy, dh32.stride(0) if dh32 is not None else 0,
-        dwb, dw_acc.stride(0) if dw_acc is not None else 0, rows.numel(), vv, cols,
-        plan.inv_temp, plan.lam, HAS_T=plan.has_t, HAS_R=plan.has_r, DH=dh is not None,
-        DW=dw_acc is not None, BT=bt, BV=bv, BK=bk, UPCAST=upcast, IEEE=ieee, DZ_FP32=dz_fp32,
-        num_warps=warps, num_stages=stages)
+        *_models(h_s, w_s, h_t, w_t, h_r, w_r),
+        rows.to(torch.int32),
+        gw.float().contiguous(),
+        lse_s.float().contiguous(),
+        mean_d.float().contiguous(),
+        dh32 if dh32 is not None else dummy,
+        dh32.stride(0) if dh32 is not None else 0,
+        dwb,
+        dw_acc.stride(0) if dw_acc is not None else 0,
+        rows.numel(),
+        vv,
+        cols,
+        plan.inv_temp,
+        plan.lam,
+        HAS_T=plan.has_t,
+        HAS_R=plan.has_r,
+        DH=dh is not None,
+        DW=dw_acc is not None,
+        BT=bt,
+        BV=bv,
+        BK=bk,
+        UPCAST=upcast,
+        IEEE=ieee,
+        DZ_FP32=dz_fp32,
+        num_warps=warps,
+        num_stages=stages,
+    )
     if dh is not None:
         dh.copy_(dh32)

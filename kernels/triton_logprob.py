@@ -43,8 +43,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 def _check_device(t: torch.Tensor) -> None:
     if not t.is_cuda and not INTERPRET:
-        raise RuntimeError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 set "
-                           "before kernels.triton_logprob is imported)")
+        raise RuntimeError(
+            "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 set "
+            "before kernels.triton_logprob is imported)"
+        )
 
 
 def _row_block(n_cols: int) -> int:
@@ -56,8 +58,9 @@ def _row_block(n_cols: int) -> int:
 
 
 @triton.jit
-def _row_stats_kernel(z_ptr, stride_z, tgt_ptr, owned_ptr, m_ptr, s_ptr, sz_ptr, zt_ptr, n_cols,
-                      zscale, BLOCK: tl.constexpr):
+def _row_stats_kernel(
+    z_ptr, stride_z, tgt_ptr, owned_ptr, m_ptr, s_ptr, sz_ptr, zt_ptr, n_cols, zscale, BLOCK: tl.constexpr
+):
     row = tl.program_id(0)
     base = z_ptr + row.to(tl.int64) * stride_z
     offs = tl.arange(0, BLOCK)
@@ -95,10 +98,11 @@ def triton_row_stats(z, tgt_local, owned, zscale: float = 1.0):
     if Tc == 0:
         return tuple(outs)
     if n == 0:
-        return (outs[0].fill_(float("-inf")),) + tuple(o.zero_() for o in outs[1:])
+        return (outs[0].fill_(float("-inf")), *(o.zero_() for o in outs[1:]))
     assert z.stride(1) == 1
-    _row_stats_kernel[(Tc,)](z, z.stride(0), tgt_local, owned.to(torch.int8), *outs, n,
-                             float(zscale), BLOCK=_row_block(n))
+    _row_stats_kernel[(Tc,)](
+        z, z.stride(0), tgt_local, owned.to(torch.int8), *outs, n, float(zscale), BLOCK=_row_block(n)
+    )
     return tuple(outs)
 
 
@@ -107,10 +111,24 @@ def triton_row_stats(z, tgt_local, owned, zscale: float = 1.0):
 
 
 @triton.jit
-def _dlogits_kernel(z_ptr, stride_z, d_ptr, stride_d, lse_ptr, mu_ptr, g_ptr, ge_ptr, tgt_ptr,
-                    owned_ptr, n_cols, inv_temp, zscale, HAS_GE: tl.constexpr,
-                    NARROW: tl.constexpr,
-                    BLOCK: tl.constexpr):
+def _dlogits_kernel(
+    z_ptr,
+    stride_z,
+    d_ptr,
+    stride_d,
+    lse_ptr,
+    mu_ptr,
+    g_ptr,
+    ge_ptr,
+    tgt_ptr,
+    owned_ptr,
+    n_cols,
+    inv_temp,
+    zscale,
+    HAS_GE: tl.constexpr,
+    NARROW: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0)
     zb = z_ptr + row.to(tl.int64) * stride_z
     db = d_ptr + row.to(tl.int64) * stride_d
@@ -148,15 +166,19 @@ def _dlogits_out(z: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     kernel puts a barrier between each block's loads and its stores (NARROW)."""
     if out_dtype == z.dtype:
         return z
-    if (z.dtype == torch.float32 and out_dtype.itemsize == 2 and z.stride(1) == 1
-            and z.stride(0) == z.shape[1] and z.storage_offset() == 0):
+    if (
+        z.dtype == torch.float32
+        and out_dtype.itemsize == 2
+        and z.stride(1) == 1
+        and z.stride(0) == z.shape[1]
+        and z.storage_offset() == 0
+    ):
         n = z.shape[1]
         return z.view(out_dtype)[:, :n]  # [Tc, 2n] view of the fp32 rows, first half
     return torch.empty(z.shape, dtype=out_dtype, device=z.device)
 
 
-def triton_dlogits(z, lse, mu, g, g_ent, tgt_local, owned, inv_temp, out_dtype,
-                   zscale: float = 1.0):
+def triton_dlogits(z, lse, mu, g, g_ent, tgt_local, owned, inv_temp, out_dtype, zscale: float = 1.0):
     _check_device(z)
     Tc, n = z.shape
     out = _dlogits_out(z, out_dtype)
@@ -164,12 +186,24 @@ def triton_dlogits(z, lse, mu, g, g_ent, tgt_local, owned, inv_temp, out_dtype,
         return out
     f32 = torch.float32
     ge = g.to(f32) if g_ent is None else g_ent.to(f32).contiguous()
-    _dlogits_kernel[(Tc,)](z, z.stride(0), out, out.stride(0), lse.to(f32).contiguous(),
-                           mu.to(f32).contiguous(), g.to(f32).contiguous(), ge, tgt_local,
-                           owned.to(torch.int8), n, float(inv_temp), float(zscale),
-                           HAS_GE=g_ent is not None,
-                           NARROW=out.data_ptr() == z.data_ptr() and out.dtype != z.dtype,
-                           BLOCK=_row_block(n))
+    _dlogits_kernel[(Tc,)](
+        z,
+        z.stride(0),
+        out,
+        out.stride(0),
+        lse.to(f32).contiguous(),
+        mu.to(f32).contiguous(),
+        g.to(f32).contiguous(),
+        ge,
+        tgt_local,
+        owned.to(torch.int8),
+        n,
+        float(inv_temp),
+        float(zscale),
+        HAS_GE=g_ent is not None,
+        NARROW=out.data_ptr() == z.data_ptr() and out.dtype != z.dtype,
+        BLOCK=_row_block(n),
+    )
     return out
 
 
@@ -182,13 +216,20 @@ TRITON_ROW_OPS = RowOps(triton_row_stats, triton_dlogits)
 
 def _lse_configs():
     if INTERPRET:  # big tiles: the interpreter's cost is per program / per loop iteration
-        return [triton.Config({"BT": 64, "BV": 128, "BK": 64, "GROUP_T": 4}, num_warps=4,
-                              num_stages=1)]
+        return [triton.Config({"BT": 64, "BV": 128, "BK": 64, "GROUP_T": 4}, num_warps=4, num_stages=1)]
     # (BT, BV, BK, GROUP_T, warps, stages): Hopper bf16 tiles, timed once per (H, vocab)
-    shapes = [(128, 256, 64, 8, 8, 3), (128, 256, 64, 4, 8, 3), (128, 256, 64, 8, 8, 4),
-              (128, 128, 64, 8, 8, 4), (256, 128, 64, 4, 8, 3), (64, 256, 64, 8, 4, 4)]
-    return [triton.Config({"BT": bt, "BV": bv, "BK": bk, "GROUP_T": g}, num_warps=w,
-                          num_stages=st) for bt, bv, bk, g, w, st in shapes]
+    shapes = [
+        (128, 256, 64, 8, 8, 3),
+        (128, 256, 64, 4, 8, 3),
+        (128, 256, 64, 8, 8, 4),
+        (128, 128, 64, 8, 8, 4),
+        (256, 128, 64, 4, 8, 3),
+        (64, 256, 64, 8, 4, 4),
+    ]
+    return [
+        triton.Config({"BT": bt, "BV": bv, "BK": bk, "GROUP_T": g}, num_warps=w, num_stages=st)
+        for bt, bv, bk, g, w, st in shapes
+    ]
 
 
 MAX_BV = 256  # vocab splits are multiples of every config's BV
@@ -197,11 +238,31 @@ MAX_BV = 256  # vocab splits are multiples of every config's BV
 @triton.autotune(configs=_lse_configs(), key=["H", "n_cols", "UPCAST", "IEEE"])
 @triton.heuristics({"EVEN_K": lambda a: a["H"] % a["BK"] == 0})
 @triton.jit
-def _lse_dot_kernel(h_ptr, w_ptr, tgt_ptr, owned_ptr, m_ptr, s_ptr, sz_ptr, zt_ptr,
-                    T, H, n_cols, cols_per_split, n_splits, stride_h, stride_w, inv_temp,
-                    BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
-                    GROUP_T: tl.constexpr, EVEN_K: tl.constexpr,
-                    UPCAST: tl.constexpr, IEEE: tl.constexpr):
+def _lse_dot_kernel(
+    h_ptr,
+    w_ptr,
+    tgt_ptr,
+    owned_ptr,
+    m_ptr,
+    s_ptr,
+    sz_ptr,
+    zt_ptr,
+    T,
+    H,
+    n_cols,
+    cols_per_split,
+    n_splits,
+    stride_h,
+    stride_w,
+    inv_temp,
+    BT: tl.constexpr,
+    BV: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_T: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     # Grouped launch order: the programs resident at one time cover GROUP_T token tiles x all
     # vocab splits, so their GROUP_T hidden panels [BT, H] stay in L2 while each W tile they
     # stream is shared by GROUP_T programs (token-tile-major order re-read every hidden panel
@@ -237,10 +298,8 @@ def _lse_dot_kernel(h_ptr, w_ptr, tgt_ptr, owned_ptr, m_ptr, s_ptr, sz_ptr, zt_p
                 b = tl.load(w_cols + ks[:, None], mask=cmask[None, :], other=0.0)
             else:
                 kmask = ks < H
-                a = tl.load(h_rows + ks[None, :], mask=rmask[:, None] & kmask[None, :],
-                            other=0.0)
-                b = tl.load(w_cols + ks[:, None], mask=kmask[:, None] & cmask[None, :],
-                            other=0.0)
+                a = tl.load(h_rows + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+                b = tl.load(w_cols + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
@@ -264,8 +323,7 @@ def _lse_dot_kernel(h_ptr, w_ptr, tgt_ptr, owned_ptr, m_ptr, s_ptr, sz_ptr, zt_p
     tl.store(zt_ptr + out, zt, mask=rmask)
 
 
-def local_stats_dot(hidden, weight, tgt_local, owned, vocab_valid: int, inv_temp: float,
-                    n_splits: int | None = None):
+def local_stats_dot(hidden, weight, tgt_local, owned, vocab_valid: int, inv_temp: float, n_splits: int | None = None):
     """Local (m, s, sz, zt) [T] of z = h @ W[:vocab_valid]^T * inv_temp, without logits."""
     _check_device(hidden)
     T, H = hidden.shape
@@ -290,29 +348,41 @@ def local_stats_dot(hidden, weight, tgt_local, owned, vocab_valid: int, inv_temp
         ieee = hidden.dtype == torch.float32 or upcast
         grid = lambda meta: (triton.cdiv(T, meta["BT"]) * n_splits,)  # noqa: E731
         _lse_dot_kernel[grid](
-            hidden, weight, tgt_local, owned.to(torch.int8), *parts, T, H, vocab_valid,
-            cols_per_split, n_splits, hidden.stride(0), weight.stride(0), float(inv_temp),
-            UPCAST=upcast, IEEE=ieee)
+            hidden,
+            weight,
+            tgt_local,
+            owned.to(torch.int8),
+            *parts,
+            T,
+            H,
+            vocab_valid,
+            cols_per_split,
+            n_splits,
+            hidden.stride(0),
+            weight.stride(0),
+            float(inv_temp),
+            UPCAST=upcast,
+            IEEE=ieee,
+        )
     elif T > 0:
         parts[0].fill_(float("-inf"))
         for p in parts[1:]:
             p.zero_()
-    return vp.merge_stats(*parts, dim=0)
+    return vp.merge_stats(*parts, dim=0)  # type: ignore[misc, arg-type]  # parts is [m, s, sz, zt]
 
 
 def _num_sms(dev) -> int:
     return torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
 
 
-def linear_logprob_inference(hidden, weight, targets, *, return_entropy=False, reduce_dh=True,
-                             n_splits: int | None = None, **kwargs):
+def linear_logprob_inference(
+    hidden, weight, targets, *, return_entropy=False, reduce_dh=True, n_splits: int | None = None, **kwargs
+):
     """Forward-only log-prob (and entropy) with the tl.dot online-logsumexp kernel."""
     plan = make_plan(hidden, weight, targets, **kwargs)
     with torch.no_grad():
-        tgt, owned, valid = vp.local_targets(targets, plan.vocab_start, plan.vocab_valid,
-                                             plan.ignore_index)
-        m, s, sz, zt = local_stats_dot(hidden, weight, tgt, owned, plan.vocab_valid,
-                                       plan.inv_temp, n_splits)
+        tgt, owned, valid = vp.local_targets(targets, plan.vocab_start, plan.vocab_valid, plan.ignore_index)
+        m, s, sz, zt = local_stats_dot(hidden, weight, tgt, owned, plan.vocab_valid, plan.inv_temp, n_splits)
         lse, zt, mu = vp.combine_stats(m, s, sz, zt, plan.group)
         logp, entropy = vp.finish(lse, zt, mu, valid)
     assert logp.dtype == acc_dtype(hidden)

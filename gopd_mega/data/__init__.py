@@ -5,6 +5,17 @@ from gopd_mega.data.synthetic import DOMAINS, Domain, check, make_datasets, make
 from gopd_mega.data.tokenizer import CharTokenizer, Tokenizer
 
 __all__ = [
-    "CharTokenizer", "DOMAINS", "DataError", "Domain", "FilterSummary", "Prompt", "PromptDataset", "Tokenizer",
-    "check", "make_datasets", "make_split", "register_domain", "sft_batch",
+    "DOMAINS",
+    "CharTokenizer",
+    "DataError",
+    "Domain",
+    "FilterSummary",
+    "Prompt",
+    "PromptDataset",
+    "Tokenizer",
+    "check",
+    "make_datasets",
+    "make_split",
+    "register_domain",
+    "sft_batch",
 ]

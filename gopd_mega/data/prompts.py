@@ -62,8 +62,10 @@ class FilterSummary:
     max_prompt_len: int
 
     def __str__(self) -> str:
-        return (f"prompt filter: kept {self.kept}/{self.total}, dropped {self.dropped} longer than "
-                f"max_prompt_len={self.max_prompt_len} tokens (longest prompt: {self.longest} tokens)")
+        return (
+            f"prompt filter: kept {self.kept}/{self.total}, dropped {self.dropped} longer than "
+            f"max_prompt_len={self.max_prompt_len} tokens (longest prompt: {self.longest} tokens)"
+        )
 
 
 class PromptDataset:
@@ -94,8 +96,10 @@ class PromptDataset:
         longest = 0
         for i, rec in enumerate(records):
             if prompt_field not in rec:
-                raise DataError(f"record {i} has no prompt field {prompt_field!r} (its fields: {sorted(rec)}); "
-                                f"set data.prompt_field")
+                raise DataError(
+                    f"record {i} has no prompt field {prompt_field!r} (its fields: {sorted(rec)}); "
+                    f"set data.prompt_field"
+                )
             text = rec[prompt_field]
             if not isinstance(text, str):
                 raise DataError(f"record {i}: field {prompt_field!r} must be a string, got {type(text).__name__}")
@@ -106,7 +110,9 @@ class PromptDataset:
                 continue
             answer = rec.get(answer_field)
             prompts.append(Prompt(ids, text, None if answer is None else str(answer), teacher, i))
-        self.filter_summary = FilterSummary(len(records), len(prompts), len(records) - len(prompts), longest, max_prompt_len)
+        self.filter_summary = FilterSummary(
+            len(records), len(prompts), len(records) - len(prompts), longest, max_prompt_len
+        )
         if not prompts:
             raise DataError(f"prompt dataset is empty after filtering: {self.filter_summary}")
         (logger.warning if self.filter_summary.dropped else logger.info)("%s", self.filter_summary)
@@ -114,10 +120,20 @@ class PromptDataset:
         self._order = self._permutation(self.epoch)
 
     @classmethod
-    def from_config(cls, records: list[dict], tokenizer: Tokenizer, cfg, teachers: list[str] | None = None) -> "PromptDataset":
+    def from_config(
+        cls, records: list[dict], tokenizer: Tokenizer, cfg, teachers: list[str] | None = None
+    ) -> PromptDataset:
         """Build from a :class:`gopd_mega.config.DataConfig`."""
-        return cls(records, tokenizer, max_prompt_len=cfg.max_prompt_len, seed=cfg.seed, teachers=teachers,
-                   prompt_field=cfg.prompt_field, answer_field=cfg.answer_field, teacher_field=cfg.teacher_field)
+        return cls(
+            records,
+            tokenizer,
+            max_prompt_len=cfg.max_prompt_len,
+            seed=cfg.seed,
+            teachers=teachers,
+            prompt_field=cfg.prompt_field,
+            answer_field=cfg.answer_field,
+            teacher_field=cfg.teacher_field,
+        )
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -132,14 +148,14 @@ class PromptDataset:
 
     def next_batch(self, n: int) -> list[Prompt]:
         """The next ``n`` prompts of the shuffled order (crossing into the next epoch if needed)."""
-        out = []
+        out: list[Prompt] = []
         while len(out) < n:
             if self.index >= len(self._order):
                 self.epoch += 1
                 self.index = 0
                 self._order = self._permutation(self.epoch)
             take = min(n - len(out), len(self._order) - self.index)
-            out.extend(self.prompts[j] for j in self._order[self.index:self.index + take])
+            out.extend(self.prompts[j] for j in self._order[self.index : self.index + take])
             self.index += take
         return out
 
@@ -149,8 +165,11 @@ class PromptDataset:
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("num_prompts", len(self.prompts)) != len(self.prompts):
             # The order would then differ from the interrupted run's; say so rather than hide it.
-            logger.warning("resuming a prompt dataset of %d prompts from a state saved with %d: the order differs",
-                           len(self.prompts), state["num_prompts"])
+            logger.warning(
+                "resuming a prompt dataset of %d prompts from a state saved with %d: the order differs",
+                len(self.prompts),
+                state["num_prompts"],
+            )
         self.seed, self.epoch, self.index = int(state["seed"]), int(state["epoch"]), int(state["index"])
         self._order = self._permutation(self.epoch)
 
@@ -164,11 +183,15 @@ def _route(rec: dict, i: int, teacher_field: str, teachers: list[str] | None) ->
     if route is None:
         if len(teachers) == 1:
             return teachers[0]
-        raise DataError(f"record {i} has no teacher field {teacher_field!r} and there are several teachers "
-                        f"{sorted(teachers)}: each prompt must name its teacher")
+        raise DataError(
+            f"record {i} has no teacher field {teacher_field!r} and there are several teachers "
+            f"{sorted(teachers)}: each prompt must name its teacher"
+        )
     if route not in teachers:
-        raise DataError(f"record {i} routes to teacher {route!r} (field {teacher_field!r}), which is not a configured "
-                        f"teacher; known teachers: {sorted(teachers)}")
+        raise DataError(
+            f"record {i} routes to teacher {route!r} (field {teacher_field!r}), which is not a configured "
+            f"teacher; known teachers: {sorted(teachers)}"
+        )
     return str(route)
 
 
@@ -202,6 +225,6 @@ def sft_batch(
     tokens = torch.full((len(seqs), width), tokenizer.pad_id, dtype=torch.int64)
     loss_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
     for i, (seq, start) in enumerate(zip(seqs, starts)):
-        tokens[i, :len(seq)] = torch.tensor(seq, dtype=torch.int64)
-        loss_mask[i, start:len(seq)] = True
+        tokens[i, : len(seq)] = torch.tensor(seq, dtype=torch.int64)
+        loss_mask[i, start : len(seq)] = True
     return tokens, loss_mask

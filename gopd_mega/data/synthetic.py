@@ -37,8 +37,8 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 HELD_OUT_BUCKETS = 8
 """One problem in this many (by prompt hash) is reserved for evaluation."""
@@ -87,21 +87,27 @@ def _binary_solver(op: str, fn: Callable[[int, int], int]) -> Callable[[str], st
     return solve
 
 
-register_domain(Domain(
-    name="add",
-    sample=lambda rng: f"{_number(rng, 2)}+{_number(rng, 2)}=",
-    solve=_binary_solver("+", lambda a, b: a + b),
-))
-register_domain(Domain(
-    name="add3",
-    sample=lambda rng: f"{_number(rng, rng.choice((2, 3)))}+{_number(rng, rng.choice((2, 3)))}=",
-    solve=_binary_solver("+", lambda a, b: a + b),
-))
-register_domain(Domain(
-    name="mul",
-    sample=lambda rng: f"{_number(rng, 2)}*{_number(rng, rng.choice((1, 2)))}=",
-    solve=_binary_solver("*", lambda a, b: a * b),
-))
+register_domain(
+    Domain(
+        name="add",
+        sample=lambda rng: f"{_number(rng, 2)}+{_number(rng, 2)}=",
+        solve=_binary_solver("+", lambda a, b: a + b),
+    )
+)
+register_domain(
+    Domain(
+        name="add3",
+        sample=lambda rng: f"{_number(rng, rng.choice((2, 3)))}+{_number(rng, rng.choice((2, 3)))}=",
+        solve=_binary_solver("+", lambda a, b: a + b),
+    )
+)
+register_domain(
+    Domain(
+        name="mul",
+        sample=lambda rng: f"{_number(rng, 2)}*{_number(rng, rng.choice((1, 2)))}=",
+        solve=_binary_solver("*", lambda a, b: a * b),
+    )
+)
 
 
 def _digit_string_solver(prefix: str, fn: Callable[[str], str]) -> Callable[[str], str]:
@@ -121,26 +127,34 @@ def _digits(rng: random.Random, n: int) -> str:
 
 
 # Digit-string domains: short answers that a tiny model learns in a few hundred steps (the demo's).
-register_domain(Domain(
-    name="sort",
-    sample=lambda rng: f"s{_digits(rng, 4)}=",
-    solve=_digit_string_solver("s", lambda d: "".join(sorted(d))),
-))
-register_domain(Domain(
-    name="dsum",
-    sample=lambda rng: f"d{_digits(rng, 4)}=",
-    solve=_digit_string_solver("d", lambda d: str(sum(map(int, d)))),
-))
-register_domain(Domain(
-    name="rev",
-    sample=lambda rng: f"r{_digits(rng, 4)}=",
-    solve=_digit_string_solver("r", lambda d: d[::-1]),
-))
-register_domain(Domain(
-    name="max",
-    sample=lambda rng: f"m{_digits(rng, 5)}=",
-    solve=_digit_string_solver("m", max),
-))
+register_domain(
+    Domain(
+        name="sort",
+        sample=lambda rng: f"s{_digits(rng, 4)}=",
+        solve=_digit_string_solver("s", lambda d: "".join(sorted(d))),
+    )
+)
+register_domain(
+    Domain(
+        name="dsum",
+        sample=lambda rng: f"d{_digits(rng, 4)}=",
+        solve=_digit_string_solver("d", lambda d: str(sum(map(int, d)))),
+    )
+)
+register_domain(
+    Domain(
+        name="rev",
+        sample=lambda rng: f"r{_digits(rng, 4)}=",
+        solve=_digit_string_solver("r", lambda d: d[::-1]),
+    )
+)
+register_domain(
+    Domain(
+        name="max",
+        sample=lambda rng: f"m{_digits(rng, 5)}=",
+        solve=_digit_string_solver("m", max),
+    )
+)
 
 
 def is_held_out(prompt: str) -> bool:
@@ -176,7 +190,9 @@ def _draw(domain: Domain, rng: random.Random, n: int, held_out: bool) -> list[st
     while len(seen) < n:
         if stale > 20_000:
             pool = "held-out" if held_out else "training"
-            raise ValueError(f"domain {domain.name!r}: could only draw {len(seen)} distinct {pool} prompts of the {n} asked")
+            raise ValueError(
+                f"domain {domain.name!r}: could only draw {len(seen)} distinct {pool} prompts of the {n} asked"
+            )
         prompt = domain.sample(rng)
         if is_held_out(prompt) == held_out and prompt not in seen:
             seen[prompt] = None
@@ -225,6 +241,11 @@ def make_datasets(
 def from_config(cfg) -> tuple[list[dict], dict[str, list[dict]]]:
     """:func:`make_datasets` for a :class:`gopd_mega.config.DataConfig` with source='synthetic'."""
     return make_datasets(
-        list(cfg.domains), cfg.num_train, cfg.num_eval, cfg.seed,
-        prompt_field=cfg.prompt_field, answer_field=cfg.answer_field, teacher_field=cfg.teacher_field,
+        list(cfg.domains),
+        cfg.num_train,
+        cfg.num_eval,
+        cfg.seed,
+        prompt_field=cfg.prompt_field,
+        answer_field=cfg.answer_field,
+        teacher_field=cfg.teacher_field,
     )

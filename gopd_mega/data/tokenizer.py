@@ -21,7 +21,7 @@ from pathlib import Path
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIALS: tuple[str, ...] = (PAD, BOS, EOS)
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
-CHARS: tuple[str, ...] = tuple("0123456789") + ("+", "*", "-", "=", " ") + tuple("abcdefghijklmnopqrstuvwxyz")
+CHARS: tuple[str, ...] = (*"0123456789", "+", "*", "-", "=", " ", *"abcdefghijklmnopqrstuvwxyz")
 
 
 class Tokenizer(ABC):
@@ -109,10 +109,9 @@ class CharTokenizer(Tokenizer):
         return path
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "CharTokenizer":
+    def load(cls, directory: str | os.PathLike) -> CharTokenizer:
         path = Path(directory) / "tokenizer.json"
         data = json.loads(path.read_text())
         if data.get("type") != "char" or tuple(data["vocab"][:3]) != SPECIALS:
             raise ValueError(f"{path} is not a gopd-mega character tokenizer")
         return cls(data["vocab"][3:])
-

@@ -25,8 +25,23 @@ from gopd_mega.hf.smollm2 import load_smollm2
 from gopd_mega.hf.tokenizer import HFTokenizer, TokenizerMismatch, check_same_vocab
 
 __all__ = [
-    "HFTokenizer", "TokenizerMismatch", "check_same_vocab", "load_paper_mix", "load_prompt_records",
-    "open_dataset", "load_smollm2", "FAMILIES", "CheckpointError", "CheckpointReader", "UnsupportedCheckpoint", "export_hf", "get_family",
-    "hf_named_tensors", "load_hf_checkpoint", "load_hf_weights", "model_config_from_hf", "read_hf_config",
+    "FAMILIES",
+    "CheckpointError",
+    "CheckpointReader",
+    "HFTokenizer",
+    "TokenizerMismatch",
+    "UnsupportedCheckpoint",
+    "check_same_vocab",
+    "export_hf",
+    "get_family",
+    "hf_named_tensors",
+    "load_hf_checkpoint",
+    "load_hf_weights",
+    "load_paper_mix",
+    "load_prompt_records",
+    "load_smollm2",
+    "model_config_from_hf",
+    "open_dataset",
+    "read_hf_config",
     "write_checkpoint",
 ]

@@ -26,22 +26,30 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from gopd_mega.config import ModelConfig
 from gopd_mega.failures import TrainingError, on_rank0
-from gopd_mega.model.weights import first_nonfinite
 from gopd_mega.hf.families import Family, Rule, family_for_model, get_family
 from gopd_mega.hf.safetensors_io import CheckpointError, CheckpointReader, write_checkpoint
+from gopd_mega.model.weights import first_nonfinite
 from gopd_mega.optim import full_master_state_dict
 
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
 )
 
 
@@ -80,11 +88,18 @@ class Geometry:
     tied: bool
 
     @classmethod
-    def of(cls, cfg: ModelConfig, padded_vocab: int | None = None) -> "Geometry":
+    def of(cls, cfg: ModelConfig, padded_vocab: int | None = None) -> Geometry:
         heads = cfg.num_attention_heads
-        return cls(heads, cfg.num_query_groups or heads, cfg.kv_channels or cfg.hidden_size // heads,
-                   cfg.ffn_hidden_size, cfg.hidden_size, cfg.vocab_size, padded_vocab or cfg.padded_vocab,
-                   cfg.tie_embeddings)
+        return cls(
+            heads,
+            cfg.num_query_groups or heads,
+            cfg.kv_channels or cfg.hidden_size // heads,
+            cfg.ffn_hidden_size,  # type: ignore[arg-type]  # set for every family
+            cfg.hidden_size,
+            cfg.vocab_size,
+            padded_vocab or cfg.padded_vocab,
+            cfg.tie_embeddings,
+        )
 
 
 def match_rule(family: Family, name: str, geo: Geometry) -> tuple[Rule, tuple[str, ...]]:
@@ -107,8 +122,16 @@ def _expect(reader: CheckpointReader, name: str, shape: tuple[int, ...]) -> None
         )
 
 
-def build_shard(reader: CheckpointReader, rule: Rule, hf: tuple[str, ...], geo: Geometry,
-                local_shape: tuple[int, ...], partition_dim: int | None, tp_rank: int, tp_size: int) -> torch.Tensor:
+def build_shard(
+    reader: CheckpointReader,
+    rule: Rule,
+    hf: tuple[str, ...],
+    geo: Geometry,
+    local_shape: tuple[int, ...],
+    partition_dim: int | None,
+    tp_rank: int,
+    tp_size: int,
+) -> torch.Tensor:
     """This TP rank's part of one megatron tensor, read from the HF checkpoint slice by slice."""
     r, t = tp_rank, tp_size
     if rule.kind == "copy":
@@ -210,8 +233,10 @@ def model_slots(model) -> list[Slot]:
     """
     if hasattr(model, "param_layout"):
         params = dict(_gpt_module(model).named_parameters())
-        return [Slot(i.canonical_name, params[i.local_name], i.partition_dim, i.tp_rank, i.tp_size, i.local_name)
-                for i in model.param_layout()]
+        return [
+            Slot(i.canonical_name, params[i.local_name], i.partition_dim, i.tp_rank, i.tp_size, i.local_name)
+            for i in model.param_layout()
+        ]
     gpt = _gpt_module(model)
     tp = gpt.pg_collection.tp
     tp_rank, tp_size = (tp.rank(), tp.size()) if tp is not None else (0, 1)
@@ -222,7 +247,9 @@ def model_slots(model) -> list[Slot]:
         if parts[:2] == ["decoder", "layers"]:
             parts[2] = str(offsets[parts[2]])
         split = getattr(param, "tensor_model_parallel", False)
-        slots.append(Slot(".".join(parts), param, getattr(param, "partition_dim", None) if split else None, tp_rank, tp_size))
+        slots.append(
+            Slot(".".join(parts), param, getattr(param, "partition_dim", None) if split else None, tp_rank, tp_size)
+        )
     return slots
 
 
@@ -255,10 +282,13 @@ def load_hf_checkpoint(model, directory: str | os.PathLike, cfg: ModelConfig | N
     for slot in slots:
         rule, hf = match_rule(family, slot.name, geo)
         used.update(hf)
-        shard = build_shard(reader, rule, hf, geo, tuple(slot.param.shape), slot.partition_dim, slot.tp_rank, slot.tp_size)
+        shard = build_shard(
+            reader, rule, hf, geo, tuple(slot.param.shape), slot.partition_dim, slot.tp_rank, slot.tp_size
+        )
         if tuple(shard.shape) != tuple(slot.param.shape):
             raise CheckpointError(
-                f"{directory}: {slot.name} built from {list(hf)} has shape {list(shard.shape)}, the model has {list(slot.param.shape)}"
+                f"{directory}: {slot.name} built from {list(hf)} has shape {list(shard.shape)}, "
+                f"the model has {list(slot.param.shape)}"
             )
         if shard.is_floating_point() and not bool(torch.isfinite(shard).all()):
             raise CheckpointError(f"{directory}: {', '.join(hf)} hold NaN or inf; refusing to load them")
@@ -270,10 +300,14 @@ def load_hf_checkpoint(model, directory: str | os.PathLike, cfg: ModelConfig | N
         # A whole model must use every tensor: a leftover one (e.g. attention biases the config
         # does not announce) means the config and the weights disagree.
         ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()
-        unused = sorted(n for n in reader.names() if n not in used and n not in ignorable and not n.endswith("rotary_emb.inv_freq"))
+        unused = sorted(
+            n for n in reader.names() if n not in used and n not in ignorable and not n.endswith("rotary_emb.inv_freq")
+        )
         if unused:
-            raise CheckpointError(f"{directory}: tensors not used by the {family.name} model: {unused[:5]}"
-                                  f"{' ...' if len(unused) > 5 else ''} (config.json and weights disagree?)")
+            raise CheckpointError(
+                f"{directory}: tensors not used by the {family.name} model: {unused[:5]}"
+                f"{' ...' if len(unused) > 5 else ''} (config.json and weights disagree?)"
+            )
     return len(slots)
 
 
@@ -294,8 +328,13 @@ def full_megatron_state(model, master: bool = False) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def hf_named_tensors(model, cfg: ModelConfig | None = None, family: Family | str | None = None,
-                     dtype: torch.dtype | None = None, master: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_named_tensors(
+    model,
+    cfg: ModelConfig | None = None,
+    family: Family | str | None = None,
+    dtype: torch.dtype | None = None,
+    master: bool = False,
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, full tensor) for every weight of ``model`` in HF layout (the rollout
     engine's weight refresh consumes this). The tied output layer is not yielded (HF ties it).
     ``master``: the optimizer's fp32 master weights (see :func:`full_megatron_state`)."""
@@ -310,9 +349,15 @@ def hf_named_tensors(model, cfg: ModelConfig | None = None, family: Family | str
             yield hf_name, (t.to(dtype) if dtype is not None else t).contiguous()
 
 
-def export_hf(model, directory: str | os.PathLike, cfg: ModelConfig | None = None,
-              family: Family | str | None = None, source_dir: str | os.PathLike | None = None,
-              dtype: torch.dtype = torch.float32, shard_bytes: int = 2 * 1024**3) -> Path | None:
+def export_hf(
+    model,
+    directory: str | os.PathLike,
+    cfg: ModelConfig | None = None,
+    family: Family | str | None = None,
+    source_dir: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    shard_bytes: int = 2 * 1024**3,
+) -> Path | None:
     """Write ``model`` as an HF checkpoint (config.json, sharded safetensors + index, tokenizer
     and generation_config copied from ``source_dir``, the HF folder the model was loaded from,
     whose config.json also names the family) at ``directory``, atomically.

@@ -46,8 +46,11 @@ def open_dataset(path: str | os.PathLike):
     if not path.exists():
         raise DataError(f"dataset path does not exist: {path}")
     kind = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}.get(path.suffix)
-    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
-                          or (path / "state.json").is_file()):
+    if path.is_dir() and (
+        (path / "dataset_info.json").is_file()
+        or (path / "dataset_dict.json").is_file()
+        or (path / "state.json").is_file()
+    ):
         ds = datasets.load_from_disk(str(path))
     elif path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".parquet", ".jsonl", ".json"))
@@ -60,7 +63,9 @@ def open_dataset(path: str | os.PathLike):
     elif kind is not None:
         ds = _load_files(datasets, kind, [path])
     else:
-        raise DataError(f"{path}: unknown dataset format (expected .parquet, .jsonl, .json, .csv, .arrow or a saved dataset folder)")
+        raise DataError(
+            f"{path}: unknown dataset format (expected .parquet, .jsonl, .json, .csv, .arrow or a saved dataset folder)"
+        )
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise DataError(f"{path}: dataset has splits {list(ds)} but no 'train' split")
@@ -81,14 +86,15 @@ def _load_files(datasets, kind: str, files: list[Path]):
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         return datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
-    except Exception as exc:  # noqa: BLE001 - re-raised as a DataError naming the file
+    except Exception as exc:  # re-raised as a DataError naming the file
         if kind == "json":
             for f in files:
                 _check_json_lines(f)
         cause = str(exc.__cause__ or exc).strip().splitlines()
         where = files[0] if len(files) == 1 else f"{files[0].parent} ({len(files)} {kind} files)"
-        raise DataError(f"{where}: cannot be read as {kind}: {type(exc).__name__}: "
-                        f"{cause[0] if cause else ''}") from exc
+        raise DataError(
+            f"{where}: cannot be read as {kind}: {type(exc).__name__}: {cause[0] if cause else ''}"
+        ) from exc
     finally:
         datasets.logging.set_verbosity(verbosity)
 
@@ -120,8 +126,10 @@ def _check_json_lines(path: Path) -> None:
             except json.JSONDecodeError as exc:
                 line = line.rstrip("\n")
                 shown = line if len(line) <= 60 else line[:57] + "..."
-                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}): {shown!r}; "
-                                "a JSONL file needs one complete JSON object per line") from None
+                raise DataError(
+                    f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}): {shown!r}; "
+                    "a JSONL file needs one complete JSON object per line"
+                ) from None
 
 
 def _require(ds, path, field: str, setting: str) -> None:
@@ -148,7 +156,7 @@ def _prompt_text(value: Any, tokenizer, chat_template: bool, where: str) -> str:
     text = tokenizer.apply_chat_template(value if is_chat else str(value))
     bos = getattr(tokenizer, "bos_token", None)
     if bos and text.startswith(bos):
-        text = text[len(bos):]  # PromptDataset prepends bos_id itself
+        text = text[len(bos) :]  # PromptDataset prepends bos_id itself
     return text
 
 
@@ -165,7 +173,9 @@ def load_prompt_records(cfg, tokenizer=None, path: str | os.PathLike | None = No
     nested = cfg.teacher_field not in ds.column_names and "extra_info" in ds.column_names
     records = []
     for i, row in enumerate(ds):
-        rec = {cfg.prompt_field: _prompt_text(row[cfg.prompt_field], tokenizer, cfg.chat_template, f"{path} record {i}")}
+        rec = {
+            cfg.prompt_field: _prompt_text(row[cfg.prompt_field], tokenizer, cfg.chat_template, f"{path} record {i}")
+        }
         for f in keep:
             if row[f] is not None:
                 rec[f] = str(row[f])
@@ -182,11 +192,18 @@ def _ground_truth(row: dict, path, i: int) -> str:
     for f in ("tests", "test_cases", "answer"):
         if row.get(f) is not None:
             return str(row[f])
-    raise DataError(f"{path} record {i}: code prompt without tests (expected reward_model.ground_truth, tests or test_cases)")
+    raise DataError(
+        f"{path} record {i}: code prompt without tests (expected reward_model.ground_truth, tests or test_cases)"
+    )
 
 
-def load_paper_mix(math: str | os.PathLike | None = None, code: str | os.PathLike | None = None,
-                   min_difficulty: float | None = 6.0, tokenizer=None, chat_template: bool = True) -> list[dict[str, Any]]:
+def load_paper_mix(
+    math: str | os.PathLike | None = None,
+    code: str | os.PathLike | None = None,
+    min_difficulty: float | None = 6.0,
+    tokenizer=None,
+    chat_template: bool = True,
+) -> list[dict[str, Any]]:
     """The paper's multi-teacher prompt mix as ``{prompt, answer, opd_teacher}`` records."""
     records: list[dict[str, Any]] = []
     if math is not None:
@@ -197,14 +214,24 @@ def load_paper_mix(math: str | os.PathLike | None = None, code: str | os.PathLik
             if min_difficulty is not None and row.get("difficulty") is not None and row["difficulty"] < min_difficulty:
                 continue
             text = f"{row['question']}\n{MATH_INSTRUCTION}"
-            records.append({"prompt": _prompt_text(text, tokenizer, chat_template, f"{math} record {i}"),
-                            "answer": str(row["final_answer"]), "opd_teacher": "math"})
+            records.append(
+                {
+                    "prompt": _prompt_text(text, tokenizer, chat_template, f"{math} record {i}"),
+                    "answer": str(row["final_answer"]),
+                    "opd_teacher": "math",
+                }
+            )
     if code is not None:
         ds = open_dataset(code)
         _require(ds, code, "prompt", "the code file (Eurus-RL-Code-style 'prompt')")
         for i, row in enumerate(ds):
-            records.append({"prompt": _prompt_text(row["prompt"], tokenizer, chat_template, f"{code} record {i}"),
-                            "answer": _ground_truth(row, code, i), "opd_teacher": "code"})
+            records.append(
+                {
+                    "prompt": _prompt_text(row["prompt"], tokenizer, chat_template, f"{code} record {i}"),
+                    "answer": _ground_truth(row, code, i),
+                    "opd_teacher": "code",
+                }
+            )
     if not records:
         raise DataError("load_paper_mix: no records (give math= and/or code= files)")
     return records

@@ -39,8 +39,9 @@ fields in ``config_to_model`` (and ModelConfig fields for them). The converter m
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 from gopd_mega.config import ModelConfig
 
@@ -78,10 +79,16 @@ DENSE_TABLE: tuple[Rule, ...] = (
     Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
     Rule(L + "input_layernorm.weight", (H + "input_layernorm.weight",)),
     Rule(L + "self_attention.linear_qkv.layer_norm_weight", (H + "input_layernorm.weight",)),
-    Rule(L + "self_attention.linear_qkv.weight",
-         (H + "self_attn.q_proj.weight", H + "self_attn.k_proj.weight", H + "self_attn.v_proj.weight"), "qkv"),
-    Rule(L + "self_attention.linear_qkv.bias",
-         (H + "self_attn.q_proj.bias", H + "self_attn.k_proj.bias", H + "self_attn.v_proj.bias"), "qkv"),
+    Rule(
+        L + "self_attention.linear_qkv.weight",
+        (H + "self_attn.q_proj.weight", H + "self_attn.k_proj.weight", H + "self_attn.v_proj.weight"),
+        "qkv",
+    ),
+    Rule(
+        L + "self_attention.linear_qkv.bias",
+        (H + "self_attn.q_proj.bias", H + "self_attn.k_proj.bias", H + "self_attn.v_proj.bias"),
+        "qkv",
+    ),
     Rule(L + "self_attention.q_layernorm.weight", (H + "self_attn.q_norm.weight",)),
     Rule(L + "self_attention.k_layernorm.weight", (H + "self_attn.k_norm.weight",)),
     Rule(L + "self_attention.linear_proj.weight", (H + "self_attn.o_proj.weight",)),
@@ -100,7 +107,9 @@ def _rope_theta(hf: dict[str, Any]) -> float:
     if scaling is not None and (scaling.get("rope_type") or scaling.get("type") or "default") != "default":
         raise UnsupportedCheckpoint(f"config field 'rope_scaling' = {scaling}: only unscaled rope is supported")
     if rope_type != "default":
-        raise UnsupportedCheckpoint(f"config field 'rope_parameters.rope_type' = {rope_type!r}: only 'default' rope is supported")
+        raise UnsupportedCheckpoint(
+            f"config field 'rope_parameters.rope_type' = {rope_type!r}: only 'default' rope is supported"
+        )
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
@@ -114,7 +123,9 @@ def _dense_config(hf: dict[str, Any], qkv_bias: bool, qk_norm: bool) -> ModelCon
     _require(hf, "hidden_act", lambda v: v == "silu", "only 'silu' (SwiGLU) MLPs are supported")
     _require(hf, "mlp_bias", lambda v: not v, "MLP biases are not supported")
     _require(hf, "use_sliding_window", lambda v: not v, "sliding-window attention is not supported")
-    _require(hf, "layer_types", lambda v: all(t == "full_attention" for t in v), "only full attention layers are supported")
+    _require(
+        hf, "layer_types", lambda v: all(t == "full_attention" for t in v), "only full attention layers are supported"
+    )
     if not qkv_bias:
         _require(hf, "attention_bias", lambda v: not v, "attention biases are not supported for this family")
     heads = hf["num_attention_heads"]
@@ -154,7 +165,9 @@ class Family:
         from transformers import AutoConfig
 
         if cfg.activation != "swiglu":
-            raise UnsupportedCheckpoint(f"model field 'activation' = {cfg.activation!r}: {self.name} checkpoints need 'swiglu'")
+            raise UnsupportedCheckpoint(
+                f"model field 'activation' = {cfg.activation!r}: {self.name} checkpoints need 'swiglu'"
+            )
         extra: dict[str, Any] = {}
         if self.name == "llama":
             extra = {"attention_bias": False, "mlp_bias": False}
@@ -191,7 +204,11 @@ def get_family(model_type: str) -> Family:
     if model_type not in FAMILIES:
         raise UnsupportedCheckpoint(
             f"config field 'model_type' = {model_type!r}: supported families are {sorted(FAMILIES)}"
-            + (" (Qwen3-MoE: add a Family with the expert rules, see gopd_mega/hf/families.py)" if "moe" in model_type else "")
+            + (
+                " (Qwen3-MoE: add a Family with the expert rules, see gopd_mega/hf/families.py)"
+                if "moe" in model_type
+                else ""
+            )
         )
     return FAMILIES[model_type]
 

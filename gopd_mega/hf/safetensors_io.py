@@ -17,8 +17,8 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from safetensors import safe_open
@@ -47,7 +47,7 @@ class CheckpointReader:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
             self.where = {name: self.dir / fname for name, fname in weight_map.items()}
         elif (self.dir / SINGLE).is_file():
-            self.where = {name: self.dir / SINGLE for name in self._open(self.dir / SINGLE).keys()}
+            self.where = dict.fromkeys(self._open(self.dir / SINGLE).keys(), self.dir / SINGLE)
         else:
             raise CheckpointError(f"{self.dir}: no {SINGLE} or {INDEX} found")
 
@@ -58,7 +58,7 @@ class CheckpointReader:
             raise CheckpointError(f"{path}: safetensors file listed in the checkpoint is missing")
         try:
             handle = safe_open(str(path), framework="pt")
-        except Exception as exc:  # SafetensorError, OSError, or a header parse error
+        except Exception as exc:  # noqa: BLE001 - re-raised as CheckpointError: SafetensorError, OSError, or a header parse error
             raise CheckpointError(f"{path}: corrupt or unreadable safetensors file ({exc})") from None
         self._handles[path] = handle
         return handle
@@ -81,7 +81,7 @@ class CheckpointReader:
             return self._open(path).get_slice(name)
         except CheckpointError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - re-raised as CheckpointError, naming the tensor
             raise CheckpointError(f"{path}: cannot read tensor {name!r} ({exc})") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -92,11 +92,11 @@ class CheckpointReader:
         sl = self.get_slice(name)
         try:
             if rows is not None:
-                return sl[rows[0]:rows[1]]
+                return sl[rows[0] : rows[1]]
             if cols is not None:
-                return sl[:, cols[0]:cols[1]]
+                return sl[:, cols[0] : cols[1]]
             return sl[:]
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - re-raised as CheckpointError, naming the tensor
             raise CheckpointError(f"{self.file_of(name)}: cannot read tensor {name!r} ({exc})") from None
 
 
@@ -114,7 +114,7 @@ def write_checkpoint(
     names the path (and the space needed).
     """
     final = Path(directory)
-    needed = (sum(t.numel() * t.element_size() for _, t in tensors) if isinstance(tensors, (list, tuple)) else None)
+    needed = sum(t.numel() * t.element_size() for _, t in tensors) if isinstance(tensors, (list, tuple)) else None
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         if needed is not None:
@@ -152,7 +152,7 @@ def write_checkpoint(
         for i, names in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             (tmp / f"shard-{i:05d}.safetensors").rename(tmp / fname)
-            weight_map.update({k: fname for k in names})
+            weight_map.update(dict.fromkeys(names, fname))
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX).write_text(json.dumps(index, indent=2))
         if extra_files is not None:

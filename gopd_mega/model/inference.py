@@ -131,16 +131,23 @@ class Stage:
                     raise _Unsupported(f"bias on {type(lin).__name__}")
             if type(mlp).__name__ != "MLP":
                 raise _Unsupported(f"MLP {type(mlp).__name__}")
-            qn, kn = (None if isinstance(m, IdentityOp) else m
-                      for m in (getattr(attn, "q_layernorm", None), getattr(attn, "k_layernorm", None)))
-            self.layers.append(_Layer(
-                ln1=_norm(layer.input_layernorm, "input_layernorm"),
-                qkv_w=attn.linear_qkv.weight, qkv_b=getattr(attn.linear_qkv, "bias", None),
-                q_norm=None if qn is None else _norm(qn, "q_layernorm"),
-                k_norm=None if kn is None else _norm(kn, "k_layernorm"),
-                proj_w=attn.linear_proj.weight,
-                ln2=_norm(layer.pre_mlp_layernorm, "pre_mlp_layernorm"),
-                fc1_w=mlp.linear_fc1.weight, fc2_w=mlp.linear_fc2.weight))
+            qn, kn = (
+                None if isinstance(m, IdentityOp) else m
+                for m in (getattr(attn, "q_layernorm", None), getattr(attn, "k_layernorm", None))
+            )
+            self.layers.append(
+                _Layer(
+                    ln1=_norm(layer.input_layernorm, "input_layernorm"),
+                    qkv_w=attn.linear_qkv.weight,
+                    qkv_b=getattr(attn.linear_qkv, "bias", None),
+                    q_norm=None if qn is None else _norm(qn, "q_layernorm"),
+                    k_norm=None if kn is None else _norm(kn, "k_layernorm"),
+                    proj_w=attn.linear_proj.weight,
+                    ln2=_norm(layer.pre_mlp_layernorm, "pre_mlp_layernorm"),
+                    fc1_w=mlp.linear_fc1.weight,
+                    fc2_w=mlp.linear_fc2.weight,
+                )
+            )
         self.gated = cfg.gated_linear_unit
         self.act = cfg.activation_func
         if getattr(cfg, "activation_func_clamp_value", None) is not None:
@@ -162,8 +169,9 @@ class Stage:
 
     def new_cache(self, n: int, slots: int, device) -> torch.Tensor:
         """K and V for every local layer: [layers, 2, n, ng, slots, d], preallocated once."""
-        return torch.zeros((len(self.layers), 2, n, self.groups_kv, slots, self.head_dim), dtype=self.dtype,
-                           device=device)
+        return torch.zeros(
+            (len(self.layers), 2, n, self.groups_kv, slots, self.head_dim), dtype=self.dtype, device=device
+        )
 
     # ---------------------------------------------------------------- the forward
     def _tp_sum(self, x: torch.Tensor) -> torch.Tensor:
@@ -184,7 +192,9 @@ class Stage:
         t1, t2 = t.chunk(2, dim=-1)
         return t * cos + torch.cat((-t2, t1), dim=-1) * sin
 
-    def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keep: torch.Tensor | None, kv) -> torch.Tensor:
+    def _layers(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keep: torch.Tensor | None, kv
+    ) -> torch.Tensor:
         """This stage's layers on x [n, sq, H]. ``cos``/``sin`` [sq, d] of the new positions;
         ``keep`` bool [n | 1, 1, sq, sk] (True = attend) or None; ``kv(i, k, v)`` -> the keys and
         values layer i attends to, [n, ng, sk, d], given the new ones [n, ng, sq, d]."""
@@ -196,7 +206,7 @@ class Stage:
             keep = keep.unsqueeze(2).expand(b, 1, g, sq, sk).reshape(b, 1, g * sq, sk)
         for i, L in enumerate(self.layers):
             qkv = F.linear(L.ln1(x), L.qkv_w, L.qkv_b).view(n, sq, ng, g + 2, d)
-            q, k, v = qkv[:, :, :, :g], qkv[:, :, :, g:g + 1], qkv[:, :, :, g + 1:]
+            q, k, v = qkv[:, :, :, :g], qkv[:, :, :, g : g + 1], qkv[:, :, :, g + 1 :]
             if L.q_norm is not None:
                 q = L.q_norm(q)
             if L.k_norm is not None:
@@ -230,8 +240,15 @@ class Stage:
             dist.send(x.contiguous(), dst=self.next)
         return self.last
 
-    def forward(self, ids: torch.Tensor, cache: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
-                keep: torch.Tensor | None) -> torch.Tensor | None:
+    def forward(
+        self,
+        ids: torch.Tensor,
+        cache: torch.Tensor,
+        start: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        keep: torch.Tensor | None,
+    ) -> torch.Tensor | None:
         """Feed ``ids`` [n, sq] at cache slots [start, start + sq). ``cos``/``sin`` [sq, d] of those
         slots; ``keep`` bool [n, 1, sq, start + sq] (True = attend) or None (no mask: decode of
         rows without pad slots). Returns the last slot's final hidden state [n, H] on the last

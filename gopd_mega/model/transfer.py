@@ -48,7 +48,9 @@ class ScoredHidden:
         found = pos < self.flat.numel()
         found[found.clone()] = self.flat[pos[found]] == flat[found]
         if not bool(found.all()):
-            raise RuntimeError(f"hidden states of positions {flat[~found][:5].tolist()} were not delivered to this rank")
+            raise RuntimeError(
+                f"hidden states of positions {flat[~found][:5].tolist()} were not delivered to this rank"
+            )
         return self.hidden[pos]
 
 
@@ -65,8 +67,16 @@ def dp_positions(loss_mask: torch.Tensor, dp: int, rows=None) -> list[torch.Tens
     return [scored_flat_index(loss_mask, rows[torch.tensor(share, dtype=torch.long)]) for share in shares]
 
 
-def deliver(local: ScoredHidden | None, src: ModelGroups, src_flat: list[torch.Tensor], dst: ModelGroups,
-            dst_flat: list[torch.Tensor], width: int, dtype: torch.dtype, device) -> ScoredHidden | None:
+def deliver(
+    local: ScoredHidden | None,
+    src: ModelGroups,
+    src_flat: list[torch.Tensor],
+    dst: ModelGroups,
+    dst_flat: list[torch.Tensor],
+    width: int,
+    dtype: torch.dtype,
+    device,
+) -> ScoredHidden | None:
     """COLLECTIVE (every rank calls it with the same index sets). ``local``: what this rank computed
     in the source layout (its DP rank's positions, on its last stage; None elsewhere). ``src_flat``
     / ``dst_flat``: each DP rank's positions in the source / destination layout. Returns the rows
@@ -90,7 +100,7 @@ def deliver(local: ScoredHidden | None, src: ModelGroups, src_flat: list[torch.T
                 continue  # r has these rows itself
             want = src_flat[d_me][torch.isin(src_flat[d_me], dst_flat[coords(dst, r)[1]])]
             if want.numel():
-                ops.append(dist.P2POp(dist.isend, local.at(want).contiguous(), r))
+                ops.append(dist.P2POp(dist.isend, local.at(want).contiguous(), r))  # type: ignore[union-attr]  # this rank holds want
     pieces = []
     if me in receivers:
         mine = dst_flat[coords(dst, me)[1]]
@@ -99,7 +109,7 @@ def deliver(local: ScoredHidden | None, src: ModelGroups, src_flat: list[torch.T
             if not want.numel():
                 continue
             if holds and d == d_me:
-                pieces.append((want, local.at(want)))
+                pieces.append((want, local.at(want)))  # type: ignore[union-attr]  # this rank holds want
             else:
                 buf = torch.empty(want.numel(), width, dtype=dtype, device=device)
                 ops.append(dist.P2POp(dist.irecv, buf, sender(d)))
@@ -111,7 +121,9 @@ def deliver(local: ScoredHidden | None, src: ModelGroups, src_flat: list[torch.T
     if me not in receivers:
         return None
     if not pieces:
-        return ScoredHidden(torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, width, dtype=dtype, device=device))
+        return ScoredHidden(
+            torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, width, dtype=dtype, device=device)
+        )
     flat = torch.cat([f.to(device) for f, _ in pieces])
     hidden = torch.cat([h for _, h in pieces])
     order = flat.argsort()

@@ -80,9 +80,18 @@ def _chunk_logprobs_at(h, w, ids, start: int, valid: int, inv_t: float, group, d
     return _sum(zi, group, differentiable) - lse[:, None]
 
 
-def logprobs_at(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, *, vocab_start: int = 0,
-                vocab_valid: int | None = None, group=None, temperature: float = 1.0, reduce_dh: bool = True,
-                **_unused) -> torch.Tensor:
+def logprobs_at(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    vocab_start: int = 0,
+    vocab_valid: int | None = None,
+    group=None,
+    temperature: float = 1.0,
+    reduce_dh: bool = True,
+    **_unused,
+) -> torch.Tensor:
     """fp32 [R, K] log p(ids[r, k] | position r) for hidden [R, H], this rank's weight shard
     [V_local, H] and global ids [R, K] (entries < 0 give 0: mask them). Differentiable w.r.t.
     hidden and weight when they require grad (the hidden states' gradient is summed over the TP
@@ -112,9 +121,18 @@ def logprobs_at(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, *
 
 
 @torch.no_grad()
-def top_k_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, k: int, *,
-                   vocab_start: int = 0, vocab_valid: int | None = None, group=None, temperature: float = 1.0,
-                   **_unused) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_k_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    k: int,
+    *,
+    vocab_start: int = 0,
+    vocab_valid: int | None = None,
+    group=None,
+    temperature: float = 1.0,
+    **_unused,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids [R, k] long, logp [R, k] fp32, target_logp [R] fp32): the k most likely ids per
     position over the whole (vocab-parallel) vocabulary, descending, and the log-prob of each
     target id. Where the vocabulary has fewer than k ids, the extra entries are id -1, logp -inf."""

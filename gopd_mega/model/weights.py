@@ -46,8 +46,14 @@ _TE_RENAMES = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
-_COLUMN_PARALLEL = ("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight", "linear_fc1.bias",
-                    "word_embeddings.weight", "output_layer.weight")
+_COLUMN_PARALLEL = (
+    "linear_qkv.weight",
+    "linear_qkv.bias",
+    "linear_fc1.weight",
+    "linear_fc1.bias",
+    "word_embeddings.weight",
+    "output_layer.weight",
+)
 _ROW_PARALLEL = ("linear_proj.weight", "linear_fc2.weight")
 
 
@@ -121,7 +127,7 @@ def shard_of(cfg: ModelConfig, info: ParamInfo, full: torch.Tensor) -> torch.Ten
     """This rank's shard of canonical full tensor ``full`` for parameter ``info``."""
     if info.vocab_padded:
         rows = full[: cfg.vocab_size]
-        full = torch.zeros((cfg.padded_vocab,) + tuple(full.shape[1:]), dtype=full.dtype)
+        full = torch.zeros((cfg.padded_vocab, *full.shape[1:]), dtype=full.dtype)
         full[: rows.shape[0]] = rows
     if info.partition_dim is None or info.tp_size == 1:
         return full
@@ -170,8 +176,9 @@ def init_weights(params: dict[str, torch.nn.Parameter], layout: list[ParamInfo],
 
 
 @torch.no_grad()
-def gather_full_state_dict(params: dict[str, torch.nn.Parameter], layout: list[ParamInfo], cfg: ModelConfig,
-                           groups: ModelGroups) -> dict[str, torch.Tensor]:
+def gather_full_state_dict(
+    params: dict[str, torch.nn.Parameter], layout: list[ParamInfo], cfg: ModelConfig, groups: ModelGroups
+) -> dict[str, torch.Tensor]:
     """{canonical name: full unsharded CPU tensor}, gathered over TP and PP, on every rank."""
     local: dict[str, torch.Tensor] = {}
     for info in layout:
@@ -192,8 +199,13 @@ def gather_full_state_dict(params: dict[str, torch.nn.Parameter], layout: list[P
 
 
 @torch.no_grad()
-def load_full_state_dict(params: dict[str, torch.nn.Parameter], layout: list[ParamInfo], cfg: ModelConfig,
-                         sd: dict[str, torch.Tensor], name: str) -> None:
+def load_full_state_dict(
+    params: dict[str, torch.nn.Parameter],
+    layout: list[ParamInfo],
+    cfg: ModelConfig,
+    sd: dict[str, torch.Tensor],
+    name: str,
+) -> None:
     """Shard canonical full tensors onto this rank (vocab tensors may carry any number of rows >=
     vocab_size; rows past vocab_size are ignored). ``name`` (the model's) goes into errors."""
     missing = [i.canonical_name for i in layout if i.canonical_name not in sd]

@@ -14,8 +14,16 @@
 from gopd_mega.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutBatch, RolloutEngine, pack_rollouts
 from gopd_mega.rollout.embedded import EmbeddedEngine, sample_tokens
 
-__all__ = ["EmbeddedEngine", "FINISH_LENGTH", "FINISH_STOP", "RolloutBatch", "RolloutEngine", "pack_rollouts",
-           "sample_tokens", "make_engine"]
+__all__ = [
+    "FINISH_LENGTH",
+    "FINISH_STOP",
+    "EmbeddedEngine",
+    "RolloutBatch",
+    "RolloutEngine",
+    "make_engine",
+    "pack_rollouts",
+    "sample_tokens",
+]
 
 
 def make_engine(cfg, *, model=None, tokenizer):
@@ -24,13 +32,20 @@ def make_engine(cfg, *, model=None, tokenizer):
     if cfg.engine == "embedded":
         if model is None:
             raise ValueError("rollout.engine='embedded' needs the model to sample from")
-        return EmbeddedEngine(model, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids,
-                              kv_cache=cfg.kv_cache)
+        return EmbeddedEngine(model, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids, kv_cache=cfg.kv_cache)
     if cfg.engine == "sglang":
         from gopd_mega.rollout.pool import SGLangPool
 
-        return SGLangPool(cfg.sglang_url, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids,
-                          timeout=cfg.request_timeout_s, timeout_per_token=cfg.request_timeout_per_token_s,
-                          chunk_size=cfg.request_batch, send_seed=cfg.send_seed, control_urls=cfg.sglang_workers,
-                          max_inflight=cfg.max_inflight_per_server, version=cfg.sglang_version)
+        return SGLangPool(
+            cfg.sglang_url,
+            pad_id=tokenizer.pad_id,
+            stop_ids=tokenizer.stop_ids,
+            timeout=cfg.request_timeout_s,
+            timeout_per_token=cfg.request_timeout_per_token_s,
+            chunk_size=cfg.request_batch,
+            send_seed=cfg.send_seed,
+            control_urls=cfg.sglang_workers,
+            max_inflight=cfg.max_inflight_per_server,
+            version=cfg.sglang_version,
+        )
     raise ValueError(f"unknown rollout engine {cfg.engine!r} (known: 'embedded', 'sglang')")

@@ -31,8 +31,9 @@ With greedy decoding the reported value is the same quantity at temperature T of
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -59,8 +60,10 @@ class RolloutBatch:
         if not self.weight_versions:
             self.weight_versions = [""] * n
         if not (len(self.finish_reasons) == len(self.sample_ids) == len(self.weight_versions) == n):
-            raise ValueError(f"RolloutBatch: {n} rows but {len(self.finish_reasons)} finish reasons, "
-                             f"{len(self.sample_ids)} sample ids, {len(self.weight_versions)} weight versions")
+            raise ValueError(
+                f"RolloutBatch: {n} rows but {len(self.finish_reasons)} finish reasons, "
+                f"{len(self.sample_ids)} sample ids, {len(self.weight_versions)} weight versions"
+            )
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -68,12 +71,19 @@ class RolloutBatch:
     def response_ids(self, i: int) -> list[int]:
         """Response tokens of sequence ``i`` (stop token included when produced)."""
         start = int(self.prompt_lens[i])
-        return self.tokens[i, start:start + int(self.response_lens[i])].tolist()
+        return self.tokens[i, start : start + int(self.response_lens[i])].tolist()
 
-    def to(self, device: torch.device | str) -> "RolloutBatch":
-        return RolloutBatch(self.tokens.to(device), self.prompt_lens.to(device), self.response_lens.to(device),
-                            self.loss_mask.to(device), self.sampler_logp.to(device), list(self.finish_reasons),
-                            list(self.sample_ids), list(self.weight_versions))
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        return RolloutBatch(
+            self.tokens.to(device),
+            self.prompt_lens.to(device),
+            self.response_lens.to(device),
+            self.loss_mask.to(device),
+            self.sampler_logp.to(device),
+            list(self.finish_reasons),
+            list(self.sample_ids),
+            list(self.weight_versions),
+        )
 
 
 def pack_rollouts(
@@ -101,11 +111,19 @@ def pack_rollouts(
         lp_, lr = len(p), len(r)
         tokens[i, :lp_] = torch.as_tensor(list(p), dtype=torch.int64)
         if lr:
-            tokens[i, lp_:lp_ + lr] = torch.as_tensor(list(r), dtype=torch.int64)
-            loss_mask[i, lp_:lp_ + lr] = True
-            sampler_logp[i, lp_:lp_ + lr] = torch.as_tensor(list(lp), dtype=torch.float32)
-    return RolloutBatch(tokens, prompt_lens, response_lens, loss_mask, sampler_logp, list(finish_reasons),
-                        list(sample_ids or []), list(weight_versions or []))
+            tokens[i, lp_ : lp_ + lr] = torch.as_tensor(list(r), dtype=torch.int64)
+            loss_mask[i, lp_ : lp_ + lr] = True
+            sampler_logp[i, lp_ : lp_ + lr] = torch.as_tensor(list(lp), dtype=torch.float32)
+    return RolloutBatch(
+        tokens,
+        prompt_lens,
+        response_lens,
+        loss_mask,
+        sampler_logp,
+        list(finish_reasons),
+        list(sample_ids or []),
+        list(weight_versions or []),
+    )
 
 
 def check_prompts(prompts: Sequence[Sequence[int]]) -> None:
@@ -140,10 +158,10 @@ class RolloutEngine(ABC):
         """Make the engine sample from the student's current weights (what ``source`` is depends on
         the engine: the student model in-process, a checkpoint path for SGLang)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: engines that hold nothing keep it
         """Release resources (connections, servers)."""
 
-    def __enter__(self) -> "RolloutEngine":
+    def __enter__(self) -> RolloutEngine:
         return self
 
     def __exit__(self, *exc) -> None:

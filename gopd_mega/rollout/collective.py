@@ -38,6 +38,6 @@ def run_on_rank0(fn, what: str):
                 outcome[0] = ("error", None, outcome[0][2])
             dist.broadcast_object_list(outcome, src=0)
     if outcome[0][0] == "error":
-        exc = outcome[0][1]
-        raise exc if exc is not None else SGLangError(outcome[0][2])
+        err = outcome[0][1]
+        raise err if err is not None else SGLangError(outcome[0][2])
     return outcome[0][1]

@@ -32,8 +32,8 @@ from typing import Any
 import torch.distributed as dist
 
 from gopd_mega.rollout.base import RolloutBatch
-from gopd_mega.rollout.sglang import SGLangError
 from gopd_mega.rollout.collective import global_rank, run_on_rank0
+from gopd_mega.rollout.sglang import SGLangError
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,10 @@ class RolloutCoordinator:
         self.engine = engine
         self.spmd = is_spmd(engine)
         if overlap and self.spmd:
-            raise ValueError("rollout.overlap needs a server engine (sglang): the embedded engine runs "
-                             "collectively on the training ranks and cannot sample while they train")
+            raise ValueError(
+                "rollout.overlap needs a server engine (sglang): the embedded engine runs "
+                "collectively on the training ranks and cannot sample while they train"
+            )
         self.weight_sync = weight_sync
         self.overlap = overlap
         self.colocate = colocate
@@ -75,7 +77,12 @@ class RolloutCoordinator:
     # ------------------------------------------------------------------ sampling
 
     def _sample(self, prompts: list[list[int]], ids: list[str], version: int, s: Sampling) -> RolloutBatch:
-        kwargs = dict(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens, seed=s.seed)
+        kwargs: dict[str, Any] = {
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "max_new_tokens": s.max_new_tokens,
+            "seed": s.seed,
+        }
         if self.spmd:
             batch = self.engine.generate(prompts, **kwargs)
             batch.sample_ids, batch.weight_versions = list(ids), [str(version)] * len(ids)
@@ -92,10 +99,12 @@ class RolloutCoordinator:
         if wrong:
             where = getattr(self.engine, "row_servers", {})
             servers = sorted({where.get(i, "?") for i, _ in wrong})
-            raise SGLangError(f"weight version mismatch: {len(wrong)} of {len(batch)} samples were drawn with weight "
-                              f"version {sorted({v for _, v in wrong})} instead of {str(version)!r} "
-                              f"(server(s) {', '.join(servers)}; e.g. sample {wrong[0][0]}): a weight refresh did not "
-                              f"take effect there")
+            raise SGLangError(
+                f"weight version mismatch: {len(wrong)} of {len(batch)} samples were drawn with weight "
+                f"version {sorted({v for _, v in wrong})} instead of {str(version)!r} "
+                f"(server(s) {', '.join(servers)}; e.g. sample {wrong[0][0]}): a weight refresh did not "
+                f"take effect there"
+            )
 
     def collect(self, step: int, prompts: list[list[int]], samples_per_prompt: int, sampling: Sampling) -> RolloutBatch:
         """COLLECTIVE. The global batch of ``step``: each prompt repeated ``samples_per_prompt``
@@ -154,8 +163,10 @@ class RolloutCoordinator:
         """COLLECTIVE. Colocated servers give their GPU memory (weights, KV cache) to training."""
         if self.colocate and not self.spmd:
             self._wait_prefetch()
-            run_on_rank0(lambda: self.engine.control_call("/release_memory_occupation", {"tags": ["kv_cache", "weights"]}),
-                         "release of the servers' GPU memory")
+            run_on_rank0(
+                lambda: self.engine.control_call("/release_memory_occupation", {"tags": ["kv_cache", "weights"]}),
+                "release of the servers' GPU memory",
+            )
 
     def refresh(self, student, version: int) -> None:
         """COLLECTIVE, once per step. The engine samples from ``student`` (weights of ``version``)
@@ -170,16 +181,22 @@ class RolloutCoordinator:
         if self.colocate:
             # every server, out ones too: a colocated server that is to rejoin needs its weights memory
             # back before its probe and sync
-            run_on_rank0(lambda: self.engine.control_call("/resume_memory_occupation", {"tags": ["weights"]},
-                                                          servers=self.engine.control),
-                         "resume of the servers' weights memory")
+            run_on_rank0(
+                lambda: self.engine.control_call(
+                    "/resume_memory_occupation", {"tags": ["weights"]}, servers=self.engine.control
+                ),
+                "resume of the servers' weights memory",
+            )
         if self.weight_sync is None:
             raise RuntimeError("a server engine needs a weight sync (rollout.weight_sync)")
         self.weight_sync.refresh(student, version)
         if self.colocate:
-            run_on_rank0(lambda: self.engine.control_call("/resume_memory_occupation", {"tags": ["kv_cache"]},
-                                                          servers=self.engine.control),
-                         "resume of the servers' KV cache")
+            run_on_rank0(
+                lambda: self.engine.control_call(
+                    "/resume_memory_occupation", {"tags": ["kv_cache"]}, servers=self.engine.control
+                ),
+                "resume of the servers' KV cache",
+            )
         self.version = version
 
     def shared_engine(self):

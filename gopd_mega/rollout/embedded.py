@@ -35,8 +35,7 @@ from typing import Any, Protocol
 
 import torch
 
-from gopd_mega.rollout.base import (FINISH_LENGTH, FINISH_STOP, RolloutBatch, RolloutEngine, check_prompts,
-                                    pack_rollouts)
+from gopd_mega.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutBatch, RolloutEngine, check_prompts, pack_rollouts
 from gopd_mega.rollout.kv_decode import CachedDecoder, supports_kv_cache
 
 
@@ -76,8 +75,9 @@ def sample_tokens(
 class EmbeddedEngine(RolloutEngine):
     """Samples in-process from ``model`` (see the module docstring for what the model offers)."""
 
-    def __init__(self, model: LogitsModel, *, pad_id: int, stop_ids: list[int], kv_cache: bool = True,
-                 fast_decode: bool = True):
+    def __init__(
+        self, model: LogitsModel, *, pad_id: int, stop_ids: list[int], kv_cache: bool = True, fast_decode: bool = True
+    ):
         self.model = model
         self.pad_id = pad_id
         self.stop_ids = list(stop_ids)
@@ -104,7 +104,7 @@ class EmbeddedEngine(RolloutEngine):
         lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
         tokens = torch.full((n, int(lengths.max()) + max_new_tokens), self.pad_id, dtype=torch.int64)
         for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = torch.as_tensor(p, dtype=torch.int64)
+            tokens[i, : len(p)] = torch.as_tensor(p, dtype=torch.int64)
         responses: list[list[int]] = [[] for _ in range(n)]
         logps: list[list[float]] = [[] for _ in range(n)]
         finish = [FINISH_LENGTH] * n
@@ -113,8 +113,9 @@ class EmbeddedEngine(RolloutEngine):
         generator = None
         cached = None
         if self.kv_cache and supports_kv_cache(self.model):
-            cached = CachedDecoder(self.model, tokens[:, :int(lengths.max())], lengths, max_new_tokens,
-                                   fast=self.fast_decode)
+            cached = CachedDecoder(
+                self.model, tokens[:, : int(lengths.max())], lengths, max_new_tokens, fast=self.fast_decode
+            )
         with cached if cached is not None else contextlib.nullcontext():
             for step in range(max_new_tokens):
                 if not active:
@@ -122,15 +123,16 @@ class EmbeddedEngine(RolloutEngine):
                 rows = torch.tensor(active, dtype=torch.int64)
                 lens = lengths[rows]
                 if cached is None:
-                    logits = self.model.next_token_logits(tokens[rows, :int(lens.max())], lens)
+                    logits = self.model.next_token_logits(tokens[rows, : int(lens.max())], lens)
                 elif step == 0:
                     logits = cached.prefill()
                 else:  # feed each active row its newest token
                     logits = cached.step(rows, tokens[rows, lens - 1])
                 if generator is None:  # on the logits' device, so sampling never leaves it
                     generator = torch.Generator(device=logits.device).manual_seed(seed)
-                new, lp = sample_tokens(logits, temperature=temperature, top_p=top_p, greedy=greedy,
-                                        generator=generator)
+                new, lp = sample_tokens(
+                    logits, temperature=temperature, top_p=top_p, greedy=greedy, generator=generator
+                )
                 new, lp = new.cpu(), lp.cpu()
                 tokens[rows, lens] = new
                 lengths[rows] = lens + 1
@@ -151,4 +153,4 @@ class EmbeddedEngine(RolloutEngine):
         from the student object itself (``source`` is None or the model)."""
         if source is None or source is self.model:
             return
-        self.model.copy_weights_from(source)
+        self.model.copy_weights_from(source)  # type: ignore[attr-defined]  # the student models have it

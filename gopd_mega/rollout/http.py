@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import json
 import os
 import threading
-from typing import Any, Awaitable
+from collections.abc import Coroutine
+from typing import Any
 
 import aiohttp
 
@@ -58,14 +60,17 @@ class HttpPool:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="sglang-http")
         self.thread.start()
+
         async def make() -> aiohttp.ClientSession:
             connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, keepalive_timeout=60.0)
             # No session timeout: request() bounds each whole request itself.
-            return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None), trust_env=False)
+            return aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=None), trust_env=False
+            )
 
         self.client = self.run(make())
 
-    def run(self, coro: Awaitable, timeout: float | None = None) -> Any:
+    def run(self, coro: Coroutine, timeout: float | None = None) -> Any:
         """Run ``coro`` on the pool's loop from another thread and return its result."""
         if threading.current_thread() is self.thread:
             raise RuntimeError("HttpPool.run called from its own event loop thread")
@@ -73,6 +78,7 @@ class HttpPool:
 
     def gather(self, coros, return_exceptions: bool = False) -> list:
         """Run the coroutines concurrently on the loop; their results in order (blocking)."""
+
         async def run_all():
             return await asyncio.gather(*coros, return_exceptions=return_exceptions)
 
@@ -87,10 +93,12 @@ class HttpPool:
 
         try:
             status, content = await asyncio.wait_for(send(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ServerUnreachable(f"SGLang {url}: no answer within {timeout:g} s (timed out)") from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise ServerUnreachable(f"cannot reach SGLang at {url}: {type(exc).__name__}: {exc or 'no answer'}") from None
+            raise ServerUnreachable(
+                f"cannot reach SGLang at {url}: {type(exc).__name__}: {exc or 'no answer'}"
+            ) from None
         if status >= 400:
             detail = content.decode(errors="replace")[:1000]
             raise SGLangError(f"SGLang {url} returned HTTP {status}: {detail}")
@@ -104,10 +112,8 @@ class HttpPool:
         """Close the connections and stop the loop (at exit)."""
         if self.pid != os.getpid() or not self.loop.is_running():
             return
-        try:
+        with contextlib.suppress(Exception):  # best effort at interpreter exit
             self.run(self.client.close(), timeout=10)
-        except Exception:  # noqa: BLE001 - best effort at interpreter exit
-            pass
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 

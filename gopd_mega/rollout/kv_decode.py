@@ -45,15 +45,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from gopd_mega.platform import device
 from gopd_mega.model.inference import stage_of
+from gopd_mega.platform import device
 
 
 def _core_attention_is_local(model) -> bool:
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    return all(isinstance(layer.self_attention.core_attention, DotProductAttention)
-               for layer in model.decoder.layers)
+    return all(isinstance(layer.self_attention.core_attention, DotProductAttention) for layer in model.decoder.layers)
 
 
 def supports_kv_cache(model) -> bool:
@@ -69,8 +68,9 @@ class _Bucket:
     """Rows decoded together with one KV cache (left-padded to a common length): megatron's
     StaticInferenceContext, or with the fast path (``stage``) one preallocated tensor."""
 
-    def __init__(self, sharded, rows: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
-                 max_new_tokens: int, stage=None):
+    def __init__(
+        self, sharded, rows: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int, stage=None
+    ):
         from megatron.core.inference.contexts import StaticInferenceContext
 
         self.rows = rows  # global row ids, in order
@@ -79,7 +79,7 @@ class _Bucket:
         self.pad = (L - lengths).to(device())  # [n] pad slots in front of each row
         left = torch.zeros((n, L), dtype=torch.int64)
         for i in range(n):
-            left[i, L - int(lengths[i]):] = tokens[i, :int(lengths[i])]
+            left[i, L - int(lengths[i]) :] = tokens[i, : int(lengths[i])]
         self.prompt = left
         # The token sampled at the last step is never fed back: L + max_new - 1 slots suffice.
         self.slots = L + max(1, max_new_tokens - 1)
@@ -95,7 +95,8 @@ class _Bucket:
             slots, heads = self.ctx.max_sequence_length, attn.num_query_groups_per_partition
             self.ctx.key_value_memory_dict[attn.layer_number] = (
                 torch.zeros((slots, n, heads, attn.key_hidden_size), dtype=dtype, device=device()),
-                torch.zeros((slots, n, heads, attn.val_hidden_size), dtype=dtype, device=device()))
+                torch.zeros((slots, n, heads, attn.val_hidden_size), dtype=dtype, device=device()),
+            )
 
     @property
     def offset(self) -> int:
@@ -123,8 +124,8 @@ class _Bucket:
         if self.cache is not None:
             self.cache = self.cache.index_select(2, idx_dev)
             return
-        for k, (key, value) in list(self.ctx.key_value_memory_dict.items()):
-            self.ctx.key_value_memory_dict[k] = (key.index_select(1, idx_dev), value.index_select(1, idx_dev))
+        for k, (key, value) in list(self.ctx.key_value_memory_dict.items()):  # type: ignore[union-attr]  # set by start()
+            self.ctx.key_value_memory_dict[k] = (key.index_select(1, idx_dev), value.index_select(1, idx_dev))  # type: ignore[union-attr]  # set by start()
 
     def mask(self, sq: int, causal: bool = False) -> torch.Tensor | None:
         """Boolean [n, 1, sq, sk] (True = masked) for ``sq`` new slots after the current offset;
@@ -154,8 +155,15 @@ class CachedDecoder:
     docstring.
     """
 
-    def __init__(self, sharded, tokens: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int,
-                 bucketed: bool | None = None, fast: bool = True):
+    def __init__(
+        self,
+        sharded,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        max_new_tokens: int,
+        bucketed: bool | None = None,
+        fast: bool = True,
+    ):
         """``tokens`` [N, S] right-padded prompts with ``lengths`` [N]; ``bucketed``: one bucket
         per prompt length (no pad slots) instead of one left-padded batch; None = only when the
         core attention ignores explicit masks (Transformer Engine). ``fast``: decode with
@@ -165,8 +173,10 @@ class CachedDecoder:
             raise TypeError(f"CachedDecoder needs a ShardedGPT (megatron GPTModel), got {type(sharded).__name__}")
         N = tokens.shape[0]
         if tokens.dim() != 2 or lengths.shape != (N,) or N == 0:
-            raise ValueError(f"CachedDecoder: tokens must be [N, S] and lengths [N], got {tuple(tokens.shape)} "
-                             f"and {tuple(lengths.shape)}")
+            raise ValueError(
+                f"CachedDecoder: tokens must be [N, S] and lengths [N], got {tuple(tokens.shape)} "
+                f"and {tuple(lengths.shape)}"
+            )
         if int(lengths.min()) < 1 or int(lengths.max()) > tokens.shape[1]:
             raise ValueError(f"CachedDecoder: prompt lengths must be in [1, {tokens.shape[1]}], got {lengths.tolist()}")
         if max_new_tokens < 1:
@@ -177,8 +187,9 @@ class CachedDecoder:
         parts = torch.tensor_split(torch.arange(N), self.groups.dp)
         self.dp_rows = list(parts)  # every DP rank's fixed share of the rows
         mine = parts[self.groups.dp_rank]
-        self.stage, self.fast_path_off = (stage_of(sharded.model, sharded.tconfig, sharded.groups) if fast
-                                          else (None, "fast=False"))
+        self.stage, self.fast_path_off = (
+            stage_of(sharded.model, sharded.tconfig, sharded.groups) if fast else (None, "fast=False")
+        )
         if self.stage is not None:
             bucketed = bool(bucketed)  # the fast path honours the mask: one bucket unless asked
         elif bucketed is None:
@@ -195,7 +206,7 @@ class CachedDecoder:
         self.active = torch.arange(N)
         self.started = False
 
-    def __enter__(self) -> "CachedDecoder":
+    def __enter__(self) -> CachedDecoder:
         self._was_training = self.sharded.model.training
         self.sharded.model.eval()
         return self
@@ -225,13 +236,12 @@ class CachedDecoder:
             return logits
         ctx = bucket.ctx
         mask = bucket.mask(sq)
-        start = ctx.sequence_len_offset
+        start = ctx.sequence_len_offset  # type: ignore[union-attr]  # set by start()
         positions = torch.arange(start, start + sq, device=dev).unsqueeze(0).expand(n, sq)
         model = self.sharded.model
         if g.pp == 1:
-            hidden = model(input_ids=tokens.to(dev), position_ids=positions, attention_mask=mask,
-                           inference_context=ctx)
-            logits = self._logits(hidden[-1], weight)
+            hidden = model(input_ids=tokens.to(dev), position_ids=positions, attention_mask=mask, inference_context=ctx)
+            logits = self._logits(hidden[-1], weight)  # type: ignore[arg-type]  # set by start()
         else:
             out: dict = {}
 
@@ -247,9 +257,17 @@ class CachedDecoder:
             from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
             fb = get_forward_backward_func(pp_size=g.pp, vp_size=None)
-            fb(forward_step_func=forward_step, data_iterator=iter([None]), model=[model], num_microbatches=1,
-               seq_length=sq, micro_batch_size=n, forward_only=True, pg_collection=g.pg,
-               p2p_communicator=P2PCommunicator(pp_group=g.pg.pp, config=self.sharded.tconfig))
+            fb(
+                forward_step_func=forward_step,
+                data_iterator=iter([None]),
+                model=[model],
+                num_microbatches=1,
+                seq_length=sq,
+                micro_batch_size=n,
+                forward_only=True,
+                pg_collection=g.pg,
+                p2p_communicator=P2PCommunicator(pp_group=g.pg.pp, config=self.sharded.tconfig),
+            )
             logits = out["logits"] if g.is_last_stage else torch.zeros(n, self.vocab, device=dev)
             dist.broadcast(logits, src=g.last_stage_global_rank, group=g.pg.pp)
         bucket.advance(sq)
@@ -262,9 +280,15 @@ class CachedDecoder:
         start = bucket.offset
         mask = bucket.mask(sq, causal=True)
         with torch.inference_mode():
-            last = self.stage.forward(tokens, bucket.cache, start, self.cos[start:start + sq], self.sin[start:start + sq],
-                                      None if mask is None else ~mask)
-            logits = self._logits(last, weight) if g.is_last_stage else torch.zeros(n, self.vocab, device=tokens.device)
+            last = self.stage.forward(  # type: ignore[union-attr]  # set by start()
+                tokens,
+                bucket.cache,  # type: ignore[arg-type]  # set by start()
+                start,
+                self.cos[start : start + sq],
+                self.sin[start : start + sq],
+                None if mask is None else ~mask,
+            )
+            logits = self._logits(last, weight) if g.is_last_stage else torch.zeros(n, self.vocab, device=tokens.device)  # type: ignore[arg-type]  # set by start()
         logits = logits.clone()  # a normal tensor again (inference tensors cannot enter autograd later)
         if g.pp > 1:
             dist.broadcast(logits, src=g.last_stage_global_rank, group=g.pg.pp)
@@ -277,7 +301,7 @@ class CachedDecoder:
             parts = [torch.empty_like(z) for _ in range(self.groups.tp)]
             dist.all_gather(parts, z.contiguous(), group=self.groups.pg.tp)
             z = torch.cat(parts, dim=1)
-        return z[:, :self.vocab].contiguous()
+        return z[:, : self.vocab].contiguous()
 
     # ---------------------------------------------------------------- rows and DP
 
@@ -323,8 +347,10 @@ class CachedDecoder:
         active = torch.as_tensor(active, dtype=torch.int64)
         new = torch.as_tensor(new, dtype=torch.int64)
         if active.shape != new.shape or not bool(torch.isin(active, self.active).all()):
-            raise ValueError(f"CachedDecoder.step: active {active.tolist()} must be a subset of the rows still "
-                             f"decoding with one new token each (got {new.numel()} tokens)")
+            raise ValueError(
+                f"CachedDecoder.step: active {active.tolist()} must be a subset of the rows still "
+                f"decoding with one new token each (got {new.numel()} tokens)"
+            )
         self.active = active
         for b in self.buckets:
             b.keep(active)

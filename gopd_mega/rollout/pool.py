@@ -29,14 +29,16 @@ current version (gopd_mega.rollout.weight_sync), then :meth:`readmit`; a server 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
-from typing import Any, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import torch
 
 from gopd_mega.rollout.base import RolloutBatch, RolloutEngine, check_prompts, pack_rollouts
-from gopd_mega.rollout.http import SGLangError, ServerUnreachable, shared_http
+from gopd_mega.rollout.http import ServerUnreachable, SGLangError, shared_http
 from gopd_mega.rollout.sglang import SGLangServer, require_unit_temperature
 
 logger = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ def as_url_list(urls: str | Sequence[str] | None) -> list[str]:
     if urls is None:
         return []
     if isinstance(urls, str):
-        urls = [u for u in urls.split(",")]
+        urls = list(urls.split(","))
     return [u.strip().rstrip("/") for u in urls if u and u.strip()]
 
 
@@ -65,10 +67,21 @@ class SGLangPool(RolloutEngine):
 
     spmd = False
 
-    def __init__(self, urls: str | Sequence[str], *, pad_id: int, stop_ids: Sequence[int], timeout: float = 60.0,
-                 timeout_per_token: float = 0.1, chunk_size: int = 64, send_seed: bool = False,
-                 control_urls: str | Sequence[str] | None = None, max_inflight: int = 256, version: str | None = None,
-                 probe_timeout: float = 30.0):
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        pad_id: int,
+        stop_ids: Sequence[int],
+        timeout: float = 60.0,
+        timeout_per_token: float = 0.1,
+        chunk_size: int = 64,
+        send_seed: bool = False,
+        control_urls: str | Sequence[str] | None = None,
+        max_inflight: int = 256,
+        version: str | None = None,
+        probe_timeout: float = 30.0,
+    ):
         urls = as_url_list(urls)
         control = as_url_list(control_urls)
         if not urls:
@@ -85,8 +98,16 @@ class SGLangPool(RolloutEngine):
         self.probe_timeout = probe_timeout
 
         def server(url: str, batched: bool, inflight: int) -> SGLangServer:
-            return SGLangServer(url, stop_ids=stop_ids, timeout=timeout, timeout_per_token=timeout_per_token,
-                                send_seed=send_seed, batched=batched, max_inflight=inflight, version=version)
+            return SGLangServer(
+                url,
+                stop_ids=stop_ids,
+                timeout=timeout,
+                timeout_per_token=timeout_per_token,
+                send_seed=send_seed,
+                batched=batched,
+                max_inflight=inflight,
+                version=version,
+            )
 
         self.servers = [server(u, not self.routed, max_inflight * max(1, len(control))) for u in urls]
         self.control = [server(u, True, max_inflight) for u in control] if control else self.servers
@@ -107,7 +128,7 @@ class SGLangPool(RolloutEngine):
 
     def everyone(self) -> list[SGLangServer]:
         """Generation and control servers, each once."""
-        seen = {}
+        seen: dict[str, SGLangServer] = {}
         for s in self.servers + self.control:
             seen.setdefault(s.url, s)
         return list(seen.values())
@@ -132,8 +153,11 @@ class SGLangPool(RolloutEngine):
         if server.url in self.out:
             return
         self.out[server.url] = why
-        logger.warning("SGLang server %s is out of the pool until it answers a /generate probe and syncs "
-                       "the current weights: %s", server.url, why)
+        logger.warning(
+            "SGLang server %s is out of the pool until it answers a /generate probe and syncs the current weights: %s",
+            server.url,
+            why,
+        )
         if self.routed and server in self.control:
             await asyncio.gather(*[self._router_remove(r, server.url) for r in self.live()])
 
@@ -177,7 +201,9 @@ class SGLangPool(RolloutEngine):
                 await s.aprobe(self.probe_timeout)
                 return True
             except SGLangError as exc:
-                self.out[s.url] = f"{self.out[s.url]} (probe: {exc})" if "(probe:" not in self.out[s.url] else self.out[s.url]
+                self.out[s.url] = (
+                    f"{self.out[s.url]} (probe: {exc})" if "(probe:" not in self.out[s.url] else self.out[s.url]
+                )
                 return False
 
         passed = await asyncio.gather(*[ok(s) for s in out])
@@ -210,16 +236,23 @@ class SGLangPool(RolloutEngine):
         ok = shared_http().gather([health(s) for s in everyone])
         dead = [s.url for s, alive in zip(everyone, ok) if not alive]
         if dead:
-            raise SGLangError(f"SGLang server(s) not answering /health: {', '.join(dead)} "
-                              f"(of {', '.join(s.url for s in everyone)}); start them or remove them from rollout.sglang_url")
+            raise SGLangError(
+                f"SGLang server(s) not answering /health: {', '.join(dead)} "
+                f"(of {', '.join(s.url for s in everyone)}); start them or remove them from rollout.sglang_url"
+            )
         if protocol:
             for s in self.control:
                 s.protocol()
 
     # ------------------------------------------------------------------ dispatch
 
-    def dispatch(self, n: int, job: Callable[[SGLangServer, list[int]], Awaitable[list[Any]]], what: str,
-                 abort: Callable[[SGLangServer, list[int]], Awaitable[None]] | None = None) -> list[Any]:
+    def dispatch(
+        self,
+        n: int,
+        job: Callable[[SGLangServer, list[int]], Awaitable[list[Any]]],
+        what: str,
+        abort: Callable[[SGLangServer, list[int]], Awaitable[None]] | None = None,
+    ) -> list[Any]:
         """Run ``await job(server, rows) -> one result per row`` over units of range(n) on the live
         servers (see the module docstring); results in row order."""
         return shared_http().run(self._dispatch(n, job, what, abort))
@@ -324,7 +357,9 @@ class SGLangPool(RolloutEngine):
             except SGLangError as exc:
                 return str(exc)
             if got is not None and got != expect:
-                return f"reports weight version {got!r} instead of {expect!r}: a weight refresh did not take effect there"
+                return (
+                    f"reports weight version {got!r} instead of {expect!r}: a weight refresh did not take effect there"
+                )
             return None
 
         verdicts = await asyncio.gather(*[check(w) for w in workers])
@@ -337,16 +372,23 @@ class SGLangPool(RolloutEngine):
 
     @staticmethod
     async def _quietly(coro) -> None:
-        try:
+        with contextlib.suppress(Exception):  # best effort on a failing server
             await coro
-        except Exception:  # noqa: BLE001 - best effort on a failing server
-            pass
 
     # ------------------------------------------------------------------ engine API
 
-    def generate(self, prompts: list[list[int]], *, temperature: float, top_p: float = 1.0, max_new_tokens: int,
-                 greedy: bool = False, seed: int = 0, sample_ids: list[str] | None = None,
-                 expect_version: str | None = None) -> RolloutBatch:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        temperature: float,
+        top_p: float = 1.0,
+        max_new_tokens: int,
+        greedy: bool = False,
+        seed: int = 0,
+        sample_ids: list[str] | None = None,
+        expect_version: str | None = None,
+    ) -> RolloutBatch:
         """One response per prompt; ``sample_ids`` (unique) become the requests' rid. With
         ``expect_version``, a server that reports another weight version fails (and is taken out)."""
         check_prompts(prompts)
@@ -356,20 +398,32 @@ class SGLangPool(RolloutEngine):
             raise ValueError(f"generate: need {n} unique sample ids, got {len(ids)} ({len(set(ids))} unique)")
 
         async def job(server: SGLangServer, rows: list[int]):
-            samples = await server.agenerate([prompts[r] for r in rows], temperature=temperature, top_p=top_p,
-                                             max_new_tokens=max_new_tokens, greedy=greedy,
-                                             seeds=[seed + r for r in rows], rids=[ids[r] for r in rows])
-            wrong = [(ids[r], s.weight_version) for r, s in zip(rows, samples)
-                     if expect_version is not None and s.weight_version not in (expect_version, "")]
+            samples = await server.agenerate(
+                [prompts[r] for r in rows],
+                temperature=temperature,
+                top_p=top_p,
+                max_new_tokens=max_new_tokens,
+                greedy=greedy,
+                seeds=[seed + r for r in rows],
+                rids=[ids[r] for r in rows],
+            )
+            wrong = [
+                (ids[r], s.weight_version)
+                for r, s in zip(rows, samples)
+                if expect_version is not None and s.weight_version not in (expect_version, "")
+            ]
             if wrong:
-                raise SGLangError(f"weight version mismatch: SGLang {server.url} drew {len(wrong)} sample(s) with weight "
-                                  f"version {sorted({v for _, v in wrong})} instead of {expect_version!r} (e.g. sample "
-                                  f"{wrong[0][0]}): a weight refresh did not take effect there")
+                raise SGLangError(
+                    f"weight version mismatch: SGLang {server.url} drew {len(wrong)} sample(s) with weight "
+                    f"version {sorted({v for _, v in wrong})} instead of {expect_version!r} (e.g. sample "
+                    f"{wrong[0][0]}): a weight refresh did not take effect there"
+                )
             return samples
 
         async def abort(server: SGLangServer, rows: list[int]) -> None:
-            await asyncio.gather(*[server.acall("/abort_request", {"rid": ids[r]}, timeout=5.0) for r in rows],
-                                 return_exceptions=True)
+            await asyncio.gather(
+                *[server.acall("/abort_request", {"rid": ids[r]}, timeout=5.0) for r in rows], return_exceptions=True
+            )
 
         self._expect_version = expect_version
         try:
@@ -377,8 +431,15 @@ class SGLangPool(RolloutEngine):
         finally:
             self._expect_version = None
         self.row_servers = dict(zip(ids, self.last_rows))
-        return pack_rollouts(prompts, [s.ids for s in samples], [s.logps for s in samples], [s.finish for s in samples],
-                             self.pad_id, ids, [s.weight_version for s in samples])
+        return pack_rollouts(
+            prompts,
+            [s.ids for s in samples],
+            [s.logps for s in samples],
+            [s.finish for s in samples],
+            self.pad_id,
+            ids,
+            [s.weight_version for s in samples],
+        )
 
     def score(self, sequences: list[list[int]], *, temperature: float = 1.0) -> list[torch.Tensor]:
         """Prefill-only log-probs of each sequence (SGLangServer.ascore), spread over the servers;
@@ -386,16 +447,22 @@ class SGLangPool(RolloutEngine):
         require_unit_temperature(temperature, f"scoring on SGLang {', '.join(self.urls)}")
         return self.dispatch(len(sequences), lambda s, rows: s.ascore([sequences[r] for r in rows]), "scoring")
 
-    async def acontrol_call(self, path: str, payload: dict | None = None, timeout: float | None = None,
-                            servers: Sequence[SGLangServer] | None = None) -> dict[str, dict]:
+    async def acontrol_call(
+        self,
+        path: str,
+        payload: dict | None = None,
+        timeout: float | None = None,
+        servers: Sequence[SGLangServer] | None = None,
+    ) -> dict[str, dict]:
         """POST a control request to ``servers`` (default: the live control servers) concurrently.
         A server that fails is taken out; raises only when none succeeds. {url: answer} of those
         that did."""
         targets = list(self.live_control() if servers is None else servers)
         if not targets:
             raise self._why_none(path)
-        answers = await asyncio.gather(*[s.apost_checked(path, payload, timeout) for s in targets],
-                                       return_exceptions=True)
+        answers = await asyncio.gather(
+            *[s.apost_checked(path, payload, timeout) for s in targets], return_exceptions=True
+        )
         ok = {}
         for s, a in zip(targets, answers):
             if isinstance(a, BaseException):
@@ -403,12 +470,19 @@ class SGLangPool(RolloutEngine):
             else:
                 ok[s.url] = a
         if not ok:
-            raise SGLangError(f"{path} failed on every SGLang server: " +
-                              "; ".join(f"{s.url}: {self.out.get(s.url, '?')}" for s in targets))
+            raise SGLangError(
+                f"{path} failed on every SGLang server: "
+                + "; ".join(f"{s.url}: {self.out.get(s.url, '?')}" for s in targets)
+            )
         return ok
 
-    def control_call(self, path: str, payload: dict | None = None, timeout: float | None = None,
-                     servers: Sequence[SGLangServer] | None = None) -> dict[str, dict]:
+    def control_call(
+        self,
+        path: str,
+        payload: dict | None = None,
+        timeout: float | None = None,
+        servers: Sequence[SGLangServer] | None = None,
+    ) -> dict[str, dict]:
         return shared_http().run(self.acontrol_call(path, payload, timeout, servers))
 
     def update_weights(self, source: Any = None) -> None:

@@ -52,7 +52,9 @@ def protocol_for(version: str, url: str) -> Protocol:
     """The protocol of a server at ``url`` that reports ``version`` (see the module docstring)."""
     v = parse_version(version)
     if v is None or not OLDEST <= v <= NEWEST:
-        raise SGLangError(f"SGLang {url} reports version {version!r}, whose protocol this client does not know "
-                          f"(supported: {SUPPORTED}); upgrade or downgrade that server, or set rollout.sglang_version "
-                          f"to the supported release whose protocol it speaks")
+        raise SGLangError(
+            f"SGLang {url} reports version {version!r}, whose protocol this client does not know "
+            f"(supported: {SUPPORTED}); upgrade or downgrade that server, or set rollout.sglang_version "
+            f"to the supported release whose protocol it speaks"
+        )
     return Protocol(version=str(version), weight_update_session=v >= SESSION_FROM)

@@ -5,8 +5,9 @@
 
 Scoring is prefill-only (/generate with max_new_tokens 0, return_logprob, logprob_start_len 0;
 meta_info.input_token_logprobs, entry 0 null); with top_logprobs_num k also the server's top-k per
-position (meta_info.input_top_logprobs: :meth:`ServerScorer.top_k_logprobs`, the top-k estimator). Global rank 0 sends the requests and broadcasts
-the result. Shapes as gopd_mega.models.ShardedGPT.logprobs: tokens [N, S] int64 right-padded,
+position (meta_info.input_top_logprobs: :meth:`ServerScorer.top_k_logprobs`, the top-k estimator).
+Global rank 0 sends the requests and broadcasts the result.
+Shapes as gopd_mega.models.ShardedGPT.logprobs: tokens [N, S] int64 right-padded,
 loss_mask [N, S] bool -> fp32 [N, S], entry [i, j] = log p(tokens[i, j] | tokens[i, :j]) at
 temperature T where loss_mask[i, j], 0 elsewhere. Row i is sent up to its last masked position.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import torch
 
@@ -54,9 +56,9 @@ class ServerScorer:
         out = torch.zeros(tokens.shape, dtype=torch.float32)
         lengths = [int(m.nonzero().max()) + 1 if m.any() else 0 for m in loss_mask]
         rows = [i for i, n in enumerate(lengths) if n > 1]
-        scores = self.pool.score([tokens[i, :lengths[i]].tolist() for i in rows], temperature=temperature)
+        scores = self.pool.score([tokens[i, : lengths[i]].tolist() for i in rows], temperature=temperature)
         for i, s in zip(rows, scores):
-            out[i, :lengths[i]] = s
+            out[i, : lengths[i]] = s
         return out * loss_mask.to(torch.float32)
 
     def logprobs(self, tokens: torch.Tensor, loss_mask: torch.Tensor, temperature: float = 1.0, **_) -> torch.Tensor:
@@ -70,19 +72,20 @@ class ServerScorer:
         ids, logp, target = torch.full((N, S, k), -1, dtype=torch.long), torch.zeros(N, S, k), torch.zeros(N, S)
         lengths = [int(m.nonzero().max()) + 1 if m.any() else 0 for m in loss_mask]
         rows = [i for i, n in enumerate(lengths) if n > 1]
-        seqs = [tokens[i, :lengths[i]].tolist() for i in rows]
+        seqs = [tokens[i, : lengths[i]].tolist() for i in rows]
 
         async def job(server, chunk: list[int]):
             sub = [seqs[r] for r in chunk]
             if server.batched:
                 outputs = await server.acall("/generate", top_k_request(sub, k, batched=True))
             else:  # a router: one request per sequence
-                outputs = await asyncio.gather(*[server.acall("/generate", top_k_request([q], k, batched=False))
-                                                 for q in sub])
+                outputs = await asyncio.gather(
+                    *[server.acall("/generate", top_k_request([q], k, batched=False)) for q in sub]
+                )
             return parse_top_k(outputs, sub, k, server.url)
 
         for i, (t_ids, t_lp, t_tgt) in zip(rows, self.pool.dispatch(len(seqs), job, "top-k scoring")):
-            ids[i, :lengths[i]], logp[i, :lengths[i]], target[i, :lengths[i]] = t_ids, t_lp, t_tgt
+            ids[i, : lengths[i]], logp[i, : lengths[i]], target[i, : lengths[i]] = t_ids, t_lp, t_tgt
         scored = loss_mask.clone()
         scored[:, 0] = False
         ids[~scored] = -1
@@ -149,17 +152,28 @@ def scoring_gap(server_logp: torch.Tensor, trainer_logp: torch.Tensor, loss_mask
     return float(diff.mean()), float(diff.max())
 
 
-def check_server_scoring(name: str, server_logp: torch.Tensor, trainer_logp: torch.Tensor, loss_mask: torch.Tensor,
-                         *, temperature: float, tolerance: float, action: str, urls=()) -> float:
+def check_server_scoring(
+    name: str,
+    server_logp: torch.Tensor,
+    trainer_logp: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    temperature: float,
+    tolerance: float,
+    action: str,
+    urls=(),
+) -> float:
     """Compare (see the module docstring); 'refuse' raises ServerScoringMismatch, 'warn' logs.
     Returns the mean gap."""
     mean, worst = scoring_gap(server_logp, trainer_logp, loss_mask)
     tokens = int(loss_mask.sum())
-    message = (f"{name} served by SGLang ({', '.join(urls)}) scores differently from the trainer at temperature "
-               f"{temperature}: mean |server - trainer| = {mean:.4f} nats per token (max {worst:.4f}) over {tokens} "
-               f"tokens, tolerance {tolerance} (rollout.server_check_tolerance); check the server's weights, dtype, "
-               f"and that it was not started with SGLANG_RETURN_ORIGINAL_LOGPROB=1 (which reports temperature-1 "
-               f"log-probs)")
+    message = (
+        f"{name} served by SGLang ({', '.join(urls)}) scores differently from the trainer at temperature "
+        f"{temperature}: mean |server - trainer| = {mean:.4f} nats per token (max {worst:.4f}) over {tokens} "
+        f"tokens, tolerance {tolerance} (rollout.server_check_tolerance); check the server's weights, dtype, "
+        f"and that it was not started with SGLANG_RETURN_ORIGINAL_LOGPROB=1 (which reports temperature-1 "
+        f"log-probs)"
+    )
     if mean > tolerance:
         if action == "refuse":
             raise ServerScoringMismatch(message + " (set rollout.server_check=warn to run anyway)")
@@ -180,7 +194,9 @@ def startup_checks(cfg, models, rollout, data, *, fresh: bool) -> dict[str, floa
     from gopd_mega.rollout.coordinator import Sampling
 
     r = cfg.rollout
-    pairs = []  # (name, ServerScorer or None for the sampler's own log-probs, local model)
+    pairs: list[
+        tuple[str, ServerScorer | None, Any]
+    ] = []  # (name, ServerScorer or None for the sampler's own log-probs, local model)
     if not rollout.spmd:
         pairs.append(("rollout server (student)", None, models.student))
     for name, model in models.teachers.items():
@@ -197,10 +213,19 @@ def startup_checks(cfg, models, rollout, data, *, fresh: bool) -> dict[str, floa
     batch = rollout.collect(-1, [p.ids for p in prompts], 1, Sampling(r.temperature, r.top_p, r.max_new_tokens, seed=0))
     gaps = {}
     for name, scorer, local in pairs:
-        server_logp = batch.sampler_logp if scorer is None else scorer.logprobs(batch.tokens, batch.loss_mask, r.temperature)
+        server_logp = (
+            batch.sampler_logp if scorer is None else scorer.logprobs(batch.tokens, batch.loss_mask, r.temperature)
+        )
         trainer_logp = local.logprobs(batch.tokens, batch.loss_mask, r.temperature)
         pool = rollout.engine if scorer is None else scorer.pool
-        gaps[name] = check_server_scoring(name, server_logp, trainer_logp, batch.loss_mask, temperature=r.temperature,
-                                          tolerance=r.server_check_tolerance, action=r.server_check,
-                                          urls=getattr(pool, "urls", []))
+        gaps[name] = check_server_scoring(
+            name,
+            server_logp,
+            trainer_logp,
+            batch.loss_mask,
+            temperature=r.temperature,
+            tolerance=r.server_check_tolerance,
+            action=r.server_check,
+            urls=getattr(pool, "urls", []),
+        )
     return gaps

@@ -46,18 +46,27 @@ elsewhere with the same rid); any other request after ``timeout`` seconds.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from gopd_mega.rollout.base import (FINISH_LENGTH, FINISH_STOP, RolloutBatch, RolloutEngine, check_prompts,
-                                    pack_rollouts)
-from gopd_mega.rollout.http import SGLangError, ServerUnreachable, http_call, shared_http
+from gopd_mega.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutBatch, RolloutEngine, check_prompts, pack_rollouts
+from gopd_mega.rollout.http import ServerUnreachable, SGLangError, http_call, shared_http
 from gopd_mega.rollout.protocol import Protocol, protocol_for
 
-__all__ = ["SGLangError", "ServerUnreachable", "SGLangServer", "SGLangEngine", "Sample", "http_call",
-           "sampling_params", "generate_body", "score_body"]
+__all__ = [
+    "SGLangEngine",
+    "SGLangError",
+    "SGLangServer",
+    "Sample",
+    "ServerUnreachable",
+    "generate_body",
+    "http_call",
+    "sampling_params",
+    "score_body",
+]
 
 
 @dataclass
@@ -70,11 +79,23 @@ class Sample:
     weight_version: str
 
 
-def sampling_params(*, temperature: float, top_p: float, max_new_tokens: int, stop_ids: Sequence[int],
-                    greedy: bool = False, seed: int | None = None) -> dict:
+def sampling_params(
+    *,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    greedy: bool = False,
+    seed: int | None = None,
+) -> dict:
     """SGLang's sampling_params object for one sample."""
-    params = {"temperature": 0.0 if greedy else float(temperature), "top_p": float(top_p),
-              "max_new_tokens": int(max_new_tokens), "stop_token_ids": [int(s) for s in stop_ids], "no_stop_trim": True}
+    params = {
+        "temperature": 0.0 if greedy else float(temperature),
+        "top_p": float(top_p),
+        "max_new_tokens": int(max_new_tokens),
+        "stop_token_ids": [int(s) for s in stop_ids],
+        "no_stop_trim": True,
+    }
     if seed is not None:
         params["sampling_seed"] = int(seed)
     return params
@@ -93,8 +114,11 @@ def generate_body(prompts: list[list[int]], params: list[dict], rids: list[str] 
             body["rid"] = str(rids[0])
         return body
     shared = all(p == params[0] for p in params)
-    body = {"input_ids": [[int(t) for t in p] for p in prompts], "sampling_params": params[0] if shared else list(params),
-            "return_logprob": True}
+    body = {
+        "input_ids": [[int(t) for t in p] for p in prompts],
+        "sampling_params": params[0] if shared else list(params),
+        "return_logprob": True,
+    }
     if rids is not None:
         body["rid"] = [str(r) for r in rids]
     return body
@@ -106,8 +130,12 @@ def score_body(sequences: list[list[int]], *, batched: bool) -> dict:
     ids = [[int(t) for t in s] for s in sequences]
     if not batched and len(ids) != 1:
         raise ValueError(f"an unbatched scoring body holds one sequence, got {len(ids)}")
-    return {"input_ids": ids if batched else ids[0], "sampling_params": {"max_new_tokens": 0},
-            "return_logprob": True, "logprob_start_len": 0}
+    return {
+        "input_ids": ids if batched else ids[0],
+        "sampling_params": {"max_new_tokens": 0},
+        "return_logprob": True,
+        "logprob_start_len": 0,
+    }
 
 
 class SGLangServer:
@@ -118,8 +146,18 @@ class SGLangServer:
     ``max_inflight``: the most rows this client has in flight on it at once (pool.SGLangPool).
     ``version``: the SGLang release whose protocol it speaks; None asks it (/get_server_info)."""
 
-    def __init__(self, url: str, *, stop_ids: Sequence[int] = (), timeout: float = 60.0, timeout_per_token: float = 0.1,
-                 send_seed: bool = False, batched: bool = True, max_inflight: int = 256, version: str | None = None):
+    def __init__(
+        self,
+        url: str,
+        *,
+        stop_ids: Sequence[int] = (),
+        timeout: float = 60.0,
+        timeout_per_token: float = 0.1,
+        send_seed: bool = False,
+        batched: bool = True,
+        max_inflight: int = 256,
+        version: str | None = None,
+    ):
         self.url = url.rstrip("/")
         self.stop_ids = [int(s) for s in stop_ids]
         self.timeout = float(timeout)
@@ -139,9 +177,15 @@ class SGLangServer:
 
     # ------------------------------------------------------------------ transport
 
-    async def acall(self, path: str, payload: Any = None, timeout: float | None = None, method: str | None = None) -> Any:
-        return await shared_http().request(method or ("GET" if payload is None else "POST"), self.url + path, payload,
-                                           self.timeout if timeout is None else timeout)
+    async def acall(
+        self, path: str, payload: Any = None, timeout: float | None = None, method: str | None = None
+    ) -> Any:
+        return await shared_http().request(
+            method or ("GET" if payload is None else "POST"),
+            self.url + path,
+            payload,
+            self.timeout if timeout is None else timeout,
+        )
 
     def call(self, path: str, payload: Any = None, timeout: float | None = None, method: str | None = None) -> Any:
         return shared_http().run(self.acall(path, payload, timeout, method))
@@ -192,8 +236,10 @@ class SGLangServer:
                     continue
             version = info.get("version") if isinstance(info, dict) else None
             if version is None:
-                raise SGLangError(f"SGLang {self.url} does not report its version (/get_server_info has no 'version'); "
-                                  f"set rollout.sglang_version to the release it runs")
+                raise SGLangError(
+                    f"SGLang {self.url} does not report its version (/get_server_info has no 'version'); "
+                    f"set rollout.sglang_version to the release it runs"
+                )
             self._version = str(version)
         return self._version
 
@@ -221,31 +267,55 @@ class SGLangServer:
 
     # ------------------------------------------------------------------ generation
 
-    async def agenerate(self, prompts: list[list[int]], *, temperature: float, top_p: float, max_new_tokens: int,
-                        greedy: bool, seeds: list[int] | None = None, rids: list[str] | None = None) -> list[Sample]:
+    async def agenerate(
+        self,
+        prompts: list[list[int]],
+        *,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        greedy: bool,
+        seeds: list[int] | None = None,
+        rids: list[str] | None = None,
+    ) -> list[Sample]:
         """One sample per prompt: one batched request, or one request per prompt (``batched``)."""
-        seeds = seeds if (self.send_seed and seeds is not None) else [None] * len(prompts)
-        params = [sampling_params(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                  stop_ids=self.stop_ids, greedy=greedy, seed=s) for s in seeds]
+        seeds = seeds if (self.send_seed and seeds is not None) else [None] * len(prompts)  # type: ignore[list-item]  # no seed sent
+        params = [
+            sampling_params(
+                temperature=temperature,
+                top_p=top_p,
+                max_new_tokens=max_new_tokens,
+                stop_ids=self.stop_ids,
+                greedy=greedy,
+                seed=s,
+            )
+            for s in seeds
+        ]
         timeout = self.generation_timeout(max_new_tokens)
         if self.batched:
             outputs = await self.acall("/generate", generate_body(prompts, params, rids, batched=True), timeout=timeout)
             if isinstance(outputs, dict):
                 outputs = [outputs]
         else:
-            outputs = await asyncio.gather(*[
-                self.acall("/generate", generate_body([p], [sp], None if rids is None else [rids[i]], batched=False),
-                           timeout=timeout)
-                for i, (p, sp) in enumerate(zip(prompts, params))])
+            outputs = await asyncio.gather(
+                *[
+                    self.acall(
+                        "/generate",
+                        generate_body([p], [sp], None if rids is None else [rids[i]], batched=False),
+                        timeout=timeout,
+                    )
+                    for i, (p, sp) in enumerate(zip(prompts, params))
+                ]
+            )
         if not isinstance(outputs, list) or len(outputs) != len(prompts):
             got = len(outputs) if isinstance(outputs, list) else type(outputs).__name__
             raise SGLangError(f"SGLang {self.url}/generate: expected {len(prompts)} outputs, got {got}")
         samples = [self._parse_output(i, out) for i, out in enumerate(outputs)]
         if rids is not None:
             for i, (out, rid) in enumerate(zip(outputs, rids)):
-                got = (out.get("meta_info") or {}).get("id")
-                if got is not None and str(got) != str(rid):
-                    raise SGLangError(f"SGLang {self.url}/generate output {i} is request {got!r}, expected {rid!r}")
+                rid_got = (out.get("meta_info") or {}).get("id")
+                if rid_got is not None and str(rid_got) != str(rid):
+                    raise SGLangError(f"SGLang {self.url}/generate output {i} is request {rid_got!r}, expected {rid!r}")
         return samples
 
     def generate(self, prompts: list[list[int]], **kwargs) -> list[Sample]:
@@ -264,8 +334,12 @@ class SGLangServer:
         if kind == "abort":
             raise SGLangError(f"{where}: request aborted: {reason.get('message', reason)}")
         matched = reason.get("matched") if isinstance(reason, dict) else None
-        if kind == "stop" and isinstance(matched, int) and (not ids or ids[-1] != matched) \
-                and len(token_logprobs) == len(ids) + 1:
+        if (
+            kind == "stop"
+            and isinstance(matched, int)
+            and (not ids or ids[-1] != matched)
+            and len(token_logprobs) == len(ids) + 1
+        ):
             ids.append(matched)  # the server trimmed the stop token despite no_stop_trim
         if len(token_logprobs) != len(ids):
             raise SGLangError(f"{where}: {len(ids)} output ids but {len(token_logprobs)} log-probs")
@@ -277,8 +351,9 @@ class SGLangServer:
             lps.append(float(logprob))
         finished_by_stop = kind == "stop" or (ids and ids[-1] in self.stop_ids)
         version = meta.get("weight_version")
-        return Sample(ids, lps, FINISH_STOP if finished_by_stop else FINISH_LENGTH,
-                      "" if version is None else str(version))
+        return Sample(
+            ids, lps, FINISH_STOP if finished_by_stop else FINISH_LENGTH, "" if version is None else str(version)
+        )
 
     async def ascore(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         """Prefill-only log-probs (a teacher or reference served by SGLang): for each sequence a
@@ -289,7 +364,9 @@ class SGLangServer:
             if isinstance(outputs, dict):
                 outputs = [outputs]
         else:
-            outputs = await asyncio.gather(*[self.acall("/generate", score_body([s], batched=False)) for s in sequences])
+            outputs = await asyncio.gather(
+                *[self.acall("/generate", score_body([s], batched=False)) for s in sequences]
+            )
         if not isinstance(outputs, list) or len(outputs) != len(sequences):
             raise SGLangError(f"SGLang {self.url}/generate (score): expected {len(sequences)} outputs")
         result = []
@@ -299,7 +376,9 @@ class SGLangServer:
             except (KeyError, TypeError) as exc:
                 raise SGLangError(f"SGLang {self.url}/generate (score) output {i}: missing field {exc}") from None
             if len(entries) != len(seq):
-                raise SGLangError(f"SGLang {self.url}/generate (score) output {i}: {len(entries)} log-probs for {len(seq)} tokens")
+                raise SGLangError(
+                    f"SGLang {self.url}/generate (score) output {i}: {len(entries)} log-probs for {len(seq)} tokens"
+                )
             result.append(torch.tensor([0.0 if e[0] is None else float(e[0]) for e in entries], dtype=torch.float32))
         return result
 
@@ -310,9 +389,11 @@ class SGLangServer:
 def require_unit_temperature(temperature: float, what: str) -> None:
     """Prefill log-probs from SGLang are at temperature 1 in every release: refuse another."""
     if float(temperature) != 1.0:
-        raise SGLangError(f"{what}: SGLang's prefill (input) log-probs ignore the sampling temperature in every "
-                          f"release, so scoring at temperature {temperature} would silently give temperature-1 "
-                          f"log-probs; score this model in the trainer, or run at rollout.temperature 1.0")
+        raise SGLangError(
+            f"{what}: SGLang's prefill (input) log-probs ignore the sampling temperature in every "
+            f"release, so scoring at temperature {temperature} would silently give temperature-1 "
+            f"log-probs; score this model in the trainer, or run at rollout.temperature 1.0"
+        )
 
 
 class SGLangEngine(RolloutEngine):
@@ -321,10 +402,25 @@ class SGLangEngine(RolloutEngine):
 
     spmd = False
 
-    def __init__(self, url: str, *, pad_id: int, stop_ids: list[int], timeout: float = 60.0,
-                 timeout_per_token: float = 0.1, send_seed: bool = False, batched: bool = True):
-        self.server = SGLangServer(url, stop_ids=stop_ids, timeout=timeout, timeout_per_token=timeout_per_token,
-                                   send_seed=send_seed, batched=batched)
+    def __init__(
+        self,
+        url: str,
+        *,
+        pad_id: int,
+        stop_ids: list[int],
+        timeout: float = 60.0,
+        timeout_per_token: float = 0.1,
+        send_seed: bool = False,
+        batched: bool = True,
+    ):
+        self.server = SGLangServer(
+            url,
+            stop_ids=stop_ids,
+            timeout=timeout,
+            timeout_per_token=timeout_per_token,
+            send_seed=send_seed,
+            batched=batched,
+        )
         self.url = self.server.url
         self.pad_id = pad_id
         self.stop_ids = list(stop_ids)
@@ -333,13 +429,36 @@ class SGLangEngine(RolloutEngine):
         """Whether the server answers /health."""
         return self.server.health()
 
-    def generate(self, prompts: list[list[int]], *, temperature: float, top_p: float = 1.0, max_new_tokens: int,
-                 greedy: bool = False, seed: int = 0, sample_ids: list[str] | None = None) -> RolloutBatch:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        temperature: float,
+        top_p: float = 1.0,
+        max_new_tokens: int,
+        greedy: bool = False,
+        seed: int = 0,
+        sample_ids: list[str] | None = None,
+    ) -> RolloutBatch:
         check_prompts(prompts)
-        samples = self.server.generate(prompts, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                       greedy=greedy, seeds=[seed + i for i in range(len(prompts))], rids=sample_ids)
-        return pack_rollouts(prompts, [s.ids for s in samples], [s.logps for s in samples], [s.finish for s in samples],
-                             self.pad_id, sample_ids, [s.weight_version for s in samples])
+        samples = self.server.generate(
+            prompts,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            greedy=greedy,
+            seeds=[seed + i for i in range(len(prompts))],
+            rids=sample_ids,
+        )
+        return pack_rollouts(
+            prompts,
+            [s.ids for s in samples],
+            [s.logps for s in samples],
+            [s.finish for s in samples],
+            self.pad_id,
+            sample_ids,
+            [s.weight_version for s in samples],
+        )
 
     def score(self, sequences: list[list[int]], *, temperature: float = 1.0) -> list[torch.Tensor]:
         require_unit_temperature(temperature, f"scoring on SGLang {self.url}")

@@ -53,8 +53,8 @@ import shutil
 import socket
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -75,7 +75,8 @@ patch_torch replaces the same entry)."""
 
 def buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Group (name, tensor) pairs into lists of at most ``bucket_bytes`` (a larger tensor alone)."""
-    bucket, size = [], 0
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
     for name, t in named:
         nbytes = t.numel() * t.element_size()
         if bucket and size + nbytes > bucket_bytes:
@@ -92,8 +93,9 @@ def dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def init_custom_process_group(backend: str, address: str, port: int, rank: int, world_size: int, group_name: str,
-                              timeout_s: float = 600.0):
+def init_custom_process_group(
+    backend: str, address: str, port: int, rank: int, world_size: int, group_name: str, timeout_s: float = 600.0
+):
     """A process group outside the trainer's world, built as SGLang builds its side of the
     weight-update group (a TCPStore at address:port, prefixed by ``group_name``), so the two match.
     The store is made directly, not through c10d.rendezvous: under torchrun
@@ -103,15 +105,15 @@ def init_custom_process_group(backend: str, address: str, port: int, rank: int, 
 
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore(address, port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False)
-    store = c10d.PrefixStore(group_name, store)
-    pg, _ = c10d._new_process_group_helper(world_size, rank, [], backend, store, group_name=group_name, timeout=timeout)
+    store = c10d.PrefixStore(group_name, store)  # type: ignore[assignment]  # a Store either way
+    pg, _ = c10d._new_process_group_helper(world_size, rank, [], backend, store, group_name=group_name, timeout=timeout)  # type: ignore[arg-type]  # GroupName is a str NewType
     c10d._world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     return pg
 
 
 def with_device_uuid(args: tuple, uuid_of: Callable[[int], str]) -> tuple:
     """torch's CUDA reduce_tensor arguments with the device index replaced by that device's UUID."""
-    return (*args[:CUDA_DEVICE_ARG], uuid_of(args[CUDA_DEVICE_ARG]), *args[CUDA_DEVICE_ARG + 1:])
+    return (*args[:CUDA_DEVICE_ARG], uuid_of(args[CUDA_DEVICE_ARG]), *args[CUDA_DEVICE_ARG + 1 :])
 
 
 def _device_uuid(index: int) -> str:
@@ -133,7 +135,7 @@ def serialize_named_tensors(named: list[tuple[str, torch.Tensor]]) -> str:
     whose device is its UUID (SGLang's receiver maps it to its own device index)."""
     from multiprocessing.reduction import ForkingPickler
 
-    import torch.multiprocessing  # noqa: F401 - registers torch's reductions
+    import torch.multiprocessing  # registers torch's reductions
 
     buf = io.BytesIO()
     pickler = ForkingPickler(buf)
@@ -175,11 +177,13 @@ class WeightSync(ABC):
                 self.failed, self.broken = {}, False
                 try:
                     targets = self.pool.live_control() + self.pool.probe_out()
-                except SGLangError as exc:  # noqa: BLE001 - reported by _settle
+                except SGLangError as exc:  # reported by _settle
                     logger.warning("%s", exc)
             self._push(student, version, targets)
-            if not run_on_rank0(lambda: self._settle(version, targets, attempt + 1 < attempts),
-                                f"weight refresh to version {version}"):
+            if not run_on_rank0(
+                lambda: self._settle(version, targets, attempt + 1 < attempts),  # noqa: B023 - called at once
+                f"weight refresh to version {version}",
+            ):
                 break
         self.version = version
         self._after_confirmed(version)
@@ -188,7 +192,7 @@ class WeightSync(ABC):
     def _push(self, student, version: int, targets: list[SGLangServer]) -> None:
         """Collective transfer; rank 0 posts to ``targets``, records failures in ``self.failed``."""
 
-    def _after_confirmed(self, version: int) -> None:
+    def _after_confirmed(self, version: int) -> None:  # noqa: B027 - optional hook
         """Clean-up once the servers in the pool run ``version``."""
 
     def _settle(self, version: int, targets: list[SGLangServer], may_retry: bool) -> bool:
@@ -208,23 +212,32 @@ class WeightSync(ABC):
                 stale.append((server, got))
             else:
                 if got is None:
-                    logger.warning("SGLang %s does not report a weight version; the update cannot be checked", server.url)
+                    logger.warning(
+                        "SGLang %s does not report a weight version; the update cannot be checked", server.url
+                    )
                 pool.readmit(server)
         if self.broken and self.retries_after_break and stale and may_retry:
             for server, got in stale:  # still in: the push is redone with them
                 logger.warning("SGLang %s still reports version %r after a broken push; pushing again", server.url, got)
             return True
         for server, got in stale:
-            pool.take_out(server, f"reports weight_version {got!r} after the update to {version!r}: it did not load "
-                                  f"the new weights")
+            pool.take_out(
+                server,
+                f"reports weight_version {got!r} after the update to {version!r}: it did not load the new weights",
+            )
         if not pool.live_control():
             raise pool._why_none(f"weight refresh to version {version}")
         return False
 
     # ------------------------------------------------------------------ rank 0 helpers
 
-    def _post(self, path: str, targets: list[SGLangServer], payload: dict | Callable[[SGLangServer], dict],
-              timeout: float | None = None) -> list[SGLangServer]:
+    def _post(
+        self,
+        path: str,
+        targets: list[SGLangServer],
+        payload: dict | Callable[[SGLangServer], dict],
+        timeout: float | None = None,
+    ) -> list[SGLangServer]:
         """POST to every target not yet failed; record failures; the targets that succeeded."""
         live = [s for s in targets if s.url not in self.failed]
 
@@ -243,8 +256,9 @@ class WeightSync(ABC):
         if not session:
             return
         live = [s for s in targets if s.url not in self.failed and self._needs_session(s)]
-        answers = shared_http().gather([s.apost_checked("/begin_weight_update", {}) for s in live],
-                                       return_exceptions=True)
+        answers = shared_http().gather(
+            [s.apost_checked("/begin_weight_update", {}) for s in live], return_exceptions=True
+        )
         for s, a in zip(live, answers):
             if isinstance(a, BaseException) and "already open" in str(a):
                 try:  # a session left open (an earlier run died mid-sync): close it, open ours
@@ -265,7 +279,7 @@ class WeightSync(ABC):
 
             async def quiet(s: SGLangServer):
                 try:
-                    await s.apost_checked(path, {})
+                    await s.apost_checked(path, {})  # noqa: B023 - gathered in this iteration
                 except SGLangError as exc:
                     if s.url not in self.failed:
                         self.failed[s.url] = str(exc)
@@ -279,7 +293,7 @@ class WeightSync(ABC):
         except SGLangError:
             return False  # reported when its loads fail
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the mode holds (process groups)."""
 
 
@@ -331,8 +345,17 @@ class NcclSync(WeightSync):
     mode = "nccl"
     retries_after_break = True
 
-    def __init__(self, pool: SGLangPool, *, server_ranks: int = 1, master_address: str | None = None,
-                 master_port: int = 0, backend: str = "nccl", timeout_s: float = 600.0, **kw):
+    def __init__(
+        self,
+        pool: SGLangPool,
+        *,
+        server_ranks: int = 1,
+        master_address: str | None = None,
+        master_port: int = 0,
+        backend: str = "nccl",
+        timeout_s: float = 600.0,
+        **kw,
+    ):
         super().__init__(pool, **kw)
         self.server_ranks = server_ranks
         self.master_address = master_address
@@ -362,23 +385,37 @@ class NcclSync(WeightSync):
         errors: dict[str, str] = {}
 
         def ask():
-            answers = shared_http().gather([
-                s.apost_checked("/init_weights_update_group", {
-                    "master_address": address, "master_port": port, "rank_offset": 1 + i * self.server_ranks,
-                    "world_size": world, "group_name": self.group_name, "backend": self.backend}, timeout=self.timeout_s)
-                for i, s in enumerate(targets)], return_exceptions=True)
+            answers = shared_http().gather(
+                [
+                    s.apost_checked(
+                        "/init_weights_update_group",
+                        {
+                            "master_address": address,
+                            "master_port": port,
+                            "rank_offset": 1 + i * self.server_ranks,
+                            "world_size": world,
+                            "group_name": self.group_name,
+                            "backend": self.backend,
+                        },
+                        timeout=self.timeout_s,
+                    )
+                    for i, s in enumerate(targets)
+                ],
+                return_exceptions=True,
+            )
             errors.update({s.url: str(a) for s, a in zip(targets, answers) if isinstance(a, BaseException)})
 
         asker = threading.Thread(target=ask, daemon=True)
         asker.start()  # the servers join the rendezvous while rank 0 waits in it
         try:
-            self.group = init_custom_process_group(self.backend, address, port, 0, world, self.group_name,
-                                                   timeout_s=min(self.timeout_s, 120.0))
+            self.group = init_custom_process_group(
+                self.backend, address, port, 0, world, self.group_name, timeout_s=min(self.timeout_s, 120.0)
+            )
         except Exception as exc:  # noqa: BLE001 - every target failed to join
             asker.join()
             self.group = None
-            for s in targets:
-                self.failed.setdefault(s.url, errors.get(s.url) or f"/init_weights_update_group: {exc}")
+            for server in targets:
+                self.failed.setdefault(server.url, errors.get(server.url) or f"/init_weights_update_group: {exc}")
             self.broken = True
             return
         asker.join()
@@ -408,13 +445,21 @@ class NcclSync(WeightSync):
             logger.warning("could not destroy the weight-update group: %s", exc)
         self.group, self.members = None, []
 
-    def _send_bucket(self, bucket: list[tuple[str, torch.Tensor]], last: bool, version: int,
-                     targets: list[SGLangServer]) -> None:
-        payload = {"names": [n for n, _ in bucket], "dtypes": [dtype_name(t) for _, t in bucket],
-                   "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
-                   "flush_cache": last, "weight_version": str(version) if last else None}
-        http = threading.Thread(target=lambda: self._post("/update_weights_from_distributed", targets, payload,
-                                                          timeout=self.timeout_s), daemon=True)
+    def _send_bucket(
+        self, bucket: list[tuple[str, torch.Tensor]], last: bool, version: int, targets: list[SGLangServer]
+    ) -> None:
+        payload = {
+            "names": [n for n, _ in bucket],
+            "dtypes": [dtype_name(t) for _, t in bucket],
+            "shapes": [list(t.shape) for _, t in bucket],
+            "group_name": self.group_name,
+            "flush_cache": last,
+            "weight_version": str(version) if last else None,
+        }
+        http = threading.Thread(
+            target=lambda: self._post("/update_weights_from_distributed", targets, payload, timeout=self.timeout_s),
+            daemon=True,
+        )
         http.start()  # each server posts its receives as it parses the request; we send meanwhile
         device = self._device()
         try:
@@ -467,14 +512,18 @@ class IpcSync(WeightSync):
         self.server_ranks = server_ranks
         self.allow_cpu = allow_cpu
         if not allow_cpu and not torch.cuda.is_available():
-            raise RuntimeError("rollout.weight_sync='ipc' passes CUDA-IPC handles and needs GPUs colocated with "
-                               "the SGLang servers; use 'disk' or 'nccl' here")
+            raise RuntimeError(
+                "rollout.weight_sync='ipc' passes CUDA-IPC handles and needs GPUs colocated with "
+                "the SGLang servers; use 'disk' or 'nccl' here"
+            )
         world = dist.get_world_size() if dist.is_initialized() else 1
         need = len(pool.control) * server_ranks
         if need > world:
-            raise ValueError(f"rollout.weight_sync='ipc': {len(pool.control)} server(s) x {server_ranks} GPU(s) need "
-                             f"{need} colocated trainer ranks (server i's TP rank j on the GPU of trainer rank "
-                             f"i * server_ranks + j), the job has {world}")
+            raise ValueError(
+                f"rollout.weight_sync='ipc': {len(pool.control)} server(s) x {server_ranks} GPU(s) need "
+                f"{need} colocated trainer ranks (server i's TP rank j on the GPU of trainer rank "
+                f"i * server_ranks + j), the job has {world}"
+            )
 
     def _device(self) -> torch.device:
         if torch.cuda.is_available():
@@ -490,14 +539,14 @@ class IpcSync(WeightSync):
         if rank < len(self.pool.control) * self.server_ranks and bucket is not None:
             mine = serialize_named_tensors([(n, t.to(self._device())) for n, t in bucket])
         if dist.is_initialized() and dist.get_world_size() > 1:
-            gathered = [None] * dist.get_world_size() if rank == 0 else None
+            gathered: list | None = [None] * dist.get_world_size() if rank == 0 else None
             dist.gather_object(mine, gathered, dst=0)
         else:
             gathered = [mine]
         if rank != 0:
             return None
         r = self.server_ranks
-        return [gathered[i * r:(i + 1) * r] for i in range(len(self.pool.control))]
+        return [gathered[i * r : (i + 1) * r] for i in range(len(self.pool.control))]  # type: ignore[index]  # rank 0 gathered
 
     def _push(self, student, version: int, targets: list[SGLangServer]) -> None:
         rank0 = global_rank() == 0
@@ -521,20 +570,30 @@ class IpcSync(WeightSync):
             return
 
         def body(server: SGLangServer) -> dict:
-            return {"serialized_named_tensors": payloads[index[server.url]], "load_format": None, "flush_cache": last,
-                    "weight_version": str(version) if last else None}
+            return {
+                "serialized_named_tensors": payloads[index[server.url]],
+                "load_format": None,
+                "flush_cache": last,
+                "weight_version": str(version) if last else None,
+            }
 
         self._post("/update_weights_from_tensor", targets, body)
 
 
 def make_weight_sync(cfg, pool: SGLangPool, *, out_dir: str | os.PathLike, source_dir=None, family=None) -> WeightSync:
     """The :class:`WeightSync` for ``cfg`` (a gopd_mega.config.RolloutConfig)."""
-    kw = dict(bucket_mb=cfg.bucket_mb, family=family)
+    kw = {"bucket_mb": cfg.bucket_mb, "family": family}
     if cfg.weight_sync == "disk":
         return DiskSync(pool, cfg.weight_dir or Path(out_dir) / "rollout_weights", source_dir=source_dir, **kw)
     if cfg.weight_sync == "nccl":
-        return NcclSync(pool, server_ranks=cfg.server_ranks, master_address=cfg.weight_sync_address,
-                        master_port=cfg.weight_sync_port, backend=cfg.weight_sync_backend, **kw)
+        return NcclSync(
+            pool,
+            server_ranks=cfg.server_ranks,
+            master_address=cfg.weight_sync_address,
+            master_port=cfg.weight_sync_port,
+            backend=cfg.weight_sync_backend,
+            **kw,
+        )
     if cfg.weight_sync == "ipc":
         return IpcSync(pool, server_ranks=cfg.server_ranks, **kw)
     raise ValueError(f"rollout.weight_sync must be one of {WEIGHT_SYNC_MODES}, got {cfg.weight_sync!r}")

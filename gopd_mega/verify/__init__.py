@@ -14,4 +14,19 @@ from gopd_mega.verify.math import MathVerifier, grade, last_boxed
 from gopd_mega.verify.sandbox import CodeResult, IsolationUnavailable, SandboxLimits, run_tests
 from gopd_mega.verify.synthetic import SyntheticVerifier
 
-__all__ = ["CodeResult", "CodeVerifier", "IsolationUnavailable", "MathVerifier", "SandboxLimits", "extract_code", "normalize_tests", "run_tests", "SyntheticVerifier", "Verdict", "Verifier", "grade", "last_boxed", "verify_batch"]
+__all__ = [
+    "CodeResult",
+    "CodeVerifier",
+    "IsolationUnavailable",
+    "MathVerifier",
+    "SandboxLimits",
+    "SyntheticVerifier",
+    "Verdict",
+    "Verifier",
+    "extract_code",
+    "grade",
+    "last_boxed",
+    "normalize_tests",
+    "run_tests",
+    "verify_batch",
+]

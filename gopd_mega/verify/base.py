@@ -10,8 +10,9 @@ says why (extracted answer, per-test results, time-outs, the resource limit hit)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 
 @dataclass
@@ -26,7 +27,7 @@ class Verdict:
     """JSON-serialisable explanation (what was extracted, per-test verdicts, limits hit)."""
 
     @classmethod
-    def of(cls, passed: bool, **details: Any) -> "Verdict":
+    def of(cls, passed: bool, **details: Any) -> Verdict:
         return cls(reward=1.0 if passed else 0.0, passed=bool(passed), details=details)
 
     def to_json(self) -> dict[str, Any]:

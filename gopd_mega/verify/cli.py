@@ -22,7 +22,9 @@ from gopd_mega.verify.sandbox import IsolationUnavailable, SandboxLimits, check_
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gopd-verify", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="gopd-verify", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="kind", required=True)
     m = sub.add_parser("math", help="grade ANSWER (last \\boxed{} or the whole text) against GOLD with math-verify")
     m.add_argument("gold")
@@ -35,12 +37,21 @@ def _parser() -> argparse.ArgumentParser:
     d = SandboxLimits()
     c.add_argument("--timeout-s", type=float, default=d.timeout_s, help=f"wall time per test (default {d.timeout_s})")
     c.add_argument("--memory-mb", type=int, default=d.memory_mb, help=f"address-space limit (default {d.memory_mb})")
-    c.add_argument("--file-size-mb", type=int, default=d.file_size_mb, help=f"largest file written (default {d.file_size_mb})")
-    c.add_argument("--max-processes", type=int, default=d.max_processes, help=f"process limit (default {d.max_processes})")
-    c.add_argument("--max-output-bytes", type=int, default=d.max_output_bytes, help=f"output cap (default {d.max_output_bytes})")
+    c.add_argument(
+        "--file-size-mb", type=int, default=d.file_size_mb, help=f"largest file written (default {d.file_size_mb})"
+    )
+    c.add_argument(
+        "--max-processes", type=int, default=d.max_processes, help=f"process limit (default {d.max_processes})"
+    )
+    c.add_argument(
+        "--max-output-bytes", type=int, default=d.max_output_bytes, help=f"output cap (default {d.max_output_bytes})"
+    )
     c.add_argument("--stop-on-failure", action="store_true", help="skip the tests after the first failure")
-    c.add_argument("--no-isolation", action="store_true",
-                   help="run WITHOUT network/mount/pid namespaces and uid switch (only rlimits, session, temp dir)")
+    c.add_argument(
+        "--no-isolation",
+        action="store_true",
+        help="run WITHOUT network/mount/pid namespaces and uid switch (only rlimits, session, temp dir)",
+    )
     return p
 
 
@@ -64,9 +75,15 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{args.tests}: not valid JSON ({exc})")
         except ValueError as exc:
             parser.error(str(exc))
-        limits = SandboxLimits(timeout_s=args.timeout_s, memory_mb=args.memory_mb, file_size_mb=args.file_size_mb,
-                               max_processes=args.max_processes, max_output_bytes=args.max_output_bytes,
-                               stop_on_failure=args.stop_on_failure, isolate=not args.no_isolation)
+        limits = SandboxLimits(
+            timeout_s=args.timeout_s,
+            memory_mb=args.memory_mb,
+            file_size_mb=args.file_size_mb,
+            max_processes=args.max_processes,
+            max_output_bytes=args.max_output_bytes,
+            stop_on_failure=args.stop_on_failure,
+            isolate=not args.no_isolation,
+        )
         try:
             limits.validate()
             result = run_tests(args.program.read_text(), tests, limits)

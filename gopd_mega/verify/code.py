@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from gopd_mega.verify.base import Verdict
 from gopd_mega.verify.sandbox import SandboxLimits, check_tests, run_tests

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from gopd_mega.verify.base import Verdict
 from gopd_mega.verify.workers import OK, TIMEOUT, WorkerPool
@@ -46,7 +47,7 @@ def last_boxed(text: str) -> str | None:
                 elif text[j] == "}" and text[j - 1] != "\\":
                     depth -= 1
                     if depth == 0:
-                        return text[i + 1:j].strip()
+                        return text[i + 1 : j].strip()
             continue  # unterminated: try an earlier one
         token = re.match(r"[^\s$]+", text[i:])
         if token and m.group(1):

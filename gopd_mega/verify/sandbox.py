@@ -38,6 +38,7 @@ Test styles (each a dict; TESTS.json of gopd-verify is a list of them):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
@@ -119,8 +120,10 @@ def check_tests(tests: Any, where: str = "tests") -> list[dict]:
             if not isinstance(t["test_code"], str):
                 raise ValueError(f"{where}[{i}].test_code: must be a string")
         else:
-            raise ValueError(f"{where}[{i}]: unknown test style (keys {sorted(t)}); expected stdin/expected_stdout, "
-                             "fn/args/expected or test_code")
+            raise ValueError(
+                f"{where}[{i}]: unknown test style (keys {sorted(t)}); expected stdin/expected_stdout, "
+                "fn/args/expected or test_code"
+            )
     return tests
 
 
@@ -154,8 +157,14 @@ def run_tests(program: str, tests: list[dict], limits: SandboxLimits | None = No
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     # The supervisor needs about the sum of the test timeouts plus process start-ups.
     budget = len(tests) * (limits.timeout_s + 5.0) + 60.0
-    proc = subprocess.Popen([sys.executable, "-c", _SUPERVISOR_MAIN], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SUPERVISOR_MAIN],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(job, timeout=budget)
     except subprocess.TimeoutExpired:
@@ -172,13 +181,11 @@ def run_tests(program: str, tests: list[dict], limits: SandboxLimits | None = No
 
 
 def _kill_group(pgid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
-_ISOLATION: str | None | bool = False  # False: not probed yet; None: works; str: why not
+_ISOLATION: str | bool | None = False  # False: not probed yet; None: works; str: why not
 
 
 def isolation_error() -> str | None:
@@ -188,18 +195,24 @@ def isolation_error() -> str | None:
         if os.geteuid() != 0:
             _ISOLATION = f"sandbox isolation needs root (euid is {os.geteuid()})"
         else:
-            probe = subprocess.run([sys.executable, "-c", "from gopd_mega.verify.sandbox import _probe; _probe()"],
-                                   capture_output=True, text=True, timeout=60,
-                                   env=dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p)))
+            probe = subprocess.run(
+                [sys.executable, "-c", "from gopd_mega.verify.sandbox import _probe; _probe()"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p)),
+            )
             _ISOLATION = None if probe.returncode == 0 else (probe.stderr.strip().splitlines() or ["probe failed"])[-1]
-    return _ISOLATION
+    return _ISOLATION  # type: ignore[return-value]  # probed above: never False here
 
 
 def require_isolation() -> None:
     why = isolation_error()
     if why is not None:
-        raise IsolationUnavailable(f"{why}; refusing to run generated code without isolation "
-                                   "(pass isolate=False / --no-isolation to accept that risk)")
+        raise IsolationUnavailable(
+            f"{why}; refusing to run generated code without isolation "
+            "(pass isolate=False / --no-isolation to accept that risk)"
+        )
 
 
 def _probe() -> None:
@@ -224,7 +237,9 @@ def _libc_call(name: str, *args) -> None:
         _libc = ctypes.CDLL(None, use_errno=True)
     if getattr(_libc, name)(*args) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"{name}{tuple(a.decode() if isinstance(a, bytes) else a for a in args)}: {os.strerror(err)}")
+        raise OSError(
+            err, f"{name}{tuple(a.decode() if isinstance(a, bytes) else a for a in args)}: {os.strerror(err)}"
+        )
 
 
 def _mount_points() -> list[tuple[str, int]]:
@@ -267,7 +282,9 @@ def _expose_python() -> None:
     0700 /root: a blocking directory is covered with an empty tmpfs (also hiding its other contents)
     into which only the installation directories are bound."""
     blocked: dict[str, list[str]] = {}
-    for target in {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)))}:
+    for target in {
+        os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)))
+    }:
         cur = "/"
         for comp in target.strip("/").split("/"):
             cur = os.path.join(cur, comp)
@@ -327,6 +344,7 @@ _out.flush()
 
 def _write_files(workdir: str, program: str, test: dict) -> list[str]:
     """Files of one test in ``workdir``; returns the script to run."""
+
     def put(name: str, text: str) -> None:
         with open(os.path.join(workdir, name), "w") as f:
             f.write(text)
@@ -345,7 +363,7 @@ def _write_files(workdir: str, program: str, test: dict) -> list[str]:
 def _run_one(program: str, test: dict, limits: SandboxLimits) -> dict:
     uid = SANDBOX_UID_BASE + (os.getpid() * 7919 + time.monotonic_ns()) % SANDBOX_UID_SPAN
     workdir = os.path.realpath(tempfile.mkdtemp(prefix="gopd-sbx-"))
-    stdin_file = tempfile.TemporaryFile()
+    stdin_file = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
     try:
         script = _write_files(workdir, program, test)
         stdin_file.write(test.get("stdin", "").encode())
@@ -360,8 +378,9 @@ def _run_one(program: str, test: dict, limits: SandboxLimits) -> dict:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _candidate(script: list[str], workdir: str, stdin_fd: int, out_w: int, err_w: int, uid: int | None,
-               limits: SandboxLimits) -> None:
+def _candidate(
+    script: list[str], workdir: str, stdin_fd: int, out_w: int, err_w: int, uid: int | None, limits: SandboxLimits
+) -> None:
     """In the forked candidate process: limits, identity, exec. Never returns."""
     try:
         os.setsid()
@@ -370,7 +389,7 @@ def _candidate(script: list[str], workdir: str, stdin_fd: int, out_w: int, err_w
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
         os.closerange(3, 1 << 16)
-        cpu = int(math.ceil(limits.cpu_s or limits.timeout_s))
+        cpu = math.ceil(limits.cpu_s or limits.timeout_s)
         mem = limits.memory_mb << 20
         fsize = limits.file_size_mb << 20
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
@@ -383,8 +402,16 @@ def _candidate(script: list[str], workdir: str, stdin_fd: int, out_w: int, err_w
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
-               "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": workdir,
+            "TMPDIR": workdir,
+            "LANG": "C.UTF-8",
+            "PYTHONHASHSEED": "0",
+            "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+        }
         os.execve(sys.executable, [sys.executable, "-I", "-B", *script], env)
     except BaseException as exc:  # noqa: BLE001
         os.write(2, f"sandbox: could not start the program: {exc}\n".encode())
@@ -399,7 +426,9 @@ def _execute(script: list[str], workdir: str, stdin_fd: int, uid: int, limits: S
     if limits.isolate:
         child = os.fork()
         if child == 0:  # A
-            os.close(out_r), os.close(err_r), os.close(info_r)
+            os.close(out_r)
+            os.close(err_r)
+            os.close(info_r)
             try:
                 _enter_namespaces(workdir)
             except BaseException as exc:  # noqa: BLE001
@@ -411,23 +440,30 @@ def _execute(script: list[str], workdir: str, stdin_fd: int, uid: int, limits: S
                 if c == 0:
                     os.close(info_w)
                     _candidate(script, workdir, stdin_fd, out_w, err_w, uid, limits)
-                os.close(out_w), os.close(err_w)
+                os.close(out_w)
+                os.close(err_w)
                 while True:
                     pid, status, ru = os.wait4(-1, 0)
                     if pid == c:
                         break
                 os.write(info_w, (json.dumps({"status": status, "cpu_s": ru.ru_utime + ru.ru_stime}) + "\n").encode())
                 os._exit(0)  # the kernel now kills whatever is left in the namespace
-            os.close(out_w), os.close(err_w)
+            os.close(out_w)
+            os.close(err_w)
             os.write(info_w, (json.dumps({"pid_b": b}) + "\n").encode())
             os.waitpid(b, 0)
             os._exit(0)
     else:
         child = os.fork()
         if child == 0:
-            os.close(out_r), os.close(err_r), os.close(info_r), os.close(info_w)
+            os.close(out_r)
+            os.close(err_r)
+            os.close(info_r)
+            os.close(info_w)
             _candidate(script, workdir, stdin_fd, out_w, err_w, None, limits)
-    os.close(out_w), os.close(err_w), os.close(info_w)
+    os.close(out_w)
+    os.close(err_w)
+    os.close(info_w)
 
     info_buf = b""
 
@@ -454,12 +490,10 @@ def _execute(script: list[str], workdir: str, stdin_fd: int, uid: int, limits: S
                     open_fds.remove(info_r)
                 info_buf += chunk
         target = pid_b()
-        try:
-            # B is pid 1 of the namespace: killing it kills everything in it. Without B (A never
-            # forked it), A is all there is.
+        # B is pid 1 of the namespace: killing it kills everything in it. Without B (A never
+        # forked it), A is all there is.
+        with contextlib.suppress(ProcessLookupError):
             os.kill(target if target is not None else child, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     bufs = {out_r: bytearray(), err_r: bytearray()}
     open_fds = [out_r, err_r, info_r]
@@ -495,7 +529,7 @@ def _execute(script: list[str], workdir: str, stdin_fd: int, uid: int, limits: S
     for fd in (out_r, err_r, info_r):
         os.close(fd)
     cpu_s = None
-    status = None
+    status = None  # type: ignore[assignment]  # None until C reports
     if limits.isolate:
         os.waitpid(child, 0)  # A
         for line in info_buf.split(b"\n"):
@@ -510,8 +544,16 @@ def _execute(script: list[str], workdir: str, stdin_fd: int, uid: int, limits: S
     return _judge(test, bytes(bufs[out_r]), bytes(bufs[err_r]), status, cpu_s, elapsed, limit, limits)
 
 
-def _judge(test: dict, out: bytes, err: bytes, status: int | None, cpu_s: float | None, elapsed: float,
-           limit: str | None, limits: SandboxLimits) -> dict:
+def _judge(
+    test: dict,
+    out: bytes,
+    err: bytes,
+    status: int | None,
+    cpu_s: float | None,
+    elapsed: float,
+    limit: str | None,
+    limits: SandboxLimits,
+) -> dict:
     stdout = out.decode(errors="replace")
     stderr = err.decode(errors="replace")
     exit_code = sig = None
@@ -530,9 +572,16 @@ def _judge(test: dict, out: bytes, err: bytes, status: int | None, cpu_s: float 
             limit = "memory"
         elif "BlockingIOError" in stderr or "Resource temporarily unavailable" in stderr:
             limit = "processes"
-    res: dict[str, Any] = {"passed": False, "limit": limit, "exit_code": exit_code, "signal": sig,
-                           "time_s": round(elapsed, 3), "cpu_s": None if cpu_s is None else round(cpu_s, 3),
-                           "stdout_head": stdout[:200], "stderr_tail": stderr[-500:]}
+    res: dict[str, Any] = {
+        "passed": False,
+        "limit": limit,
+        "exit_code": exit_code,
+        "signal": sig,
+        "time_s": round(elapsed, 3),
+        "cpu_s": None if cpu_s is None else round(cpu_s, 3),
+        "stdout_head": stdout[:200],
+        "stderr_tail": stderr[-500:],
+    }
     if limit in ("wall_time", "cpu_time"):
         res["status"] = "timeout"
     elif limit is not None:

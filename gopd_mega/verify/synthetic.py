@@ -29,6 +29,9 @@ class SyntheticVerifier:
         if domain is None:
             raise KeyError(f"SyntheticVerifier: record has no {self.domain_field!r} field naming its domain")
         prompt = record[self.prompt_field]
-        return Verdict.of(synthetic.check(domain, prompt, response), domain=domain,
-                          expected=synthetic.get_domain(domain).solve(prompt), got=response.strip())
-
+        return Verdict.of(
+            synthetic.check(domain, prompt, response),
+            domain=domain,
+            expected=synthetic.get_domain(domain).solve(prompt),
+            got=response.strip(),
+        )

@@ -23,8 +23,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any
 
 OK, TIMEOUT, CRASHED = "ok", "timeout", "crashed"
 
@@ -38,7 +39,7 @@ def _serve(target: str) -> None:
     for line in sys.stdin:
         try:
             reply = [OK, fn(*json.loads(line))]
-        except Exception as exc:  # the caller decides; the worker lives on
+        except Exception as exc:  # noqa: BLE001 - the caller decides; the worker lives on
             reply = [CRASHED, f"{type(exc).__name__}: {exc}"]
         out.write(json.dumps(reply) + "\n")
         out.flush()
@@ -58,20 +59,21 @@ class TimedWorker:
 
     def _start(self) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        self._proc = subprocess.Popen([sys.executable, "-c", _WORKER_MAIN, self.target],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _WORKER_MAIN, self.target], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+        )
         self._buf = b""
 
     def _kill(self) -> None:
         if self._proc is not None:
             self._proc.kill()
             self._proc.wait()
-            self._proc.stdin.close()
-            self._proc.stdout.close()
+            self._proc.stdin.close()  # type: ignore[union-attr]  # started above, with pipes  # type: ignore[union-attr]  # started above, with pipes
+            self._proc.stdout.close()  # type: ignore[union-attr]  # started above, with pipes  # type: ignore[union-attr]  # started above, with pipes
         self._proc = None
 
     def _read_line(self, deadline: float) -> bytes | None:
-        fd = self._proc.stdout.fileno()
+        fd = self._proc.stdout.fileno()  # type: ignore[union-attr]  # started above, with pipes  # type: ignore[union-attr]  # started above, with pipes
         while b"\n" not in self._buf:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
@@ -92,11 +94,11 @@ class TimedWorker:
             self._start()
             extra = self.start_timeout_s
         try:
-            self._proc.stdin.write((json.dumps(list(args)) + "\n").encode())
-            self._proc.stdin.flush()
+            self._proc.stdin.write((json.dumps(list(args)) + "\n").encode())  # type: ignore[union-attr]  # started above, with pipes  # type: ignore[union-attr]  # started above, with pipes
+            self._proc.stdin.flush()  # type: ignore[union-attr]  # started above, with pipes  # type: ignore[union-attr]  # started above, with pipes
             line = self._read_line(time.monotonic() + timeout_s + extra)
         except (EOFError, OSError) as exc:
-            code = self._proc.poll()
+            code = self._proc.poll()  # type: ignore[union-attr]  # started above, with pipes  # type: ignore[union-attr]  # started above, with pipes
             self._kill()
             return CRASHED, f"worker process died (exit code {code}): {exc}"
         if line is None:
@@ -142,4 +144,3 @@ class WorkerPool:
     def close(self) -> None:
         for w in self._all:
             w.close()
-
