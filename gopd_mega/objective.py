@@ -152,8 +152,9 @@ def full_vocab_token_loss(
     given = [x for x in (teacher_logp, ref_logp) if x is not None]  # at least one, by the above
     for name, x in (("teacher_logp", teacher_logp), ("ref_logp", ref_logp)):
         if x is not None and x.shape != student_logits.shape:
-            raise ValueError(f"full_vocab_token_loss: {name} {tuple(x.shape)} vs student_logits "
-                             f"{tuple(student_logits.shape)}")
+            raise ValueError(
+                f"full_vocab_token_loss: {name} {tuple(x.shape)} vs student_logits {tuple(student_logits.shape)}"
+            )
     dtype = torch.promote_types(torch.promote_types(student_logits.dtype, given[0].dtype), torch.float32)
     log_p = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     if teacher_logp is not None and ref_logp is not None:
@@ -173,7 +174,9 @@ def gopd_advantage(
     with torch.no_grad():
         if ref_logp is None:
             if lam != 1.0:
-                raise ValueError(f"gopd_advantage: ref_logp is needed at lambda = {lam} (it cancels only at lambda = 1)")
+                raise ValueError(
+                    f"gopd_advantage: ref_logp is needed at lambda = {lam} (it cancels only at lambda = 1)"
+                )
             return teacher_logp - student_logp
         return implicit_reward(teacher_logp, ref_logp, lam) - (student_logp - ref_logp)
 
@@ -211,7 +214,9 @@ def sequence_advantage(
         raise ValueError(f"sequence_advantage: {B} rows do not split into groups of {group_size}")
     with torch.no_grad():
         f64 = torch.float64
-        rho = gopd_advantage(old_logp.to(f64), teacher_logp.to(f64), None if ref_logp is None else ref_logp.to(f64), lam)
+        rho = gopd_advantage(
+            old_logp.to(f64), teacher_logp.to(f64), None if ref_logp is None else ref_logp.to(f64), lam
+        )
         m = mask.to(torch.bool)
         lengths = m.sum(dim=1)
         start = torch.where(lengths > 0, m.to(torch.int8).argmax(dim=1), torch.zeros_like(lengths))
@@ -237,9 +242,7 @@ def sequence_advantage(
         return out.to(torch.float32)
 
 
-def truncated_importance_weight(
-    old_logp: torch.Tensor, sampler_logp: torch.Tensor, cap: float | None
-) -> torch.Tensor:
+def truncated_importance_weight(old_logp: torch.Tensor, sampler_logp: torch.Tensor, cap: float | None) -> torch.Tensor:
     """w_t = min(exp(o_t - q_t), cap), detached. ``cap=None`` turns the correction off (w = 1)."""
     if cap is None:
         return torch.ones_like(old_logp)
@@ -328,17 +331,19 @@ def gopd_loss(
     ref_logp: torch.Tensor,
     sampler_logp: torch.Tensor | None = None,
     old_logp: torch.Tensor | None = None,
-    settings: LossSettings = LossSettings(),
+    settings: LossSettings | None = None,
     weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Aggregated G-OPD loss over a [B, S] batch plus detached metrics.
 
+    ``settings`` None: the defaults, ``LossSettings()`` (a fresh one: the dataclass is mutable).
     ``weights`` overrides the aggregation weights (e.g. computed once for the global batch with
     :func:`token_weights`); by default they come from ``mask`` and ``settings.aggregation``.
     """
     for name, other in (("teacher_logp", teacher_logp), ("ref_logp", ref_logp), ("mask", mask)):
         if other.shape != logp.shape:
             raise ValueError(f"{name} has shape {tuple(other.shape)}, logp has {tuple(logp.shape)}")
+    settings = LossSettings() if settings is None else settings
     omega = token_weights(mask, settings.aggregation) if weights is None else weights
     loss_tok, advantage, clipped = gopd_token_loss(
         logp,

@@ -157,7 +157,7 @@ def _fuse_torch_adam(opt) -> bool:
     torch reads ``fused`` from the param group at every step; its fused kernels cover CPU and CUDA
     float tensors. Returns whether it did."""
     inner = getattr(opt, "optimizer", None)
-    if type(inner) not in (torch.optim.AdamW, torch.optim.Adam):
+    if inner is None or type(inner) not in (torch.optim.AdamW, torch.optim.Adam):  # exactly these, no subclass
         return False
     params = [p for g in inner.param_groups for p in g["params"]]
     if not params or any(p.device.type not in ("cpu", "cuda") or not p.is_floating_point() for p in params):
@@ -193,17 +193,27 @@ class StudentOptimizer:
         )
         self.ddp = DistributedDataParallel(tcfg, ddp_cfg, model.model, pg_collection=self.pg)
         ocfg = OptimizerConfig(
-            optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
-            adam_beta1=cfg.beta1, adam_beta2=cfg.beta2, adam_eps=cfg.eps, clip_grad=cfg.grad_clip,
-            bf16=tcfg.bf16, fp16=tcfg.fp16, params_dtype=tcfg.params_dtype,
+            optimizer="adam",
+            lr=cfg.lr,
+            min_lr=cfg.min_lr,
+            weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.beta1,
+            adam_beta2=cfg.beta2,
+            adam_eps=cfg.eps,
+            clip_grad=cfg.grad_clip,
+            bf16=tcfg.bf16,
+            fp16=tcfg.fp16,
+            params_dtype=tcfg.params_dtype,
             use_distributed_optimizer=cfg.use_distributed_optimizer,
-            loss_scale=cfg.loss_scale or None, initial_loss_scale=cfg.initial_loss_scale,
+            loss_scale=cfg.loss_scale or None,
+            initial_loss_scale=cfg.initial_loss_scale,
         )
         # config_overrides={} decays every parameter (torch AdamW, the paper's runs); None is megatron's
         # standard rule (no decay on biases and 1-D weights).
-        overrides = {} if cfg.decay_all_params else None
-        chained = get_megatron_optimizer(ocfg, [self.ddp], config_overrides=overrides,
-                                         use_gloo_process_groups=False, pg_collection=self.pg)
+        overrides: dict | None = {} if cfg.decay_all_params else None
+        chained = get_megatron_optimizer(
+            ocfg, [self.ddp], config_overrides=overrides, use_gloo_process_groups=False, pg_collection=self.pg
+        )
         parts = getattr(chained, "chained_optimizers", [chained])
         if len(parts) != 1:
             raise RuntimeError(f"{model.name}: expected one megatron optimizer for a dense model, got {len(parts)}")
@@ -218,7 +228,9 @@ class StudentOptimizer:
             tcfg.no_sync_func = self.ddp.no_sync
             tcfg.grad_sync_func = self.ddp.start_grad_sync
         self._names = {p: n for n, p in model.model.named_parameters()}
-        self._by_name = None  # built on first use by _slot_index (masters never change identity)
+        self._by_name: dict[str, tuple[torch.Tensor, list[tuple[torch.Tensor, int]]]] | None = (
+            None  # built on first use by _slot_index (masters never change identity)
+        )
 
     # ------------------------------------------------------------------ schedule
 
@@ -242,7 +254,7 @@ class StudentOptimizer:
         so its dW then goes through autograd and the hook like every other gradient."""
         if self.scaler is not None:
             return None
-        return weight.main_grad
+        return weight.main_grad  # type: ignore[attr-defined]  # megatron DDP adds main_grad to every param
 
     def mark_output_grad(self, loss: torch.Tensor, weight: torch.nn.Parameter) -> torch.Tensor:
         """With overlap_grad_reduce, make DDP's hook for an output weight whose dW the kernel
@@ -302,7 +314,7 @@ class StudentOptimizer:
         for name, p in params.items():
             full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
             for offset, flat in parts.get(name, []):
-                full[offset: offset + flat.numel()] = flat
+                full[offset : offset + flat.numel()] = flat
             out[name] = full
         if self.cfg.use_distributed_optimizer and self.model.groups.dp > 1:
             names = list(out)
@@ -341,8 +353,12 @@ class StudentOptimizer:
         return out, step
 
     @torch.no_grad()
-    def load_master_state(self, weights: dict[str, torch.Tensor],
-                          moments: dict[str, dict[str, torch.Tensor]] | None = None, step: float = 0.0) -> None:
+    def load_master_state(
+        self,
+        weights: dict[str, torch.Tensor],
+        moments: dict[str, dict[str, torch.Tensor]] | None = None,
+        step: float = 0.0,
+    ) -> None:
         """Set masters AND model weights from ``weights`` ({local name: full local tensor}, any
         float dtype; fp32 keeps full precision). With ``moments``: also the Adam moments and
         step (``step == 0``: no Adam state, as before a first update); without: the Adam state
@@ -353,8 +369,10 @@ class StudentOptimizer:
             raise KeyError(f"{self.model.name}: master state lacks {missing[:5]}")
         for name, p in params.items():  # every shape checked before anything is written
             if tuple(weights[name].shape) != tuple(p.shape):
-                raise ValueError(f"{self.model.name}: master weight {name} has shape "
-                                 f"{tuple(weights[name].shape)}, the parameter {tuple(p.shape)}")
+                raise ValueError(
+                    f"{self.model.name}: master weight {name} has shape "
+                    f"{tuple(weights[name].shape)}, the parameter {tuple(p.shape)}"
+                )
         for name in params:
             self.load_master_weight(name, weights[name])
         if moments is None:
@@ -363,9 +381,17 @@ class StudentOptimizer:
         for name, _, main, offset in self._slots():
             n = main.numel()
             if step > 0:  # torch keeps the step on the param's device for its fused kernel, else on the CPU
-                st = {"step": torch.tensor(float(step), dtype=torch.float32, device=main.device if self.fused else "cpu")}
+                st = {
+                    "step": torch.tensor(float(step), dtype=torch.float32, device=main.device if self.fused else "cpu")
+                }
                 for m in MOMENTS:
-                    st[m] = moments[m][name].to(main.device, torch.float32).reshape(-1)[offset: offset + n].view(main.shape).clone()
+                    st[m] = (
+                        moments[m][name]
+                        .to(main.device, torch.float32)
+                        .reshape(-1)[offset : offset + n]
+                        .view(main.shape)
+                        .clone()
+                    )
                 state[main] = st
             elif main in state:
                 del state[main]
@@ -382,18 +408,22 @@ class StudentOptimizer:
             raise KeyError(f"{self.model.name}: no parameter named {name!r}")
         p, mains = entry
         if tuple(weight.shape) != tuple(p.shape):
-            raise ValueError(f"{self.model.name}: master weight {name} has shape "
-                             f"{tuple(weight.shape)}, the parameter {tuple(p.shape)}")
+            raise ValueError(
+                f"{self.model.name}: master weight {name} has shape "
+                f"{tuple(weight.shape)}, the parameter {tuple(p.shape)}"
+            )
         p.data.copy_(weight.to(p.device, p.dtype))
         for main, offset in mains:
             n = main.numel()
-            main.copy_(weight.to(main.device, torch.float32).reshape(-1)[offset: offset + n].view(main.shape))
+            main.copy_(weight.to(main.device, torch.float32).reshape(-1)[offset : offset + n].view(main.shape))
 
     def _slot_index(self) -> dict[str, tuple[torch.Tensor, list[tuple[torch.Tensor, int]]]]:
         """{local name: (model param, [(master tensor, flat offset)])}; the list is empty for a
         param of which this rank holds no master elements (distributed optimizer)."""
         if self._by_name is None:
-            index = {n: (p, []) for n, p in self.model.model.named_parameters()}
+            index: dict[str, tuple[torch.Tensor, list[tuple[torch.Tensor, int]]]] = {
+                n: (p, []) for n, p in self.model.model.named_parameters()
+            }
             for name, _, main, offset in self._slots():
                 index[name][1].append((main, offset))
             self._by_name = index
@@ -402,8 +432,12 @@ class StudentOptimizer:
     def state_dict(self) -> dict:
         """Same-layout optimizer state (ShardedGPT.save): masters, moments, step, schedule."""
         moments, step = self.moments()
-        sd = {"master": self.master_weights(), "moments": moments, "adam_step": step,
-              "schedule_step": self.schedule_step}
+        sd = {
+            "master": self.master_weights(),
+            "moments": moments,
+            "adam_step": step,
+            "schedule_step": self.schedule_step,
+        }
         if self.scaler is not None:
             sd["grad_scaler"] = self.scaler.state_dict()
         return sd
@@ -436,7 +470,8 @@ def _internals(opt, names: tuple[str, ...]) -> list:
             f"megatron-core {megatron_version()}: {type(opt).__name__} has no attribute {missing[0]!r}, which "
             f"gopd_mega.optim.master_params reads to pair each model parameter with its fp32 master (checked "
             f"against megatron-core {MEGATRON_TESTED}); this megatron-core changed its optimizer internals: "
-            "install a release in that range or update master_params")
+            "install a release in that range or update master_params"
+        )
     return [getattr(opt, n) for n in names]
 
 
@@ -457,21 +492,32 @@ def master_params(opt) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
     from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params, FP32Optimizer
 
     if isinstance(opt, DistributedOptimizer):
-        model16, main16, shard16, model32, shard32 = _internals(opt, (
-            "model_float16_groups", "shard_fp32_from_float16_groups", "shard_float16_groups", "model_fp32_groups",
-            "shard_fp32_groups"))
+        model16, main16, shard16, model32, shard32 = _internals(
+            opt,
+            (
+                "model_float16_groups",
+                "shard_fp32_from_float16_groups",
+                "shard_float16_groups",
+                "model_fp32_groups",
+                "shard_fp32_groups",
+            ),
+        )
         pairs = [(m, s, v) for mg, sg, vg in zip(model16, main16, shard16) for m, s, v in zip(mg, sg, vg)]
         pairs += [(m, s, s) for mg, sg in zip(model32, shard32) for m, s in zip(mg, sg)]
         # view: the shard of the model param itself, whose storage offset locates the master's elements
         return [(model_p, main, view.storage_offset() - model_p.storage_offset()) for model_p, main, view in pairs]
     if isinstance(opt, Float16OptimizerWithFloat16Params):
-        model16, main16, main32 = _internals(opt, ("float16_groups", "fp32_from_float16_groups", "fp32_from_fp32_groups"))
+        model16, main16, main32 = _internals(
+            opt, ("float16_groups", "fp32_from_float16_groups", "fp32_from_fp32_groups")
+        )
         out = [(m, s, 0) for mg, sg in zip(model16, main16) for m, s in zip(mg, sg)]
         return out + [(p, p, 0) for g in main32 for p in g]
     if isinstance(opt, FP32Optimizer):  # the model params are the masters
         return [(p, p, 0) for g in opt.optimizer.param_groups for p in g["params"]]
-    raise TypeError(f"gopd_mega.optim.master_params: unexpected megatron optimizer {type(opt).__name__} "
-                    f"(megatron-core {megatron_version()})")
+    raise TypeError(
+        f"gopd_mega.optim.master_params: unexpected megatron optimizer {type(opt).__name__} "
+        f"(megatron-core {megatron_version()})"
+    )
 
 
 def build_optimizer(model, cfg: OptimConfig, total_steps: int | None = None) -> StudentOptimizer:

@@ -9,7 +9,7 @@ optimizer's step advances the LR schedule, once per SFT step.
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
@@ -25,9 +25,21 @@ def nll_loss_builder(weights: torch.Tensor) -> Callable:
     return lambda logp, idx: -logp * w[idx.cpu()].to(logp)
 
 
-def train_sft(model, optimizer, records: list[dict], tokenizer, *, steps: int, batch_size: int,
-              micro_batch_size: int | None, max_len: int, seed: int, desc: str = "SFT",
-              max_tokens: int | None = None, progress: bool = True) -> list[float]:
+def train_sft(
+    model,
+    optimizer,
+    records: list[dict],
+    tokenizer,
+    *,
+    steps: int,
+    batch_size: int,
+    micro_batch_size: int | None,
+    max_len: int,
+    seed: int,
+    desc: str = "SFT",
+    max_tokens: int | None = None,
+    progress: bool = True,
+) -> list[float]:
     """``steps`` updates on batches drawn (seeded) from ``records``; returns the losses."""
     rng = random.Random(seed)
     losses = []
@@ -35,8 +47,9 @@ def train_sft(model, optimizer, records: list[dict], tokenizer, *, steps: int, b
     for _ in bar:
         batch = [records[rng.randrange(len(records))] for _ in range(batch_size)]
         tokens, mask = sft_batch(batch, tokenizer, max_len)
-        out = model.train_step(tokens, mask, nll_loss_builder(token_weights(mask, "token-mean")), micro_batch_size,
-                               max_tokens=max_tokens)
+        out = model.train_step(
+            tokens, mask, nll_loss_builder(token_weights(mask, "token-mean")), micro_batch_size, max_tokens=max_tokens
+        )
         losses.append(out["loss"])
         bar.set_postfix(loss=f"{out['loss']:.3f}")
     return losses

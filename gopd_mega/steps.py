@@ -20,14 +20,21 @@ too; gopd_mega.trainer re-exports them.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from gopd_mega.model.distill import FullVocabLoss, TopK, TopKLoss
-from gopd_mega.objective import (advantage_token_loss, gopd_token_loss, grpo_advantage, k3_kl, sequence_advantage,
-                                 token_metrics)
+from gopd_mega.objective import (
+    advantage_token_loss,
+    gopd_token_loss,
+    grpo_advantage,
+    k3_kl,
+    sequence_advantage,
+    token_metrics,
+)
 from gopd_mega.rollout.base import RolloutBatch
 
 if TYPE_CHECKING:
@@ -48,25 +55,36 @@ def rows_by_teacher(routes: list[str], teachers: dict) -> dict[str, torch.Tensor
     return {name: r for name, r in rows.items() if r.numel()}
 
 
-def score_teachers(teachers: dict, batch: RolloutBatch, routes: list[str], temperature: float,
-                   max_tokens: int | None = None) -> torch.Tensor:
+def score_teachers(
+    teachers: dict, batch: RolloutBatch, routes: list[str], temperature: float, max_tokens: int | None = None
+) -> torch.Tensor:
     """Teacher log-probs [N, S]: each row is scored by the teacher its prompt routes to
     (micro-batches of at most ``max_tokens`` packed positions)."""
     out = torch.zeros(batch.tokens.shape, dtype=torch.float32)
     for name, rows in rows_by_teacher(routes, teachers).items():
-        out[rows] = teachers[name].logprobs(batch.tokens[rows], batch.loss_mask[rows], temperature, max_tokens=max_tokens)
+        out[rows] = teachers[name].logprobs(
+            batch.tokens[rows], batch.loss_mask[rows], temperature, max_tokens=max_tokens
+        )
     return out
 
 
-def score_teachers_top_k(teachers: dict, batch: RolloutBatch, routes: list[str], k: int, temperature: float,
-                         vocab_size: int, max_tokens: int | None = None) -> TopK:
+def score_teachers_top_k(
+    teachers: dict,
+    batch: RolloutBatch,
+    routes: list[str],
+    k: int,
+    temperature: float,
+    vocab_size: int,
+    max_tokens: int | None = None,
+) -> TopK:
     """Each row's teacher's top-k log-probs and the sampled token's, per position (a local model
     or an SGLang server), as the top-k estimator's K_t (``vocab_size``: the student's)."""
     N, S = batch.tokens.shape
     ids, logp, target = torch.full((N, S, k), -1, dtype=torch.long), torch.zeros(N, S, k), torch.zeros(N, S)
     for name, rows in rows_by_teacher(routes, teachers).items():
         ids[rows], logp[rows], target[rows] = teachers[name].top_k_logprobs(
-            batch.tokens[rows], batch.loss_mask[rows], k, temperature, max_tokens=max_tokens)
+            batch.tokens[rows], batch.loss_mask[rows], k, temperature, max_tokens=max_tokens
+        )
     return TopK.from_teacher(batch.tokens, batch.loss_mask, ids, logp, target, vocab_size)
 
 
@@ -91,8 +109,12 @@ def gopd_loss_builder(
     def token_loss(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         idx = idx.cpu()
         loss, _, _ = gopd_token_loss(
-            logp, teacher_logp=t[idx].to(logp), ref_logp=None if r is None else r[idx].to(logp), sampler_logp=q[idx].to(logp),
-            old_logp=None if o is None else o[idx].to(logp), settings=settings
+            logp,
+            teacher_logp=t[idx].to(logp),
+            ref_logp=None if r is None else r[idx].to(logp),
+            sampler_logp=q[idx].to(logp),
+            old_logp=None if o is None else o[idx].to(logp),
+            settings=settings,
         )
         return loss * w[idx].to(logp)
 
@@ -119,9 +141,14 @@ def advantage_loss_builder(
 
     def token_loss(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         idx = idx.cpu()
-        loss, _ = advantage_token_loss(logp, advantage=a[idx].to(logp), ref_logp=None if r is None else r[idx].to(logp),
-                                       sampler_logp=q[idx].to(logp), old_logp=None if o is None else o[idx].to(logp),
-                                       settings=settings)
+        loss, _ = advantage_token_loss(
+            logp,
+            advantage=a[idx].to(logp),
+            ref_logp=None if r is None else r[idx].to(logp),
+            sampler_logp=q[idx].to(logp),
+            old_logp=None if o is None else o[idx].to(logp),
+            settings=settings,
+        )
         return loss * w[idx].to(logp)
 
     return token_loss
@@ -142,7 +169,7 @@ class Step(ABC):
     progress_key: str = "loss"
     """The metric shown beside the loss on the progress bar."""
 
-    def __init__(self, distiller: "Distiller"):
+    def __init__(self, distiller: Distiller):
         self.d = distiller
 
     @property
@@ -182,8 +209,12 @@ class Step(ABC):
         every = obj.reference_metrics_every
         if not obj.needs_reference() and not (every and self.d.step % every == 0):
             return None
-        return self.d.m.reference.logprobs(batch.tokens, batch.loss_mask, self.cfg.rollout.temperature,
-                                           max_tokens=self.cfg.train.max_tokens_per_micro_batch)
+        return self.d.m.reference.logprobs(
+            batch.tokens,
+            batch.loss_mask,
+            self.cfg.rollout.temperature,
+            max_tokens=self.cfg.train.max_tokens_per_micro_batch,
+        )
 
 
 # ----------------------------------------------------------------------------- G-OPD
@@ -227,11 +258,13 @@ class GOPDStep(Step):
         if estimator == "full_vocab":  # the teachers' hidden states are delivered per update, in the loss
             return GOPDScores(routes)
         if estimator == "top_k":
-            top = score_teachers_top_k(m.teachers, batch, routes, cfg.objective.top_k, temperature,
-                                       m.student.cfg.vocab_size, budget)
+            top = score_teachers_top_k(
+                m.teachers, batch, routes, cfg.objective.top_k, temperature, m.student.cfg.vocab_size, budget
+            )
             if self.settings.lam != 1.0:
-                top.ref_logp = m.reference.logprobs_at(batch.tokens, batch.loss_mask, top.ids, temperature,
-                                                       max_tokens=budget)
+                top.ref_logp = m.reference.logprobs_at(
+                    batch.tokens, batch.loss_mask, top.ids, temperature, max_tokens=budget
+                )
             return GOPDScores(routes, top=top)
         teacher_logp = score_teachers(m.teachers, batch, routes, temperature, budget)
         return GOPDScores(routes, teacher_logp=teacher_logp, ref_logp=self.reference_logp(batch))
@@ -254,20 +287,28 @@ class GOPDStep(Step):
         clipped, importance-weighted policy loss on it (objective.advantage_token_loss, no k3:
         kl_coef = 0 for G-OPD). The advantage used is returned as out['advantage'] [N, S]."""
         s, teacher_logp, ref_logp = self.settings, scores.teacher_logp, self._loss_ref(scores)
+        assert teacher_logp is not None  # score() scores the teachers for the sampled estimator
         temperature = self.cfg.rollout.temperature
         if self.cfg.objective.returns == "sequence":
             train = self.cfg.train
-            old = self.d.m.student.logprobs(batch.tokens, batch.loss_mask, temperature, train.micro_batch_size,
-                                            max_tokens=train.max_tokens_per_micro_batch)
-            advantage = sequence_advantage(old, teacher_logp, ref_logp, s.lam, batch.loss_mask,
-                                           self.cfg.rollout.samples_per_prompt)
+            old = self.d.m.student.logprobs(
+                batch.tokens,
+                batch.loss_mask,
+                temperature,
+                train.micro_batch_size,
+                max_tokens=train.max_tokens_per_micro_batch,
+            )
+            advantage = sequence_advantage(
+                old, teacher_logp, ref_logp, s.lam, batch.loss_mask, self.cfg.rollout.samples_per_prompt
+            )
 
             def seq_loss_fn_for(rows, weights, o):
                 return advantage_loss_builder(advantage[rows], None, batch.sampler_logp[rows], weights, s, old_logp=o)
 
             def seq_clipped_for(rows, logp, o):
-                return advantage_token_loss(logp, advantage=advantage[rows], ref_logp=None, sampler_logp=None, old_logp=o,
-                                            settings=s)[1]
+                return advantage_token_loss(
+                    logp, advantage=advantage[rows], ref_logp=None, sampler_logp=None, old_logp=o, settings=s
+                )[1]
 
             out = self.d.update_student(batch, seq_loss_fn_for, seq_clipped_for, temperature, old_logp=old)
             return {**out, "advantage": advantage}
@@ -279,8 +320,9 @@ class GOPDStep(Step):
             return gopd_loss_builder(teacher_logp[rows], ref(rows), batch.sampler_logp[rows], weights, s, old_logp=old)
 
         def clipped_for(rows, logp, old):
-            return gopd_token_loss(logp, teacher_logp=teacher_logp[rows], ref_logp=ref(rows), sampler_logp=None,
-                                   old_logp=old, settings=s)[2]
+            return gopd_token_loss(
+                logp, teacher_logp=teacher_logp[rows], ref_logp=ref(rows), sampler_logp=None, old_logp=old, settings=s
+            )[2]
 
         return self.d.update_student(batch, loss_fn_for, clipped_for, temperature)
 
@@ -320,21 +362,32 @@ class GOPDStep(Step):
         if self.cfg.objective.estimator != "sampled":
             return self._expected_metrics(batch, scores, out)
         mask, teacher_logp, student_logp = batch.loss_mask, scores.teacher_logp, out["logp"]
+        assert teacher_logp is not None  # score() scores the teachers for the sampled estimator
         # Diagnostics are computed from the pre-update log-probs (pi_old; ratio = 1).
         if self.cfg.objective.returns == "sequence":  # the return-to-go advantage the update used
             advantage, clipped = out["advantage"], torch.zeros(mask.shape, dtype=torch.bool)
         else:
             _, advantage, clipped = gopd_token_loss(
-                student_logp, teacher_logp=teacher_logp, ref_logp=self._loss_ref(scores), sampler_logp=None,
-                old_logp=None, settings=self.settings
+                student_logp,
+                teacher_logp=teacher_logp,
+                ref_logp=self._loss_ref(scores),
+                sampler_logp=None,
+                old_logp=None,
+                settings=self.settings,
             )
-        own = {k: v for k, v in token_metrics(student_logp, mask, teacher_logp, scores.ref_logp, advantage, clipped,
-                                              self.settings.lam).items() if k != "tokens"}
+        own = {
+            k: v
+            for k, v in token_metrics(
+                student_logp, mask, teacher_logp, scores.ref_logp, advantage, clipped, self.settings.lam
+            ).items()
+            if k != "tokens"
+        }
         per_teacher = {}
         for name, rows in rows_by_teacher(scores.routes, self.d.m.teachers).items():
             m = mask[rows].float()
-            per_teacher[f"reverse_kl/{name}"] = float(((student_logp[rows] - teacher_logp[rows]) * m).sum()
-                                                      / m.sum().clamp(min=1))
+            per_teacher[f"reverse_kl/{name}"] = float(
+                ((student_logp[rows] - teacher_logp[rows]) * m).sum() / m.sum().clamp(min=1)
+            )
         return own, per_teacher
 
     def _expected_metrics(self, batch: RolloutBatch, scores: GOPDScores, out: dict) -> tuple[dict, dict]:
@@ -348,10 +401,15 @@ class GOPDStep(Step):
         def mean(x: torch.Tensor, rows=slice(None)) -> float:
             return float((x[rows] * m[rows]).sum() / m[rows].sum().clamp(min=1))
 
-        own = {"reverse_kl": mean(out["reverse_kl"]), "log_z": mean(out["log_z"]),
-               "kl_target": mean(out["token_loss"] + out["log_z"])}
-        per_teacher = {f"reverse_kl/{name}": mean(out["reverse_kl"], rows)
-                       for name, rows in rows_by_teacher(scores.routes, self.d.m.teachers).items()}
+        own = {
+            "reverse_kl": mean(out["reverse_kl"]),
+            "log_z": mean(out["log_z"]),
+            "kl_target": mean(out["token_loss"] + out["log_z"]),
+        }
+        per_teacher = {
+            f"reverse_kl/{name}": mean(out["reverse_kl"], rows)
+            for name, rows in rows_by_teacher(scores.routes, self.d.m.teachers).items()
+        }
         return own, per_teacher
 
 
@@ -379,22 +437,26 @@ class GRPOStep(Step):
 
     progress_key = "reward_mean"
 
-    def __init__(self, distiller: "Distiller"):
+    def __init__(self, distiller: Distiller):
         if distiller.reward is None:
             raise ValueError("objective.kind='grpo' needs a reward function (a verifier for the prompts' domain)")
         super().__init__(distiller)
+        self.reward: RewardFn = distiller.reward
 
     def describe(self) -> str:
         return "GRPO"
 
     def score(self, batch: RolloutBatch, prompts: list) -> GRPOScores:
-        reward = self.d.reward
-        rewards = torch.tensor([float(reward(p, batch.response_ids(i))) for i, p in enumerate(prompts)],
-                               dtype=torch.float64)
+        reward = self.reward
+        rewards = torch.tensor(
+            [float(reward(p, batch.response_ids(i))) for i, p in enumerate(prompts)], dtype=torch.float64
+        )
         if not torch.isfinite(rewards).all():
             bad = int((~torch.isfinite(rewards)).nonzero()[0])
             raise ValueError(f"reward function returned {float(rewards[bad])} for prompt {prompts[bad].text!r}")
-        advantage = grpo_advantage(rewards, self.cfg.rollout.samples_per_prompt)[:, None] * batch.loss_mask.to(torch.float32)
+        advantage = grpo_advantage(rewards, self.cfg.rollout.samples_per_prompt)[:, None] * batch.loss_mask.to(
+            torch.float32
+        )
         # scored for kl_coef > 0 (or the kl_ref metric)
         return GRPOScores(prompts, rewards, advantage, self.reference_logp(batch))
 
@@ -408,7 +470,9 @@ class GRPOStep(Step):
 
         def clipped_for(rows, logp, old):
             ref = None if ref_logp is None else ref_logp[rows]
-            return advantage_token_loss(logp, advantage=advantage[rows], ref_logp=ref, sampler_logp=None, old_logp=old, settings=s)[1]
+            return advantage_token_loss(
+                logp, advantage=advantage[rows], ref_logp=ref, sampler_logp=None, old_logp=old, settings=s
+            )[1]
 
         return self.d.update_student(batch, loss_fn_for, clipped_for, self.cfg.rollout.temperature)
 
@@ -436,6 +500,6 @@ STEPS: dict[str, type[Step]] = {"gopd": GOPDStep, "grpo": GRPOStep}
 """objective.kind -> its Step class (gopd_mega.config.OBJECTIVE_KINDS lists the same names)."""
 
 
-def build_step(distiller: "Distiller") -> Step:
+def build_step(distiller: Distiller) -> Step:
     """The Step of ``distiller.cfg.objective.kind``."""
     return STEPS[distiller.cfg.objective.kind](distiller)

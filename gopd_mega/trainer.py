@@ -28,8 +28,9 @@ with different TP/PP layouts can score the same batch. The G-OPD math is in obje
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -42,31 +43,52 @@ from gopd_mega.objective import token_weights
 from gopd_mega.rollout.base import RolloutBatch
 from gopd_mega.rollout.coordinator import RolloutCoordinator, Sampling
 from gopd_mega.rollout.servers import startup_checks
+
+if TYPE_CHECKING:
+    from gopd_mega.model.distill import Projection
+    from gopd_mega.models import ShardedGPT
+    from gopd_mega.rollout.base import RolloutEngine
+
 # Re-exported: the scoring helpers, loss builders and reward hook moved to gopd_mega.steps.
-from gopd_mega.steps import (RewardFn, Step, advantage_loss_builder, build_step, gopd_loss_builder,  # noqa: F401
-                             rows_by_teacher, score_teachers, score_teachers_top_k)
+from gopd_mega.steps import (  # noqa: F401
+    RewardFn,
+    Step,
+    advantage_loss_builder,
+    build_step,
+    gopd_loss_builder,
+    rows_by_teacher,
+    score_teachers,
+    score_teachers_top_k,
+)
 
 
 @dataclass
 class Models:
     """The megatron-core models of a run (gopd_mega.models.ShardedGPT each)."""
 
-    student: object
-    reference: object
+    student: ShardedGPT
+    reference: Any  # a ShardedGPT, or a rollout.servers.ServerScorer (same logprobs()); None: served elsewhere
     teachers: dict  # route key -> ShardedGPT (or a rollout.servers.ServerScorer: same logprobs())
-    engine: object  # a RolloutEngine
-    rollout: object = None  # a rollout.coordinator.RolloutCoordinator (None: one around ``engine``)
+    engine: RolloutEngine
+    rollout: RolloutCoordinator | None = None  # None: one around ``engine``
     check_copies: dict = field(default_factory=dict)  # route key -> local copy of a served teacher
     projections: dict = field(default_factory=dict)  # route key -> model.distill.Projection (full_vocab)
-    reference_projection: object = None  # the reference's Projection (full_vocab, lam != 1)
+    reference_projection: Projection | None = None  # the reference's Projection (full_vocab, lam != 1)
 
 
 class Distiller:
     """Runs the training of a :class:`RunConfig`: G-OPD, GRPO or any objective.kind of
     gopd_mega.steps.STEPS, all through the same loop (:meth:`train_step`)."""
 
-    def __init__(self, cfg: RunConfig, models: Models, data, optimizer, evaluate: Callable | None = None,
-                 reward: RewardFn | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        models: Models,
+        data,
+        optimizer,
+        evaluate: Callable | None = None,
+        reward: RewardFn | None = None,
+    ):
         self.reward = reward
         self.cfg = cfg
         self.algorithm: Step = build_step(self)
@@ -78,12 +100,16 @@ class Distiller:
         self.settings = cfg.objective  # an ObjectiveConfig is the LossSettings of the loss functions
         self.ckpt = CheckpointManager(cfg.train.out_dir, keep_last=cfg.train.keep_last)
         # With a progress bar the console gets a metrics line every 10 steps, else every step.
-        self.logger = MetricsLogger(cfg.train.out_dir, cfg.train.log_backend, console_every=10 if cfg.train.progress else 1)
+        self.logger = MetricsLogger(
+            cfg.train.out_dir, cfg.train.log_backend, console_every=10 if cfg.train.progress else 1
+        )
         self.step = 0
         self.update_stats: list[dict[str, float]] = []
         """Per-update statistics of the last step with updates_per_rollout > 1."""
         self.rollout = models.rollout or RolloutCoordinator(models.engine)
-        self._pending = None  # (prompts, data state before drawing them) of a prefetched batch
+        self._pending: tuple[list, dict] | None = (
+            None  # (prompts, data state before drawing them) of a prefetched batch
+        )
         self.skips_in_a_row = 0
         """Updates skipped in a row for a non-finite loss or gradient norm (fp16 overflows aside)."""
         self._step_skips: list[tuple[float, float]] = []  # (loss, grad_norm) of this step's skipped updates
@@ -155,8 +181,16 @@ class Distiller:
         own, breakdown = self.algorithm.metrics(batch, scores, out)
         return self.step_metrics(out, batch, own, breakdown, t0, t_rollout, t_end)
 
-    def step_metrics(self, out: dict, batch: RolloutBatch, own: dict[str, float], breakdown: dict[str, float],
-                     t0: float, t_rollout: float, t_end: float) -> dict[str, float]:
+    def step_metrics(
+        self,
+        out: dict,
+        batch: RolloutBatch,
+        own: dict[str, float],
+        breakdown: dict[str, float],
+        t0: float,
+        t_rollout: float,
+        t_end: float,
+    ) -> dict[str, float]:
         """The metrics of a step, every objective alike: loss, grad_norm (means over the updates),
         lr (of the next update), the algorithm's ``own`` scalars, entropy, response_len,
         sampler_mismatch (token mean |pi_old - sampler| log-prob), tokens_per_s, rollout_s, step_s,
@@ -171,20 +205,31 @@ class Distiller:
             **own,
             "entropy": out["entropy"],
             "response_len": float(batch.response_lens.float().mean()),
-            "sampler_mismatch": float(((out["logp"] - batch.sampler_logp).abs() * mask).sum() / mask.sum().clamp(min=1)),
+            "sampler_mismatch": float(
+                ((out["logp"] - batch.sampler_logp).abs() * mask).sum() / mask.sum().clamp(min=1)
+            ),
             "tokens_per_s": float(mask.sum()) / (t_end - t0),
             "rollout_s": t_rollout - t0,
             "step_s": t_end - t0,
-            "policy_lag": float(self.step - min(int(v) for v in batch.weight_versions)) if all(
-                v.isdigit() for v in batch.weight_versions) else 0.0,
+            "policy_lag": float(self.step - min(int(v) for v in batch.weight_versions))
+            if all(v.isdigit() for v in batch.weight_versions)
+            else 0.0,
         }
         if self.cfg.train.updates_per_rollout > 1:  # what the clip did over the updates
-            metrics.update(clip_frac=out["clip_frac"], ratio_dev=out["ratio_dev"], updates=float(len(self.update_stats)))
+            metrics.update(
+                clip_frac=out["clip_frac"], ratio_dev=out["ratio_dev"], updates=float(len(self.update_stats))
+            )
         metrics.update(breakdown)
         return metrics
 
-    def update_student(self, batch: RolloutBatch, loss_fn_for: Callable, clipped_for: Callable,
-                       temperature: float, old_logp: torch.Tensor | None = None) -> dict:
+    def update_student(
+        self,
+        batch: RolloutBatch,
+        loss_fn_for: Callable,
+        clipped_for: Callable,
+        temperature: float,
+        old_logp: torch.Tensor | None = None,
+    ) -> dict:
         """The policy update(s) on one rollout batch (G-OPD and GRPO alike); the student's
         log-probs use the rollout temperature like every other model's (loss, importance weight
         and metrics alike).
@@ -212,36 +257,50 @@ class Distiller:
         self._step_skips = []
         if train.updates_per_rollout == 1:
             fn = loss_fn_for(all_rows, token_weights(mask, agg), None)
-            out = self.m.student.train_step(batch.tokens, mask, fn, train.micro_batch_size, temperature=temperature,
-                                            max_tokens=budget)
+            out = self.m.student.train_step(
+                batch.tokens, mask, fn, train.micro_batch_size, temperature=temperature, max_tokens=budget
+            )
             self._count_skip(out)
             return out
-        old = old_logp if old_logp is not None else \
-            self.m.student.logprobs(batch.tokens, mask, temperature, train.micro_batch_size, max_tokens=budget)
+        old = (
+            old_logp
+            if old_logp is not None
+            else self.m.student.logprobs(batch.tokens, mask, temperature, train.micro_batch_size, max_tokens=budget)
+        )
         self.update_stats = []
         per_token: dict[str, torch.Tensor] = {}
         for rows in torch.tensor_split(all_rows, train.updates_per_rollout):
             sub = mask[rows]
             fn = loss_fn_for(rows, token_weights(sub, agg), old[rows])
-            out = self.m.student.train_step(batch.tokens[rows], sub, fn, train.micro_batch_size, temperature=temperature,
-                                            max_tokens=budget)
+            out = self.m.student.train_step(
+                batch.tokens[rows], sub, fn, train.micro_batch_size, temperature=temperature, max_tokens=budget
+            )
             self._count_skip(out)
             clipped = clipped_for(rows, out["logp"], old[rows])
             m = sub.clone().float()
             m[:, 0] = 0
-            self.update_stats.append({
-                "loss": out["loss"], "grad_norm": out["grad_norm"], "entropy": out["entropy"], "tokens": float(m.sum()),
-                "clipped": float((clipped.float() * m).sum()),
-                "ratio_dev": float(((out["logp"] - old[rows]).exp().sub(1).abs() * m).sum()),
-            })
+            self.update_stats.append(
+                {
+                    "loss": out["loss"],
+                    "grad_norm": out["grad_norm"],
+                    "entropy": out["entropy"],
+                    "tokens": float(m.sum()),
+                    "clipped": float((clipped.float() * m).sum()),
+                    "ratio_dev": float(((out["logp"] - old[rows]).exp().sub(1).abs() * m).sum()),
+                }
+            )
             for k, v in out.items():  # a HiddenLoss's per-token outputs, each from its update's forward
                 if isinstance(v, torch.Tensor) and k != "logp":
                     per_token.setdefault(k, torch.zeros(mask.shape))[rows] = v
         stats = self.update_stats
         n = max(1.0, sum(u["tokens"] for u in stats))
-        return {"logp": old, **{k: sum(u[k] for u in stats) / len(stats) for k in ("loss", "grad_norm", "entropy")},
-                "clip_frac": sum(u["clipped"] for u in stats) / n, "ratio_dev": sum(u["ratio_dev"] for u in stats) / n,
-                **per_token}
+        return {
+            "logp": old,
+            **{k: sum(u[k] for u in stats) / len(stats) for k in ("loss", "grad_norm", "entropy")},
+            "clip_frac": sum(u["clipped"] for u in stats) / n,
+            "ratio_dev": sum(u["ratio_dev"] for u in stats) / n,
+            **per_token,
+        }
 
     def _count_skip(self, out: dict) -> None:
         """Track updates the optimizer skipped because the loss or gradient norm was not finite
@@ -257,16 +316,19 @@ class Distiller:
         after train.max_consecutive_skips of them in a row."""
         limit = self.cfg.train.max_consecutive_skips
         for loss, norm in self._step_skips:
-            _say(f"step {self.step}: update skipped (no optimizer step): loss={loss:.4g}, grad_norm={norm:.4g} is not "
-                 f"finite ({self.skips_in_a_row} in a row; train.max_consecutive_skips={limit} stops the run)")
+            _say(
+                f"step {self.step}: update skipped (no optimizer step): loss={loss:.4g}, grad_norm={norm:.4g} is not "
+                f"finite ({self.skips_in_a_row} in a row; train.max_consecutive_skips={limit} stops the run)"
+            )
         if self.skips_in_a_row >= limit:
             loss, norm = self._step_skips[-1]
             newest = self.ckpt.latest()
             raise TrainingError(
-                f"training stopped at step {self.step}: {self.skips_in_a_row} updates in a row were skipped because the "
-                f"loss or the gradient norm was not finite (last: loss={loss:.4g}, grad_norm={norm:.4g}; "
+                f"training stopped at step {self.step}: {self.skips_in_a_row} updates in a row were skipped "
+                f"because the loss or the gradient norm was not finite (last: loss={loss:.4g}, grad_norm={norm:.4g}; "
                 f"train.max_consecutive_skips={limit}); the weights are those of the last finite update and were not "
-                f"saved; lower optim.lr or check the inputs; newest checkpoint: {newest or 'none'}")
+                f"saved; lower optim.lr or check the inputs; newest checkpoint: {newest or 'none'}"
+            )
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> list[dict[str, float]]:
@@ -288,13 +350,18 @@ class Distiller:
                 raise StopRequested(signum, self.step, None)
             start = self.step
             history = []
-            bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and is_rank0()), desc=self.algorithm.describe())
+            bar = tqdm(
+                total=cfg.steps,
+                initial=self.step,
+                disable=not (cfg.progress and is_rank0()),
+                desc=self.algorithm.describe(),
+            )
             while self.step < cfg.steps:
                 metrics = self.train_step()
                 self.step += 1
                 metrics["skipped_updates"] = float(len(self._step_skips))
                 history.append(metrics)
-                on_rank0(lambda: self.logger.log(self.step, metrics))
+                on_rank0(lambda: self.logger.log(self.step, metrics))  # noqa: B023 - called here, in this pass
                 self._report_skips()
                 bar.update(1)
                 key = self.algorithm.progress_key
@@ -315,6 +382,7 @@ class Distiller:
             return history
 
     def _log_eval(self) -> None:
+        assert self.evaluate is not None  # the loop calls this only when there is an evaluation
         result = self.evaluate()  # collective
         on_rank0(lambda: self.logger.log(self.step, result, prefix="eval"))
 
