@@ -60,10 +60,10 @@ from gopd_mega.data import synthetic
 from gopd_mega.data.prompts import PromptDataset, sft_batch
 from gopd_mega.data.tokenizer import CharTokenizer
 from gopd_mega.evaluation import evaluate_modes
-from gopd_mega.model_io import is_model_dir, save_model_dir
+from gopd_mega.model_io import build_model, is_model_dir, save_model_dir
 from gopd_mega.oracle import per_token_target, sequence_target
 from gopd_mega.rollout.embedded import EmbeddedEngine
-from gopd_mega.run import build_model, build_models, build_student_optimizer, report, synthetic_evaluator, synthetic_reward
+from gopd_mega.run import build_models, build_student_optimizer, report, synthetic_evaluator, synthetic_reward
 from gopd_mega.sft import train_sft
 from gopd_mega.trainer import Distiller
 

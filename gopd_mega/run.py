@@ -12,16 +12,15 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from gopd_mega.config import ConfigError, ModelConfig, OptimConfig, RunConfig
+from gopd_mega.config import ConfigError, ModelConfig, RunConfig
 from gopd_mega.data import synthetic
 from gopd_mega.data.prompts import DataError
 from gopd_mega.evaluation import evaluate_config
 from gopd_mega.metrics import is_rank0
 from gopd_mega.model.distill import Projection
-from gopd_mega.model_io import load_weights, resolve_model_config
+from gopd_mega.model_io import build_model
 from gopd_mega.models import ShardedGPT
 from gopd_mega.optim import build_optimizer
-from gopd_mega.parallel import build_model_groups
 from gopd_mega.platform import init_distributed
 from gopd_mega.rollout import make_engine
 from gopd_mega.rollout.coordinator import RolloutCoordinator
@@ -30,29 +29,6 @@ from gopd_mega.rollout.servers import ServerScorer
 from gopd_mega.rollout.collective import run_on_rank0
 from gopd_mega.rollout.weight_sync import make_weight_sync
 from gopd_mega.trainer import Models
-
-
-def build_model(cfg: ModelConfig, trainable: bool, name: str, where: str | None = None,
-                optim: OptimConfig | None = None, total_steps: int | None = None) -> ShardedGPT:
-    """A ShardedGPT on its own layout, with the weights of ``cfg.load`` if given. ``where`` is its
-    config field (errors about the layout name it). ``optim`` (trainable only): its optimizer
-    (``model.optimizer``, LR schedule over ``total_steps``) is built BEFORE the weights are
-    loaded, so its fp32 masters get the checkpoint's full-precision values, not the copies
-    rounded to the model's dtype. Collective: every rank builds, then loads, in the same order."""
-    if optim is not None and not trainable:
-        raise ValueError(f"{name}: a frozen model gets no optimizer (optim given with trainable=False)")
-    cfg = resolve_model_config(cfg, where)
-    try:
-        groups = build_model_groups(cfg.tp, cfg.pp, name=name)
-    except ValueError as exc:  # the layout does not fit the world size
-        if where is None:
-            raise
-        field = "pp" if cfg.tp >= 1 and init_distributed()[1] % cfg.tp == 0 else "tp"
-        raise ConfigError(f"config field '{where}.{field}': {exc} (the number of processes)") from None
-    model = ShardedGPT(cfg, groups, trainable=trainable, optim=optim, total_steps=total_steps)
-    if cfg.load is not None:
-        load_weights(model, cfg.load)
-    return model
 
 
 def check_vocab(student: ShardedGPT, others: dict[str, ShardedGPT], tokenizer) -> None:

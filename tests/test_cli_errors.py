@@ -13,8 +13,7 @@ import pytest
 from gopd_mega.cli import main
 from gopd_mega.config import ModelConfig
 from gopd_mega.data.tokenizer import CharTokenizer
-from gopd_mega.model_io import save_model_dir
-from gopd_mega.run import build_model
+from gopd_mega.model_io import build_model, save_model_dir
 
 TOK = CharTokenizer()
 

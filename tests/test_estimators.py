@@ -24,7 +24,8 @@ from gopd_mega.config import ConfigError
 from gopd_mega.model.distill import FullVocabLoss, Projection, TopK, TopKLoss
 from gopd_mega.objective import full_vocab_token_loss, tilted_target, token_weights, top_k_token_loss
 from gopd_mega.optim import build_optimizer
-from gopd_mega.run import build_model, build_models
+from gopd_mega.model_io import build_model
+from gopd_mega.run import build_models
 from test_trainer import TOK, _run_cfg, _save_random_model
 
 PROMPTS = ("12+34=", "5*6=", "70+8=", "9*19=", "3+3=")

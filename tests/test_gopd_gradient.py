@@ -10,7 +10,8 @@ import torch
 
 from gopd_mega.objective import gopd_token_loss, token_weights
 from gopd_mega.optim import build_optimizer
-from gopd_mega.run import build_model, build_models
+from gopd_mega.model_io import build_model
+from gopd_mega.run import build_models
 from gopd_mega.trainer import gopd_loss_builder
 from test_trainer import TOK, _run_cfg, _save_random_model
 

@@ -18,7 +18,8 @@ import torch
 
 from gopd_mega.config import RunConfig, build_config
 from gopd_mega.optim import full_master_state_dict
-from gopd_mega.run import build_model, build_models, build_student_optimizer
+from gopd_mega.model_io import build_model
+from gopd_mega.run import build_models, build_student_optimizer
 
 from test_trainer import TOK, _save_random_model
 

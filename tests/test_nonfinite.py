@@ -13,8 +13,7 @@ from safetensors.torch import load_file, save_file
 from gopd_mega.config import ModelConfig
 from gopd_mega.failures import TrainingError
 from gopd_mega.hf.safetensors_io import CheckpointError
-from gopd_mega.model_io import load_weights, save_model_dir
-from gopd_mega.run import build_model
+from gopd_mega.model_io import build_model, load_weights, save_model_dir
 from test_trainer import TINY, _distiller, _run_cfg, model_dirs  # noqa: F401 (model_dirs: shared fixture)
 
 

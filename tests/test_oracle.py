@@ -11,7 +11,7 @@ import torch
 
 from gopd_mega.config import ModelConfig
 from gopd_mega.oracle import per_token_target, sequence_target
-from gopd_mega.run import build_model
+from gopd_mega.model_io import build_model
 
 V, STOP, L = 4, 0, 3  # ids 0..3, 0 stops a response, at most 3 response tokens
 

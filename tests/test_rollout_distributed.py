@@ -23,7 +23,7 @@ from gopd_mega.rollout.servers import ServerScoringMismatch
 def student_hf(model_dirs, tmp_path_factory):
     """The test student exported as a Hugging Face folder: what the stand-in server serves."""
     from gopd_mega.hf import export_hf
-    from gopd_mega.run import build_model
+    from gopd_mega.model_io import build_model
 
     path = tmp_path_factory.mktemp("hf") / "student"
     export_hf(build_model(ModelConfig(load=model_dirs["student"]), trainable=False, name="export"), path)
@@ -132,7 +132,7 @@ def test_teacher_served_by_sglang_scores_like_the_local_teacher(model_dirs, tmp_
     fp32 HF export); its log-probs equal the trainer-side teacher's up to fp32 rounding, and the
     start-up check compared them (the local copy comes from teachers[0].model.load)."""
     from gopd_mega.hf import export_hf
-    from gopd_mega.run import build_model
+    from gopd_mega.model_io import build_model
     from gopd_mega.trainer import score_teachers
 
     local = build_model(ModelConfig(load=model_dirs["add"]), trainable=False, name="add")

@@ -72,7 +72,7 @@ def test_kill_9_of_one_server_loses_no_prompt(model_dirs, student_hf, tmp_path):
 def test_hung_server_is_abandoned_in_bounded_time_and_comes_back_after_probe_and_sync(model_dirs, student_hf,
                                                                                        tmp_path):
     from gopd_mega.config import ModelConfig
-    from gopd_mega.run import build_model
+    from gopd_mega.model_io import build_model
 
     a, b = StandinSGLang(student_hf), StandinSGLang(student_hf, seed=1)
     try:

@@ -97,7 +97,7 @@ def _sync_calls(server):
 def test_weight_update_session_where_the_release_needs_one(model_dirs, student_hf, version, session):
     from gopd_mega.config import ModelConfig
     from gopd_mega.rollout.weight_sync import IpcSync
-    from gopd_mega.run import build_model
+    from gopd_mega.model_io import build_model
 
     server = StandinSGLang(student_hf, version=version)
     try:
@@ -160,7 +160,7 @@ def _generate_bodies(url):
 def test_a_rollout_step_through_the_real_router(fleet, model_dirs, tmp_path):
     from gopd_mega.config import ModelConfig
     from gopd_mega.rollout.weight_sync import DiskSync
-    from gopd_mega.run import build_model
+    from gopd_mega.model_io import build_model
 
     router, workers, procs = fleet
     old = {"input_ids": [[1, 5, 7], [1, 6, 8]], "sampling_params": {"max_new_tokens": 2}, "rid": ["a", "b"]}

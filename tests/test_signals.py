@@ -16,8 +16,7 @@ from safetensors.torch import load_file
 from dist_utils import subprocess_env
 from gopd_mega.config import ModelConfig
 from gopd_mega.data.tokenizer import CharTokenizer
-from gopd_mega.model_io import save_model_dir
-from gopd_mega.run import build_model
+from gopd_mega.model_io import build_model, save_model_dir
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

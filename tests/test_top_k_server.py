@@ -22,7 +22,7 @@ import torch
 
 from gopd_mega.rollout.servers import parse_top_k, top_k_request
 from gopd_mega.rollout.sglang import SGLangError
-from gopd_mega.run import build_model
+from gopd_mega.model_io import build_model
 from gopd_mega.config import ModelConfig
 from test_trainer import TINY, _distiller, _run_cfg, model_dirs  # noqa: F401 (model_dirs: shared fixture)
 

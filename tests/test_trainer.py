@@ -12,8 +12,8 @@ from gopd_mega.config import ModelConfig, RunConfig, build_config
 from gopd_mega.data import synthetic
 from gopd_mega.data.prompts import DataError, PromptDataset
 from gopd_mega.data.tokenizer import CharTokenizer
-from gopd_mega.model_io import save_model_dir
-from gopd_mega.run import build_model, build_models, build_student_optimizer
+from gopd_mega.model_io import build_model, save_model_dir
+from gopd_mega.run import build_models, build_student_optimizer
 from gopd_mega.trainer import Distiller, score_teachers
 
 TOK = CharTokenizer()

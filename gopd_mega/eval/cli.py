@@ -90,7 +90,7 @@ def build_engine(args, tokenizer):
     from gopd_mega.config import ModelConfig
     from gopd_mega.platform import init_distributed
     from gopd_mega.rollout import EmbeddedEngine
-    from gopd_mega.run import build_model
+    from gopd_mega.model_io import build_model
 
     init_distributed()
     model = build_model(ModelConfig(load=args.model, params_dtype=args.dtype), trainable=False, name="evaluated model")
@@ -122,7 +122,7 @@ def oracle_rows(args, engine, tokenizer, loaded, lambdas: list[float]) -> dict[s
     without them (code) is named on stdout as not computed."""
     from gopd_mega.config import ModelConfig
     from gopd_mega.eval.targets import answer_targets
-    from gopd_mega.run import build_model
+    from gopd_mega.model_io import build_model
 
     teacher = build_model(ModelConfig(load=args.oracle_teacher, params_dtype=args.dtype), trainable=False, name="oracle teacher")
     reference = build_model(ModelConfig(load=args.oracle_reference, params_dtype=args.dtype), trainable=False,
