@@ -14,7 +14,7 @@ from typing import Callable
 
 from gopd_mega.config import ConfigError, ModelConfig, RunConfig
 from gopd_mega.data import synthetic
-from gopd_mega.data.prompts import DataError
+from gopd_mega.data.prompts import DataError, PromptDataset
 from gopd_mega.evaluation import evaluate_config
 from gopd_mega.metrics import is_rank0
 from gopd_mega.model.distill import Projection
@@ -28,7 +28,7 @@ from gopd_mega.rollout.pool import SGLangPool
 from gopd_mega.rollout.servers import ServerScorer
 from gopd_mega.rollout.collective import run_on_rank0
 from gopd_mega.rollout.weight_sync import make_weight_sync
-from gopd_mega.trainer import Models
+from gopd_mega.trainer import Distiller, Models
 
 
 def check_vocab(student: ShardedGPT, others: dict[str, ShardedGPT], tokenizer) -> None:
@@ -108,6 +108,56 @@ def build_models(cfg: RunConfig, tokenizer) -> Models:
     rollout = build_rollout(cfg, engine, teachers, reference)
     return Models(student=student, reference=reference, teachers=teachers, engine=engine, rollout=rollout,
                   check_copies=local_copies, projections=projections, reference_projection=reference_projection)
+
+
+def build_distiller(cfg: RunConfig, tokenizer, records: list[dict] | None = None, *, data=None,
+                    held_out: dict[str, list[dict]] | None = None, eval_set: list[dict] | None = None,
+                    eval_where: str | None = None, verifiers: RecordVerifiers | None = None,
+                    reward: Callable | None = None) -> Distiller:
+    """A run ready to :meth:`~gopd_mega.trainer.Distiller.fit`: the one place models, prompts,
+    evaluation, reward and optimizer are put together (the CLI, the demo, the benchmark and the
+    tests all come here). In this order, the same on every rank:
+
+    1. :func:`build_models` (collective; the student's optimizer before its weights), then a
+       Hugging Face tokenizer is checked against every teacher's;
+    2. the prompts: ``data`` if given (anything with PromptDataset's interface), else
+       ``PromptDataset.from_config(records, ...)`` routed by the teachers' names (a DataError
+       names ``data.source``);
+    3. the periodic evaluation: :func:`synthetic_evaluator` on ``held_out`` (synthetic domains,
+       unless data.verifier='none'), or :func:`dataset_evaluator` on ``eval_set`` (dataset
+       records, ``eval_where`` names them, graded by ``verifiers``), or none;
+    4. GRPO's reward (objective.kind='grpo'): ``reward`` if given, else :func:`synthetic_reward`
+       for data.source='synthetic' or :func:`dataset_reward` by ``verifiers``;
+    5. the student's optimizer (:func:`build_student_optimizer`) and the Distiller.
+
+    ``verifiers`` (a RecordVerifiers) stays the caller's to close: it holds worker processes."""
+    models = build_models(cfg, tokenizer)
+    if hasattr(tokenizer, "check_compatible"):
+        for teacher in cfg.teachers:
+            tokenizer.check_compatible(teacher.model.load, f"teacher '{teacher.name}'")
+    if data is None:
+        try:
+            data = PromptDataset.from_config(records, tokenizer, cfg.data, teachers=[t.name for t in cfg.teachers] or None)
+        except DataError as exc:  # 'record i ...': say which file the records came from
+            raise DataError(f"{cfg.data.source}: {exc}") from None
+    evaluate = None
+    if held_out and cfg.data.verifier != "none":
+        evaluate = synthetic_evaluator(cfg, models, tokenizer, held_out)
+    elif eval_set is not None:
+        if verifiers is None:
+            raise ValueError("build_distiller: an eval_set is graded by verifiers (a RecordVerifiers)")
+        evaluate = dataset_evaluator(cfg, models, tokenizer, eval_set, eval_where or "the evaluation set", verifiers)
+    elif cfg.train.eval_every:
+        report("train.eval_every is set but there is nothing to evaluate on (a dataset file needs "
+               "data.eval_source or data.eval_holdout, and a verifier): no periodic evaluation")
+    if cfg.objective.kind == "grpo" and reward is None:
+        if cfg.data.source == "synthetic":
+            reward = synthetic_reward(cfg, records, tokenizer)
+        elif verifiers is None:
+            raise ValueError("build_distiller: GRPO on a dataset file takes its reward from verifiers (a RecordVerifiers)")
+        else:
+            reward = dataset_reward(cfg, records, data, tokenizer, verifiers)
+    return Distiller(cfg, models, data, build_student_optimizer(cfg, models), evaluate, reward=reward)
 
 
 def server_pool(urls, rollout_cfg, tokenizer) -> SGLangPool:
@@ -266,7 +316,6 @@ def dataset_evaluator(cfg: RunConfig, models: Models, tokenizer, eval_records: l
     (at most eval.max_prompts of each; prompts longer than data.max_prompt_len are dropped and
     counted) sampled once at the rollout settings by :func:`gopd_mega.eval.harness.training_evaluator`,
     giving ``eval/<kind>/avg@1``, ``.../pass@1``, ``.../response_len``, ``.../stop_rate``."""
-    from gopd_mega.data.prompts import PromptDataset
     from gopd_mega.eval.harness import training_evaluator
 
     if cfg.eval.exact:

@@ -13,7 +13,7 @@ from gopd_mega.data import synthetic
 from gopd_mega.data.prompts import DataError, PromptDataset
 from gopd_mega.data.tokenizer import CharTokenizer
 from gopd_mega.model_io import build_model, save_model_dir
-from gopd_mega.run import build_models, build_student_optimizer
+from gopd_mega.run import build_distiller, build_models
 from gopd_mega.trainer import Distiller, score_teachers
 
 TOK = CharTokenizer()
@@ -54,9 +54,7 @@ def _run_cfg(model_dirs, out_dir, steps, **extra) -> RunConfig:
 
 def _distiller(cfg: RunConfig) -> Distiller:
     records, _ = synthetic.from_config(cfg.data)
-    models = build_models(cfg, TOK)
-    data = PromptDataset.from_config(records, TOK, cfg.data, teachers=[t.name for t in cfg.teachers])
-    return Distiller(cfg, models, data, build_student_optimizer(cfg, models))
+    return build_distiller(cfg, TOK, records)
 
 
 def test_resume_equals_straight_run(model_dirs, tmp_path):
