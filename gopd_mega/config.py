@@ -693,13 +693,13 @@ class EvalConfig:
 
 
 @dataclass
-class RunConfig:
-    """A whole G-OPD run."""
+class RunSections:
+    """The sections of a run besides its models, declared once: :class:`RunConfig` adds the
+    student and the teachers; the demo's config (gopd_mega.demo.DemoConfig) adds its phases and
+    builds one RunConfig per phase from these."""
 
-    student: ModelConfig = field(default_factory=ModelConfig)
-    """The student (trained); its initial weights are also the default reference."""
-    teachers: list[TeacherConfig] = field(default_factory=list)
-    """One or more teachers, each with its own route key and layout."""
+    SECTIONS = ("objective", "rollout", "optim", "data", "train", "eval")
+
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     """lambda, reference and the policy-loss settings."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -712,6 +712,20 @@ class RunConfig:
     """Loop, checkpoints and logging."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation."""
+
+    def validate_sections(self) -> None:
+        for name in self.SECTIONS:
+            getattr(self, name).validate(name)
+
+
+@dataclass
+class RunConfig(RunSections):
+    """A whole G-OPD run."""
+
+    student: ModelConfig = field(default_factory=ModelConfig)
+    """The student (trained); its initial weights are also the default reference."""
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    """One or more teachers, each with its own route key and layout."""
 
     def validate(self) -> "RunConfig":
         self.student.validate("student")
@@ -731,8 +745,7 @@ class RunConfig:
         for i, teacher in enumerate(self.teachers):
             teacher.validate(f"teachers[{i}]")
         self._check_estimator()
-        for name in ("objective", "rollout", "optim", "data", "train", "eval"):
-            getattr(self, name).validate(name)
+        self.validate_sections()
         rows = self.train.prompts_per_step * self.rollout.samples_per_prompt
         if self.train.updates_per_rollout > rows:
             _fail("train.updates_per_rollout", f"{self.train.updates_per_rollout} mini-batches cannot split a rollout batch of "
