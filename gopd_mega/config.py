@@ -677,13 +677,15 @@ class EvalConfig:
     """Held-out evaluation."""
 
     greedy: bool = True
-    """Report greedy-decoding accuracy."""
+    """Report greedy-decoding accuracy (``eval/<group>/greedy``), on synthetic domains and datasets
+    alike. Metric names: gopd_mega/eval/metrics.py."""
     sampled: bool = True
-    """Report accuracy of temperature sampling (rollout temperature)."""
+    """Report the accuracy of one sample per prompt at the rollout temperature and top-p
+    (``eval/<group>/avg@1``, ``pass@1``)."""
     exact: bool = False
     """Report the exact expected accuracy of temperature sampling: the probability of the reference
-    answer then eos, one teacher-forced forward, no sampling noise (gopd_mega.evaluation.
-    answer_probability). Synthetic domains only (they have one reference answer per prompt)."""
+    answer then eos, one teacher-forced forward, no sampling noise (``eval/<group>/exact``,
+    gopd_mega.eval.domains.answer_probability). Synthetic domains only (they have one reference answer per prompt)."""
     max_prompts: int = 200
     """Held-out prompts per domain used for evaluation."""
 

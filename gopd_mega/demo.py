@@ -13,7 +13,7 @@ For every seed (model initialisation, data order and sampling change; the data s
    scored by its domain's teacher: lambda = 1 (OPD) and lambda > 1 (ExOPD, e.g. 1.25 and 1.5).
 4. Held-out accuracy per domain of every system: "exact" (the expected accuracy of sampling at
    temperature 1, computed as the probability of the reference answer: no sampling noise, see
-   gopd_mega.evaluation.answer_probability) and greedy.
+   gopd_mega.eval.domains.answer_probability) and greedy.
 Then mean +- sample std over seeds, the paired per-seed difference ExOPD - OPD (same base and
 teachers within a seed), a table (printed last; results.md / results.json) and results.png
 (accuracy with its spread; reverse KL to each teacher over distillation steps; teacher rewards).
@@ -55,7 +55,7 @@ from gopd_mega.config import (
 from gopd_mega.data import synthetic
 from gopd_mega.data.prompts import sft_batch
 from gopd_mega.data.tokenizer import CharTokenizer
-from gopd_mega.evaluation import evaluate_modes
+from gopd_mega.eval.domains import evaluate_modes
 from gopd_mega.model_io import build_model, is_model_dir, save_model_dir
 from gopd_mega.oracle import per_token_target, sequence_target
 from gopd_mega.rollout.embedded import EmbeddedEngine

@@ -15,7 +15,7 @@ from typing import Callable
 from gopd_mega.config import ConfigError, ModelConfig, RunConfig
 from gopd_mega.data import synthetic
 from gopd_mega.data.prompts import DataError, PromptDataset
-from gopd_mega.evaluation import evaluate_config
+from gopd_mega.eval.domains import evaluate_config
 from gopd_mega.metrics import is_rank0
 from gopd_mega.model.distill import Projection
 from gopd_mega.model_io import build_model
@@ -193,7 +193,9 @@ def build_rollout(cfg: RunConfig, engine, teachers: dict, reference) -> RolloutC
 
 def synthetic_evaluator(cfg: RunConfig, models: Models, tokenizer, held_out: dict[str, list[dict]]) -> Callable[[], dict]:
     """Held-out accuracy of the rollout engine (= the current student) on the synthetic domains,
-    exact, greedy and/or sampled as ``cfg.eval`` asks: the trainer's periodic evaluation."""
+    exact, greedy and/or sampled as ``cfg.eval`` asks: the trainer's periodic evaluation, named
+    ``eval/<domain>/exact``, ``.../greedy``, ``.../avg@1``, ... and ``eval/mean/<metric>``
+    (gopd_mega/eval/metrics.py)."""
     engine = models.rollout.shared_engine() if models.rollout is not None else models.engine
     return lambda: evaluate_config(engine, held_out, tokenizer, synthetic.check, cfg.eval, cfg.rollout,
                                    seed=cfg.data.seed, prompt_field=cfg.data.prompt_field,
@@ -314,13 +316,18 @@ def dataset_evaluator(cfg: RunConfig, models: Models, tokenizer, eval_records: l
                       verifiers: RecordVerifiers) -> Callable[[], dict]:
     """The trainer's periodic evaluation on held-out dataset records: each verifier kind's records
     (at most eval.max_prompts of each; prompts longer than data.max_prompt_len are dropped and
-    counted) sampled once at the rollout settings by :func:`gopd_mega.eval.harness.training_evaluator`,
-    giving ``eval/<kind>/avg@1``, ``.../pass@1``, ``.../response_len``, ``.../stop_rate``."""
+    counted) decoded greedily (eval.greedy: ``eval/<kind>/greedy``, ...) and/or sampled once at the
+    rollout settings (eval.sampled: ``eval/<kind>/avg@1``, ``.../pass@1``, ``.../response_len``,
+    ``.../stop_rate``) by :func:`gopd_mega.eval.harness.training_evaluator`, with
+    ``eval/mean/<metric>`` over the kinds (gopd_mega/eval/metrics.py)."""
     from gopd_mega.eval.harness import training_evaluator
 
     if cfg.eval.exact:
         raise ConfigError(f"config field 'eval.exact': exact evaluation needs one reference answer per prompt "
                           f"(synthetic domains); {where} is graded by verifiers, set eval.exact=false")
+    if not (cfg.eval.greedy or cfg.eval.sampled):
+        raise ConfigError(f"config field 'eval.sampled': {where} is evaluated greedily (eval.greedy) and/or by one sample "
+                          "per prompt (eval.sampled); both are false")
     kept = PromptDataset(eval_records, tokenizer, max_prompt_len=cfg.data.max_prompt_len,
                          prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field,
                          teacher_field=cfg.data.teacher_field)
@@ -346,7 +353,8 @@ def dataset_evaluator(cfg: RunConfig, models: Models, tokenizer, eval_records: l
     r = cfg.rollout
     return training_evaluator(engine, tokenizer, datasets, samples=1, temperature=r.temperature, top_p=r.top_p,
                               max_new_tokens=r.max_new_tokens, seed=cfg.data.seed, chat_template=False,
-                              max_prompts=cfg.eval.max_prompts, prompt_field=cfg.data.prompt_field)
+                              max_prompts=cfg.eval.max_prompts, prompt_field=cfg.data.prompt_field,
+                              greedy=cfg.eval.greedy, sampled=cfg.eval.sampled)
 
 
 def synthetic_reward(cfg: RunConfig, records: list[dict], tokenizer) -> Callable:
