@@ -11,7 +11,7 @@ import pytest
 from gopd_mega.checkpoint import save_rng_state, write_manifest
 from gopd_mega.config import ModelConfig
 from gopd_mega.model_io import build_model, save_model_dir
-from test_trainer import TINY
+from helpers import TINY
 
 
 @pytest.fixture(params=[0o022, 0o002, 0o077])

@@ -18,7 +18,6 @@ import torch
 
 from dist_utils import run_distributed
 from sglang_standin import StandinSGLang
-from test_trainer import TOK, model_dirs  # noqa: F401 (model_dirs: shared fixture)
 
 from gopd_mega.config import ModelConfig
 from gopd_mega.rollout.coordinator import RolloutCoordinator, Sampling

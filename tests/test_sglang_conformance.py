@@ -19,8 +19,7 @@ import pytest
 import sglang_contract
 from sglang_procs import start_router, start_standin, stop
 from sglang_standin import StandinSGLang
-from test_rollout_distributed import student_hf  # noqa: F401 (fixture)
-from test_trainer import model_dirs  # noqa: F401 (fixture)
+
 
 from gopd_mega.rollout.coordinator import RolloutCoordinator, Sampling
 from gopd_mega.rollout.pool import SGLangPool
