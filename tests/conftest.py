@@ -1,4 +1,5 @@
-"""Test-session set-up shared by every test module.
+"""Test-session set-up shared by every test module, and the shared fixtures (the shared plain
+helpers are in helpers.py).
 
 Without a GPU, Triton kernels run only in its interpreter, and triton reads TRITON_INTERPRET
 when it is first imported (megatron-core and transformers import it during collection), so the
@@ -9,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -19,8 +21,6 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests import their shared help
 
 # ----------------------------------------------------------------------------- shared fixtures
 # (module-scoped: each test module that asks builds its own, as when they were imported per module)
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="module")
