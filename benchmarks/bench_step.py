@@ -55,7 +55,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gopd_mega.config import ModelConfig, ObjectiveConfig, OptimConfig, RolloutConfig, RunConfig, TeacherConfig, TrainConfig  # noqa: E402
 from gopd_mega.platform import init_distributed, on_gpu  # noqa: E402
-from gopd_mega.run import build_models, build_student_optimizer  # noqa: E402
+from gopd_mega.run import build_distiller  # noqa: E402
 from gopd_mega.trainer import Distiller  # noqa: E402
 
 PAD, STOP = 0, 1
@@ -207,12 +207,10 @@ def build(args, out_dir: str) -> tuple[Distiller, Probe, dict]:
     for name in ("objective", "rollout", "optim", "train"):
         getattr(cfg, name).validate(name)
     tokenizer = SimpleNamespace(pad_id=PAD, stop_ids=[STOP])
-    models = build_models(cfg, tokenizer)
-    data = RandomPrompts(args.vocab, args.prompt_min, args.prompt_max, names, seed=0)
-    distiller = Distiller(cfg, models, data, build_student_optimizer(cfg, models))
+    distiller = build_distiller(cfg, tokenizer, data=RandomPrompts(args.vocab, args.prompt_min, args.prompt_max, names, seed=0))
 
     probe = Probe(PAD)
-    m = models
+    m = distiller.m
     m.engine.generate = probe.rollout(m.engine.generate)
     for name, teacher in m.teachers.items():
         teacher.logprobs = probe.scoring("teachers", teacher, teacher.logprobs, "forward")

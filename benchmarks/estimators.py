@@ -106,7 +106,7 @@ def distill(cfg, base: Path, teachers: dict[str, Path], lam: float, estimator: s
     from gopd_mega.config import RunConfig, TeacherConfig
     from gopd_mega.data import synthetic
     from gopd_mega.data.prompts import PromptDataset
-    from gopd_mega.evaluation import evaluate_modes
+    from gopd_mega.eval.domains import evaluate_modes
     from gopd_mega.run import build_models, build_student_optimizer
     from gopd_mega.trainer import Distiller
 
@@ -172,9 +172,9 @@ def seed_job(cfg, args, seed: int) -> dict:
 def base_accuracy(cfg, args, base: Path, held_out, tokenizer, out: Path) -> dict:
     """Held-out exact accuracy of the base student (cached in out/base_accuracy.json)."""
     from gopd_mega.data import synthetic
-    from gopd_mega.evaluation import evaluate_modes
+    from gopd_mega.eval.domains import evaluate_modes
     from gopd_mega.rollout.embedded import EmbeddedEngine
-    from gopd_mega.run import build_model
+    from gopd_mega.model_io import build_model
 
     path = out / "base_accuracy.json"
     if path.is_file():
@@ -206,8 +206,8 @@ def time_job(estimator: str, lam: float, vocab: int, steps: int) -> dict:
     from gopd_mega.data.tokenizer import CharTokenizer
     from gopd_mega.demo import DemoConfig
     from gopd_mega.config import build_config, read_recipe
-    from gopd_mega.model_io import save_model_dir
-    from gopd_mega.run import build_model, build_models, build_student_optimizer
+    from gopd_mega.model_io import build_model, save_model_dir
+    from gopd_mega.run import build_models, build_student_optimizer
     from gopd_mega.trainer import Distiller
     import tempfile
 

@@ -41,8 +41,8 @@ def main() -> None:
     from gopd_mega.data.prompts import PromptDataset
     from gopd_mega.data.tokenizer import CharTokenizer
     from gopd_mega.hf import export_hf
-    from gopd_mega.model_io import save_model_dir
-    from gopd_mega.run import build_model, build_models, build_student_optimizer
+    from gopd_mega.model_io import build_model, save_model_dir
+    from gopd_mega.run import build_models, build_student_optimizer
     from gopd_mega.trainer import Distiller
 
     tok = CharTokenizer()

@@ -33,15 +33,14 @@ from pathlib import Path
 
 from gopd_mega.config import ConfigError, RunConfig, load_config
 from gopd_mega.data import synthetic
-from gopd_mega.data.prompts import DataError, PromptDataset
+from gopd_mega.data.prompts import DataError
 from gopd_mega.data.tokenizer import CharTokenizer
 from gopd_mega.failures import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_STOPPED, PeerFailed, StopRequested, TrainingError, diagnose,
                                 is_collective_failure, mark_failed, rank, report_here, start_heartbeat)
 from gopd_mega.hf.safetensors_io import CheckpointError
 from gopd_mega.model_io import is_hf_dir, save_model_dir
 from gopd_mega.platform import init_distributed
-from gopd_mega.run import (RecordVerifiers, build_models, build_student_optimizer, dataset_evaluator, dataset_reward,
-                           report, synthetic_evaluator, synthetic_reward)
+from gopd_mega.run import RecordVerifiers, build_distiller, report
 from gopd_mega.storage import StorageError
 from gopd_mega.trainer import Distiller
 
@@ -120,35 +119,15 @@ def train(cfg: RunConfig) -> Distiller:
         eval_where = f"{cfg.data.source} (data.eval_holdout={cfg.data.eval_holdout})"
     elif cfg.data.eval_source is not None:
         eval_set, eval_where = load_dataset_records(cfg, tokenizer, cfg.data.eval_source), cfg.data.eval_source
-    models = build_models(cfg, tokenizer)
-    if hasattr(tokenizer, "check_compatible"):
-        for teacher in cfg.teachers:
-            tokenizer.check_compatible(teacher.model.load, f"teacher '{teacher.name}'")
-    try:
-        data = PromptDataset.from_config(records, tokenizer, cfg.data, teachers=[t.name for t in cfg.teachers] or None)
-    except DataError as exc:  # 'record i ...': say which file the records came from
-        raise DataError(f"{cfg.data.source}: {exc}") from None
-    report(str(data.filter_summary))
     verifiers = RecordVerifiers(cfg.data)
     try:
-        evaluate = None
-        if held_out and cfg.data.verifier != "none":
-            evaluate = synthetic_evaluator(cfg, models, tokenizer, held_out)
-        elif eval_set is not None:
-            evaluate = dataset_evaluator(cfg, models, tokenizer, eval_set, eval_where, verifiers)
-        elif cfg.train.eval_every:
-            report("train.eval_every is set but there is nothing to evaluate on (a dataset file needs "
-                   "data.eval_source or data.eval_holdout, and a verifier): no periodic evaluation")
-        reward = None
-        if cfg.objective.kind == "grpo":
-            if cfg.data.source == "synthetic":
-                reward = synthetic_reward(cfg, records, tokenizer)
-            else:
-                reward = dataset_reward(cfg, records, data, tokenizer, verifiers)
-        distiller = Distiller(cfg, models, data, build_student_optimizer(cfg, models), evaluate, reward=reward)
+        distiller = build_distiller(cfg, tokenizer, records, held_out=held_out, eval_set=eval_set, eval_where=eval_where,
+                                    verifiers=verifiers)
+        report(str(distiller.data.filter_summary))
         distiller.fit()
     finally:
         verifiers.close()  # the math verifier's worker processes
+    models = distiller.m
     out = Path(cfg.train.out_dir)
     save_model_dir(models.student, out / "student")
     if cfg.student.load is not None and is_hf_dir(cfg.student.load):

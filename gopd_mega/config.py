@@ -665,13 +665,15 @@ class EvalConfig:
     """Held-out evaluation."""
 
     greedy: bool = True
-    """Report greedy-decoding accuracy."""
+    """Report greedy-decoding accuracy (``eval/<group>/greedy``), on synthetic domains and datasets
+    alike. Metric names: gopd_mega/eval/metrics.py."""
     sampled: bool = True
-    """Report accuracy of temperature sampling (rollout temperature)."""
+    """Report the accuracy of one sample per prompt at the rollout temperature and top-p
+    (``eval/<group>/avg@1``, ``pass@1``)."""
     exact: bool = False
     """Report the exact expected accuracy of temperature sampling: the probability of the reference
-    answer then eos, one teacher-forced forward, no sampling noise (gopd_mega.evaluation.
-    answer_probability). Synthetic domains only (they have one reference answer per prompt)."""
+    answer then eos, one teacher-forced forward, no sampling noise (``eval/<group>/exact``,
+    gopd_mega.eval.domains.answer_probability). Synthetic domains only (they have one reference answer per prompt)."""
     max_prompts: int = 200
     """Held-out prompts per domain used for evaluation."""
 
@@ -681,13 +683,13 @@ class EvalConfig:
 
 
 @dataclass
-class RunConfig:
-    """A whole G-OPD run."""
+class RunSections:
+    """The sections of a run besides its models, declared once: :class:`RunConfig` adds the
+    student and the teachers; the demo's config (gopd_mega.demo.DemoConfig) adds its phases and
+    builds one RunConfig per phase from these."""
 
-    student: ModelConfig = field(default_factory=ModelConfig)
-    """The student (trained); its initial weights are also the default reference."""
-    teachers: list[TeacherConfig] = field(default_factory=list)
-    """One or more teachers, each with its own route key and layout."""
+    SECTIONS = ("objective", "rollout", "optim", "data", "train", "eval")
+
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     """lambda, reference and the policy-loss settings."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -700,6 +702,20 @@ class RunConfig:
     """Loop, checkpoints and logging."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation."""
+
+    def validate_sections(self) -> None:
+        for name in self.SECTIONS:
+            getattr(self, name).validate(name)
+
+
+@dataclass
+class RunConfig(RunSections):
+    """A whole G-OPD run."""
+
+    student: ModelConfig = field(default_factory=ModelConfig)
+    """The student (trained); its initial weights are also the default reference."""
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    """One or more teachers, each with its own route key and layout."""
 
     def validate(self) -> "RunConfig":
         self.student.validate("student")
@@ -719,8 +735,7 @@ class RunConfig:
         for i, teacher in enumerate(self.teachers):
             teacher.validate(f"teachers[{i}]")
         self._check_estimator()
-        for name in ("objective", "rollout", "optim", "data", "train", "eval"):
-            getattr(self, name).validate(name)
+        self.validate_sections()
         rows = self.train.prompts_per_step * self.rollout.samples_per_prompt
         if self.train.updates_per_rollout > rows:
             _fail("train.updates_per_rollout", f"{self.train.updates_per_rollout} mini-batches cannot split a rollout batch of "

@@ -13,7 +13,7 @@ For every seed (model initialisation, data order and sampling change; the data s
    scored by its domain's teacher: lambda = 1 (OPD) and lambda > 1 (ExOPD, e.g. 1.25 and 1.5).
 4. Held-out accuracy per domain of every system: "exact" (the expected accuracy of sampling at
    temperature 1, computed as the probability of the reference answer: no sampling noise, see
-   gopd_mega.evaluation.answer_probability) and greedy.
+   gopd_mega.eval.domains.answer_probability) and greedy.
 Then mean +- sample std over seeds, the paired per-seed difference ExOPD - OPD (same base and
 teachers within a seed), a table (printed last; results.md / results.json) and results.png
 (accuracy with its spread; reverse KL to each teacher over distillation steps; teacher rewards).
@@ -43,29 +43,24 @@ from pathlib import Path
 
 from gopd_mega.config import (
     ConfigError,
-    DataConfig,
-    EvalConfig,
     ModelConfig,
-    ObjectiveConfig,
     OptimConfig,
-    RolloutConfig,
     RunConfig,
+    RunSections,
     TeacherConfig,
-    TrainConfig,
     build_config,
     read_recipe,
     to_dict,
 )
 from gopd_mega.data import synthetic
-from gopd_mega.data.prompts import PromptDataset, sft_batch
+from gopd_mega.data.prompts import sft_batch
 from gopd_mega.data.tokenizer import CharTokenizer
-from gopd_mega.evaluation import evaluate_modes
-from gopd_mega.model_io import is_model_dir, save_model_dir
+from gopd_mega.eval.domains import evaluate_modes
+from gopd_mega.model_io import build_model, is_model_dir, save_model_dir
 from gopd_mega.oracle import per_token_target, sequence_target
 from gopd_mega.rollout.embedded import EmbeddedEngine
-from gopd_mega.run import build_model, build_models, build_student_optimizer, report, synthetic_evaluator, synthetic_reward
+from gopd_mega.run import build_distiller, report
 from gopd_mega.sft import train_sft
-from gopd_mega.trainer import Distiller
 
 
 @dataclass
@@ -154,8 +149,14 @@ class OracleConfig:
 
 
 @dataclass
-class DemoConfig:
-    """The demo experiment."""
+class DemoConfig(RunSections):
+    """The demo experiment: its phases, plus the run sections every phase's RunConfig is built from
+    (:class:`gopd_mega.config.RunSections`): ``data`` (the synthetic domains and sizes; data.seed
+    fixes the prompts, the same for every seed), ``objective`` (G-OPD settings shared by the
+    distillation runs; lam is set per run), ``rollout`` (sampling for distillation, GRPO and sampled
+    evaluation), ``optim`` (the student's optimiser in distillation), ``train`` (the distillation
+    loop; out_dir and seed are set per run) and ``eval`` (held-out evaluation).
+    """
 
     out_dir: str = "runs/demo"
     """Where every phase writes its model directory and the results."""
@@ -167,8 +168,6 @@ class DemoConfig:
     CPU, at most one per seed; 1: all seeds in this process, one after another)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Architecture and layout of base, teachers and students (vocab_size comes from the tokenizer)."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Synthetic domains and sizes (data.seed fixes the prompts: the same for every seed)."""
     base: SFTPhase = field(default_factory=SFTPhase)
     """Brief SFT on all domains: the mediocre base student."""
     teacher: GRPOPhase = field(default_factory=GRPOPhase)
@@ -178,16 +177,6 @@ class DemoConfig:
     sequence_lambdas: list[float] = field(default_factory=list)
     """Reward scales to distil with ALSO with objective.returns = 'sequence' (return-to-go: the
     sequence-level target; the runs above use the paper's per-token advantage): [] = none."""
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    """G-OPD settings shared by the distillation runs (lam is set per run)."""
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    """Sampling for distillation, GRPO and sampled evaluation."""
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    """Student optimiser for distillation."""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """Distillation loop (out_dir and seed are set per run)."""
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    """Held-out evaluation."""
     strong_to_weak: StrongToWeak = field(default_factory=StrongToWeak)
     """Only for ``--strong-to-weak``."""
     oracle: OracleConfig = field(default_factory=OracleConfig)
@@ -195,8 +184,7 @@ class DemoConfig:
 
     def validate(self) -> "DemoConfig":
         self.model.validate("model")
-        for name in ("data", "objective", "rollout", "optim", "train", "eval"):
-            getattr(self, name).validate(name)
+        self.validate_sections()
         self.base.validate("base")
         self.teacher.validate("teacher")
         self.strong_to_weak.validate("strong_to_weak")
@@ -264,13 +252,10 @@ def _grpo_teacher(cfg: DemoConfig, base: Path, domain: str, records: list[dict],
                                   eval_every=0, out_dir=str(out.parent / f"{out.name}_train")),
         eval=cfg.eval,
     ).validate()
-    models = build_models(run_cfg, tokenizer)
-    data = PromptDataset.from_config(records, tokenizer, run_cfg.data)
-    distiller = Distiller(run_cfg, models, data, build_student_optimizer(run_cfg, models),
-                          reward=synthetic_reward(run_cfg, records, tokenizer))
+    distiller = build_distiller(run_cfg, tokenizer, records)  # GRPO: the synthetic checker's reward
     t0 = time.perf_counter()
     history = distiller.fit()
-    save_model_dir(models.student, out)
+    save_model_dir(distiller.m.student, out)
     if history:
         k = max(1, len(history) // 5)
         first = statistics.fmean(m["reward_mean"] for m in history[:k])
@@ -295,13 +280,10 @@ def _distill(cfg: DemoConfig, student: ModelConfig, teachers: dict[str, Path], l
         train=dataclasses.replace(cfg.train, out_dir=str(out / "train"), seed=seed),
         eval=cfg.eval,
     ).validate()
-    models = build_models(run_cfg, tokenizer)
-    data = PromptDataset.from_config(records, tokenizer, run_cfg.data, teachers=list(teachers))
-    evaluate = synthetic_evaluator(run_cfg, models, tokenizer, held_out)
-    distiller = Distiller(run_cfg, models, data, build_student_optimizer(run_cfg, models), evaluate)
+    distiller = build_distiller(run_cfg, tokenizer, records, held_out=held_out)
     t0 = time.perf_counter()
     distiller.fit()
-    save_model_dir(models.student, result)
+    save_model_dir(distiller.m.student, result)
     report(f"{desc}: {run_cfg.train.steps} G-OPD steps in {time.perf_counter() - t0:.0f}s")
     return result
 

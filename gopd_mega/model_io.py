@@ -1,4 +1,5 @@
-"""Layout-free model directories: what ``ModelConfig.load`` points at.
+"""Layout-free model directories: what ``ModelConfig.load`` points at, and :func:`build_model`,
+a ShardedGPT on its own layout with the weights of such a directory.
 
 Two formats are recognised by their files:
   * gopd-mega model directory: ``model_config.json`` (a ModelConfig) + ``model.safetensors``
@@ -20,11 +21,14 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from gopd_mega.config import ConfigError, ModelConfig, build_config
+from gopd_mega.config import ConfigError, ModelConfig, OptimConfig, build_config
 from gopd_mega.failures import TrainingError, on_every_rank, on_rank0
 from gopd_mega.hf.safetensors_io import CheckpointError
 from gopd_mega.model.weights import first_nonfinite
+from gopd_mega.models import ShardedGPT
 from gopd_mega.optim import full_master_state_dict
+from gopd_mega.parallel import build_model_groups
+from gopd_mega.platform import init_distributed
 from gopd_mega.storage import require_space, save_safetensors, storage_error
 
 MODEL_CONFIG = "model_config.json"
@@ -136,3 +140,26 @@ def resolve_model_config(cfg: ModelConfig, where: str | None = None) -> ModelCon
     except ConfigError as exc:
         raise ConfigError(f"{exc} (architecture read from {path})") from None
     return resolved
+
+
+def build_model(cfg: ModelConfig, trainable: bool, name: str, where: str | None = None,
+                optim: OptimConfig | None = None, total_steps: int | None = None) -> ShardedGPT:
+    """A ShardedGPT on its own layout, with the weights of ``cfg.load`` if given. ``where`` is its
+    config field (errors about the layout name it). ``optim`` (trainable only): its optimizer
+    (``model.optimizer``, LR schedule over ``total_steps``) is built BEFORE the weights are
+    loaded, so its fp32 masters get the checkpoint's full-precision values, not the copies
+    rounded to the model's dtype. Collective: every rank builds, then loads, in the same order."""
+    if optim is not None and not trainable:
+        raise ValueError(f"{name}: a frozen model gets no optimizer (optim given with trainable=False)")
+    cfg = resolve_model_config(cfg, where)
+    try:
+        groups = build_model_groups(cfg.tp, cfg.pp, name=name)
+    except ValueError as exc:  # the layout does not fit the world size
+        if where is None:
+            raise
+        field = "pp" if cfg.tp >= 1 and init_distributed()[1] % cfg.tp == 0 else "tp"
+        raise ConfigError(f"config field '{where}.{field}': {exc} (the number of processes)") from None
+    model = ShardedGPT(cfg, groups, trainable=trainable, optim=optim, total_steps=total_steps)
+    if cfg.load is not None:
+        load_weights(model, cfg.load)
+    return model

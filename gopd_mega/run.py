@@ -12,16 +12,15 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from gopd_mega.config import ConfigError, ModelConfig, OptimConfig, RunConfig
+from gopd_mega.config import ConfigError, ModelConfig, RunConfig
 from gopd_mega.data import synthetic
-from gopd_mega.data.prompts import DataError
-from gopd_mega.evaluation import evaluate_config
+from gopd_mega.data.prompts import DataError, PromptDataset
+from gopd_mega.eval.domains import evaluate_config
 from gopd_mega.metrics import is_rank0
 from gopd_mega.model.distill import Projection
-from gopd_mega.model_io import load_weights, resolve_model_config
+from gopd_mega.model_io import build_model
 from gopd_mega.models import ShardedGPT
 from gopd_mega.optim import build_optimizer
-from gopd_mega.parallel import build_model_groups
 from gopd_mega.platform import init_distributed
 from gopd_mega.rollout import make_engine
 from gopd_mega.rollout.coordinator import RolloutCoordinator
@@ -29,30 +28,7 @@ from gopd_mega.rollout.pool import SGLangPool
 from gopd_mega.rollout.servers import ServerScorer
 from gopd_mega.rollout.collective import run_on_rank0
 from gopd_mega.rollout.weight_sync import make_weight_sync
-from gopd_mega.trainer import Models
-
-
-def build_model(cfg: ModelConfig, trainable: bool, name: str, where: str | None = None,
-                optim: OptimConfig | None = None, total_steps: int | None = None) -> ShardedGPT:
-    """A ShardedGPT on its own layout, with the weights of ``cfg.load`` if given. ``where`` is its
-    config field (errors about the layout name it). ``optim`` (trainable only): its optimizer
-    (``model.optimizer``, LR schedule over ``total_steps``) is built BEFORE the weights are
-    loaded, so its fp32 masters get the checkpoint's full-precision values, not the copies
-    rounded to the model's dtype. Collective: every rank builds, then loads, in the same order."""
-    if optim is not None and not trainable:
-        raise ValueError(f"{name}: a frozen model gets no optimizer (optim given with trainable=False)")
-    cfg = resolve_model_config(cfg, where)
-    try:
-        groups = build_model_groups(cfg.tp, cfg.pp, name=name)
-    except ValueError as exc:  # the layout does not fit the world size
-        if where is None:
-            raise
-        field = "pp" if cfg.tp >= 1 and init_distributed()[1] % cfg.tp == 0 else "tp"
-        raise ConfigError(f"config field '{where}.{field}': {exc} (the number of processes)") from None
-    model = ShardedGPT(cfg, groups, trainable=trainable, optim=optim, total_steps=total_steps)
-    if cfg.load is not None:
-        load_weights(model, cfg.load)
-    return model
+from gopd_mega.trainer import Distiller, Models
 
 
 def check_vocab(student: ShardedGPT, others: dict[str, ShardedGPT], tokenizer) -> None:
@@ -134,6 +110,56 @@ def build_models(cfg: RunConfig, tokenizer) -> Models:
                   check_copies=local_copies, projections=projections, reference_projection=reference_projection)
 
 
+def build_distiller(cfg: RunConfig, tokenizer, records: list[dict] | None = None, *, data=None,
+                    held_out: dict[str, list[dict]] | None = None, eval_set: list[dict] | None = None,
+                    eval_where: str | None = None, verifiers: RecordVerifiers | None = None,
+                    reward: Callable | None = None) -> Distiller:
+    """A run ready to :meth:`~gopd_mega.trainer.Distiller.fit`: the one place models, prompts,
+    evaluation, reward and optimizer are put together (the CLI, the demo, the benchmark and the
+    tests all come here). In this order, the same on every rank:
+
+    1. :func:`build_models` (collective; the student's optimizer before its weights), then a
+       Hugging Face tokenizer is checked against every teacher's;
+    2. the prompts: ``data`` if given (anything with PromptDataset's interface), else
+       ``PromptDataset.from_config(records, ...)`` routed by the teachers' names (a DataError
+       names ``data.source``);
+    3. the periodic evaluation: :func:`synthetic_evaluator` on ``held_out`` (synthetic domains,
+       unless data.verifier='none'), or :func:`dataset_evaluator` on ``eval_set`` (dataset
+       records, ``eval_where`` names them, graded by ``verifiers``), or none;
+    4. GRPO's reward (objective.kind='grpo'): ``reward`` if given, else :func:`synthetic_reward`
+       for data.source='synthetic' or :func:`dataset_reward` by ``verifiers``;
+    5. the student's optimizer (:func:`build_student_optimizer`) and the Distiller.
+
+    ``verifiers`` (a RecordVerifiers) stays the caller's to close: it holds worker processes."""
+    models = build_models(cfg, tokenizer)
+    if hasattr(tokenizer, "check_compatible"):
+        for teacher in cfg.teachers:
+            tokenizer.check_compatible(teacher.model.load, f"teacher '{teacher.name}'")
+    if data is None:
+        try:
+            data = PromptDataset.from_config(records, tokenizer, cfg.data, teachers=[t.name for t in cfg.teachers] or None)
+        except DataError as exc:  # 'record i ...': say which file the records came from
+            raise DataError(f"{cfg.data.source}: {exc}") from None
+    evaluate = None
+    if held_out and cfg.data.verifier != "none":
+        evaluate = synthetic_evaluator(cfg, models, tokenizer, held_out)
+    elif eval_set is not None:
+        if verifiers is None:
+            raise ValueError("build_distiller: an eval_set is graded by verifiers (a RecordVerifiers)")
+        evaluate = dataset_evaluator(cfg, models, tokenizer, eval_set, eval_where or "the evaluation set", verifiers)
+    elif cfg.train.eval_every:
+        report("train.eval_every is set but there is nothing to evaluate on (a dataset file needs "
+               "data.eval_source or data.eval_holdout, and a verifier): no periodic evaluation")
+    if cfg.objective.kind == "grpo" and reward is None:
+        if cfg.data.source == "synthetic":
+            reward = synthetic_reward(cfg, records, tokenizer)
+        elif verifiers is None:
+            raise ValueError("build_distiller: GRPO on a dataset file takes its reward from verifiers (a RecordVerifiers)")
+        else:
+            reward = dataset_reward(cfg, records, data, tokenizer, verifiers)
+    return Distiller(cfg, models, data, build_student_optimizer(cfg, models), evaluate, reward=reward)
+
+
 def server_pool(urls, rollout_cfg, tokenizer) -> SGLangPool:
     """An SGLang pool for a teacher or reference server (scoring only)."""
     r = rollout_cfg
@@ -167,7 +193,9 @@ def build_rollout(cfg: RunConfig, engine, teachers: dict, reference) -> RolloutC
 
 def synthetic_evaluator(cfg: RunConfig, models: Models, tokenizer, held_out: dict[str, list[dict]]) -> Callable[[], dict]:
     """Held-out accuracy of the rollout engine (= the current student) on the synthetic domains,
-    exact, greedy and/or sampled as ``cfg.eval`` asks: the trainer's periodic evaluation."""
+    exact, greedy and/or sampled as ``cfg.eval`` asks: the trainer's periodic evaluation, named
+    ``eval/<domain>/exact``, ``.../greedy``, ``.../avg@1``, ... and ``eval/mean/<metric>``
+    (gopd_mega/eval/metrics.py)."""
     engine = models.rollout.shared_engine() if models.rollout is not None else models.engine
     return lambda: evaluate_config(engine, held_out, tokenizer, synthetic.check, cfg.eval, cfg.rollout,
                                    seed=cfg.data.seed, prompt_field=cfg.data.prompt_field,
@@ -288,14 +316,18 @@ def dataset_evaluator(cfg: RunConfig, models: Models, tokenizer, eval_records: l
                       verifiers: RecordVerifiers) -> Callable[[], dict]:
     """The trainer's periodic evaluation on held-out dataset records: each verifier kind's records
     (at most eval.max_prompts of each; prompts longer than data.max_prompt_len are dropped and
-    counted) sampled once at the rollout settings by :func:`gopd_mega.eval.harness.training_evaluator`,
-    giving ``eval/<kind>/avg@1``, ``.../pass@1``, ``.../response_len``, ``.../stop_rate``."""
-    from gopd_mega.data.prompts import PromptDataset
+    counted) decoded greedily (eval.greedy: ``eval/<kind>/greedy``, ...) and/or sampled once at the
+    rollout settings (eval.sampled: ``eval/<kind>/avg@1``, ``.../pass@1``, ``.../response_len``,
+    ``.../stop_rate``) by :func:`gopd_mega.eval.harness.training_evaluator`, with
+    ``eval/mean/<metric>`` over the kinds (gopd_mega/eval/metrics.py)."""
     from gopd_mega.eval.harness import training_evaluator
 
     if cfg.eval.exact:
         raise ConfigError(f"config field 'eval.exact': exact evaluation needs one reference answer per prompt "
                           f"(synthetic domains); {where} is graded by verifiers, set eval.exact=false")
+    if not (cfg.eval.greedy or cfg.eval.sampled):
+        raise ConfigError(f"config field 'eval.sampled': {where} is evaluated greedily (eval.greedy) and/or by one sample "
+                          "per prompt (eval.sampled); both are false")
     kept = PromptDataset(eval_records, tokenizer, max_prompt_len=cfg.data.max_prompt_len,
                          prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field,
                          teacher_field=cfg.data.teacher_field)
@@ -321,7 +353,8 @@ def dataset_evaluator(cfg: RunConfig, models: Models, tokenizer, eval_records: l
     r = cfg.rollout
     return training_evaluator(engine, tokenizer, datasets, samples=1, temperature=r.temperature, top_p=r.top_p,
                               max_new_tokens=r.max_new_tokens, seed=cfg.data.seed, chat_template=False,
-                              max_prompts=cfg.eval.max_prompts, prompt_field=cfg.data.prompt_field)
+                              max_prompts=cfg.eval.max_prompts, prompt_field=cfg.data.prompt_field,
+                              greedy=cfg.eval.greedy, sampled=cfg.eval.sampled)
 
 
 def synthetic_reward(cfg: RunConfig, records: list[dict], tokenizer) -> Callable:

@@ -16,14 +16,14 @@ import torch
 
 from gopd_mega.checkpoint import CheckpointManager, write_manifest
 from gopd_mega.hf.safetensors_io import CheckpointError
-from test_trainer import _distiller, _run_cfg, model_dirs  # noqa: F401 (model_dirs: shared fixture)
+from helpers import make_distiller, run_cfg
 
 
 @pytest.fixture(scope="module")
-def saved(model_dirs, tmp_path_factory):  # noqa: F811
+def saved(model_dirs, tmp_path_factory):
     """(out_dir with checkpoints of steps 1, 2, 3 and metrics.jsonl, the finished Distiller)."""
     out = tmp_path_factory.mktemp("saved") / "run"
-    run = _distiller(_run_cfg(model_dirs, out, 3, **{"train.save_every": 1, "train.prompts_per_step": 2}))
+    run = make_distiller(run_cfg(model_dirs, out, 3, **{"train.save_every": 1, "train.prompts_per_step": 2}))
     run.fit()
     return out, run
 
@@ -40,7 +40,7 @@ def _ck(out, step):
     return out / "checkpoints" / f"step_{step:06d}"
 
 
-def test_corrupt_newest_falls_back_and_says_why(model_dirs, copy, capsys):  # noqa: F811
+def test_corrupt_newest_falls_back_and_says_why(model_dirs, copy, capsys):
     """The newest checkpoint with a truncated weight file is skipped (named, with the reason) and
     the run resumes from the one before; metrics.jsonl then has each step once."""
     distcp = _ck(copy, 3) / "train_state" / "__0_0.distcp"
@@ -57,7 +57,7 @@ def test_corrupt_newest_falls_back_and_says_why(model_dirs, copy, capsys):  # no
     path, skipped = CheckpointManager(copy).resume_point()
     assert path == _ck(copy, 1) and "sha256" in skipped[1]
 
-    run = _distiller(_run_cfg(model_dirs, copy, 4, **{"train.save_every": 1, "train.prompts_per_step": 2}))
+    run = make_distiller(run_cfg(model_dirs, copy, 4, **{"train.save_every": 1, "train.prompts_per_step": 2}))
     history = run.fit()
     out = capsys.readouterr().out
     assert "checkpoint skipped: step_000003" in out and "checkpoint skipped: step_000002" in out
@@ -186,7 +186,6 @@ def test_planted_pickle_payload_never_runs_on_resume(saved, copy, tmp_path, wher
             after = run.m.student.full_state_dict()
             assert all(torch.equal(before[k], after[k]) for k in before)
     assert not marker.exists(), f"the payload in {where} ran"
-
 
 
 def test_metrics_truncate_to_the_resumed_step_in_jsonl_and_tensorboard(tmp_path):

@@ -10,30 +10,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 
-from gopd_mega.cli import main
-from gopd_mega.config import ModelConfig
-from gopd_mega.data.tokenizer import CharTokenizer
-from gopd_mega.model_io import save_model_dir
-from gopd_mega.run import build_model
-
-TOK = CharTokenizer()
-
-
-@pytest.fixture(scope="module")
-def two_head_model(tmp_path_factory):
-    """A model with 2 attention heads: tp=4 passes the recipe's own checks (the default
-    architecture has 4 heads) and fails only against the checkpoint's architecture."""
-    path = tmp_path_factory.mktemp("m") / "two_heads"
-    cfg = ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2, ffn_hidden_size=32,
-                      vocab_size=TOK.vocab_size, max_seq_len=32)
-    save_model_dir(build_model(cfg, trainable=False, name="two_heads"), path)
-    return str(path)
+from helpers import cli_fails, cli_recipe
 
 
 @pytest.fixture(scope="module")
 def hf_student(tmp_path_factory):
     from gopd_mega.hf.testing import tiny_hf_model
-    from test_hf_tokenizer import make_tokenizer
+    from helpers import make_tokenizer
 
     d = tmp_path_factory.mktemp("hf") / "student"
     tiny_hf_model("llama", d, vocab_size=16)
@@ -41,50 +24,19 @@ def hf_student(tmp_path_factory):
     return str(d)
 
 
-def _fails(capsys, tmp_path, recipe: dict, overrides=(), rank: str | None = None) -> str:
-    """Run the CLI, expect exit status 2 and return its single stderr line ('' on rank != 0)."""
-    path = tmp_path / "recipe.yaml"
-    path.write_text(json.dumps(recipe))  # JSON is YAML
-    env = dict(os.environ)
-    if rank is not None:
-        os.environ["RANK"] = rank
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main(["--recipe", str(path), *overrides])
-    finally:
-        os.environ.clear()
-        os.environ.update(env)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    if rank not in (None, "0"):
-        assert err == ""
-        return err
-    # datasets' progress bars (tqdm, carriage returns) may precede the message; nothing else may.
-    lines = [x for x in err.replace("\r", "\n").splitlines() if x.strip() and "examples/s]" not in x]
-    assert len(lines) == 1 and lines[0].startswith("gopd-train: error: "), err
-    return lines[0]
-
-
-def _recipe(student, teacher, tmp_path, **data):
-    return {"student": {"load": student}, "teachers": [{"name": "add", "model": {"load": teacher}}],
-            "rollout": {"max_new_tokens": 4}, "data": {"max_prompt_len": 12, "num_train": 8, "num_eval": 2, **data},
-            "train": {"steps": 1, "prompts_per_step": 2, "out_dir": str(tmp_path / "run"), "progress": False}}
-
-
 def test_mislabelled_field_is_named_itself(capsys, tmp_path, two_head_model):
-    line = _fails(capsys, tmp_path, _recipe(two_head_model, two_head_model, tmp_path), ["train.micro_batch_size=0"])
+    line = cli_fails(capsys, tmp_path, cli_recipe(two_head_model, two_head_model, tmp_path), ["train.micro_batch_size=0"])
     assert "'train.micro_batch_size'" in line and "train.steps" not in line
 
 
 def test_only_rank0_prints(capsys, tmp_path, two_head_model):
-    _fails(capsys, tmp_path, _recipe(two_head_model, two_head_model, tmp_path), ["train.micro_batch_size=0"], rank="1")
+    cli_fails(capsys, tmp_path, cli_recipe(two_head_model, two_head_model, tmp_path), ["train.micro_batch_size=0"], rank="1")
 
 
 @pytest.mark.parametrize("override, field", [("student.tp=4", "student.tp"),
                                              ("teachers.0.model.tp=4", "teachers[0].model.tp")])
 def test_tp_that_does_not_divide_the_loaded_heads_names_the_config_field(capsys, tmp_path, two_head_model, override, field):
-    line = _fails(capsys, tmp_path, _recipe(two_head_model, two_head_model, tmp_path), [override])
+    line = cli_fails(capsys, tmp_path, cli_recipe(two_head_model, two_head_model, tmp_path), [override])
     assert f"'{field}'" in line and "tp=4 does not divide num_attention_heads=2" in line
     assert "model at" not in line and two_head_model in line  # the checkpoint the heads came from
 
@@ -92,14 +44,14 @@ def test_tp_that_does_not_divide_the_loaded_heads_names_the_config_field(capsys,
 def test_truncated_jsonl_line(capsys, tmp_path, hf_student):
     data = tmp_path / "prompts.jsonl"
     data.write_text(json.dumps({"prompt": "hello world"}) + "\n" + '{"prompt": "the ans' + "\n")
-    line = _fails(capsys, tmp_path, _recipe(hf_student, hf_student, tmp_path, source=str(data)))
+    line = cli_fails(capsys, tmp_path, cli_recipe(hf_student, hf_student, tmp_path, source=str(data)))
     assert f"{data}:2: not valid JSON" in line
 
 
 def test_missing_column(capsys, tmp_path, hf_student):
     data = tmp_path / "prompts.jsonl"
     data.write_text(json.dumps({"question": "hello world", "answer": "1"}) + "\n")
-    line = _fails(capsys, tmp_path, _recipe(hf_student, hf_student, tmp_path, source=str(data)))
+    line = cli_fails(capsys, tmp_path, cli_recipe(hf_student, hf_student, tmp_path, source=str(data)))
     assert f"{data}: dataset has no field 'prompt'" in line and "['question', 'answer']" in line
     assert "data.prompt_field" in line
 
@@ -107,37 +59,37 @@ def test_missing_column(capsys, tmp_path, hf_student):
 def test_dataset_source_needs_an_hf_student(capsys, tmp_path, two_head_model):
     data = tmp_path / "prompts.jsonl"
     data.write_text(json.dumps({"prompt": "hello world"}) + "\n")
-    line = _fails(capsys, tmp_path, _recipe(two_head_model, two_head_model, tmp_path, source=str(data)))
+    line = cli_fails(capsys, tmp_path, cli_recipe(two_head_model, two_head_model, tmp_path, source=str(data)))
     assert "'student.load'" in line
 
 
 def test_unknown_teacher_route_names_the_file(capsys, tmp_path, hf_student):
     data = tmp_path / "prompts.jsonl"
     data.write_text(json.dumps({"prompt": "hello world", "extra_info": {"opd_teacher": "physics"}}) + "\n")
-    recipe = _recipe(hf_student, hf_student, tmp_path, source=str(data))
+    recipe = cli_recipe(hf_student, hf_student, tmp_path, source=str(data))
     recipe["teachers"].append({"name": "code", "model": {"load": hf_student}})
-    line = _fails(capsys, tmp_path, recipe)
+    line = cli_fails(capsys, tmp_path, recipe)
     assert f"{data}: record 0 routes to teacher 'physics'" in line and "['add', 'code']" in line
 
 
 def test_tp_larger_than_the_world_names_the_field(capsys, tmp_path, two_head_model):
-    line = _fails(capsys, tmp_path, _recipe(two_head_model, two_head_model, tmp_path), ["student.tp=2"])
+    line = cli_fails(capsys, tmp_path, cli_recipe(two_head_model, two_head_model, tmp_path), ["student.tp=2"])
     assert "config field 'student.tp'" in line and "does not divide the world size 1" in line
 
 
 def test_out_dir_that_is_a_file(capsys, tmp_path, two_head_model):
     afile = tmp_path / "afile"
     afile.write_text("x")
-    line = _fails(capsys, tmp_path, _recipe(two_head_model, two_head_model, tmp_path), [f"train.out_dir={afile}"])
+    line = cli_fails(capsys, tmp_path, cli_recipe(two_head_model, two_head_model, tmp_path), [f"train.out_dir={afile}"])
     assert line == f"gopd-train: error: config field 'train.out_dir': {afile} is a file, not a directory"
-    line = _fails(capsys, tmp_path, _recipe(two_head_model, two_head_model, tmp_path), [f"train.out_dir={afile}/run"])
+    line = cli_fails(capsys, tmp_path, cli_recipe(two_head_model, two_head_model, tmp_path), [f"train.out_dir={afile}/run"])
     assert f"config field 'train.out_dir': cannot create {afile}/run: Not a directory" in line
 
 
 @pytest.mark.parametrize("value", [".inf", ".nan"])
 def test_non_finite_config_values(capsys, tmp_path, two_head_model, value):
     for field in ("optim.lr", "rollout.temperature"):
-        line = _fails(capsys, tmp_path, _recipe(two_head_model, two_head_model, tmp_path), [f"{field}={value}"])
+        line = cli_fails(capsys, tmp_path, cli_recipe(two_head_model, two_head_model, tmp_path), [f"{field}={value}"])
         assert f"config field '{field}': must be a finite number" in line
 
 
@@ -149,7 +101,7 @@ def test_hf_folder_without_tokenizer(capsys, tmp_path):
     capsys.readouterr()  # its progress bar
     data = tmp_path / "prompts.jsonl"
     data.write_text(json.dumps({"prompt": "hello world"}) + "\n")
-    line = _fails(capsys, tmp_path, _recipe(str(bare), str(bare), tmp_path, source=str(data)))
+    line = cli_fails(capsys, tmp_path, cli_recipe(str(bare), str(bare), tmp_path, source=str(data)))
     assert f"config field 'student.load': {bare}: no tokenizer in this Hugging Face folder" in line
 
 
@@ -161,17 +113,17 @@ def test_broken_config_json(capsys, tmp_path, hf_student, two_head_model):
     (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
     data = tmp_path / "prompts.jsonl"
     data.write_text(json.dumps({"prompt": "hello world"}) + "\n")
-    line = _fails(capsys, tmp_path, _recipe(str(broken), str(broken), tmp_path, source=str(data)))
+    line = cli_fails(capsys, tmp_path, cli_recipe(str(broken), str(broken), tmp_path, source=str(data)))
     assert f"{broken}/config.json: not valid JSON" in line
     gopd = tmp_path / "broken_dir"
     shutil.copytree(two_head_model, gopd)
     (gopd / "model_config.json").write_text("{")
-    line = _fails(capsys, tmp_path, _recipe(str(gopd), two_head_model, tmp_path))
+    line = cli_fails(capsys, tmp_path, cli_recipe(str(gopd), two_head_model, tmp_path))
     assert f"{gopd}/model_config.json: not valid JSON" in line
 
 
 def test_empty_jsonl(capsys, tmp_path, hf_student):
     data = tmp_path / "empty.jsonl"
     data.write_text("\n")
-    line = _fails(capsys, tmp_path, _recipe(hf_student, hf_student, tmp_path, source=str(data)))
+    line = cli_fails(capsys, tmp_path, cli_recipe(hf_student, hf_student, tmp_path, source=str(data)))
     assert line == f"gopd-train: error: {data}: the file is empty (no records)"

@@ -23,8 +23,7 @@ import pytest
 
 from dist_utils import subprocess_env
 from gopd_mega.config import ModelConfig, load_config
-from gopd_mega.model_io import save_model_dir
-from gopd_mega.run import build_model
+from gopd_mega.model_io import build_model, save_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 V = 4096

@@ -91,7 +91,7 @@ def test_grpo_on_a_math_dataset_rewards_from_math_verifier(tmp_path, monkeypatch
     # the random student writes boxed numbers, some right: the check above is not all zeros
     assert any(rw == 1.0 for _, _, rw in calls) and any(rw == 0.0 for _, _, rw in calls)
     for r in evals:
-        assert 0.0 <= r["eval/math/avg@1"] <= 1.0 and "eval/math/stop_rate" in r and "eval/mean_avg@1" in r
+        assert 0.0 <= r["eval/math/avg@1"] <= 1.0 and "eval/math/stop_rate" in r and "eval/mean/avg@1" in r
 
 
 def test_auto_verifier_and_holdout_through_the_cli(tmp_path, capsys):

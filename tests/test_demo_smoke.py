@@ -77,7 +77,7 @@ def test_demo_pipeline_smoke(tmp_path):
     assert "Targets with reference = the base" in md and "per-token target" in md
     # periodic held-out evaluation ran inside the distillation loop
     evals = [json.loads(x) for x in (out / "seed0" / "gopd_lam1" / "train" / "metrics.jsonl").read_text().splitlines()]
-    assert any(r["phase"] == "eval" and "eval/greedy/mean_acc" in r and "eval/exact/mean_acc" in r for r in evals)
+    assert any(r["phase"] == "eval" and "eval/mean/greedy" in r and "eval/mean/exact" in r for r in evals)
     assert (out / "seed1.log").is_file() and (out / "seed1" / "result.json").is_file()
     # a re-run skips every finished phase and reproduces the same table
     again = run_demo(cfg)

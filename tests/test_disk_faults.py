@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from gopd_mega.checkpoint import CheckpointManager
-from test_cli_errors import _fails, _recipe, two_head_model  # noqa: F401 (two_head_model: shared fixture)
+from helpers import cli_fails, cli_recipe
 
 
 @contextlib.contextmanager
@@ -27,14 +27,14 @@ def small_fs(path, size: str, read_only: bool = False):
 
 
 def _run(tmp_path, out, model, steps=2):
-    recipe = _recipe(model, model, tmp_path)
+    recipe = cli_recipe(model, model, tmp_path)
     recipe["train"].update(out_dir=str(out), steps=steps, save_every=1)
     recipe["data"]["domains"] = ["add"]
     return recipe
 
 
 @pytest.mark.parametrize("when", ["checked before the write", "found during the write"])
-def test_full_disk_names_the_space_and_keeps_the_previous_checkpoint(capsys, tmp_path, two_head_model,  # noqa: F811
+def test_full_disk_names_the_space_and_keeps_the_previous_checkpoint(capsys, tmp_path, two_head_model,
                                                                      monkeypatch, when):
     """One checkpoint of this model (~110 KiB) fits in 200 KiB, two do not. The second save is
     refused by the space check, or (check disabled) fails with ENOSPC in DCP's writes."""
@@ -46,7 +46,7 @@ def test_full_disk_names_the_space_and_keeps_the_previous_checkpoint(capsys, tmp
             monkeypatch.setattr(module, "require_space", lambda *a, **k: None)
     with small_fs(tmp_path / "fs", "200k") as fs:
         out = fs / "run"
-        line = _fails(capsys, tmp_path, _run(tmp_path, out, two_head_model))
+        line = cli_fails(capsys, tmp_path, _run(tmp_path, out, two_head_model))
         ckpts = out / "checkpoints"
         assert line.startswith("gopd-train: error: checkpoint step_000002: ")
         if when == "checked before the write":
@@ -58,9 +58,9 @@ def test_full_disk_names_the_space_and_keeps_the_previous_checkpoint(capsys, tmp
         assert CheckpointManager(out).resume_point() == (ckpts / "step_000001", [])
 
 
-def test_read_only_out_dir(capsys, tmp_path, two_head_model):  # noqa: F811
+def test_read_only_out_dir(capsys, tmp_path, two_head_model):
     with small_fs(tmp_path / "ro", "64k", read_only=True) as fs:
-        line = _fails(capsys, tmp_path, _run(tmp_path, fs / "run", two_head_model))
+        line = cli_fails(capsys, tmp_path, _run(tmp_path, fs / "run", two_head_model))
         assert line == f"gopd-train: error: config field 'train.out_dir': cannot create {fs / 'run'}: Read-only file system"
-        line = _fails(capsys, tmp_path, _run(tmp_path, fs, two_head_model))
+        line = cli_fails(capsys, tmp_path, _run(tmp_path, fs, two_head_model))
         assert line == f"gopd-train: error: config field 'train.out_dir': cannot write in {fs}: Read-only file system"

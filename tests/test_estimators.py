@@ -24,8 +24,9 @@ from gopd_mega.config import ConfigError
 from gopd_mega.model.distill import FullVocabLoss, Projection, TopK, TopKLoss
 from gopd_mega.objective import full_vocab_token_loss, tilted_target, token_weights, top_k_token_loss
 from gopd_mega.optim import build_optimizer
-from gopd_mega.run import build_model, build_models
-from test_trainer import TOK, _run_cfg, _save_random_model
+from gopd_mega.model_io import build_model
+from gopd_mega.run import build_models
+from helpers import TOK, run_cfg, save_random_model
 
 PROMPTS = ("12+34=", "5*6=", "70+8=", "9*19=", "3+3=")
 ROUTES = ["add", "mul", "add", "mul", "add"]
@@ -35,15 +36,15 @@ T = 0.8  # temperature != 1 everywhere: a model scored at another temperature ch
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("est")
-    return {"student": _save_random_model(root / "s", 11, init_std=0.1),
+    return {"student": save_random_model(root / "s", 11, init_std=0.1),
             # a teacher of another hidden size, a reference of a third
-            "add": _save_random_model(root / "a", 12, init_std=0.3, hidden_size=48, ffn_hidden_size=96),
-            "mul": _save_random_model(root / "m", 13, init_std=0.3),
-            "ref": _save_random_model(root / "r", 14, init_std=0.2, hidden_size=40, ffn_hidden_size=80)}
+            "add": save_random_model(root / "a", 12, init_std=0.3, hidden_size=48, ffn_hidden_size=96),
+            "mul": save_random_model(root / "m", 13, init_std=0.3),
+            "ref": save_random_model(root / "r", 14, init_std=0.2, hidden_size=40, ffn_hidden_size=80)}
 
 
 def _cfg(dirs, tmp_path, lam, estimator, **extra):
-    return _run_cfg(dirs, tmp_path / "run", 1, **{"objective.lam": lam, "objective.estimator": estimator,
+    return run_cfg(dirs, tmp_path / "run", 1, **{"objective.lam": lam, "objective.estimator": estimator,
                                                   "objective.reference": f"{{load: {dirs['ref']}}}",
                                                   "optim.grad_clip": 0.0, "rollout.temperature": T, **extra})
 
@@ -216,21 +217,21 @@ def test_estimator_config_is_validated(dirs, tmp_path):
         _cfg(dirs, tmp_path, 1.25, "top_k", **{"objective.reference_server": "http://127.0.0.1:1",
                                                "rollout.temperature": 1.0})
     with pytest.raises(ConfigError, match="'objective.estimator'.*GRPO"):
-        _run_cfg(dirs, tmp_path, 1, **{"objective.kind": "grpo", "objective.estimator": "full_vocab", "teachers": "[]",
+        run_cfg(dirs, tmp_path, 1, **{"objective.kind": "grpo", "objective.estimator": "full_vocab", "teachers": "[]",
                                        "rollout.samples_per_prompt": 2})
     served = {"teachers.0.server": "http://127.0.0.1:1", "rollout.temperature": 1.0}  # served models score at T = 1
     assert _cfg(dirs, tmp_path, 1.0, "top_k", **served).objective.estimator == "top_k"
-    assert _run_cfg(dirs, tmp_path, 1).objective.estimator == "sampled"
+    assert run_cfg(dirs, tmp_path, 1).objective.estimator == "sampled"
 
 
 @pytest.mark.parametrize("estimator", ["full_vocab", "top_k"])
 def test_several_updates_per_rollout(dirs, tmp_path, estimator):
     """train.updates_per_rollout = 2: two mini-batch updates per batch, and the per-position
     outputs of both gathered at every scored position (each from its own update's forward)."""
-    from test_trainer import _distiller
+    from helpers import make_distiller
 
     cfg = _cfg(dirs, tmp_path, 1.25, estimator, **{"train.updates_per_rollout": 2, "train.steps": 2})
-    d = _distiller(cfg)
+    d = make_distiller(cfg)
     prompts, batch = d.next_rollout()
     out = d.algorithm.update(batch, d.algorithm.score(batch, prompts))
     scored = batch.loss_mask.bool().clone()
@@ -246,11 +247,11 @@ def test_full_vocab_teacher_in_another_dtype(dirs, tmp_path):
     """A bf16 teacher beside an fp32 student: its hidden states and head reach the kernel in the
     student's dtype (the Triton path takes one dtype for all three models); the step runs and its
     exact reverse KL matches the fp32 teacher's up to the bf16 rounding of the teacher."""
-    from test_trainer import _distiller
+    from helpers import make_distiller
 
     def first_kl(extra):
         cfg = _cfg(dirs, tmp_path / str(len(extra)), 1.0, "full_vocab", **{"train.steps": 1, **extra})
-        return _distiller(cfg).fit()[0]["reverse_kl"]
+        return make_distiller(cfg).fit()[0]["reverse_kl"]
 
     fp32, bf16 = first_kl({}), first_kl({"teachers.0.model.params_dtype": "bfloat16",
                                         "teachers.1.model.params_dtype": "bfloat16"})

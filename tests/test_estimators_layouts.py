@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 
 from dist_utils import run_distributed
-from test_trainer import _distiller, _run_cfg, _save_random_model
+from helpers import make_distiller, run_cfg, save_random_model
 
 pytestmark = pytest.mark.distributed
 
@@ -26,10 +26,10 @@ KEYS = ("loss", "grad_norm", "reverse_kl", "log_z", "reverse_kl/add", "reverse_k
 def _dirs(root, heads: int, groups: int, widths: tuple[int, int, int, int]) -> dict:
     arch = dict(num_attention_heads=heads, num_query_groups=groups)
     s, a, m, r = widths
-    return {"student": _save_random_model(root / "s", 1, hidden_size=s, ffn_hidden_size=2 * s, init_std=0.1, **arch),
-            "add": _save_random_model(root / "a", 2, hidden_size=a, ffn_hidden_size=2 * a, init_std=0.3, **arch),
-            "mul": _save_random_model(root / "m", 3, hidden_size=m, ffn_hidden_size=2 * m, init_std=0.3, **arch),
-            "ref": _save_random_model(root / "r", 4, hidden_size=r, ffn_hidden_size=2 * r, init_std=0.2, **arch)}
+    return {"student": save_random_model(root / "s", 1, hidden_size=s, ffn_hidden_size=2 * s, init_std=0.1, **arch),
+            "add": save_random_model(root / "a", 2, hidden_size=a, ffn_hidden_size=2 * a, init_std=0.3, **arch),
+            "mul": save_random_model(root / "m", 3, hidden_size=m, ffn_hidden_size=2 * m, init_std=0.3, **arch),
+            "ref": save_random_model(root / "r", 4, hidden_size=r, ffn_hidden_size=2 * r, init_std=0.2, **arch)}
 
 
 def _train(dirs, out_dir, runs: list[tuple[str, str, dict]]) -> dict:
@@ -38,9 +38,9 @@ def _train(dirs, out_dir, runs: list[tuple[str, str, dict]]) -> dict:
     for name, estimator, layout in runs:
         layout = dict(layout)
         ref = f"{{load: {dirs['ref']}, tp: {layout.pop('ref_tp', 1)}, {layout.pop('ref_arch', '')}}}"
-        cfg = _run_cfg(dirs, out_dir / name, 3, **{"objective.estimator": estimator, "objective.top_k": 6,
+        cfg = run_cfg(dirs, out_dir / name, 3, **{"objective.estimator": estimator, "objective.top_k": 6,
                                                    "objective.reference": ref, **layout})
-        out[name] = [m[k] for m in _distiller(cfg).fit() for k in KEYS]
+        out[name] = [m[k] for m in make_distiller(cfg).fit() for k in KEYS]
     return out
 
 

@@ -64,13 +64,14 @@ def test_end_to_end_tiny_hf_model(tmp_path):
     model = _tiny_model_with_byte_tokenizer(tmp_path / "model")
     out = tmp_path / "out"
     r = _cli("--model", model, "--bench", f"aime24={FIX / 'aime24.jsonl'}", "--bench", f"livecodebench={FIX / 'livecodebench.jsonl'}",
-             "--samples-math", 2, "--samples-code", 2, "--max-new-tokens", 4, "--no-chat-template", "--pass-k", 2, "--out", out)
+             "--samples-math", 2, "--samples-code", 2, "--max-new-tokens", 4, "--no-chat-template", "--pass-k", 2, "--greedy",
+             "--out", out)
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
     by_name = {b["name"]: b for b in data["benchmarks"]}
     assert by_name["aime24"]["problems"] == 3 and by_name["livecodebench"]["problems"] == 2
     for b in by_name.values():
-        assert b["samples"] == 2 and set(b["scores"]) == {"avg@2", "pass@1", "pass@2"}
+        assert b["samples"] == 2 and set(b["scores"]) == {"greedy", "avg@2", "pass@1", "pass@2"}
         assert 0 < b["mean_response_len"] <= 4
         assert b["settings"]["temperature"] == 1.0 and b["settings"]["top_p"] == 1.0
         assert sum(p["samples"] for p in b["per_problem"]) == 2 * b["problems"]

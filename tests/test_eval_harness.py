@@ -211,5 +211,12 @@ def test_training_evaluator_callable():
                                   max_new_tokens=4, max_prompts=2)
     m = evaluate()
     assert m["eval/add/avg@1"] == 0.5 and m["eval/mul/avg@1"] == 1.0
-    assert m["eval/mean_avg@1"] == 0.75  # unweighted over datasets
+    assert m["eval/mean/avg@1"] == 0.75  # unweighted over datasets
+    assert "eval/add/greedy" not in m and m["eval/mean/pass@1"] == 0.75
     assert evaluate()["eval/add/avg@1"] == 0.5  # callable again (every eval_every steps)
+    # greedy decoding of the datasets: one response per prompt, engine called with greedy=True
+    greedy = training_evaluator(engine, TOK, {"add": (add, SyntheticVerifier())}, max_new_tokens=4, greedy=True,
+                                sampled=False)()
+    assert greedy["eval/add/greedy"] == 0.5 and greedy["eval/mean/greedy"] == 0.5 and "eval/add/avg@1" not in greedy
+    assert "eval/add/greedy_response_len" in greedy and "eval/add/greedy_stop_rate" in greedy
+    assert engine.calls[-1]["greedy"] is True and not any(c["greedy"] for c in engine.calls[:-1])

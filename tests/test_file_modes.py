@@ -10,9 +10,8 @@ import pytest
 
 from gopd_mega.checkpoint import save_rng_state, write_manifest
 from gopd_mega.config import ModelConfig
-from gopd_mega.model_io import save_model_dir
-from gopd_mega.run import build_model
-from test_trainer import TINY
+from gopd_mega.model_io import build_model, save_model_dir
+from helpers import TINY
 
 
 @pytest.fixture(params=[0o022, 0o002, 0o077])

@@ -10,17 +10,18 @@ import torch
 
 from gopd_mega.objective import gopd_token_loss, token_weights
 from gopd_mega.optim import build_optimizer
-from gopd_mega.run import build_model, build_models
+from gopd_mega.model_io import build_model
+from gopd_mega.run import build_models
 from gopd_mega.trainer import gopd_loss_builder
-from test_trainer import TOK, _run_cfg, _save_random_model
+from helpers import TOK, run_cfg, save_random_model
 
 
 @pytest.mark.parametrize("lam", [1.0, 1.25])
 def test_train_step_gradient_equals_full_logits_autograd(tmp_path, lam):
-    dirs = {"student": _save_random_model(tmp_path / "s", 11, init_std=0.1),
-            "add": _save_random_model(tmp_path / "a", 12, init_std=0.3),
-            "mul": _save_random_model(tmp_path / "m", 13, init_std=0.3)}
-    cfg = _run_cfg(dirs, tmp_path / "run", 1, **{"objective.lam": lam, "optim.grad_clip": 0.0})
+    dirs = {"student": save_random_model(tmp_path / "s", 11, init_std=0.1),
+            "add": save_random_model(tmp_path / "a", 12, init_std=0.3),
+            "mul": save_random_model(tmp_path / "m", 13, init_std=0.3)}
+    cfg = run_cfg(dirs, tmp_path / "run", 1, **{"objective.lam": lam, "optim.grad_clip": 0.0})
     models = build_models(cfg, TOK)
     prompts = [[TOK.bos_id] + TOK.encode(p) for p in ("12+34=", "5*6=", "70+8=", "9*19=", "3+3=")]
     batch = models.engine.generate(prompts, temperature=1.0, max_new_tokens=6, seed=3)

@@ -13,7 +13,7 @@ from gopd_mega.data import synthetic
 from gopd_mega.data.prompts import PromptDataset
 from gopd_mega.data.tokenizer import CharTokenizer
 from gopd_mega.objective import LossSettings, grpo_advantage, advantage_token_loss, k3_kl
-from gopd_mega.run import build_models, build_student_optimizer, synthetic_reward, verifier_reward
+from gopd_mega.run import build_distiller, build_models, build_student_optimizer, synthetic_reward, verifier_reward
 from gopd_mega.trainer import Distiller
 
 TOK = CharTokenizer()
@@ -114,10 +114,9 @@ def test_grpo_run_raises_success(tmp_path):
     advantage's sign flipped it fell to 0.08)."""
     cfg = _grpo_cfg(tmp_path, 15)
     records, _ = synthetic.from_config(cfg.data)
-    models = build_models(cfg, TOK)
-    data = PromptDataset.from_config(records, TOK, cfg.data)
     reward = verifier_reward(records, TOK, lambda rec, text: float(text[:1].isdigit()))
-    distiller = Distiller(cfg, models, data, build_student_optimizer(cfg, models), reward=reward)
+    distiller = build_distiller(cfg, TOK, records, reward=reward)
+    models, data = distiller.m, distiller.data
     probe = [data[i] for i in range(32)] * 8
     before = _success(models.engine, probe, reward, seed=7)
     history = distiller.fit()

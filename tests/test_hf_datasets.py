@@ -12,7 +12,7 @@ from gopd_mega.config import DataConfig
 from gopd_mega.data.prompts import DataError, PromptDataset
 from gopd_mega.hf import HFTokenizer, load_paper_mix, load_prompt_records
 
-from test_hf_tokenizer import make_tokenizer
+from helpers import make_tokenizer
 
 ROWS = [{"q": "hello world", "a": "42", "opd_teacher": "math"},
         {"q": "the answer", "a": "7", "opd_teacher": "code"}]

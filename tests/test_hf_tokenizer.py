@@ -12,35 +12,7 @@ import json
 import pytest
 
 from gopd_mega.hf import HFTokenizer, TokenizerMismatch, check_same_vocab
-
-WORDS = ["hello", "world", "the", "answer", "is", "42", "think", "user", "assistant"]
-# A Qwen3-like template: one <no_think> marker when enable_thinking is false.
-TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant {% if enable_thinking is defined and not enable_thinking %}"
-    "<no_think> {% endif %}{% endif %}"
-)
-
-
-def make_tokenizer(directory, words=WORDS, bos=False, template=TEMPLATE, eos_list=None):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "<no_think>", "<unk>"]
-    vocab = {t: i for i, t in enumerate(specials + list(words))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    if bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>",
-                                 unk_token="<unk>", bos_token="<s>" if bos else None,
-                                 additional_special_tokens=["<|im_start|>", "<|im_end|>", "<no_think>"])
-    hf.chat_template = template
-    hf.save_pretrained(directory)
-    if eos_list is not None:
-        (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_list}))
-    return directory
-
+from helpers import WORDS, make_tokenizer
 
 def test_protocol(tmp_path):
     tok = HFTokenizer(make_tokenizer(tmp_path / "t", eos_list=[3, 1]))

@@ -5,7 +5,7 @@ Every backend, at TP = 1 here and on 2 and 3 gloo ranks with uneven shards and g
 rows below; the triton backend under TRITON_INTERPRET=1 on CPU (and on a GPU when present). A
 backend in a dtype passes when its relative error vs fp64 on the same rounded inputs is at most
 twice that of the plain torch path in the same dtype (full logits, the "torch" backend) plus a
-small floor, as the other kernel tests (test_kernels_logprob.check_against_oracle).
+small floor, as the other kernel tests (kernel_helpers.check_against_oracle).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 import kernels  # noqa: E402
 from kernels import full_vocab as fv  # noqa: E402
 from gopd_mega.objective import full_vocab_token_loss  # noqa: E402
-from test_kernels_logprob import FLOOR, rel_err  # noqa: E402
+from kernel_helpers import FLOOR, rel_err  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 N, V, HS, HT, HR = 37, 600, 48, 80, 40  # different hidden sizes; N > one token tile of 32

@@ -17,8 +17,8 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 import kernels  # noqa: E402
-import test_kernels_logprob  # noqa: E402
-from test_kernels_logprob import (FLOOR, LOGPROB_NAMES, check_against_oracle,  # noqa: E402
+import kernel_helpers  # noqa: E402
+from kernel_helpers import (FLOOR, LOGPROB_NAMES, check_against_oracle,  # noqa: E402
                                   gopd_closure, quantised, rel_err, run_logprob, run_loss)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,7 +26,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 def make_inputs(**kw):
     """The shared random inputs, on the device the triton backend runs on here."""
-    return tuple(t.to(DEV) for t in test_kernels_logprob.make_inputs(**kw))
+    return tuple(t.to(DEV) for t in kernel_helpers.make_inputs(**kw))
 
 
 def test_interpreter_is_active_on_cpu():

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from test_parallel_layouts import tiny_cfg
+from helpers import tiny_cfg
 
 pytestmark = pytest.mark.distributed
 

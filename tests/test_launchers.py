@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from test_rollout_distributed import student_hf  # noqa: F401 (fixture)
-from test_trainer import model_dirs  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).parent.parent
 

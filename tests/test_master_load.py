@@ -18,9 +18,10 @@ import torch
 
 from gopd_mega.config import RunConfig, build_config
 from gopd_mega.optim import full_master_state_dict
-from gopd_mega.run import build_model, build_models, build_student_optimizer
+from gopd_mega.model_io import build_model
+from gopd_mega.run import build_models, build_student_optimizer
 
-from test_trainer import TOK, _save_random_model
+from helpers import TOK, save_random_model
 
 
 def _run_cfg(load: str, out_dir, **extra) -> RunConfig:
@@ -63,7 +64,7 @@ def _check_masters(cfg: RunConfig):
 
 @pytest.mark.parametrize("distributed_optimizer", [False, True])
 def test_bf16_student_from_fp32_model_dir_has_exact_masters(tmp_path, distributed_optimizer):
-    path = _save_random_model(tmp_path / "ckpt", 5, init_std=0.3)  # an fp32 model directory
+    path = save_random_model(tmp_path / "ckpt", 5, init_std=0.3)  # an fp32 model directory
     from safetensors.torch import load_file
 
     sd = load_file(f"{path}/model.safetensors")
@@ -88,7 +89,7 @@ def _layouts_worker(root):
     master) and TP=2 (each rank holds its TP shard), from both checkpoint formats."""
     from gopd_mega.config import ModelConfig, OptimConfig
     from gopd_mega.model_io import save_model_dir
-    from test_trainer import TINY
+    from helpers import TINY
 
     src = build_model(ModelConfig(**TINY, seed=7, init_std=0.3), trainable=False, name="source")
     save_model_dir(src, f"{root}/dir")  # collective; fp32

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from test_parallel_layouts import RTOL, batch, tiny_cfg
+from helpers import RTOL, batch, tiny_cfg
 
 pytestmark = pytest.mark.distributed
 

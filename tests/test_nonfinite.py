@@ -13,9 +13,8 @@ from safetensors.torch import load_file, save_file
 from gopd_mega.config import ModelConfig
 from gopd_mega.failures import TrainingError
 from gopd_mega.hf.safetensors_io import CheckpointError
-from gopd_mega.model_io import load_weights, save_model_dir
-from gopd_mega.run import build_model
-from test_trainer import TINY, _distiller, _run_cfg, model_dirs  # noqa: F401 (model_dirs: shared fixture)
+from gopd_mega.model_io import build_model, load_weights, save_model_dir
+from helpers import TINY, make_distiller, run_cfg
 
 
 def _masters(run):
@@ -40,8 +39,8 @@ def _poison_teacher_at(run, steps: set[int], value=float("nan")):
     teacher.logprobs = logprobs
 
 
-def test_nan_loss_skips_the_update_and_says_so(model_dirs, tmp_path, capsys):  # noqa: F811
-    run = _distiller(_run_cfg(model_dirs, tmp_path / "r", 3, **{"data.domains": "[add]"}))
+def test_nan_loss_skips_the_update_and_says_so(model_dirs, tmp_path, capsys):
+    run = make_distiller(run_cfg(model_dirs, tmp_path / "r", 3, **{"data.domains": "[add]"}))
     _poison_teacher_at(run, {2})
     seen = []
     real_step = run.train_step
@@ -61,9 +60,9 @@ def test_nan_loss_skips_the_update_and_says_so(model_dirs, tmp_path, capsys):  #
     assert run.skips_in_a_row == 0
 
 
-def test_infinite_loss_with_finite_gradients_is_skipped(model_dirs, tmp_path):  # noqa: F811
+def test_infinite_loss_with_finite_gradients_is_skipped(model_dirs, tmp_path):
     """The loss check does not rely on the gradient norm: here the gradients are finite."""
-    run = _distiller(_run_cfg(model_dirs, tmp_path / "r", 1))
+    run = make_distiller(run_cfg(model_dirs, tmp_path / "r", 1))
     forward = run.m.student.forward
     real = forward.loss_and_grads
 
@@ -78,8 +77,8 @@ def test_infinite_loss_with_finite_gradients_is_skipped(model_dirs, tmp_path):  
     assert _same(before, _masters(run))
 
 
-def test_nan_gradient_is_skipped(model_dirs, tmp_path):  # noqa: F811
-    run = _distiller(_run_cfg(model_dirs, tmp_path / "r", 1))
+def test_nan_gradient_is_skipped(model_dirs, tmp_path):
+    run = make_distiller(run_cfg(model_dirs, tmp_path / "r", 1))
     param = next(p for n, p in run.m.student.model.named_parameters() if n.endswith("final_layernorm.weight"))
     param.register_hook(lambda g: torch.full_like(g, float("nan")))
     before = _masters(run)
@@ -88,8 +87,8 @@ def test_nan_gradient_is_skipped(model_dirs, tmp_path):  # noqa: F811
     assert history[0]["skipped_updates"] == 1.0 and _same(before, _masters(run))
 
 
-def test_consecutive_skips_stop_the_run_and_nothing_is_saved(model_dirs, tmp_path):  # noqa: F811
-    run = _distiller(_run_cfg(model_dirs, tmp_path / "r", 6, **{"train.max_consecutive_skips": 3,
+def test_consecutive_skips_stop_the_run_and_nothing_is_saved(model_dirs, tmp_path):
+    run = make_distiller(run_cfg(model_dirs, tmp_path / "r", 6, **{"train.max_consecutive_skips": 3,
                                                                   "train.save_every": 1}))
     _poison_teacher_at(run, {3, 4, 5, 6}, value=float("inf"))
     with pytest.raises(TrainingError, match=r"training stopped at step 5: 3 updates in a row were skipped .* "

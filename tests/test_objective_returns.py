@@ -188,14 +188,14 @@ def test_trainer_sequence_returns(tmp_path):
     same first batch; token mode still runs exactly one student forward per micro-batch of the
     update (no extra pass), sequence mode one more no-grad pass of the same micro-batches, and
     with updates_per_rollout = 2 that pass is made once, not twice."""
-    from test_trainer import _distiller, _run_cfg, _save_random_model
+    from helpers import make_distiller, run_cfg, save_random_model
 
-    dirs = {"student": _save_random_model(tmp_path / "student", 1),
-            "add": _save_random_model(tmp_path / "t_add", 2, init_std=0.3),
-            "mul": _save_random_model(tmp_path / "t_mul", 3, init_std=0.3)}
+    dirs = {"student": save_random_model(tmp_path / "student", 1),
+            "add": save_random_model(tmp_path / "t_add", 2, init_std=0.3),
+            "mul": save_random_model(tmp_path / "t_mul", 3, init_std=0.3)}
 
     def run(returns, steps, **extra):
-        d = _distiller(_run_cfg(dirs, tmp_path / f"{returns}{len(extra)}", steps, **{
+        d = make_distiller(run_cfg(dirs, tmp_path / f"{returns}{len(extra)}", steps, **{
             "objective.returns": returns, "rollout.samples_per_prompt": 2, **extra}))
         d.m.student.stats.reset()
         return d, d.fit(), d.m.student.stats.forward_calls

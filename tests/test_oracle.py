@@ -11,7 +11,7 @@ import torch
 
 from gopd_mega.config import ModelConfig
 from gopd_mega.oracle import per_token_target, sequence_target
-from gopd_mega.run import build_model
+from gopd_mega.model_io import build_model
 
 V, STOP, L = 4, 0, 3  # ids 0..3, 0 stops a response, at most 3 response tokens
 
@@ -132,7 +132,7 @@ def test_bad_answers_are_refused():
 def test_per_token_target_on_real_models_matches_next_token_logits():
     """The teacher-forced path (logprobs_at over every id) against the sampling path
     (next_token_logits), on two megatron models of the tiny size, at temperature 0.7."""
-    from test_trainer import TINY
+    from helpers import TINY
 
     teacher = build_model(ModelConfig(**TINY, seed=5, init_std=0.2), trainable=False, name="t")
     ref = build_model(ModelConfig(**TINY, seed=6, init_std=0.2), trainable=False, name="r")

@@ -243,13 +243,13 @@ def test_memory_knob_validation_and_cpu_refusal():
 
 def test_trainer_forwards_stay_within_the_token_budget(tmp_path):
     """Student, teachers and reference: no forward of a G-OPD step exceeds the budget."""
-    from test_trainer import _distiller, _run_cfg, _save_random_model
+    from helpers import make_distiller, run_cfg, save_random_model
 
-    dirs = {"student": _save_random_model(tmp_path / "s", 1),
-            "add": _save_random_model(tmp_path / "a", 2), "mul": _save_random_model(tmp_path / "m", 3)}
-    cfg = _run_cfg(dirs, tmp_path / "run", 1, **{"train.max_tokens_per_micro_batch": 24,
+    dirs = {"student": save_random_model(tmp_path / "s", 1),
+            "add": save_random_model(tmp_path / "a", 2), "mul": save_random_model(tmp_path / "m", 3)}
+    cfg = run_cfg(dirs, tmp_path / "run", 1, **{"train.max_tokens_per_micro_batch": 24,
                                                   "train.micro_batch_size": "null"})
-    d = _distiller(cfg)
+    d = make_distiller(cfg)
     models = {"student": d.m.student, "reference": d.m.reference, **d.m.teachers}
     for m in models.values():
         m.stats.reset()

@@ -10,28 +10,9 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
+from helpers import RTOL, batch, tiny_cfg
 
 pytestmark = pytest.mark.distributed
-
-RTOL = 1e-5
-
-
-def tiny_cfg(tp=1, pp=1, tie=True, seed=1234):
-    from gopd_mega.config import ModelConfig
-
-    return ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                       ffn_hidden_size=128, vocab_size=50, max_seq_len=16, qk_layernorm=True,
-                       tie_embeddings=tie, tp=tp, pp=pp, seed=seed)
-
-
-def batch(n=6, s=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, 50, (n, s), generator=g)
-    mask = torch.zeros(n, s)
-    for i in range(n):  # prompt of 3 tokens, responses of different lengths, right padding
-        mask[i, 3: 3 + 4 + i % 5] = 1
-    return tokens, mask
-
 
 def _train_layouts(tie):
     """Every layout of a 2-process world trains the same model 3 steps on the same batch."""

@@ -11,7 +11,7 @@ from gopd_mega.config import ConfigError, ModelConfig
 from gopd_mega.objective import gopd_advantage
 from gopd_mega.run import build_models
 from gopd_mega.trainer import score_teachers
-from test_trainer import TOK, _run_cfg, model_dirs  # noqa: F401 (model_dirs: shared fixture)
+from helpers import TOK, run_cfg
 
 PROMPTS = ["12+34=", "5*6=", "7+8=", "9*9="]
 ROUTES = ["add", "mul", "add", "mul"]
@@ -19,7 +19,7 @@ ROUTES = ["add", "mul", "add", "mul"]
 
 def _advantages(model_dirs, out_dir, reference) -> dict:
     """Rollout of fixed prompts, then the G-OPD advantages (lam = 1.25, so pi_ref matters)."""
-    cfg = _run_cfg(model_dirs, out_dir, 1, **{"objective.reference": reference, "objective.lam": 1.25})
+    cfg = run_cfg(model_dirs, out_dir, 1, **{"objective.reference": reference, "objective.lam": 1.25})
     models = build_models(cfg, TOK)
     prompts = [[TOK.bos_id] + TOK.encode(p) for p in PROMPTS]
     batch = models.engine.generate(prompts, temperature=1.0, max_new_tokens=6, seed=3)
@@ -49,11 +49,11 @@ def test_reference_at_tp2_beside_tp1_student(model_dirs, tmp_path):
 
 def test_reference_mapping_is_validated_with_field_names(model_dirs, tmp_path):
     with pytest.raises(ConfigError, match="'objective.reference.load'"):
-        _run_cfg(model_dirs, tmp_path, 1, **{"objective.reference": "{tp: 2}"})
+        run_cfg(model_dirs, tmp_path, 1, **{"objective.reference": "{tp: 2}"})
     with pytest.raises(ConfigError, match="'objective.reference.tp'"):
-        _run_cfg(model_dirs, tmp_path, 1, **{"objective.reference": f"{{load: {model_dirs['mul']}, tp: 0}}"})
+        run_cfg(model_dirs, tmp_path, 1, **{"objective.reference": f"{{load: {model_dirs['mul']}, tp: 0}}"})
     with pytest.raises(ConfigError, match="'objective.reference.bogus'"):
-        _run_cfg(model_dirs, tmp_path, 1, **{"objective.reference": f"{{load: {model_dirs['mul']}, bogus: 1}}"})
-    cfg = _run_cfg(model_dirs, tmp_path, 1, **{"objective.reference": f"{{load: {model_dirs['mul']}, tp: 2}}"})
+        run_cfg(model_dirs, tmp_path, 1, **{"objective.reference": f"{{load: {model_dirs['mul']}, bogus: 1}}"})
+    cfg = run_cfg(model_dirs, tmp_path, 1, **{"objective.reference": f"{{load: {model_dirs['mul']}, tp: 2}}"})
     assert isinstance(cfg.objective.reference, ModelConfig) and cfg.objective.reference.tp == 2
-    assert _run_cfg(model_dirs, tmp_path, 1).objective.reference == "initial"
+    assert run_cfg(model_dirs, tmp_path, 1).objective.reference == "initial"

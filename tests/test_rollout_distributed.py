@@ -13,21 +13,10 @@ import torch
 
 from dist_utils import run_distributed
 from sglang_standin import StandinSGLang
-from test_trainer import TOK, _distiller, _run_cfg, model_dirs  # noqa: F401 (model_dirs: shared fixture)
+from helpers import make_distiller, run_cfg
 
 from gopd_mega.config import ModelConfig
 from gopd_mega.rollout.servers import ServerScoringMismatch
-
-
-@pytest.fixture(scope="module")
-def student_hf(model_dirs, tmp_path_factory):
-    """The test student exported as a Hugging Face folder: what the stand-in server serves."""
-    from gopd_mega.hf import export_hf
-    from gopd_mega.run import build_model
-
-    path = tmp_path_factory.mktemp("hf") / "student"
-    export_hf(build_model(ModelConfig(load=model_dirs["student"]), trainable=False, name="export"), path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +36,9 @@ def server(_server, student_hf):
 
 
 def _fit_recording(model_dirs, out_dir, url, steps, extra):
-    cfg = _run_cfg(model_dirs, out_dir, steps, **{"rollout.engine": "sglang", "rollout.sglang_url": url,
+    cfg = run_cfg(model_dirs, out_dir, steps, **{"rollout.engine": "sglang", "rollout.sglang_url": url,
                                                   "train.prompts_per_step": 4, **extra})
-    run = _distiller(cfg)
+    run = make_distiller(cfg)
     seen = []
     original = run.next_rollout
 
@@ -92,17 +81,17 @@ def test_server_scoring_disagreement_is_reported(model_dirs, server, tmp_path, c
     server.return_original_logprob = True
     base = {"rollout.engine": "sglang", "rollout.sglang_url": server.url, "rollout.temperature": 0.5,
             "train.prompts_per_step": 2}
-    run = _distiller(_run_cfg(model_dirs, tmp_path / "refuse", 1, **base))
+    run = make_distiller(run_cfg(model_dirs, tmp_path / "refuse", 1, **base))
     with pytest.raises(ServerScoringMismatch, match=r"rollout server \(student\).*temperature 0.5: mean \|server - "
                                                     r"trainer\| = \d+\.\d+ nats per token"):
         run.fit()
-    run = _distiller(_run_cfg(model_dirs, tmp_path / "warn", 1, **base, **{"rollout.server_check": "warn"}))
+    run = make_distiller(run_cfg(model_dirs, tmp_path / "warn", 1, **base, **{"rollout.server_check": "warn"}))
     assert len(run.fit()) == 1
     assert "WARNING: rollout server (student)" in capsys.readouterr().out
     # the same server reporting log-probs at the sampling temperature passes the check at T = 0.5
     # (prefill scoring, which SGLang does at T = 1 only, is not what the check compares)
     server.return_original_logprob = False
-    run = _distiller(_run_cfg(model_dirs, tmp_path / "agree", 1, **base))
+    run = make_distiller(run_cfg(model_dirs, tmp_path / "agree", 1, **base))
     assert len(run.fit()) == 1
 
 
@@ -132,15 +121,15 @@ def test_teacher_served_by_sglang_scores_like_the_local_teacher(model_dirs, tmp_
     fp32 HF export); its log-probs equal the trainer-side teacher's up to fp32 rounding, and the
     start-up check compared them (the local copy comes from teachers[0].model.load)."""
     from gopd_mega.hf import export_hf
-    from gopd_mega.run import build_model
+    from gopd_mega.model_io import build_model
     from gopd_mega.trainer import score_teachers
 
     local = build_model(ModelConfig(load=model_dirs["add"]), trainable=False, name="add")
     export_hf(local, tmp_path / "add_hf")
     server = StandinSGLang(str(tmp_path / "add_hf"))
     try:
-        cfg = _run_cfg(model_dirs, tmp_path / "run", 1, **{"teachers.0.server": server.url})
-        run = _distiller(cfg)
+        cfg = run_cfg(model_dirs, tmp_path / "run", 1, **{"teachers.0.server": server.url})
+        run = make_distiller(cfg)
         assert type(run.m.teachers["add"]).__name__ == "ServerScorer"
         history = run.fit()
         assert len(history) == 1

@@ -17,17 +17,17 @@ import pytest
 
 from sglang_procs import start_standin, stop
 from sglang_standin import StandinSGLang
-from test_rollout_distributed import student_hf  # noqa: F401 (fixture)
-from test_trainer import _distiller, _run_cfg, model_dirs  # noqa: F401 (model_dirs: shared fixture)
+
+from helpers import make_distiller, run_cfg
 
 from gopd_mega.rollout.pool import SGLangPool
 from gopd_mega.rollout.sglang import http_call
 from gopd_mega.rollout.weight_sync import DiskSync
 
 def _fit(model_dirs, out_dir, urls, steps):
-    cfg = _run_cfg(model_dirs, out_dir, steps, **{"rollout.engine": "sglang", "rollout.sglang_url": f"[{','.join(urls)}]",
+    cfg = run_cfg(model_dirs, out_dir, steps, **{"rollout.engine": "sglang", "rollout.sglang_url": f"[{','.join(urls)}]",
                                                   "train.prompts_per_step": 4, "rollout.request_batch": 1})
-    run = _distiller(cfg)
+    run = make_distiller(cfg)
     seen = []
     original = run.next_rollout
 
@@ -72,7 +72,7 @@ def test_kill_9_of_one_server_loses_no_prompt(model_dirs, student_hf, tmp_path):
 def test_hung_server_is_abandoned_in_bounded_time_and_comes_back_after_probe_and_sync(model_dirs, student_hf,
                                                                                        tmp_path):
     from gopd_mega.config import ModelConfig
-    from gopd_mega.run import build_model
+    from gopd_mega.model_io import build_model
 
     a, b = StandinSGLang(student_hf), StandinSGLang(student_hf, seed=1)
     try:

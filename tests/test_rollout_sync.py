@@ -18,7 +18,6 @@ import torch
 
 from dist_utils import run_distributed
 from sglang_standin import StandinSGLang
-from test_trainer import TOK, model_dirs  # noqa: F401 (model_dirs: shared fixture)
 
 from gopd_mega.config import ModelConfig
 from gopd_mega.rollout.coordinator import RolloutCoordinator, Sampling
@@ -30,7 +29,7 @@ HERE = Path(__file__).parent
 
 
 def _student(model_dirs, tp=1):
-    from gopd_mega.run import build_model
+    from gopd_mega.model_io import build_model
 
     return build_model(ModelConfig(load=model_dirs["student"], tp=tp), trainable=False, name="student")
 
@@ -40,7 +39,7 @@ def other_hf(model_dirs, tmp_path_factory):
     """An HF export of a DIFFERENT model of the student's shape: what the servers start with, so a
     refresh that does not arrive shows."""
     from gopd_mega.hf import export_hf
-    from gopd_mega.run import build_model
+    from gopd_mega.model_io import build_model
 
     path = tmp_path_factory.mktemp("hf") / "other"
     export_hf(build_model(ModelConfig(load=model_dirs["add"]), trainable=False, name="other"), path)

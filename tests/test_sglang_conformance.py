@@ -19,8 +19,7 @@ import pytest
 import sglang_contract
 from sglang_procs import start_router, start_standin, stop
 from sglang_standin import StandinSGLang
-from test_rollout_distributed import student_hf  # noqa: F401 (fixture)
-from test_trainer import model_dirs  # noqa: F401 (fixture)
+
 
 from gopd_mega.rollout.coordinator import RolloutCoordinator, Sampling
 from gopd_mega.rollout.pool import SGLangPool
@@ -97,7 +96,7 @@ def _sync_calls(server):
 def test_weight_update_session_where_the_release_needs_one(model_dirs, student_hf, version, session):
     from gopd_mega.config import ModelConfig
     from gopd_mega.rollout.weight_sync import IpcSync
-    from gopd_mega.run import build_model
+    from gopd_mega.model_io import build_model
 
     server = StandinSGLang(student_hf, version=version)
     try:
@@ -160,7 +159,7 @@ def _generate_bodies(url):
 def test_a_rollout_step_through_the_real_router(fleet, model_dirs, tmp_path):
     from gopd_mega.config import ModelConfig
     from gopd_mega.rollout.weight_sync import DiskSync
-    from gopd_mega.run import build_model
+    from gopd_mega.model_io import build_model
 
     router, workers, procs = fleet
     old = {"input_ids": [[1, 5, 7], [1, 6, 8]], "sampling_params": {"max_new_tokens": 2}, "rid": ["a", "b"]}

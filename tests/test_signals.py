@@ -8,42 +8,19 @@ import json
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from dist_utils import subprocess_env
-from gopd_mega.config import ModelConfig
-from gopd_mega.data.tokenizer import CharTokenizer
-from gopd_mega.model_io import save_model_dir
-from gopd_mega.run import build_model
+from helpers import REPO, run_until
+from helpers import TINY_RECIPE_STEPS as STEPS
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
-TOK = CharTokenizer()
-STEPS = 6
 
 
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-    """A recipe of tiny models; ``train.out_dir`` is given per run."""
-    root = tmp_path_factory.mktemp("signals")
-    for name, seed, std in (("student", 1, 0.02), ("teacher", 2, 0.3)):
-        cfg = ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2, ffn_hidden_size=32,
-                          vocab_size=TOK.vocab_size, max_seq_len=32, seed=seed, init_std=std)
-        save_model_dir(build_model(cfg, trainable=False, name=name), root / name)
-    path = root / "recipe.json"
-    path.write_text(json.dumps({
-        "student": {"load": str(root / "student")}, "teachers": [{"name": "add", "model": {"load": str(root / "teacher")}}],
-        "rollout": {"max_new_tokens": 4}, "optim": {"lr": 1e-3},
-        "data": {"max_prompt_len": 12, "num_train": 16, "num_eval": 2, "domains": ["add"]},
-        "train": {"steps": STEPS, "prompts_per_step": 2, "progress": False}}))
-    return path
-
-
-def cli(recipe, out, *overrides):
-    return subprocess.Popen([sys.executable, "-m", "gopd_mega.cli", "--recipe", str(recipe), f"train.out_dir={out}",
+def cli(tiny_recipe, out, *overrides):
+    return subprocess.Popen([sys.executable, "-m", "gopd_mega.cli", "--recipe", str(tiny_recipe), f"train.out_dir={out}",
                              *overrides], cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -53,25 +30,15 @@ def finish(proc, timeout=300) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
-def run_until(proc, text: str) -> str:
-    """Read the run's stdout until a line holding ``text``; returns what was read."""
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if text in line:
-            return "".join(seen)
-    raise AssertionError(f"the run ended before printing {text!r}: {''.join(seen)}{proc.stderr.read()}")
-
-
 def steps_logged(out) -> list[int]:
     return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
-def straight(recipe, tmp_path_factory):
+def straight(tiny_recipe, tmp_path_factory):
     """The final student of a run that was never stopped."""
     out = tmp_path_factory.mktemp("straight") / "run"
-    rc, _, err = finish(cli(recipe, out))
+    rc, _, err = finish(cli(tiny_recipe, out))
     assert rc == 0, err
     return load_file(str(out / "student" / "model.safetensors"))
 
@@ -82,9 +49,9 @@ def _assert_same_student(out, straight):
     assert all((final[k] == straight[k]).all() for k in final), "the resumed run differs from the straight one"
 
 
-def test_sigterm_saves_exits_75_and_the_rerun_finishes_as_if_never_stopped(recipe, straight, tmp_path):
+def test_sigterm_saves_exits_75_and_the_rerun_finishes_as_if_never_stopped(tiny_recipe, straight, tmp_path):
     out = tmp_path / "run"
-    proc = cli(recipe, out)
+    proc = cli(tiny_recipe, out)
     run_until(proc, "[train 2]")
     proc.send_signal(signal.SIGTERM)
     rc, stdout, err = finish(proc)
@@ -97,21 +64,21 @@ def test_sigterm_saves_exits_75_and_the_rerun_finishes_as_if_never_stopped(recip
     assert "got SIGTERM: the run stops after this step" in stdout
     assert not (out / "student").exists()  # the final model is written only by a finished run
 
-    rc, stdout, err = finish(cli(recipe, out))
+    rc, stdout, err = finish(cli(tiny_recipe, out))
     assert rc == 0, err
     assert f"resumed from {out / 'checkpoints' / f'step_{step:06d}'} at step {step}" in stdout
     assert steps_logged(out) == list(range(1, STEPS + 1))
     _assert_same_student(out, straight)
 
 
-def test_kill_9_then_resume_logs_every_step_once(recipe, straight, tmp_path):
+def test_kill_9_then_resume_logs_every_step_once(tiny_recipe, straight, tmp_path):
     out = tmp_path / "run"
-    proc = cli(recipe, out, "train.save_every=2")
+    proc = cli(tiny_recipe, out, "train.save_every=2")
     run_until(proc, "[train 3]")  # step 3 logged; the newest checkpoint is step 2
     proc.kill()
     finish(proc)
     assert 3 in steps_logged(out)
-    rc, stdout, err = finish(cli(recipe, out, "train.save_every=2"))
+    rc, stdout, err = finish(cli(tiny_recipe, out, "train.save_every=2"))
     assert rc == 0, err
     assert "resumed from" in stdout
     assert steps_logged(out) == list(range(1, STEPS + 1))  # rows after the resumed step were dropped, then logged again

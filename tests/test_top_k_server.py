@@ -22,9 +22,9 @@ import torch
 
 from gopd_mega.rollout.servers import parse_top_k, top_k_request
 from gopd_mega.rollout.sglang import SGLangError
-from gopd_mega.run import build_model
+from gopd_mega.model_io import build_model
 from gopd_mega.config import ModelConfig
-from test_trainer import TINY, _distiller, _run_cfg, model_dirs  # noqa: F401 (model_dirs: shared fixture)
+from helpers import make_distiller, run_cfg
 
 K = 5
 
@@ -115,9 +115,9 @@ def test_served_teacher_top_k_equals_local(model_dirs, tmp_path, served):
     """One teacher behind the server (with its local copy for the start-up check), lam = 1.25:
     the same run as with every teacher local, and the requests asked for the top-k."""
     base = {"objective.estimator": "top_k", "objective.top_k": K, "rollout.temperature": 1.0}
-    local = [(m["loss"], m["reverse_kl"], m["grad_norm"]) for m in _distiller(_run_cfg(
+    local = [(m["loss"], m["reverse_kl"], m["grad_norm"]) for m in make_distiller(run_cfg(
         model_dirs, tmp_path / "local", 2, **base)).fit()]
-    remote = [(m["loss"], m["reverse_kl"], m["grad_norm"]) for m in _distiller(_run_cfg(
+    remote = [(m["loss"], m["reverse_kl"], m["grad_norm"]) for m in make_distiller(run_cfg(
         model_dirs, tmp_path / "remote", 2, **base, **{"teachers.0.server": served.url})).fit()]
     asked = [r for r in served.requests if "top_logprobs_num" in r]
     assert asked and all(r["top_logprobs_num"] == K for r in asked)

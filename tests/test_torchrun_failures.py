@@ -16,14 +16,14 @@ import sys
 import pytest
 
 from dist_utils import subprocess_env
-from test_signals import REPO, recipe, run_until  # noqa: F401 (recipe: shared fixture)
+from helpers import REPO, run_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
-def torchrun(recipe, out, *overrides, **env):  # noqa: F811
+def torchrun(tiny_recipe, out, *overrides, **env):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "gopd_mega.cli", "--recipe", str(recipe), f"train.out_dir={out}", "train.steps=200", *overrides]
+           "-m", "gopd_mega.cli", "--recipe", str(tiny_recipe), f"train.out_dir={out}", "train.steps=200", *overrides]
     return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1", **env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -55,8 +55,8 @@ def exit_codes(output: str) -> dict[int, str]:
     return {int(r): code for r, code in re.findall(r"rank\s+: (\d+) \(local_rank: \d+\)\s+exitcode\s+: (-?\d+)", output)}
 
 
-def test_user_error_is_one_line_with_exit_code_2(recipe, tmp_path):  # noqa: F811
-    proc = torchrun(recipe, tmp_path / "run", "optim.lr=.nan")
+def test_user_error_is_one_line_with_exit_code_2(tiny_recipe, tmp_path):
+    proc = torchrun(tiny_recipe, tmp_path / "run", "optim.lr=.nan")
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1  # torchrun's own code when a worker fails
     assert ours(output) == ["gopd-train: error: config field 'optim.lr': must be a finite number, got nan"], output
@@ -67,20 +67,20 @@ def test_user_error_is_one_line_with_exit_code_2(recipe, tmp_path):  # noqa: F81
     assert set(codes.values()) <= {"2", "-15"}, output
 
 
-def test_user_error_is_printed_when_another_rank_meets_it_first(recipe, tmp_path):  # noqa: F811
+def test_user_error_is_printed_when_another_rank_meets_it_first(tiny_recipe, tmp_path):
     """Rank 0 (the one that prints) starts 3 s late: rank 1 meets the config error first and must
     not exit before rank 0 has printed it (torchrun would stop rank 0 first: no line at all)."""
     slow = REPO / "tests" / "fixtures" / "slow_rank0"
-    proc = torchrun(recipe, tmp_path / "run", "optim.lr=.nan", PYTHONPATH=f"{slow}{os.pathsep}{REPO}")
+    proc = torchrun(tiny_recipe, tmp_path / "run", "optim.lr=.nan", PYTHONPATH=f"{slow}{os.pathsep}{REPO}")
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1
     assert ours(output) == ["gopd-train: error: config field 'optim.lr': must be a finite number, got nan"], output
     assert exit_codes(output).get(0) == "2", output  # rank 0 reported and left with the user-error code
 
 
-def test_signal_to_one_rank_stops_both_with_one_checkpoint(recipe, tmp_path):  # noqa: F811
+def test_signal_to_one_rank_stops_both_with_one_checkpoint(tiny_recipe, tmp_path):
     out = tmp_path / "run"
-    proc = torchrun(recipe, out)
+    proc = torchrun(tiny_recipe, out)
     run_until(proc, "[train 2]")
     os.kill(worker_pids(proc.pid)[1], signal.SIGUSR1)  # rank 1 only, as a partial preemption would
     output, _ = proc.communicate(timeout=300)
@@ -94,10 +94,10 @@ def test_signal_to_one_rank_stops_both_with_one_checkpoint(recipe, tmp_path):  #
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP])
-def test_dead_or_stopped_rank_is_named(recipe, tmp_path, how):  # noqa: F811
+def test_dead_or_stopped_rank_is_named(tiny_recipe, tmp_path, how):
     """kill -9: rank 0's next collective fails at once; SIGSTOP: it times out after
     train.dist_timeout_s. Either way rank 0 names rank 1 by host and pid, once."""
-    proc = torchrun(recipe, tmp_path / "run", "train.dist_timeout_s=10", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="5")
+    proc = torchrun(tiny_recipe, tmp_path / "run", "train.dist_timeout_s=10", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="5")
     run_until(proc, "[train 2]")
     victim = worker_pids(proc.pid)[1]
     os.kill(victim, how)

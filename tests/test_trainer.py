@@ -8,64 +8,21 @@ import json
 import pytest
 import torch
 
-from gopd_mega.config import ModelConfig, RunConfig, build_config
+from gopd_mega.config import RunConfig, build_config
 from gopd_mega.data import synthetic
 from gopd_mega.data.prompts import DataError, PromptDataset
-from gopd_mega.data.tokenizer import CharTokenizer
-from gopd_mega.model_io import save_model_dir
-from gopd_mega.run import build_model, build_models, build_student_optimizer
-from gopd_mega.trainer import Distiller, score_teachers
-
-TOK = CharTokenizer()
-TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
-            vocab_size=TOK.vocab_size, max_seq_len=32)
-
-
-def _save_random_model(path, seed, **overrides):
-    model = build_model(ModelConfig(**{**TINY, **overrides}, seed=seed), trainable=False, name=f"seed{seed}")
-    save_model_dir(model, path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    # Teachers with a larger init scale have peaked, distinct distributions to distil.
-    return {
-        "student": _save_random_model(root / "student", 1),
-        "add": _save_random_model(root / "t_add", 2, init_std=0.3),
-        "mul": _save_random_model(root / "t_mul", 3, init_std=0.3),
-    }
-
-
-def _run_cfg(model_dirs, out_dir, steps, **extra) -> RunConfig:
-    data = {
-        "student": {"load": model_dirs["student"]},
-        "teachers": [{"name": d, "model": {"load": model_dirs[d]}} for d in ("add", "mul")],
-        "objective": {"lam": 1.25},
-        "rollout": {"max_new_tokens": 6},
-        "optim": {"lr": 1e-3},
-        "data": {"num_train": 64, "num_eval": 8, "max_prompt_len": 12},
-        "train": {"steps": steps, "prompts_per_step": 8, "micro_batch_size": 4, "out_dir": str(out_dir), "progress": False},
-    }
-    overrides = [f"{k}={v}" for k, v in extra.items()]
-    return build_config(RunConfig, data, overrides)
-
-
-def _distiller(cfg: RunConfig) -> Distiller:
-    records, _ = synthetic.from_config(cfg.data)
-    models = build_models(cfg, TOK)
-    data = PromptDataset.from_config(records, TOK, cfg.data, teachers=[t.name for t in cfg.teachers])
-    return Distiller(cfg, models, data, build_student_optimizer(cfg, models))
+from gopd_mega.run import build_models
+from gopd_mega.trainer import score_teachers
+from helpers import TOK, make_distiller, run_cfg, save_random_model
 
 
 def test_resume_equals_straight_run(model_dirs, tmp_path):
     """N steps straight == N/2 steps, save, a fresh process-state restart, N/2 more steps."""
-    straight = _distiller(_run_cfg(model_dirs, tmp_path / "straight", 4)).fit()
+    straight = make_distiller(run_cfg(model_dirs, tmp_path / "straight", 4)).fit()
 
-    first = _distiller(_run_cfg(model_dirs, tmp_path / "resumed", 2)).fit()
+    first = make_distiller(run_cfg(model_dirs, tmp_path / "resumed", 2)).fit()
     torch.manual_seed(12345)  # whatever the RNG did in between must not matter
-    second_run = _distiller(_run_cfg(model_dirs, tmp_path / "resumed", 4))
+    second_run = make_distiller(run_cfg(model_dirs, tmp_path / "resumed", 4))
     second = second_run.fit()
     assert second_run.step == 4 and len(first) == 2 and len(second) == 2
     got = [m["loss"] for m in first + second]
@@ -93,8 +50,8 @@ def _next_token_kl(student, teachers, prompts, routes) -> float:
 def test_metrics_and_learning(model_dirs, tmp_path):
     """Training moves the student towards its teachers: the exact next-token KL to each prompt's
     teacher on held prompts falls, and every metric is logged."""
-    cfg = _run_cfg(model_dirs, tmp_path / "run", 12, **{"optim.lr": 1e-3, "objective.lam": 1.0, "train.prompts_per_step": 64, "train.micro_batch_size": 32})
-    run = _distiller(cfg)
+    cfg = run_cfg(model_dirs, tmp_path / "run", 12, **{"optim.lr": 1e-3, "objective.lam": 1.0, "train.prompts_per_step": 64, "train.micro_batch_size": 32})
+    run = make_distiller(cfg)
     _, held = synthetic.from_config(cfg.data)
     recs = [r for d in held.values() for r in d]
     prompts = [[TOK.bos_id] + TOK.encode(r["prompt"]) for r in recs]
@@ -120,7 +77,7 @@ def test_reference_is_not_scored_where_it_cancels(model_dirs, tmp_path, monkeypa
     from gopd_mega.config import ObjectiveConfig
 
     def run(name, **extra):
-        d = _distiller(_run_cfg(model_dirs, tmp_path / name, 3, **{"objective.lam": 1.0, **extra}))
+        d = make_distiller(run_cfg(model_dirs, tmp_path / name, 3, **{"objective.lam": 1.0, **extra}))
         d.m.reference.stats.reset()
         history = d.fit()
         return history, d.m.reference.stats.forward_calls
@@ -140,7 +97,7 @@ def test_reference_is_not_scored_where_it_cancels(model_dirs, tmp_path, monkeypa
 
 
 def test_each_prompt_is_scored_by_its_teacher(model_dirs, tmp_path):
-    cfg = _run_cfg(model_dirs, tmp_path / "route", 1)
+    cfg = run_cfg(model_dirs, tmp_path / "route", 1)
     models = build_models(cfg, TOK)
     prompts = [[TOK.bos_id] + TOK.encode(p) for p in ("12+34=", "5*6=", "7+8=", "9*9=")]
     batch = models.engine.generate(prompts, temperature=1.0, max_new_tokens=5, seed=0)
@@ -155,8 +112,8 @@ def test_each_prompt_is_scored_by_its_teacher(model_dirs, tmp_path):
 
 
 def test_vocab_mismatch_is_refused(model_dirs, tmp_path):
-    other = _save_random_model(tmp_path / "wide", 4, vocab_size=TOK.vocab_size + 7)
-    cfg = _run_cfg(model_dirs, tmp_path / "v", 1)
+    other = save_random_model(tmp_path / "wide", 4, vocab_size=TOK.vocab_size + 7)
+    cfg = run_cfg(model_dirs, tmp_path / "v", 1)
     cfg.teachers[1].model = dataclasses.replace(cfg.teachers[1].model, load=other)
     with pytest.raises(ValueError, match=f"vocabulary mismatch: teacher 'mul' has vocab_size={TOK.vocab_size + 7}"):
         build_models(cfg, TOK)
@@ -175,7 +132,7 @@ def test_long_prompts_are_counted_and_reported_and_empty_data_refused(capsys):
 
 
 def test_incomplete_checkpoint_is_never_loaded(model_dirs, tmp_path):
-    run = _distiller(_run_cfg(model_dirs, tmp_path / "c", 1))
+    run = make_distiller(run_cfg(model_dirs, tmp_path / "c", 1))
     run.fit()
     ckpt = run.ckpt.latest()
     assert ckpt is not None and ckpt.name == "step_000001"
@@ -196,7 +153,7 @@ def test_padded_only_vocab_difference_is_accepted_one_way(tmp_path):
     teacher cannot score, which is refused."""
     from gopd_mega.hf import HFTokenizer
     from gopd_mega.hf.testing import tiny_hf_model
-    from test_hf_tokenizer import make_tokenizer
+    from helpers import make_tokenizer
 
     def hf_model(name, vocab):
         d = tmp_path / name

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from dist_utils import run_distributed
-from test_trainer import _distiller, _run_cfg, model_dirs  # noqa: F401 (model_dirs: shared fixture)
+from helpers import make_distiller, run_cfg
 
 
 def _train(model_dirs, out_dir, steps, overrides):
-    history = _distiller(_run_cfg(model_dirs, out_dir, steps, **overrides)).fit()
+    history = make_distiller(run_cfg(model_dirs, out_dir, steps, **overrides)).fit()
     return [v for m in history for v in (m["loss"], m["grad_norm"])]
 
 

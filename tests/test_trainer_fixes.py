@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_trainer import _distiller, _run_cfg, model_dirs  # noqa: F401 (model_dirs: shared fixture)
+from helpers import make_distiller, run_cfg
 
 
 def _capture(run):
@@ -30,7 +30,7 @@ def test_student_logprobs_use_the_rollout_temperature(model_dirs, tmp_path):
     """At T=0.7 the student's pre-update log-probs (the ones the loss, the IS weight and the
     metrics use) equal the sampler's: both are log_softmax(logits / T) of the same fp32 weights,
     differing only in summation order (measured ~1e-7); at T=1 in the student they differed by 0.2."""
-    run = _distiller(_run_cfg(model_dirs, tmp_path / "t07", 1, **{"rollout.temperature": 0.7}))
+    run = make_distiller(run_cfg(model_dirs, tmp_path / "t07", 1, **{"rollout.temperature": 0.7}))
     seen = _capture(run)
     metrics = run.train_step()
     batch, out = seen["batches"][0], seen["steps"][0]
@@ -73,16 +73,16 @@ def test_keep_last_prunes_only_older_complete_checkpoints(tmp_path):
 
 def test_keep_last_in_a_run(model_dirs, tmp_path):
     """save_every=1, keep_last=2: after 3 steps only steps 2 and 3 remain, and resuming works."""
-    cfg = _run_cfg(model_dirs, tmp_path / "k", 3, **{"train.save_every": 1, "train.keep_last": 2,
+    cfg = run_cfg(model_dirs, tmp_path / "k", 3, **{"train.save_every": 1, "train.keep_last": 2,
                                                      "train.prompts_per_step": 2})
-    run = _distiller(cfg)
+    run = make_distiller(cfg)
     run.fit()
     names = sorted(p.name for p in (tmp_path / "k" / "checkpoints").iterdir())
     assert names == ["latest", "step_000002", "step_000003"]
     assert run.ckpt.latest().name == "step_000003"
-    cfg4 = _run_cfg(model_dirs, tmp_path / "k", 4, **{"train.save_every": 1, "train.keep_last": 2,
+    cfg4 = run_cfg(model_dirs, tmp_path / "k", 4, **{"train.save_every": 1, "train.keep_last": 2,
                                                       "train.prompts_per_step": 2})
-    again = _distiller(cfg4)
+    again = make_distiller(cfg4)
     assert len(again.fit()) == 1
     assert sorted(p.name for p in (tmp_path / "k" / "checkpoints").iterdir()) == ["latest", "step_000003", "step_000004"]
 
@@ -116,7 +116,7 @@ def test_one_update_per_rollout_is_the_paper(model_dirs, tmp_path, monkeypatch):
     """N = 1: one optimizer step on the whole batch, weights normalised over the whole batch,
     no pi_old pass (old_logp None: ratio 1), clip fraction 0, and the loss is objective.gopd_loss."""
     calls = _record_builders(monkeypatch)
-    run = _distiller(_run_cfg(model_dirs, tmp_path / "n1", 1))
+    run = make_distiller(run_cfg(model_dirs, tmp_path / "n1", 1))
     seen = _capture(run)
     passes = []
     logprobs = run.m.student.logprobs
@@ -138,8 +138,8 @@ def test_two_updates_per_rollout(model_dirs, tmp_path, monkeypatch):
     normalised over its own half; ratio ~1 on the first update (same weights, eval vs train
     forward), != 1 on the second (the first moved the weights); clip fraction reported."""
     calls = _record_builders(monkeypatch)
-    cfg = _run_cfg(model_dirs, tmp_path / "n2", 1, **{"train.updates_per_rollout": 2, "optim.lr": 0.05})
-    run = _distiller(cfg)
+    cfg = run_cfg(model_dirs, tmp_path / "n2", 1, **{"train.updates_per_rollout": 2, "optim.lr": 0.05})
+    run = make_distiller(cfg)
     assert run.optimizer.total_steps == 2  # the LR schedule counts updates
     seen = _capture(run)
     metrics = run.train_step()

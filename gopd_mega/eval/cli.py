@@ -9,13 +9,15 @@ folder whose tokenizer it uses, or 'char' for the synthetic character tokenizer)
 ``NAME=PATH``; names aime24, aime25, hmmt25, math500, humaneval_plus, mbpp_plus and livecodebench
 know their format, any other name needs ``--format NAME=math|evalplus|livecodebench``. Sampling
 follows the paper: temperature 1.0, top-p 1.0, 32 samples per math problem and 4 per code problem
-(--samples-math / --samples-code). Generated code runs only in the sandbox (gopd_mega.verify).
+(--samples-math / --samples-code); --greedy adds greedy decoding. Scores are named as in training
+(gopd_mega/eval/metrics.py): avg@k, pass@k, greedy. Generated code runs only in the sandbox (gopd_mega.verify).
 Writes OUT/results.json, OUT/results.md and OUT/results.png and prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -44,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-math", type=int, default=DEFAULT_SAMPLES["math"], help="samples per math problem (default 32)")
     p.add_argument("--samples-code", type=int, default=DEFAULT_SAMPLES["code"], help="samples per code problem (default 4)")
     p.add_argument("--pass-k", default="", help="extra pass@k values, comma-separated (pass@1 and pass@n always)")
+    p.add_argument("--greedy", action="store_true", help="also decode each problem greedily: its accuracy is the "
+                   "score 'greedy' (metric names: gopd_mega/eval/metrics.py)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=4096)
@@ -90,7 +94,7 @@ def build_engine(args, tokenizer):
     from gopd_mega.config import ModelConfig
     from gopd_mega.platform import init_distributed
     from gopd_mega.rollout import EmbeddedEngine
-    from gopd_mega.run import build_model
+    from gopd_mega.model_io import build_model
 
     init_distributed()
     model = build_model(ModelConfig(load=args.model, params_dtype=args.dtype), trainable=False, name="evaluated model")
@@ -122,7 +126,7 @@ def oracle_rows(args, engine, tokenizer, loaded, lambdas: list[float]) -> dict[s
     without them (code) is named on stdout as not computed."""
     from gopd_mega.config import ModelConfig
     from gopd_mega.eval.targets import answer_targets
-    from gopd_mega.run import build_model
+    from gopd_mega.model_io import build_model
 
     teacher = build_model(ModelConfig(load=args.oracle_teacher, params_dtype=args.dtype), trainable=False, name="oracle teacher")
     reference = build_model(ModelConfig(load=args.oracle_reference, params_dtype=args.dtype), trainable=False,
@@ -187,6 +191,9 @@ def main(argv: list[str] | None = None) -> None:
                                         max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
                                         chat_template=not args.no_chat_template)
             res = evaluate_benchmark(engine, tokenizer, bench, settings, pass_ks)
+            if args.greedy:  # one greedy response per problem, after the samples (their seeds unchanged)
+                greedy = evaluate_benchmark(engine, tokenizer, bench, dataclasses.replace(settings, samples=1, greedy=True))
+                res.scores = {"greedy": greedy.scores["avg@1"], **res.scores}
             results.append(res)
             print(f"{bench.name}: " + ", ".join(f"{k}={100 * v:.1f}" for k, v in res.scores.items()), flush=True)
         oracle = oracle_rows(args, engine, tokenizer, loaded, oracle_lambdas) if oracle_lambdas else {}

@@ -5,9 +5,10 @@
     --verifier(record, text)--> verdicts [problems, k] --> avg@k, pass@k (gopd_mega.eval.metrics)
 
 The paper's settings are the defaults: temperature 1.0, top-p 1.0, k = 32 samples per math problem
-and 4 per code problem. :func:`evaluate_records` is the entry point for evaluation during
-training (engine + records + verifier -> flat metrics dict); :func:`evaluate_benchmark` adds the
-per-problem detail that gopd-eval reports.
+and 4 per code problem; ``greedy`` decodes one response per problem instead (temperature ignored).
+:func:`evaluate_records` is the entry point for evaluation during training (engine + records +
+verifier -> flat metrics dict, named as gopd_mega.eval.metrics says); :func:`evaluate_benchmark`
+adds the per-problem detail that gopd-eval reports.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 from gopd_mega.eval.benchmarks import DEFAULT_SAMPLES, Benchmark
-from gopd_mega.eval.metrics import scores
+from gopd_mega.eval.metrics import flat_metrics, scores
 from gopd_mega.rollout.base import FINISH_STOP, RolloutEngine
 from gopd_mega.verify.base import Verifier, verify_batch
 
 __all__ = ["DEFAULT_SAMPLES", "BenchmarkResult", "SamplingSettings", "encode_prompt", "evaluate_benchmark",
-           "evaluate_records", "judge", "sample_responses", "training_evaluator"]
+           "evaluate_records", "judge", "record_metrics", "sample_responses", "training_evaluator"]
 
 
 @dataclass
@@ -42,10 +43,14 @@ class SamplingSettings:
     """Sequences per engine.generate call."""
     chat_template: bool = True
     """Wrap the prompt in the tokenizer's chat template when it has one."""
+    greedy: bool = False
+    """Greedy decoding: one response per problem (samples must be 1), temperature and top-p ignored."""
 
     def validate(self) -> None:
         if self.samples < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError(f"SamplingSettings: samples, max_new_tokens and batch_size must be >= 1, got {self}")
+        if self.greedy and self.samples != 1:
+            raise ValueError(f"SamplingSettings: greedy decoding gives one response per problem, got samples={self.samples}")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingSettings: need temperature > 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
 
@@ -97,7 +102,7 @@ def sample_responses(engine: RolloutEngine, tokenizer, prompts: Sequence[str], s
     for start in range(0, len(flat), settings.batch_size):
         chunk = flat[start:start + settings.batch_size]
         out = engine.generate(chunk, temperature=settings.temperature, top_p=settings.top_p,
-                              max_new_tokens=settings.max_new_tokens, greedy=False, seed=settings.seed + start)
+                              max_new_tokens=settings.max_new_tokens, greedy=settings.greedy, seed=settings.seed + start)
         if len(out) != len(chunk):
             raise RuntimeError(f"engine returned {len(out)} sequences for {len(chunk)} prompts")
         for i in range(len(chunk)):
@@ -137,49 +142,71 @@ def evaluate_benchmark(engine: RolloutEngine, tokenizer, bench: Benchmark, setti
     )
 
 
+def record_metrics(engine: RolloutEngine, tokenizer, records: Sequence[dict], verifier: Verifier, *,
+                   samples: int = 1, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 1024,
+                   seed: int = 0, chat_template: bool = False, batch_size: int = 64,
+                   pass_ks: Sequence[int] | None = None, name: str = "data", prompt_field: str = "prompt",
+                   greedy: bool = False, sampled: bool = True) -> dict[str, float]:
+    """One group's metrics, unprefixed (gopd_mega.eval.metrics): with ``greedy`` ``greedy``,
+    ``greedy_response_len``, ``greedy_stop_rate`` (one greedy response per record, decoded first);
+    with ``sampled`` ``avg@k``, ``pass@k``, ``response_len``, ``stop_rate`` of ``samples`` samples."""
+    if not records:
+        raise ValueError(f"evaluate_records: no records for {name!r}")
+    bench = Benchmark(name, "custom", list(records), verifier)
+    out: dict[str, float] = {}
+    base = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
+                chat_template=chat_template)
+    if greedy:
+        res = evaluate_benchmark(engine, tokenizer, bench, SamplingSettings(samples=1, greedy=True, **base),
+                                 prompt_field=prompt_field)
+        out.update(greedy=res.scores["avg@1"], greedy_response_len=res.mean_response_len, greedy_stop_rate=res.stop_rate)
+    if sampled:
+        res = evaluate_benchmark(engine, tokenizer, bench, SamplingSettings(samples=samples, **base), pass_ks,
+                                 prompt_field=prompt_field)
+        out.update(res.scores)
+        out.update(response_len=res.mean_response_len, stop_rate=res.stop_rate)
+    return out
+
+
 def evaluate_records(engine: RolloutEngine, tokenizer, records: Sequence[dict], verifier: Verifier, *,
                      samples: int = 1, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 1024,
                      seed: int = 0, chat_template: bool = False, batch_size: int = 64,
                      pass_ks: Sequence[int] | None = None, name: str = "data", prefix: str = "eval",
-                     prompt_field: str = "prompt") -> dict[str, float]:
-    """Evaluation during training for any dataset with a verifier: flat metrics
-    ``{prefix}/{name}/avg@k``, ``.../pass@k``, ``.../response_len``, ``.../stop_rate``.
+                     prompt_field: str = "prompt", greedy: bool = False, sampled: bool = True) -> dict[str, float]:
+    """Evaluation during training for any dataset with a verifier: :func:`record_metrics` as flat
+    metrics ``{prefix}/{name}/avg@k``, ``.../pass@k``, ``.../response_len``, ``.../stop_rate``
+    (and ``.../greedy``, ... with ``greedy``).
 
     ``records[i][prompt_field]`` is the prompt text (with ``chat_template=False``, exactly what the
     model is conditioned on after [bos]); the verifier reads the rest of the record."""
-    if not records:
-        raise ValueError(f"evaluate_records: no records for {name!r}")
-    settings = SamplingSettings(samples=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                seed=seed, batch_size=batch_size, chat_template=chat_template)
-    bench = Benchmark(name, "custom", list(records), verifier)
-    res = evaluate_benchmark(engine, tokenizer, bench, settings, pass_ks, prompt_field=prompt_field)
-    out = {f"{prefix}/{name}/{k}": v for k, v in res.scores.items()}
-    out[f"{prefix}/{name}/response_len"] = res.mean_response_len
-    out[f"{prefix}/{name}/stop_rate"] = res.stop_rate
-    return out
+    m = record_metrics(engine, tokenizer, records, verifier, samples=samples, temperature=temperature, top_p=top_p,
+                       max_new_tokens=max_new_tokens, seed=seed, chat_template=chat_template, batch_size=batch_size,
+                       pass_ks=pass_ks, name=name, prompt_field=prompt_field, greedy=greedy, sampled=sampled)
+    return flat_metrics({name: m}, prefix, means=False)
 
 
 def training_evaluator(engine: RolloutEngine, tokenizer, datasets: dict[str, tuple[Sequence[dict], Verifier]], *,
                        samples: int = 1, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 1024,
                        seed: int = 0, chat_template: bool = False, max_prompts: int | None = None,
-                       prefix: str = "eval", prompt_field: str = "prompt") -> Callable[[], dict[str, float]]:
-    """The trainer's ``evaluate`` callable: :func:`evaluate_records` on every ``name -> (records,
-    verifier)`` dataset (its first ``max_prompts`` records), plus ``{prefix}/mean_avg@{samples}``
-    over the datasets. E.g. held-out paper-mix records with
+                       prefix: str = "eval", prompt_field: str = "prompt", greedy: bool = False,
+                       sampled: bool = True) -> Callable[[], dict[str, float]]:
+    """The trainer's ``evaluate`` callable: :func:`record_metrics` on every ``name -> (records,
+    verifier)`` dataset (its first ``max_prompts`` records), plus ``{prefix}/mean/<metric>`` over
+    the datasets. E.g. held-out paper-mix records with
     ``{"math": (math_records, MathVerifier()), "code": (code_records, CodeVerifier(tests_field="answer"))}``."""
     if not datasets:
         raise ValueError("training_evaluator: no datasets")
+    if not (greedy or sampled):
+        raise ValueError("training_evaluator: nothing to evaluate (neither greedy nor sampled)")
 
     def evaluate() -> dict[str, float]:
-        metrics: dict[str, float] = {}
+        by_group = {}
         for name, (records, verifier) in datasets.items():
             recs = list(records)[:max_prompts] if max_prompts is not None else list(records)
-            metrics.update(evaluate_records(engine, tokenizer, recs, verifier, samples=samples, temperature=temperature,
+            by_group[name] = record_metrics(engine, tokenizer, recs, verifier, samples=samples, temperature=temperature,
                                             top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
-                                            chat_template=chat_template, name=name, prefix=prefix,
-                                            prompt_field=prompt_field))
-        avg = [metrics[f"{prefix}/{name}/avg@{samples}"] for name in datasets]
-        metrics[f"{prefix}/mean_avg@{samples}"] = sum(avg) / len(avg)
-        return metrics
+                                            chat_template=chat_template, name=name, prompt_field=prompt_field,
+                                            greedy=greedy, sampled=sampled)
+        return flat_metrics(by_group, prefix)
 
     return evaluate

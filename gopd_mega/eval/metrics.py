@@ -1,6 +1,28 @@
-"""avg@k and pass@k from per-problem sample verdicts.
+"""Evaluation metrics: their names (one scheme for the synthetic domains, datasets and benchmarks),
+avg@k and pass@k.
 
-For one problem with n samples of which c are correct:
+Names. Every evaluation result is a flat ``{name: value}`` dict, logged by the trainer under
+phase 'eval' and written by gopd-eval:
+
+    eval/<group>/exact                  expected accuracy of sampling at the rollout temperature,
+                                        exactly: p(reference answer, then eos | prompt), one
+                                        teacher-forced forward (eval.exact; synthetic domains only)
+    eval/<group>/greedy                 accuracy of greedy decoding, one response per prompt (eval.greedy)
+    eval/<group>/greedy_response_len    its mean response length (tokens, stop token included)
+    eval/<group>/greedy_stop_rate       its fraction of responses ended by a stop token
+    eval/<group>/avg@k                  mean accuracy of k samples per prompt at the rollout (or
+                                        gopd-eval's) temperature and top-p (eval.sampled: k = 1)
+    eval/<group>/pass@k                 unbiased pass@k of those samples (pass@1 = avg@k)
+    eval/<group>/response_len           the samples' mean response length
+    eval/<group>/stop_rate              the samples' fraction ended by a stop token
+    eval/mean/<metric>                  the unweighted mean of <metric> over the groups (each group
+                                        counts the same, as in the paper's averages)
+
+A <group> is a synthetic domain (add, mul, sort, ...), a verifier kind of a dataset (math, code,
+synthetic) or a benchmark's name; 'mean' is reserved. :func:`metric_name` and
+:func:`flat_metrics` are the only places these names are written.
+
+Scores. For one problem with n samples of which c are correct:
     avg@n    = c / n                                   (mean accuracy over the samples)
     pass@k   = 1 - C(n - c, k) / C(n, k),  k <= n      (unbiased estimator of "at least one of k
                                                         samples is correct", Chen et al. 2021)
@@ -10,7 +32,30 @@ A benchmark's score is the unweighted mean over its problems. pass@1 equals avg@
 from __future__ import annotations
 
 from math import comb
-from typing import Sequence
+from typing import Mapping, Sequence
+
+PREFIX = "eval"
+MEAN = "mean"
+"""The group name of the means over groups."""
+
+
+def metric_name(group: str, metric: str, prefix: str = PREFIX) -> str:
+    """``eval/<group>/<metric>`` (see the module docstring for the metrics)."""
+    return f"{prefix}/{group}/{metric}"
+
+
+def flat_metrics(by_group: Mapping[str, Mapping[str, float]], prefix: str = PREFIX, means: bool = True) -> dict[str, float]:
+    """``{group: {metric: value}}`` -> flat names, plus (``means``) ``eval/mean/<metric>`` for
+    every metric that all groups have (the unweighted mean over groups)."""
+    if MEAN in by_group:
+        raise ValueError(f"evaluation group name {MEAN!r} is reserved for the means over groups")
+    out = {metric_name(g, m, prefix): v for g, metrics in by_group.items() for m, v in metrics.items()}
+    if means and by_group:
+        groups = list(by_group.values())
+        for m in groups[0]:
+            if all(m in g for g in groups):
+                out[metric_name(MEAN, m, prefix)] = sum(g[m] for g in groups) / len(groups)
+    return out
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

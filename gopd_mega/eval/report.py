@@ -1,7 +1,7 @@
 """gopd-eval's outputs: results.json, a markdown table (results.md) and a bar chart (results.png).
 
-One row per benchmark: problems, samples per problem (k), avg@k, pass@k columns, mean response
-length and stop rate. The plot shows avg@k per benchmark (pass@k of the largest k as a lighter bar).
+One row per benchmark: problems, samples per problem (k), its scores (greedy, avg@k, pass@k: the
+names of gopd_mega/eval/metrics.py), mean response length and stop rate of the samples. The plot shows avg@k per benchmark (pass@k of the largest k as a lighter bar).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ def markdown_table(results: Sequence[BenchmarkResult], title: str = "") -> str:
                  *(f"{100 * r.scores[m]:.1f}" if m in r.scores else "-" for m in metrics),
                  f"{r.mean_response_len:.1f}", f"{r.stop_rate:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nScores in percent; avg@k = mean accuracy over k samples; pass@k unbiased.\n"
+    return "\n".join(lines) + ("\n\nScores in percent; avg@k = mean accuracy over k samples; pass@k unbiased"
+                               + ("; greedy = one greedy response" if "greedy" in metrics else "") + ".\n")
 
 
 def plot(results: Sequence[BenchmarkResult], path: str | os.PathLike, title: str = "") -> Path:
