@@ -21,8 +21,8 @@ from test_packing import _grad_err, _nll, grad_of, padded_reference, ragged_batc
 GRAD_RTOL = 1e-5
 
 
-def equal_batch(n=6, s=24, seed=0):
-    """[n, s] tokens, every row a 6-token prompt and an 18-token response (the rollout shape)."""
+def equal_batch(n=6, s=40, seed=0):
+    """[n, s] tokens, every row a 6-token prompt and a 34-token response (the rollout shape)."""
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(1, 50, (n, s), generator=g)
     mask = torch.zeros(n, s)
@@ -49,11 +49,13 @@ def test_padded_view_of_a_micro_batch():
 
 def _train(m, tokens, mask, weights, padded: bool, budget=10_000):
     m.forward.padded_layout = padded
-    logp = m.logprobs(tokens, mask, max_tokens=budget)  # (through gopd_mega.model.inference: packed)
     m.stats.reset()
-    st = m.train_step(tokens, mask, _nll(weights), max_tokens=budget)
+    logp = m.logprobs(tokens, mask, max_tokens=budget)  # (gopd_mega.model.inference's forward)
+    scoring = m.stats.as_dict()
+    m.stats.reset()
+    st = m.train_step(tokens, mask, _nll(weights), max_tokens=budget)  # (megatron's)
     grads = {n: grad_of(p).detach().clone() for n, p in m.model.named_parameters()}
-    return logp, st, grads, m.stats.as_dict()
+    return logp, st, grads, m.stats.as_dict(), scoring
 
 
 def _compare(a, b):
@@ -76,13 +78,20 @@ def _one_rank(batch, force=False):
     ref = padded_reference(m, tokens, mask, weights)
     if force:  # the padded layout for every micro-batch of several sequences, whatever it costs
         m.forward._use_padded = lambda mb: m.forward.padded_layout and len(mb.cu_seqlens) > 2
-    return {"ref": ref, "packed": _train(m, tokens, mask, weights, False),
-            "padded": _train(m, tokens, mask, weights, True)}
+    out = {"ref": ref, "packed": _train(m, tokens, mask, weights, False),
+           "padded": _train(m, tokens, mask, weights, True)}
+    m.forward.fast_scoring = False  # scoring through megatron's forward (``_run_eval``) too
+    for padded in (False, True):
+        m.forward.padded_layout = padded
+        out[f"eval_{padded}"] = m.logprobs(tokens, mask, max_tokens=10_000)
+    return out
 
 
 def _check(out, tokens, mask, padded_positions):
     packed, padded = out["packed"], out["padded"]
     _compare(padded, packed)
+    torch.testing.assert_close(out["eval_True"], out["eval_False"], rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(out["eval_True"], packed[0], rtol=2e-5, atol=1e-6)
     ref_logp, ref_loss, ref_grads = out["ref"]
     torch.testing.assert_close(padded[0].double(), ref_logp, rtol=2e-5, atol=1e-6)
     assert padded[1]["loss"] == pytest.approx(ref_loss, rel=2e-5)
@@ -91,13 +100,15 @@ def _check(out, tokens, mask, padded_positions):
     real = int(scoring_lengths(mask).sum())
     assert packed[3]["positions_computed"] == real
     assert padded[3]["positions_computed"] == padded_positions  # the layout did run
+    assert packed[4]["positions_computed"] == real
+    assert padded[4]["positions_computed"] == padded_positions
     assert padded[3]["positions_scored"] == packed[3]["positions_scored"]
 
 
 def test_equal_lengths_run_padded_and_match_packed():
     tokens, mask = equal_batch()
     out = _one_rank((tokens, mask))
-    _check(out, tokens, mask, padded_positions=6 * 23)  # chosen by the cost: no padding, 6x fewer scores
+    _check(out, tokens, mask, padded_positions=6 * 39)  # chosen by the cost: no padding, 6x fewer scores
 
 
 def test_ragged_rows_padded_match_packed():
@@ -121,6 +132,9 @@ def test_cost_keeps_ragged_rows_packed():
     tokens, mask = equal_batch()
     (mb,) = scoring_micro_batches(tokens, mask, 1, 0, max_tokens=10_000)
     assert m.forward._use_padded(mb)
+    (mb,) = scoring_micro_batches(tokens[:3, :30], mask[:3, :30], 1, 0, max_tokens=10_000)
+    assert not m.forward._use_padded(mb)  # 87 positions: below PADDED_MIN_TOKENS
+    (mb,) = scoring_micro_batches(tokens, mask, 1, 0, max_tokens=10_000)
     m.forward.padded_layout = False
     assert not m.forward._use_padded(mb)
 
@@ -148,4 +162,4 @@ def test_padded_equals_packed_under_dp2():
     """DP=2 (gloo): each rank runs its 4 rows padded; loss and the DP-reduced gradients match."""
     for out in run_distributed(_dp2, 2):
         _compare(out[True], out[False])
-        assert out[True][3]["positions_computed"] == out[False][3]["positions_computed"] == 4 * 23
+        assert out[True][3]["positions_computed"] == out[False][3]["positions_computed"] == 4 * 39
