@@ -62,6 +62,24 @@ class MicroBatch:
         mask = (seg[:, None] != seg[None, :]) | (t[None, :] > t[:, None])
         return mask[None, None].to(device)
 
+    def lengths(self) -> torch.Tensor:
+        """[k'] long: the length of each segment (the sequences, then any padding segment)."""
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same sequences as a right-padded batch, one per row (the layout where each sequence
+        attends only to itself under a plain causal mask, k * L^2 attention scores instead of T^2):
+        (tokens [k, L] long (0 after each sequence), score_index [R]: where each scored position's
+        hidden state sits in the model's [L, k, H] output flattened to [L * k, H], in score_pos
+        order). L = the longest segment."""
+        lens = self.lengths()
+        k, L = len(lens), int(lens.max())
+        seg = torch.repeat_interleave(torch.arange(k), lens)
+        off = torch.arange(self.num_tokens) - self.cu_seqlens[:-1].long()[seg]
+        tokens = self.tokens.new_zeros(k, L)
+        tokens[seg, off] = self.tokens[0]
+        return tokens, off[self.score_pos] * k + seg[self.score_pos]
+
     def packed_seq_params(self, device):
         """megatron PackedSeqParams for Transformer Engine's THD attention (GPU path)."""
         from megatron.core.packed_seq_params import PackedSeqParams

@@ -26,7 +26,7 @@ model's top-k ids or given ids per position (gopd_mega.model.vocab).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Callable
 
@@ -102,6 +102,13 @@ class PipelineForward:
         """Forward-only scoring (``logprobs``) through gopd_mega.model.inference where it serves
         the model (same log-probs to fp32 rounding); False: megatron's own forward."""
         self._stage = None  # (Stage | None, why not), built on first use
+        self.padded_layout = True
+        """Megatron's forward (training) and the plain-torch scoring stage (``_run_scoring``) may
+        run a micro-batch of several sequences as a right-padded batch
+        [k, L] under a plain causal mask instead of one packed row [1, T] under the block-diagonal
+        [T, T] mask, where that costs less (``_use_padded``): the same log-probs, loss and
+        gradients to fp32 rounding (masked scores weigh exactly 0 either way). False: always packed."""
+        self._causal = {}  # L -> [1, 1, L, L] causal mask of the padded layout
         # Sequence parallelism splits the packed length over TP ranks: T must divide by tp.
         self.multiple = cfg.tp if cfg.sequence_parallel else 1
 
@@ -114,6 +121,34 @@ class PipelineForward:
         # Under SP the hidden all-gather's backward reduce-scatters dh: the kernel must not reduce.
         return dict(vocab_start=start, vocab_valid=valid, group=self.groups.pg.tp, temperature=temperature,
                     ignore_index=IGNORE, logits_dtype=logits, reduce_dh=not self.cfg.sequence_parallel)
+
+    PADDED_MIN_TOKENS = 128
+
+    def _use_padded(self, mb: MicroBatch) -> bool:
+        """Whether megatron's forward runs ``mb`` in the padded layout (see ``padded_layout``):
+        only the local spec's explicit mask (not THD), one pipeline stage (the schedule's
+        [T, 1, H] activations between stages), no sequence parallelism (T split over TP), several
+        sequences, at least PADDED_MIN_TOKENS positions (below, the [T, T] scores cost next to
+        nothing and the packed results stay bitwise those of before), and when the estimated cost
+        is lower: per position the layers' GEMMs, per attention score (T^2 packed, k * L^2
+        padded) its two GEMMs and the mask / softmax passes."""
+        if (not self.padded_layout or self.thd or self.groups.pp > 1 or self.multiple > 1 or len(mb.cu_seqlens) < 3
+                or mb.num_tokens < self.PADDED_MIN_TOKENS):
+            return False
+        c = self.tconfig
+        heads, groups, d = c.num_attention_heads, c.num_query_groups or c.num_attention_heads, c.kv_channels
+        per_position = 2 * (c.hidden_size * (heads + 2 * groups) * d + heads * d * c.hidden_size
+                            + 3 * c.hidden_size * c.ffn_hidden_size)
+        per_score = heads * (4 * d + 64)
+        lens = mb.lengths()
+        T, k, L = mb.num_tokens, len(lens), int(lens.max())
+        return k * L * per_position + k * L * L * per_score < T * per_position + T * T * per_score
+
+    def _causal_mask(self, L: int, dev) -> torch.Tensor:
+        if L not in self._causal:
+            with torch.inference_mode(False):  # a normal tensor also when first built while scoring
+                self._causal[L] = torch.ones(L, L, dtype=torch.bool, device=dev).triu(1)[None, None]
+        return self._causal[L]
 
     def _run(self, mbs: list[MicroBatch], loss_func, forward_only: bool, module: torch.nn.Module | None = None) -> list[dict]:
         """Megatron's pipeline schedule over ``mbs``; returns the per-micro-batch dicts of
@@ -129,15 +164,23 @@ class PipelineForward:
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
+            stats.forward_calls += 1
+            stats.positions_scored += len(mb.score_pos)
+            if self._use_padded(mb):  # [k, L] rows, positions 0..L-1 (megatron's own RoPE positions)
+                tokens, index = mb.padded()
+                k, L = tokens.shape
+                stats.max_tokens_per_forward = max(stats.max_tokens_per_forward, k * L)
+                stats.positions_computed += k * L
+                hidden = model(input_ids=tokens.to(dev), position_ids=None, attention_mask=self._causal_mask(L, dev))
+                # [L, k, H] -> [L * k, 1, H]: the loss reads the scored states at their padded places
+                return hidden.reshape(L * k, 1, hidden.shape[-1]), partial(loss_func, replace(mb, score_pos=index))
             kw = {"attention_mask": None}
             if self.thd:
                 kw["packed_seq_params"] = mb.packed_seq_params(dev)
             else:
                 kw["attention_mask"] = mb.attention_mask(dev)
-            stats.forward_calls += 1
             stats.max_tokens_per_forward = max(stats.max_tokens_per_forward, mb.num_tokens)
             stats.positions_computed += mb.num_tokens
-            stats.positions_scored += len(mb.score_pos)
             hidden = model(input_ids=mb.tokens.to(dev), position_ids=mb.position_ids.to(dev), **kw)
             return hidden, partial(loss_func, mb)
 
@@ -181,10 +224,20 @@ class PipelineForward:
         with torch.inference_mode():
             for mb in mbs:
                 stats.forward_calls += 1
-                stats.max_tokens_per_forward = max(stats.max_tokens_per_forward, mb.num_tokens)
-                stats.positions_computed += mb.num_tokens
                 stats.positions_scored += len(mb.score_pos)
-                hidden = stage.hidden_states(mb.tokens.to(dev), mb.position_ids[0].to(dev), ~mb.attention_mask(dev))
+                if self._use_padded(mb):  # as in ``_run``: [k, L] rows at positions 0..L-1
+                    tokens, index = mb.padded()
+                    k, L = tokens.shape
+                    stats.max_tokens_per_forward = max(stats.max_tokens_per_forward, k * L)
+                    stats.positions_computed += k * L
+                    hidden = stage.hidden_states(tokens.to(dev), torch.arange(L, device=dev), ~self._causal_mask(L, dev))
+                    if hidden is not None:  # [L, k, H] -> [L * k, 1, H]
+                        hidden = hidden.reshape(L * k, 1, hidden.shape[-1])
+                    mb = replace(mb, score_pos=index)
+                else:
+                    stats.max_tokens_per_forward = max(stats.max_tokens_per_forward, mb.num_tokens)
+                    stats.positions_computed += mb.num_tokens
+                    hidden = stage.hidden_states(mb.tokens.to(dev), mb.position_ids[0].to(dev), ~mb.attention_mask(dev))
                 if hidden is not None:
                     results.append({k: v.clone() if torch.is_tensor(v) else v for k, v in loss_func(mb, hidden)[2].items()})
         return results
