@@ -128,6 +128,11 @@ class ModelConfig:
     recompute_num_layers: int | None = None
     """With recompute_granularity='full': layers per recompute unit ('uniform') or recomputed
     layers per pipeline stage ('block'). Must be None for 'selective'."""
+    padded_layout: bool = True
+    """A micro-batch of several sequences may run as a right-padded [k, L] batch under a causal
+    mask where that costs less than one packed row under the block-diagonal [T, T] mask (one
+    pipeline stage, local spec, no sequence parallelism; gopd_mega.model.forward): the same
+    results to fp32 rounding. False: always packed, bitwise as before this option existed."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs tp > 1): norms and dropout run on [T/tp] slices of
     the packed sequence. Needs Transformer Engine (megatron's local-spec norm refuses it): a

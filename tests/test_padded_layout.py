@@ -11,6 +11,8 @@ batches: log-probs within ~1e-7 absolute, gradients ~1e-7 relative in norm (chec
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -137,6 +139,8 @@ def test_cost_keeps_ragged_rows_packed():
     (mb,) = scoring_micro_batches(tokens, mask, 1, 0, max_tokens=10_000)
     m.forward.padded_layout = False
     assert not m.forward._use_padded(mb)
+    off = ShardedGPT(dataclasses.replace(tiny_cfg(), padded_layout=False), g)  # the config switch
+    assert not off.forward._use_padded(mb)
 
 
 def _dp2():

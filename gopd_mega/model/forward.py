@@ -102,8 +102,8 @@ class PipelineForward:
         """Forward-only scoring (``logprobs``) through gopd_mega.model.inference where it serves
         the model (same log-probs to fp32 rounding); False: megatron's own forward."""
         self._stage = None  # (Stage | None, why not), built on first use
-        self.padded_layout = True
-        """Megatron's forward (training) and the plain-torch scoring stage (``_run_scoring``) may
+        self.padded_layout = cfg.padded_layout
+        """ModelConfig.padded_layout: megatron's forward (training) and the plain-torch scoring stage (``_run_scoring``) may
         run a micro-batch of several sequences as a right-padded batch
         [k, L] under a plain causal mask instead of one packed row [1, T] under the block-diagonal
         [T, T] mask, where that costs less (``_use_padded``): the same log-probs, loss and
