@@ -1,4 +1,5 @@
-"""G-OPD (or GRPO, objective.kind=grpo) training from a recipe: ``gopd-train --recipe RECIPE.yaml [section.field=value ...]``.
+"""G-OPD (or GRPO, objective.kind=grpo) training from a recipe:
+``gopd-train --recipe RECIPE.yaml [section.field=value ...]``.
 
     python -m gopd_mega.cli --recipe recipes/example_synthetic.yaml objective.lam=1.25
     torchrun --nproc-per-node 8 -m gopd_mega.cli --recipe my_run.yaml student.tp=2
@@ -35,8 +36,20 @@ from gopd_mega.config import ConfigError, RunConfig, load_config
 from gopd_mega.data import synthetic
 from gopd_mega.data.prompts import DataError
 from gopd_mega.data.tokenizer import CharTokenizer
-from gopd_mega.failures import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_STOPPED, PeerFailed, StopRequested, TrainingError, diagnose,
-                                is_collective_failure, mark_failed, rank, report_here, start_heartbeat)
+from gopd_mega.failures import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_STOPPED,
+    PeerFailed,
+    StopRequested,
+    TrainingError,
+    diagnose,
+    is_collective_failure,
+    mark_failed,
+    rank,
+    report_here,
+    start_heartbeat,
+)
 from gopd_mega.hf.safetensors_io import CheckpointError
 from gopd_mega.model_io import is_hf_dir, save_model_dir
 from gopd_mega.platform import init_distributed
@@ -53,8 +66,10 @@ def load_prompts(cfg: RunConfig):
     from gopd_mega.hf import HFTokenizer
 
     if cfg.student.load is None or not is_hf_dir(cfg.student.load):
-        raise ConfigError("config field 'student.load': data.source is a dataset file, so the student must be a "
-                          "Hugging Face model directory (its tokenizer is used)")
+        raise ConfigError(
+            "config field 'student.load': data.source is a dataset file, so the student must be a "
+            "Hugging Face model directory (its tokenizer is used)"
+        )
     try:
         tokenizer = HFTokenizer(cfg.student.load)
     except CheckpointError as exc:
@@ -84,8 +99,10 @@ def split_holdout(cfg: RunConfig, records: list[dict]) -> tuple[list[dict], list
     (file order kept in both parts)."""
     n, k = len(records), cfg.data.eval_holdout
     if k >= n:
-        raise ConfigError(f"config field 'data.eval_holdout': holding out {k} of the {n} records of "
-                          f"{cfg.data.source} leaves none to train on")
+        raise ConfigError(
+            f"config field 'data.eval_holdout': holding out {k} of the {n} records of "
+            f"{cfg.data.source} leaves none to train on"
+        )
     held = set(random.Random(f"{cfg.data.seed}:eval_holdout").sample(range(n), k))
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
@@ -121,8 +138,9 @@ def train(cfg: RunConfig) -> Distiller:
         eval_set, eval_where = load_dataset_records(cfg, tokenizer, cfg.data.eval_source), cfg.data.eval_source
     verifiers = RecordVerifiers(cfg.data)
     try:
-        distiller = build_distiller(cfg, tokenizer, records, held_out=held_out, eval_set=eval_set, eval_where=eval_where,
-                                    verifiers=verifiers)
+        distiller = build_distiller(
+            cfg, tokenizer, records, held_out=held_out, eval_set=eval_set, eval_where=eval_where, verifiers=verifiers
+        )
         report(str(distiller.data.filter_summary))
         distiller.fit()
     finally:
@@ -147,10 +165,18 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from gopd_mega.hf.families import UnsupportedCheckpoint
     from gopd_mega.hf.tokenizer import TokenizerMismatch
 
-    return ConfigError, DataError, CheckpointError, TokenizerMismatch, UnsupportedCheckpoint, StorageError, TrainingError
+    return (
+        ConfigError,
+        DataError,
+        CheckpointError,
+        TokenizerMismatch,
+        UnsupportedCheckpoint,
+        StorageError,
+        TrainingError,
+    )
 
 
-def _one_line(text: str) -> str:
+def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 

@@ -14,6 +14,7 @@ import math
 import os
 import tomllib
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ def _check_urls(where: str, value) -> None:
     if not urls:
         _fail(where, "must be a URL or a non-empty list of URLs")
     for u in urls:
-        if not (u.startswith("http://") or u.startswith("https://")):
+        if not (u.startswith(("http://", "https://"))):
             _fail(where, f"{u!r} is not an http(s):// URL")
     if len(set(urls)) != len(urls):
         _fail(where, f"a URL is listed twice: {urls}")
@@ -148,7 +149,9 @@ class ModelConfig:
                 _fail(f"{where}.{name}", f"must be >= 1, got {getattr(self, name)}")
         groups = self.num_query_groups or self.num_attention_heads
         if self.num_attention_heads % groups:
-            _fail(f"{where}.num_query_groups", f"{groups} does not divide num_attention_heads={self.num_attention_heads}")
+            _fail(
+                f"{where}.num_query_groups", f"{groups} does not divide num_attention_heads={self.num_attention_heads}"
+            )
         if self.num_attention_heads % self.tp:
             _fail(f"{where}.tp", f"tp={self.tp} does not divide num_attention_heads={self.num_attention_heads}")
         if groups % self.tp:
@@ -156,7 +159,11 @@ class ModelConfig:
         if self.num_layers % self.pp:
             _fail(f"{where}.pp", f"pp={self.pp} does not divide num_layers={self.num_layers}")
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
-            _fail(f"{where}.hidden_size", f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}; set kv_channels")
+            _fail(
+                f"{where}.hidden_size",
+                f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}; "
+                "set kv_channels",
+            )
         if self.activation not in ("swiglu", "gelu"):
             _fail(f"{where}.activation", f"must be 'swiglu' or 'gelu', got {self.activation!r}")
         if self.params_dtype not in ("float32", "bfloat16", "float16"):
@@ -168,15 +175,28 @@ class ModelConfig:
         if self.load is not None and not Path(self.load).exists():
             _fail(f"{where}.load", f"path does not exist: {self.load}")
         if self.recompute_granularity not in (None, "selective", "full"):
-            _fail(f"{where}.recompute_granularity", f"must be null, 'selective' or 'full', got {self.recompute_granularity!r}")
+            _fail(
+                f"{where}.recompute_granularity",
+                f"must be null, 'selective' or 'full', got {self.recompute_granularity!r}",
+            )
         if self.recompute_granularity == "full":
             if self.recompute_method not in ("uniform", "block"):
-                _fail(f"{where}.recompute_method", f"recompute_granularity='full' needs 'uniform' or 'block', got {self.recompute_method!r}")
+                _fail(
+                    f"{where}.recompute_method",
+                    f"recompute_granularity='full' needs 'uniform' or 'block', got {self.recompute_method!r}",
+                )
             layers = self.num_layers // self.pp
             if self.recompute_num_layers is None or not 1 <= self.recompute_num_layers <= layers:
-                _fail(f"{where}.recompute_num_layers", f"recompute_granularity='full' needs 1..{layers} (layers per stage), got {self.recompute_num_layers}")
+                _fail(
+                    f"{where}.recompute_num_layers",
+                    f"recompute_granularity='full' needs 1..{layers} (layers per stage), "
+                    f"got {self.recompute_num_layers}",
+                )
         elif self.recompute_method is not None or self.recompute_num_layers is not None:
-            _fail(f"{where}.recompute_method", "recompute_method and recompute_num_layers are only for recompute_granularity='full'")
+            _fail(
+                f"{where}.recompute_method",
+                "recompute_method and recompute_num_layers are only for recompute_granularity='full'",
+            )
         if self.sequence_parallel and self.tp < 2:
             _fail(f"{where}.sequence_parallel", f"needs tp > 1, got tp={self.tp}")
         if self.context_parallel_size < 1:
@@ -219,7 +239,9 @@ class TeacherConfig:
             if self.model.load is None:
                 return
         if self.model.load is None:
-            _fail(f"{where}.model.load", "a teacher needs weights: set the path of its checkpoint (or teachers[i].server)")
+            _fail(
+                f"{where}.model.load", "a teacher needs weights: set the path of its checkpoint (or teachers[i].server)"
+            )
         self.model.validate(f"{where}.model")
 
 
@@ -275,16 +297,24 @@ class ObjectiveConfig(LossSettings):
         if self.estimator not in ESTIMATORS:
             _fail(f"{where}.estimator", f"must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
         if self.kind == "grpo" and self.estimator != "sampled":
-            _fail(f"{where}.estimator", f"{self.estimator!r} estimates the G-OPD objective; GRPO's advantage is a "
-                  "sequence reward: use 'sampled'")
+            _fail(
+                f"{where}.estimator",
+                f"{self.estimator!r} estimates the G-OPD objective; GRPO's advantage is a "
+                "sequence reward: use 'sampled'",
+            )
         if self.returns not in ("token", "sequence"):
             _fail(f"{where}.returns", f"must be 'token' or 'sequence', got {self.returns!r}")
         if self.returns == "sequence" and self.kind != "gopd":
-            _fail(f"{where}.returns", "'sequence' is a G-OPD setting (GRPO's advantage is already a sequence reward); "
-                  "use 'token'")
+            _fail(
+                f"{where}.returns",
+                "'sequence' is a G-OPD setting (GRPO's advantage is already a sequence reward); use 'token'",
+            )
         if self.returns == "sequence" and self.estimator != "sampled":
-            _fail(f"{where}.returns", f"'sequence' needs estimator 'sampled': {self.estimator!r} is a per-position "
-                  "expectation over the next token at each prefix, which has no return over later tokens")
+            _fail(
+                f"{where}.returns",
+                f"'sequence' needs estimator 'sampled': {self.estimator!r} is a per-position "
+                "expectation over the next token at each prefix, which has no return over later tokens",
+            )
         if self.estimator == "top_k" and self.top_k < 1:
             _fail(f"{where}.top_k", f"must be >= 1, got {self.top_k}")
         if not (self.kl_coef >= 0.0):
@@ -293,8 +323,11 @@ class ObjectiveConfig(LossSettings):
             _fail(f"{where}.kl_coef", "is a GRPO setting (G-OPD's KL term is built into its advantage); set it to 0")
         if not (self.lam >= 0.0):
             _fail(f"{where}.lam", f"reward scale lambda must be >= 0, got {self.lam}")
-        if isinstance(self.reference_metrics_every, bool) or not isinstance(self.reference_metrics_every, int) \
-                or self.reference_metrics_every < 0:
+        if (
+            isinstance(self.reference_metrics_every, bool)
+            or not isinstance(self.reference_metrics_every, int)
+            or self.reference_metrics_every < 0
+        ):
             _fail(f"{where}.reference_metrics_every", f"must be an integer >= 0, got {self.reference_metrics_every!r}")
         if self.reference_server is not None:
             _check_urls(f"{where}.reference_server", self.reference_server)
@@ -303,7 +336,10 @@ class ObjectiveConfig(LossSettings):
                 _fail(f"{where}.reference.load", "a reference model needs weights: set the path of its checkpoint")
             self.reference.validate(f"{where}.reference")
         elif self.reference != "initial" and self.reference_server is None and not Path(self.reference).exists():
-            _fail(f"{where}.reference", f"must be 'initial', an existing checkpoint path or a model mapping, got {self.reference!r}")
+            _fail(
+                f"{where}.reference",
+                f"must be 'initial', an existing checkpoint path or a model mapping, got {self.reference!r}",
+            )
         if not (0 <= self.clip_eps_low < 1):
             _fail(f"{where}.clip_eps_low", f"need 0 <= clip_eps_low < 1, got {self.clip_eps_low}")
         if self.clip_eps_high < 0:
@@ -429,7 +465,9 @@ class RolloutConfig:
             from gopd_mega.rollout.protocol import SUPPORTED, parse_version
 
             if parse_version(self.sglang_version) is None:
-                _fail(f"{where}.sglang_version", f"must be an SGLang release ({SUPPORTED}), got {self.sglang_version!r}")
+                _fail(
+                    f"{where}.sglang_version", f"must be an SGLang release ({SUPPORTED}), got {self.sglang_version!r}"
+                )
         if self.bucket_mb < 1 or self.server_ranks < 1:
             _fail(f"{where}.bucket_mb", "bucket_mb and server_ranks must be >= 1")
         if not 0 <= self.weight_sync_port < 65536:
@@ -492,8 +530,10 @@ class OptimConfig:
     def validate(self, where: str = "") -> None:
         _check_finite(self, where)
         if self.loss_scale < 0 or self.initial_loss_scale <= 0:
-            _fail(f"{where}.loss_scale", f"need loss_scale >= 0 and initial_loss_scale > 0, got "
-                  f"{self.loss_scale}, {self.initial_loss_scale}")
+            _fail(
+                f"{where}.loss_scale",
+                f"need loss_scale >= 0 and initial_loss_scale > 0, got {self.loss_scale}, {self.initial_loss_scale}",
+            )
         if self.lr <= 0:
             _fail(f"{where}.lr", f"must be > 0, got {self.lr}")
         if self.min_lr < 0 or self.min_lr > self.lr:
@@ -574,7 +614,10 @@ class DataConfig:
         if self.verifier not in VERIFIERS:
             _fail(f"{where}.verifier", f"must be one of {', '.join(VERIFIERS)}, got {self.verifier!r}")
         if self.source == "synthetic" and self.verifier in ("math", "code"):
-            _fail(f"{where}.verifier", f"{self.verifier!r} needs a dataset file; synthetic data has the 'synthetic' verifier")
+            _fail(
+                f"{where}.verifier",
+                f"{self.verifier!r} needs a dataset file; synthetic data has the 'synthetic' verifier",
+            )
         if self.tests_field is not None and not self.tests_field:
             _fail(f"{where}.tests_field", "must be a non-empty column name, or null for answer_field")
         if self.eval_holdout < 0:
@@ -587,7 +630,9 @@ class DataConfig:
         if self.eval_source is not None and not Path(self.eval_source).exists():
             _fail(f"{where}.eval_source", f"dataset path does not exist: {self.eval_source}")
         if (self.eval_source is not None or self.eval_holdout) and self.verifier == "none":
-            _fail(f"{where}.verifier", "is 'none', so held-out records cannot be evaluated (eval_source / eval_holdout)")
+            _fail(
+                f"{where}.verifier", "is 'none', so held-out records cannot be evaluated (eval_source / eval_holdout)"
+            )
 
 
 @dataclass
@@ -722,12 +767,15 @@ class RunConfig(RunSections):
     teachers: list[TeacherConfig] = field(default_factory=list)
     """One or more teachers, each with its own route key and layout."""
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         self.student.validate("student")
         self.objective.validate("objective")
         if self.objective.kind == "grpo":
             if self.teachers:
-                _fail("teachers", "objective.kind='grpo' trains from a verifier's reward and uses no teachers; remove them")
+                _fail(
+                    "teachers",
+                    "objective.kind='grpo' trains from a verifier's reward and uses no teachers; remove them",
+                )
             if self.rollout.samples_per_prompt < 2:
                 _fail("rollout.samples_per_prompt", "GRPO normalises rewards within each prompt's group: need >= 2")
             if self.data.verifier == "none":
@@ -743,21 +791,33 @@ class RunConfig(RunSections):
         self.validate_sections()
         rows = self.train.prompts_per_step * self.rollout.samples_per_prompt
         if self.train.updates_per_rollout > rows:
-            _fail("train.updates_per_rollout", f"{self.train.updates_per_rollout} mini-batches cannot split a rollout batch of "
-                  f"{rows} sequences (train.prompts_per_step * rollout.samples_per_prompt)")
+            _fail(
+                "train.updates_per_rollout",
+                f"{self.train.updates_per_rollout} mini-batches cannot split a rollout batch of "
+                f"{rows} sequences (train.prompts_per_step * rollout.samples_per_prompt)",
+            )
         served = [f"teachers[{i}].server" for i, t in enumerate(self.teachers) if t.server is not None]
         served += ["objective.reference_server"] if self.objective.reference_server is not None else []
         if served and self.rollout.temperature != 1.0:
-            _fail(served[0], f"a model served by SGLang scores by prefill, and SGLang's prefill log-probs ignore the "
-                  f"sampling temperature (every release): at rollout.temperature {self.rollout.temperature} they would "
-                  f"be temperature-1 log-probs. Score it in the trainer (model.load, no server) or run at temperature 1.0")
+            _fail(
+                served[0],
+                f"a model served by SGLang scores by prefill, and SGLang's prefill log-probs ignore the "
+                f"sampling temperature (every release): at rollout.temperature {self.rollout.temperature} they would "
+                "be temperature-1 log-probs. Score it in the trainer (model.load, no server) or run at "
+                "temperature 1.0",
+            )
         if self.train.save_every is None:  # a run on a fleet of servers saves as it goes
             self.train.save_every = 10 if self.rollout.engine == "sglang" else 0
         prompt_plus_response = self.data.max_prompt_len + self.rollout.max_new_tokens
-        for where, model in [("student", self.student)] + [(f"teachers[{i}].model", t.model) for i, t in enumerate(self.teachers)]:
+        for where, model in [("student", self.student)] + [
+            (f"teachers[{i}].model", t.model) for i, t in enumerate(self.teachers)
+        ]:
             # A loaded model's length comes from its checkpoint: checked when it is built.
             if model.load is None and model.max_seq_len < prompt_plus_response:
-                _fail(f"{where}.max_seq_len", f"{model.max_seq_len} < data.max_prompt_len + rollout.max_new_tokens = {prompt_plus_response}")
+                _fail(
+                    f"{where}.max_seq_len",
+                    f"{model.max_seq_len} < data.max_prompt_len + rollout.max_new_tokens = {prompt_plus_response}",
+                )
         return self
 
     def _check_estimator(self) -> None:
@@ -766,16 +826,25 @@ class RunConfig(RunSections):
         if est == "full_vocab":
             for i, teacher in enumerate(self.teachers):
                 if teacher.server is not None:
-                    _fail(f"teachers[{i}].server", f"objective.estimator='full_vocab' needs the final hidden states and "
-                          f"output layer of teacher '{teacher.name}' in the trainer; a server cannot ship hidden states: "
-                          "score it locally (teachers[i].model.load, no server) or use objective.estimator=top_k")
+                    _fail(
+                        f"teachers[{i}].server",
+                        f"objective.estimator='full_vocab' needs the final hidden states and "
+                        f"output layer of teacher '{teacher.name}' in the trainer; a server cannot ship hidden states: "
+                        "score it locally (teachers[i].model.load, no server) or use objective.estimator=top_k",
+                    )
             if self.objective.reference_server is not None and lam != 1.0:
-                _fail("objective.reference_server", "objective.estimator='full_vocab' needs the reference's hidden "
-                      "states in the trainer (lam != 1); a server cannot ship them: score the reference locally")
+                _fail(
+                    "objective.reference_server",
+                    "objective.estimator='full_vocab' needs the reference's hidden "
+                    "states in the trainer (lam != 1); a server cannot ship them: score the reference locally",
+                )
         if est == "top_k" and self.objective.reference_server is not None and lam != 1.0:
-            _fail("objective.reference_server", "objective.estimator='top_k' at lam != 1 needs the reference's "
-                  "log-probs at the teacher's top-k ids, which the server scoring request does not return: score "
-                  "the reference locally, or use lam = 1 (the reference then cancels)")
+            _fail(
+                "objective.reference_server",
+                "objective.estimator='top_k' at lam != 1 needs the reference's "
+                "log-probs at the teacher's top-k ids, which the server scoring request does not return: score "
+                "the reference locally, or use lam = 1 (the reference then cancels)",
+            )
 
 
 # ----------------------------------------------------------------------------- loading
@@ -826,8 +895,11 @@ def _build(cls: type, data: Any, where: str) -> Any:
         except ValueError:
             _fail(where, f"expected a number, got {data!r}")
     if cls is str and isinstance(data, bool):
-        _fail(where, f"expected a string, got the boolean {data}: YAML reads an unquoted on/off/yes/no/true/false "
-                     "as a boolean; quote the word (e.g. 'off')")
+        _fail(
+            where,
+            f"expected a string, got the boolean {data}: YAML reads an unquoted on/off/yes/no/true/false "
+            "as a boolean; quote the word (e.g. 'off')",
+        )
     if cls in (int, str, bool) and not (isinstance(data, cls) and not (cls is int and isinstance(data, bool))):
         _fail(where, f"expected {cls.__name__}, got {data!r}")
     if cls is float:
@@ -863,13 +935,13 @@ def _merge(base: Any, update: Any) -> Any:
             out[k] = _merge(base.get(k), v) if k in base else v
         return out
     if isinstance(base, list) and isinstance(update, dict) and all(k.isdigit() for k in update):
-        out = list(base)
+        items = list(base)
         for k, v in update.items():
             i = int(k)
-            if i >= len(out):
-                raise ConfigError(f"override index {i} is past the end of a list of {len(out)}")
-            out[i] = _merge(out[i], v)
-        return out
+            if i >= len(items):
+                raise ConfigError(f"override index {i} is past the end of a list of {len(items)}")
+            items[i] = _merge(items[i], v)
+        return items
     return update
 
 
@@ -888,7 +960,7 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def build_config(cls: type, data: dict[str, Any], overrides: list[str] = ()) -> Any:
+def build_config(cls: type, data: dict[str, Any], overrides: Sequence[str] = ()) -> Any:
     """Build and validate ``cls`` from a dict plus overrides."""
     cfg = _build(cls, _merge(data, parse_overrides(list(overrides))), "")
     if hasattr(cfg, "validate"):
@@ -896,7 +968,7 @@ def build_config(cls: type, data: dict[str, Any], overrides: list[str] = ()) -> 
     return cfg
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> RunConfig:
     """Load a :class:`RunConfig` from a recipe (or defaults when ``path`` is None) plus overrides."""
     data = read_recipe(path) if path is not None else {}
     return build_config(RunConfig, data, overrides)

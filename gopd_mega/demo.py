@@ -98,9 +98,18 @@ class GRPOPhase:
     """k3 KL-to-base coefficient (objective.kl_coef)."""
 
     def validate(self, where: str) -> None:
-        if self.steps < 0 or self.prompts_per_step < 1 or self.samples_per_prompt < 2 or self.lr <= 0 or self.kl_coef < 0 or self.warmup_steps < 0:
-            raise ConfigError(f"config field '{where}': need steps >= 0, prompts_per_step >= 1, "
-                              "samples_per_prompt >= 2, lr > 0, kl_coef >= 0, warmup_steps >= 0")
+        if (
+            self.steps < 0
+            or self.prompts_per_step < 1
+            or self.samples_per_prompt < 2
+            or self.lr <= 0
+            or self.kl_coef < 0
+            or self.warmup_steps < 0
+        ):
+            raise ConfigError(
+                f"config field '{where}': need steps >= 0, prompts_per_step >= 1, "
+                "samples_per_prompt >= 2, lr > 0, kl_coef >= 0, warmup_steps >= 0"
+            )
 
 
 @dataclass
@@ -123,7 +132,9 @@ class StrongToWeak:
             self.student_base.validate(f"{where}.student_base")
         for i, r in enumerate(self.references):
             if r not in ("student_initial", "teacher_base"):
-                raise ConfigError(f"config field '{where}.references[{i}]': must be 'student_initial' or 'teacher_base', got {r!r}")
+                raise ConfigError(
+                    f"config field '{where}.references[{i}]': must be 'student_initial' or 'teacher_base', got {r!r}"
+                )
         if self.lam < 0:
             raise ConfigError(f"config field '{where}.lam': must be >= 0, got {self.lam}")
 
@@ -182,7 +193,7 @@ class DemoConfig(RunSections):
     oracle: OracleConfig = field(default_factory=OracleConfig)
     """The exact per-token and sequence-level targets, reported beside the students."""
 
-    def validate(self) -> "DemoConfig":
+    def validate(self) -> DemoConfig:
         self.model.validate("model")
         self.validate_sections()
         self.base.validate("base")
@@ -198,8 +209,10 @@ class DemoConfig(RunSections):
                 if not lam >= 0:
                     raise ConfigError(f"config field '{name}[{i}]': must be >= 0, got {lam}")
         if self.objective.kind != "gopd":
-            raise ConfigError("config field 'objective.kind': the distillation runs are G-OPD ('gopd'); GRPO "
-                              "settings of the teachers are under 'teacher'")
+            raise ConfigError(
+                "config field 'objective.kind': the distillation runs are G-OPD ('gopd'); GRPO "
+                "settings of the teachers are under 'teacher'"
+            )
         return self
 
 
@@ -216,24 +229,50 @@ def _s2w_name(lam: float, reference: str) -> str:
 # ----------------------------------------------------------------------------- phases
 
 
-def _sft_model(cfg: DemoConfig, model_cfg: ModelConfig, records: list[dict], phase: SFTPhase, tokenizer, out: Path,
-               seed: int, desc: str) -> None:
+def _sft_model(
+    cfg: DemoConfig,
+    model_cfg: ModelConfig,
+    records: list[dict],
+    phase: SFTPhase,
+    tokenizer,
+    out: Path,
+    seed: int,
+    desc: str,
+) -> None:
     if is_model_dir(out):
         report(f"{desc}: found {out}, skipping")
         return
-    optim_cfg = OptimConfig(lr=phase.lr, min_lr=phase.lr / 10, schedule="cosine", warmup_steps=min(20, phase.steps // 10), grad_clip=1.0)
+    optim_cfg = OptimConfig(
+        lr=phase.lr, min_lr=phase.lr / 10, schedule="cosine", warmup_steps=min(20, phase.steps // 10), grad_clip=1.0
+    )
     # optimizer built before the weights load: its fp32 masters get the checkpoint's full precision
     model = build_model(model_cfg, trainable=True, name=desc, optim=optim_cfg, total_steps=phase.steps)
     optimizer = model.optimizer
     t0 = time.perf_counter()
-    losses = train_sft(model, optimizer, records, tokenizer, steps=phase.steps, batch_size=phase.batch_size,
-                       micro_batch_size=cfg.train.micro_batch_size, max_len=model_cfg.max_seq_len, seed=seed, desc=desc,
-                       max_tokens=cfg.train.max_tokens_per_micro_batch, progress=cfg.train.progress)
+    losses = train_sft(
+        model,
+        optimizer,
+        records,
+        tokenizer,
+        steps=phase.steps,
+        batch_size=phase.batch_size,
+        micro_batch_size=cfg.train.micro_batch_size,
+        max_len=model_cfg.max_seq_len,
+        seed=seed,
+        desc=desc,
+        max_tokens=cfg.train.max_tokens_per_micro_batch,
+        progress=cfg.train.progress,
+    )
     save_model_dir(model, out)
-    report(f"{desc}: {phase.steps} steps in {time.perf_counter() - t0:.0f}s, final loss {losses[-1] if losses else float('nan'):.3f}")
+    report(
+        f"{desc}: {phase.steps} steps in {time.perf_counter() - t0:.0f}s, "
+        f"final loss {losses[-1] if losses else float('nan'):.3f}"
+    )
 
 
-def _grpo_teacher(cfg: DemoConfig, base: Path, domain: str, records: list[dict], tokenizer, out: Path, seed: int) -> None:
+def _grpo_teacher(
+    cfg: DemoConfig, base: Path, domain: str, records: list[dict], tokenizer, out: Path, seed: int
+) -> None:
     """GRPO from ``base`` on ``domain``'s checker, saved to ``out`` (metrics in out/../<name>_train)."""
     desc = f"teacher '{domain}' GRPO"
     if is_model_dir(out):
@@ -245,11 +284,18 @@ def _grpo_teacher(cfg: DemoConfig, base: Path, domain: str, records: list[dict],
         teachers=[],
         objective=dataclasses.replace(cfg.objective, kind="grpo", kl_coef=phase.kl_coef, reference="initial"),
         rollout=dataclasses.replace(cfg.rollout, samples_per_prompt=phase.samples_per_prompt),
-        optim=OptimConfig(lr=phase.lr, min_lr=0.0, schedule="cosine", warmup_steps=phase.warmup_steps,
-                          grad_clip=cfg.optim.grad_clip),
+        optim=OptimConfig(
+            lr=phase.lr, min_lr=0.0, schedule="cosine", warmup_steps=phase.warmup_steps, grad_clip=cfg.optim.grad_clip
+        ),
         data=dataclasses.replace(cfg.data, domains=[domain]),
-        train=dataclasses.replace(cfg.train, steps=phase.steps, prompts_per_step=phase.prompts_per_step, seed=seed,
-                                  eval_every=0, out_dir=str(out.parent / f"{out.name}_train")),
+        train=dataclasses.replace(
+            cfg.train,
+            steps=phase.steps,
+            prompts_per_step=phase.prompts_per_step,
+            seed=seed,
+            eval_every=0,
+            out_dir=str(out.parent / f"{out.name}_train"),
+        ),
         eval=cfg.eval,
     ).validate()
     distiller = build_distiller(run_cfg, tokenizer, records)  # GRPO: the synthetic checker's reward
@@ -260,11 +306,25 @@ def _grpo_teacher(cfg: DemoConfig, base: Path, domain: str, records: list[dict],
         k = max(1, len(history) // 5)
         first = statistics.fmean(m["reward_mean"] for m in history[:k])
         last = statistics.fmean(m["reward_mean"] for m in history[-k:])
-        report(f"{desc}: {phase.steps} steps in {time.perf_counter() - t0:.0f}s, training reward {first:.2f} -> {last:.2f}")
+        report(
+            f"{desc}: {phase.steps} steps in {time.perf_counter() - t0:.0f}s, training reward {first:.2f} -> {last:.2f}"
+        )
 
 
-def _distill(cfg: DemoConfig, student: ModelConfig, teachers: dict[str, Path], lam: float, reference: str,
-             records: list[dict], held_out: dict, tokenizer, out: Path, seed: int, desc: str, returns: str = "token") -> Path:
+def _distill(
+    cfg: DemoConfig,
+    student: ModelConfig,
+    teachers: dict[str, Path],
+    lam: float,
+    reference: str,
+    records: list[dict],
+    held_out: dict,
+    tokenizer,
+    out: Path,
+    seed: int,
+    desc: str,
+    returns: str = "token",
+) -> Path:
     """G-OPD of ``teachers`` into ``student`` (objective.returns ``returns``); saved to out/student."""
     result = out / "student"
     if is_model_dir(result):
@@ -272,7 +332,9 @@ def _distill(cfg: DemoConfig, student: ModelConfig, teachers: dict[str, Path], l
         return result
     run_cfg = RunConfig(
         student=student,
-        teachers=[TeacherConfig(name=d, model=dataclasses.replace(cfg.model, load=str(p))) for d, p in teachers.items()],
+        teachers=[
+            TeacherConfig(name=d, model=dataclasses.replace(cfg.model, load=str(p))) for d, p in teachers.items()
+        ],
         objective=dataclasses.replace(cfg.objective, lam=lam, reference=reference, returns=returns),
         rollout=cfg.rollout,
         optim=cfg.optim,
@@ -288,38 +350,77 @@ def _distill(cfg: DemoConfig, student: ModelConfig, teachers: dict[str, Path], l
     return result
 
 
-def _evaluate_dir(cfg: DemoConfig, model_cfg: ModelConfig, path: Path, held_out: dict[str, list[dict]], tokenizer) -> dict:
+def _evaluate_dir(
+    cfg: DemoConfig, model_cfg: ModelConfig, path: Path, held_out: dict[str, list[dict]], tokenizer
+) -> dict:
     """Held-out accuracy of the model saved at ``path``, per domain, in the modes ``cfg.eval`` asks for."""
     model = build_model(dataclasses.replace(model_cfg, load=str(path)), trainable=False, name=str(path))
     engine = EmbeddedEngine(model, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids)
-    results = evaluate_modes(engine, held_out, tokenizer, synthetic.check, cfg.eval, cfg.rollout, seed=cfg.data.seed + 17,
-                             model=model, answer_of=synthetic.answer)
-    return {mode: {d: {"accuracy": r.accuracy[d], **({"response_len": r.response_len[d], "stop_rate": r.stop_rate[d]}
-                                                     if d in r.response_len else {})}
-                   for d in r.accuracy}
-            for mode, r in results.items()}
+    results = evaluate_modes(
+        engine,
+        held_out,
+        tokenizer,
+        synthetic.check,
+        cfg.eval,
+        cfg.rollout,
+        seed=cfg.data.seed + 17,
+        model=model,
+        answer_of=synthetic.answer,
+    )
+    return {
+        mode: {
+            d: {
+                "accuracy": r.accuracy[d],
+                **({"response_len": r.response_len[d], "stop_rate": r.stop_rate[d]} if d in r.response_len else {}),
+            }
+            for d in r.accuracy
+        }
+        for mode, r in results.items()
+    }
 
 
-def _oracle(cfg: DemoConfig, teachers: dict[str, tuple[ModelConfig, Path]], reference: tuple[ModelConfig, Path],
-            lambdas: list[float], held_out: dict[str, list[dict]], tokenizer) -> dict:
+def _oracle(
+    cfg: DemoConfig,
+    teachers: dict[str, tuple[ModelConfig, Path]],
+    reference: tuple[ModelConfig, Path],
+    lambdas: list[float],
+    held_out: dict[str, list[dict]],
+    tokenizer,
+) -> dict:
     """The exact targets of distilling ``teachers`` (domain -> architecture, directory) against
     ``reference`` at each lambda (gopd_mega.oracle), per held-out domain, every prompt routed to its
     domain's teacher: the per-token target's expected accuracy and mean log Z_t on the evaluated
     prompts, and on the first ``oracle.sequence_prompts`` of them the sequence-level target's
     accuracy (an upper bound), its log Z (a lower bound) and the beam's coverage. Keys: f"{lam:g}"."""
     oc, temp = cfg.oracle, cfg.rollout.temperature
-    ref = build_model(dataclasses.replace(reference[0], load=str(reference[1])), trainable=False, name="oracle reference")
+    ref = build_model(
+        dataclasses.replace(reference[0], load=str(reference[1])), trainable=False, name="oracle reference"
+    )
     keys = {lam: f"{lam:g}" for lam in lambdas}
-    out: dict = {k: {} for k in ("per_token", "per_token_log_z", "sequence_upper", "sequence_log_z", "coverage_teacher",
-                                  "coverage_reference", "sequence_exact")}
+    out: dict = {
+        k: {}
+        for k in (
+            "per_token",
+            "per_token_log_z",
+            "sequence_upper",
+            "sequence_log_z",
+            "coverage_teacher",
+            "coverage_reference",
+            "sequence_exact",
+        )
+    }
     for name in ("per_token", "per_token_log_z", "sequence_upper", "sequence_log_z"):
         out[name] = {keys[lam]: {} for lam in lambdas}
     for domain, records in held_out.items():
         arch, path = teachers[domain]
-        teacher = build_model(dataclasses.replace(arch, load=str(path)), trainable=False, name=f"oracle teacher {domain}")
-        records = records[:cfg.eval.max_prompts]
-        pairs = [{"prompt": r[cfg.data.prompt_field], "answer": synthetic.answer(domain, r[cfg.data.prompt_field])}
-                 for r in records]
+        teacher = build_model(
+            dataclasses.replace(arch, load=str(path)), trainable=False, name=f"oracle teacher {domain}"
+        )
+        records = records[: cfg.eval.max_prompts]
+        pairs = [
+            {"prompt": r[cfg.data.prompt_field], "answer": synthetic.answer(domain, r[cfg.data.prompt_field])}
+            for r in records
+        ]
         tokens, mask = sft_batch(pairs, tokenizer, None)
         tok = per_token_target(teacher, ref, tokens, mask, lambdas, temp)
         for lam in lambdas:
@@ -329,9 +430,18 @@ def _oracle(cfg: DemoConfig, teachers: dict[str, tuple[ModelConfig, Path]], refe
         if n:
             bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
             prompts = [bos + list(tokenizer.encode(p["prompt"])) for p in pairs[:n]]
-            answers = [list(tokenizer.encode(p["answer"])) + [tokenizer.eos_id] for p in pairs[:n]]
-            seq = sequence_target(teacher, ref, prompts, answers, lambdas, stop_ids=tokenizer.stop_ids,
-                                  max_new_tokens=cfg.rollout.max_new_tokens, beam=oc.beam, temperature=temp)
+            answers = [[*list(tokenizer.encode(p["answer"])), tokenizer.eos_id] for p in pairs[:n]]
+            seq = sequence_target(
+                teacher,
+                ref,
+                prompts,
+                answers,
+                lambdas,
+                stop_ids=tokenizer.stop_ids,
+                max_new_tokens=cfg.rollout.max_new_tokens,
+                beam=oc.beam,
+                temperature=temp,
+            )
             for lam in lambdas:
                 out["sequence_upper"][keys[lam]][domain] = seq.accuracy_upper(lam)
                 out["sequence_log_z"][keys[lam]][domain] = seq.mean_log_z(lam)
@@ -363,16 +473,19 @@ def _setup(cfg: DemoConfig, quiet: bool = False):
     cfg.model = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
     train_records, held_out = synthetic.from_config(cfg.data)
     if not quiet:
-        report(f"data: {len(train_records)} training prompts over {cfg.data.domains}, "
-               f"{sum(map(len, held_out.values()))} held out")
+        report(
+            f"data: {len(train_records)} training prompts over {cfg.data.domains}, "
+            f"{sum(map(len, held_out.values()))} held out"
+        )
     return out, tokenizer, train_records, held_out
 
 
 # ----------------------------------------------------------------------------- one seed
 
 
-def _grpo_teachers(cfg: DemoConfig, base: Path, train_records: list[dict], tokenizer, sd: Path, seed: int,
-                   suffix: str = "") -> tuple[dict[str, Path], dict[str, dict]]:
+def _grpo_teachers(
+    cfg: DemoConfig, base: Path, train_records: list[dict], tokenizer, sd: Path, seed: int, suffix: str = ""
+) -> tuple[dict[str, Path], dict[str, dict]]:
     """One GRPO teacher per domain from ``base`` (saved as sd/teacher_<domain>), and each one's
     reward curve under the name "teacher '<domain>'" + suffix."""
     teachers, curves = {}, {}
@@ -391,20 +504,36 @@ def merge_seed(cfg: DemoConfig, seed: int) -> dict:
     sd = out / f"seed{seed}"
     model_cfg = dataclasses.replace(cfg.model, seed=cfg.model.seed + 1000 * seed)
     # 1. mediocre base, 2. domain teachers by GRPO from that base
-    _sft_model(cfg, model_cfg, train_records, cfg.base, tokenizer, sd / "base", 7919 * seed + 1, f"[seed {seed}] base SFT")
+    _sft_model(
+        cfg, model_cfg, train_records, cfg.base, tokenizer, sd / "base", 7919 * seed + 1, f"[seed {seed}] base SFT"
+    )
     teachers, curves = _grpo_teachers(cfg, sd / "base", train_records, tokenizer, sd, seed)
     # 3. G-OPD distillation of all teachers back into the base, reference = the base
     students = {}
     for lam, returns in [(x, "token") for x in cfg.lambdas] + [(x, "sequence") for x in cfg.sequence_lambdas]:
         name = system_name(lam, returns)
         run_dir = sd / (f"gopd_lam{lam:g}" + ("" if returns == "token" else "_sequence"))
-        students[name] = _distill(cfg, dataclasses.replace(cfg.model, load=str(sd / "base")), teachers, lam, "initial",
-                                  train_records, held_out, tokenizer, run_dir, seed, f"[seed {seed}] {name}", returns)
+        students[name] = _distill(
+            cfg,
+            dataclasses.replace(cfg.model, load=str(sd / "base")),
+            teachers,
+            lam,
+            "initial",
+            train_records,
+            held_out,
+            tokenizer,
+            run_dir,
+            seed,
+            f"[seed {seed}] {name}",
+            returns,
+        )
         curves[name] = _curves(run_dir / "train", [f"reverse_kl/{d}" for d in cfg.data.domains])
     # 4. evaluation
     systems = {"base student": sd / "base", **{f"teacher '{d}'": p for d, p in teachers.items()}, **students}
-    result = {"eval": {name: _evaluate_dir(cfg, cfg.model, path, held_out, tokenizer) for name, path in systems.items()},
-              "curves": curves}
+    result = {
+        "eval": {name: _evaluate_dir(cfg, cfg.model, path, held_out, tokenizer) for name, path in systems.items()},
+        "curves": curves,
+    }
     if cfg.oracle.enabled:  # 5. the exact targets each lambda trains towards (reference = the base)
         arch = {d: (cfg.model, p) for d, p in teachers.items()}
         lambdas = _oracle_lambdas(cfg, cfg.lambdas + cfg.sequence_lambdas)
@@ -422,29 +551,63 @@ def strong_to_weak_seed(cfg: DemoConfig, seed: int) -> dict:
     sd = out / f"seed{seed}"
     big_cfg = dataclasses.replace(cfg.model, seed=cfg.model.seed + 1000 * seed)
     small_cfg = dataclasses.replace(small, seed=small.seed + 1000 * seed)
-    _sft_model(cfg, big_cfg, train_records, cfg.base, tokenizer, sd / "teacher_base", 7919 * seed + 1, f"[seed {seed}] teacher base SFT")
+    _sft_model(
+        cfg,
+        big_cfg,
+        train_records,
+        cfg.base,
+        tokenizer,
+        sd / "teacher_base",
+        7919 * seed + 1,
+        f"[seed {seed}] teacher base SFT",
+    )
     student_phase = s2w.student_base or cfg.base
-    _sft_model(cfg, small_cfg, train_records, student_phase, tokenizer, sd / "student_base", 7919 * seed + 5,
-               f"[seed {seed}] student base SFT")
+    _sft_model(
+        cfg,
+        small_cfg,
+        train_records,
+        student_phase,
+        tokenizer,
+        sd / "student_base",
+        7919 * seed + 5,
+        f"[seed {seed}] student base SFT",
+    )
     teachers, curves = _grpo_teachers(cfg, sd / "teacher_base", train_records, tokenizer, sd, seed, " (large)")
     students = {}
     for ref in s2w.references:
         name = _s2w_name(s2w.lam, ref)
         reference = "initial" if ref == "student_initial" else str(sd / "teacher_base")
         run_dir = sd / f"s2w_{ref}"
-        students[name] = _distill(cfg, dataclasses.replace(small, load=str(sd / "student_base")), teachers, s2w.lam,
-                                  reference, train_records, held_out, tokenizer, run_dir, seed, f"[seed {seed}] {name}")
+        students[name] = _distill(
+            cfg,
+            dataclasses.replace(small, load=str(sd / "student_base")),
+            teachers,
+            s2w.lam,
+            reference,
+            train_records,
+            held_out,
+            tokenizer,
+            run_dir,
+            seed,
+            f"[seed {seed}] {name}",
+        )
         curves[name] = _curves(run_dir / "train", [f"reverse_kl/{d}" for d in cfg.data.domains])
-    systems = {"student base (small)": (small, sd / "student_base"), "teacher base (large)": (cfg.model, sd / "teacher_base"),
-               **{f"teacher '{d}' (large)": (cfg.model, p) for d, p in teachers.items()},
-               **{k: (small, v) for k, v in students.items()}}
-    result = {"eval": {name: _evaluate_dir(cfg, m, path, held_out, tokenizer) for name, (m, path) in systems.items()},
-              "curves": curves}
+    systems = {
+        "student base (small)": (small, sd / "student_base"),
+        "teacher base (large)": (cfg.model, sd / "teacher_base"),
+        **{f"teacher '{d}' (large)": (cfg.model, p) for d, p in teachers.items()},
+        **{k: (small, v) for k, v in students.items()},
+    }
+    result = {
+        "eval": {name: _evaluate_dir(cfg, m, path, held_out, tokenizer) for name, (m, path) in systems.items()},
+        "curves": curves,
+    }
     if cfg.oracle.enabled:  # does the reference choice move the target?
         arch = {d: (cfg.model, p) for d, p in teachers.items()}
         refs = {"student_initial": (small, sd / "student_base"), "teacher_base": (cfg.model, sd / "teacher_base")}
-        result["oracle"] = {r: _oracle(cfg, arch, refs[r], _oracle_lambdas(cfg, [s2w.lam]), held_out, tokenizer)
-                            for r in s2w.references}
+        result["oracle"] = {
+            r: _oracle(cfg, arch, refs[r], _oracle_lambdas(cfg, [s2w.lam]), held_out, tokenizer) for r in s2w.references
+        }
     return result
 
 
@@ -480,8 +643,10 @@ def _workers(cfg: DemoConfig) -> int:
     model-parallel models, one seed after another)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if cfg.workers > 1:
-            raise ConfigError(f"config field 'workers': {cfg.workers} worker processes per rank under torchrun "
-                              "(WORLD_SIZE > 1); the ranks run the seeds one after another, set workers=1 or 0")
+            raise ConfigError(
+                f"config field 'workers': {cfg.workers} worker processes per rank under torchrun "
+                "(WORLD_SIZE > 1); the ranks run the seeds one after another, set workers=1 or 0"
+            )
         return 1
     if cfg.workers:
         return min(cfg.workers, len(cfg.seeds))
@@ -505,12 +670,23 @@ def _run_seeds_in_workers(cfg: DemoConfig, kind: str, workers: int) -> dict[str,
     # variables (set if it initialised one), two workers would try to serve the same MASTER_PORT
     env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    pending, running, results = list(cfg.seeds), {}, {}
+    pending, results = list(cfg.seeds), {}
+    running: dict[int, subprocess.Popen] = {}
     while pending or running:
         while pending and len(running) < workers:
             seed = pending.pop(0)
             log = out / f"seed{seed}.log"
-            cmd = [sys.executable, "-m", "gopd_mega.demo", "--recipe", str(config_path), "--kind", kind, "--only-seed", str(seed)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "gopd_mega.demo",
+                "--recipe",
+                str(config_path),
+                "--kind",
+                kind,
+                "--only-seed",
+                str(seed),
+            ]
             with open(log, "w") as fh:
                 running[seed] = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
             report(f"[seed {seed}] started in a worker process (log: {log})")
@@ -524,7 +700,9 @@ def _run_seeds_in_workers(cfg: DemoConfig, kind: str, workers: int) -> dict[str,
                 for other in running.values():
                     other.terminate()
                 tail = "\n".join(log.read_text().splitlines()[-15:])
-                raise SystemExit(f"gopd-demo: seed {seed} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+                raise SystemExit(
+                    f"gopd-demo: seed {seed} failed (exit {proc.returncode}); last lines of {log}:\n{tail}"
+                )
             results[str(seed)] = json.loads(_seed_result(cfg, seed).read_text())
             report(f"[seed {seed}] finished in {results[str(seed)]['wall_s']:.0f}s")
     return {str(s): results[str(s)] for s in cfg.seeds}
@@ -577,8 +755,11 @@ def run_strong_to_weak(cfg: DemoConfig) -> dict:
 
 def mean_std(values: list[float]) -> dict:
     """Mean and SAMPLE standard deviation (n - 1; 0 for a single value) of per-seed numbers."""
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": list(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": list(values),
+    }
 
 
 def summarise(domains: list[str], runs: dict[str, dict], baseline: str) -> dict:
@@ -594,17 +775,25 @@ def summarise(domains: list[str], runs: dict[str, dict], baseline: str) -> dict:
             return 100 * statistics.fmean(res[d]["accuracy"] for d in domains)
         return 100 * res[domain]["accuracy"]
 
-    cols = list(domains) + ["avg"]
+    cols = [*list(domains), "avg"]
     summary = {s: {m: {c: mean_std([acc(k, s, m, c) for k in seeds]) for c in cols} for m in modes} for s in systems}
     paired = {}
     if baseline in systems:
         for s in systems:
             if s == baseline or s.startswith(("base", "teacher", "student base")):
                 continue
-            paired[s] = {m: {c: mean_std([acc(k, s, m, c) - acc(k, baseline, m, c) for k in seeds]) for c in cols}
-                         for m in modes}
-    return {"domains": domains, "seeds": seeds, "modes": modes, "runs": runs, "summary": summary,
-            "baseline": baseline, "paired": paired}
+            paired[s] = {
+                m: {c: mean_std([acc(k, s, m, c) - acc(k, baseline, m, c) for k in seeds]) for c in cols} for m in modes
+            }
+    return {
+        "domains": domains,
+        "seeds": seeds,
+        "modes": modes,
+        "runs": runs,
+        "summary": summary,
+        "baseline": baseline,
+        "paired": paired,
+    }
 
 
 REFERENCE_NAMES = {"base": "the base", "student_initial": "student initial", "teacher_base": "teacher pre-RL base"}
@@ -619,28 +808,45 @@ def summarise_oracle(domains: list[str], per_seed: dict[str, dict], runs: dict[s
     seeds = list(per_seed)
     first = per_seed[seeds[0]]
     out: dict = {}
+
+    def points(key: str, seed: str, ref: str, lam: str, d: str | None = None) -> float:
+        """One seed's oracle accuracy in points: domain ``d``, or the mean over domains."""
+        vals = per_seed[seed][ref][key][lam]
+        return 100 * (vals[d] if d else statistics.fmean(vals[x] for x in domains))
+
     for ref, o in first.items():
         rows = {}
         for lam in o["per_token"]:
-            def points(key, seed, d=None):
-                vals = per_seed[seed][ref][key][lam]
-                return 100 * (vals[d] if d else statistics.fmean(vals[x] for x in domains))
-
-            row = {"per_token": {d: mean_std([points("per_token", k, d if d != "avg" else None) for k in seeds])
-                                 for d in domains + ["avg"]},
-                   "per_token_log_z": mean_std([statistics.fmean(per_seed[k][ref]["per_token_log_z"][lam][d] for d in domains)
-                                                for k in seeds])}
+            row = {
+                "per_token": {
+                    d: mean_std([points("per_token", k, ref, lam, d if d != "avg" else None) for k in seeds])
+                    for d in [*domains, "avg"]
+                },
+                "per_token_log_z": mean_std(
+                    [statistics.fmean(per_seed[k][ref]["per_token_log_z"][lam][d] for d in domains) for k in seeds]
+                ),
+            }
             if o["sequence_upper"][lam]:
-                row["sequence_upper"] = mean_std([points("sequence_upper", k) for k in seeds])
-                row["sequence_log_z"] = mean_std([statistics.fmean(per_seed[k][ref]["sequence_log_z"][lam][d]
-                                                                   for d in domains) for k in seeds])
+                row["sequence_upper"] = mean_std([points("sequence_upper", k, ref, lam) for k in seeds])
+                row["sequence_log_z"] = mean_std(
+                    [statistics.fmean(per_seed[k][ref]["sequence_log_z"][lam][d] for d in domains) for k in seeds]
+                )
             row["attainment"] = {
-                student: mean_std([100 * statistics.fmean(runs[k][student]["exact"][d]["accuracy"] for d in domains)
-                                   - points("per_token", k) for k in seeds])
-                for student in students.get((ref, float(lam)), [])}
+                student: mean_std(
+                    [
+                        100 * statistics.fmean(runs[k][student]["exact"][d]["accuracy"] for d in domains)
+                        - points("per_token", k, ref, lam)
+                        for k in seeds
+                    ]
+                )
+                for student in students.get((ref, float(lam)), [])
+            }
             rows[lam] = row
-        coverage = {m: mean_std([statistics.fmean(per_seed[k][ref][f"coverage_{m}"].values()) for k in seeds])
-                    for m in ("teacher", "reference") if o[f"coverage_{m}"]}
+        coverage = {
+            m: mean_std([statistics.fmean(per_seed[k][ref][f"coverage_{m}"].values()) for k in seeds])
+            for m in ("teacher", "reference")
+            if o[f"coverage_{m}"]
+        }
         out[ref] = {"lambdas": rows, "coverage": coverage, "sequence_prompts": o["sequence_prompts"], "beam": o["beam"]}
     return out
 
@@ -650,42 +856,66 @@ def oracle_table(doc: dict) -> str:
     domains = doc["domains"]
     blocks = []
     for ref, o in doc.get("oracle", {}).items():
-        head = (["lambda"] + [f"per-token target {d}" for d in domains + ["avg"]]
-                + ["students − per-token target (avg)", f"sequence-level target ≤ (avg, {o['sequence_prompts']} prompts/domain)",
-                   "mean log Z_t (per token)", "mean log Z(x) ≥ (sequence)"])
-        lines = [f"Targets with reference = {REFERENCE_NAMES.get(ref, ref)} (exact; accuracy %, mean ± std over seeds)", "",
-                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        head = (
+            ["lambda"]
+            + [f"per-token target {d}" for d in [*domains, "avg"]]
+            + [
+                "students − per-token target (avg)",
+                f"sequence-level target ≤ (avg, {o['sequence_prompts']} prompts/domain)",
+                "mean log Z_t (per token)",
+                "mean log Z(x) ≥ (sequence)",
+            ]
+        )
+        lines = [
+            f"Targets with reference = {REFERENCE_NAMES.get(ref, ref)} (exact; accuracy %, mean ± std over seeds)",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
+        ]
 
         def cell(x, signed=False, digits=1):
             return "—" if x is None else f"{x['mean']:{'+' if signed else ''}.{digits}f} ± {x['std']:.{digits}f}"
 
         for lam, row in o["lambdas"].items():
-            lines.append("| " + " | ".join(
-                [lam] + [cell(row["per_token"][d]) for d in domains + ["avg"]]
-                + ["; ".join(f"{s}: {cell(a, signed=True)}" for s, a in row["attainment"].items()) or "—",
-                   cell(row.get("sequence_upper")),
-                   cell(row["per_token_log_z"], digits=3), cell(row.get("sequence_log_z"), digits=3)]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [lam]
+                    + [cell(row["per_token"][d]) for d in [*domains, "avg"]]
+                    + [
+                        "; ".join(f"{s}: {cell(a, signed=True)}" for s, a in row["attainment"].items()) or "—",
+                        cell(row.get("sequence_upper")),
+                        cell(row["per_token_log_z"], digits=3),
+                        cell(row.get("sequence_log_z"), digits=3),
+                    ]
+                )
+                + " |"
+            )
         cov = o["coverage"]
         if cov:
             lines.append("")
-            lines.append(f"Sequence-level target: a beam of {o['beam']} prefixes per depth enumerated responses holding "
-                         f"{100 * cov['teacher']['mean']:.2f}% of the teacher's and {100 * cov['reference']['mean']:.2f}% of "
-                         "the reference's probability (mean over prompts and seeds); the enumerated Z is a lower bound, so "
-                         "the accuracy shown is an upper bound and log Z(x) a lower bound.")
+            lines.append(
+                f"Sequence-level target: a beam of {o['beam']} prefixes per depth enumerated responses holding "
+                f"{100 * cov['teacher']['mean']:.2f}% of the teacher's and {100 * cov['reference']['mean']:.2f}% of "
+                "the reference's probability (mean over prompts and seeds); the enumerated Z is a lower bound, so "
+                "the accuracy shown is an upper bound and log Z(x) a lower bound."
+            )
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
 
 def results_table(doc: dict) -> str:
     domains, modes = doc["domains"], doc["modes"]
-    cols = list(domains) + ["avg"]
+    cols = [*list(domains), "avg"]
     head = ["system"] + [f"{c} {m}" for m in modes for c in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, res in doc["summary"].items():
         cells = [name] + [f"{res[m][c]['mean']:.1f} ± {res[m][c]['std']:.1f}" for m in modes for c in cols]
         lines.append("| " + " | ".join(cells) + " |")
     for name, res in doc["paired"].items():
-        cells = [f"{name} − {doc['baseline']}, paired"] + [f"{res[m][c]['mean']:+.1f} ± {res[m][c]['std']:.1f}" for m in modes for c in cols]
+        cells = [f"{name} − {doc['baseline']}, paired"] + [
+            f"{res[m][c]['mean']:+.1f} ± {res[m][c]['std']:.1f}" for m in modes for c in cols
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -699,18 +929,30 @@ def conclusions(doc: dict) -> list[str]:
             d = res[m]["avg"]
             wins = sum(v > 0 for v in d["values"])
             mean = round(d["mean"], 1)  # as printed: a difference under 0.05 points is no difference
-            verdict = ("beats" if mean > 0 and mean > d["std"] else
-                       "is below" if mean < 0 and -mean > d["std"] else "does not clearly differ from")
-            lines.append(f"{name} {verdict} {doc['baseline']} on {m} avg accuracy: {d['mean']:+.1f} ± {d['std']:.1f} points "
-                         f"(paired over {n} seeds; higher in {wins}/{n})")
+            verdict = (
+                "beats"
+                if mean > 0 and mean > d["std"]
+                else "is below"
+                if mean < 0 and -mean > d["std"]
+                else "does not clearly differ from"
+            )
+            lines.append(
+                f"{name} {verdict} {doc['baseline']} on {m} avg accuracy: {d['mean']:+.1f} ± {d['std']:.1f} points "
+                f"(paired over {n} seeds; higher in {wins}/{n})"
+            )
     summ = doc["summary"]
     teachers = [s for s in summ if s.startswith("teacher '")]
     if doc.get("kind") == "merge" and "base student" in summ:
         for s in summ:
             if s.startswith(("OPD", "ExOPD", "G-OPD")):
                 for m in doc["modes"]:
-                    d = mean_std([summ[s][m]["avg"]["values"][i] - summ["base student"][m]["avg"]["values"][i] for i in range(n)])
-                    lines.append(f"{s} − base student on {m} avg accuracy: {d['mean']:+.1f} ± {d['std']:.1f} points (paired over {n} seeds)")
+                    d = mean_std(
+                        [summ[s][m]["avg"]["values"][i] - summ["base student"][m]["avg"]["values"][i] for i in range(n)]
+                    )
+                    lines.append(
+                        f"{s} − base student on {m} avg accuracy: {d['mean']:+.1f} ± {d['std']:.1f} points "
+                        f"(paired over {n} seeds)"
+                    )
     if doc.get("kind") == "merge" and teachers:
         for m in doc["modes"]:
             best = {d: max(summ[t][m][d]["mean"] for t in teachers) for d in doc["domains"]}
@@ -732,17 +974,25 @@ def _oracle_conclusions(doc: dict) -> list[str]:
         for lam, row in rows.items():
             where = f"reference = {REFERENCE_NAMES.get(ref, ref)}, lambda {lam}"
             if base is not None and lam != "1":
-                d = mean_std([a - b for a, b in zip(row["per_token"]["avg"]["values"], base["per_token"]["avg"]["values"])])
-                lines.append(f"{where}: the per-token target's avg exact accuracy is {row['per_token']['avg']['mean']:.1f}, "
-                             f"{d['mean']:+.1f} ± {d['std']:.1f} points from lambda 1's (paired over {n} seeds): the "
-                             "headroom a student trained at this lambda can have")
+                d = mean_std(
+                    [a - b for a, b in zip(row["per_token"]["avg"]["values"], base["per_token"]["avg"]["values"])]
+                )
+                lines.append(
+                    f"{where}: the per-token target's avg exact accuracy is {row['per_token']['avg']['mean']:.1f}, "
+                    f"{d['mean']:+.1f} ± {d['std']:.1f} points from lambda 1's (paired over {n} seeds): the "
+                    "headroom a student trained at this lambda can have"
+                )
             for student, a in row["attainment"].items():
-                lines.append(f"{where}: {student} ends {a['mean']:+.1f} ± {a['std']:.1f} points from the "
-                             "per-token target (avg exact)")
+                lines.append(
+                    f"{where}: {student} ends {a['mean']:+.1f} ± {a['std']:.1f} points from the "
+                    "per-token target (avg exact)"
+                )
             if "sequence_upper" in row and base is not None and "sequence_upper" in base and lam != "1":
-                lines.append(f"{where}: the sequence-level target's avg accuracy is at most "
-                             f"{row['sequence_upper']['mean']:.1f} (lambda 1: {base['sequence_upper']['mean']:.1f}), "
-                             f"mean log Z(x) >= {row['sequence_log_z']['mean']:.2f} nats")
+                lines.append(
+                    f"{where}: the sequence-level target's avg accuracy is at most "
+                    f"{row['sequence_upper']['mean']:.1f} (lambda 1: {base['sequence_upper']['mean']:.1f}), "
+                    f"mean log Z(x) >= {row['sequence_log_z']['mean']:.2f} nats"
+                )
     return lines
 
 
@@ -765,17 +1015,29 @@ def write_results(out: Path, doc: dict) -> None:
     title = f"Held-out accuracy (%), mean ± std over {n} seed{'s' * (n > 1)} ({', '.join(doc['seeds'])})"
     legend = "; ".join(f"{m}: {MODE_NOTES[m]}" for m in doc["modes"] if m in MODE_NOTES)
     oracle = oracle_table(doc)
-    text = (title + "\n\n" + table + "\n\n" + legend + "\n\n" + (oracle + "\n\n" if oracle else "")
-            + "\n".join(f"- {c}" for c in doc["conclusions"]) + "\n")
+    text = (
+        title
+        + "\n\n"
+        + table
+        + "\n\n"
+        + legend
+        + "\n\n"
+        + (oracle + "\n\n" if oracle else "")
+        + "\n".join(f"- {c}" for c in doc["conclusions"])
+        + "\n"
+    )
     (out / "results.md").write_text(text + f"\nwall time {doc['wall_s']:.0f}s\n")
     _plot(out / "results.png", doc)
-    print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'} (wall {doc['wall_s']:.0f}s)", flush=True)
+    print(
+        f"\nresults: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'} (wall {doc['wall_s']:.0f}s)",
+        flush=True,
+    )
     print("\n" + text, flush=True)
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
     """Trailing moving average (single-sample per-step estimates are noisy)."""
-    return [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+    return [statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
 
 
 def _band(ax, series: list[list[float]], label: str, color=None, window: int = 10) -> None:
@@ -789,7 +1051,9 @@ def _band(ax, series: list[list[float]], label: str, color=None, window: int = 1
     mean = [statistics.fmean(s[i] for s in series) for i in range(n)]
     std = [statistics.stdev([s[i] for s in series]) if len(series) > 1 else 0.0 for i in range(n)]
     (line,) = ax.plot(steps, mean, label=label, color=color)
-    ax.fill_between(steps, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)], color=line.get_color(), alpha=0.2)
+    ax.fill_between(
+        steps, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)], color=line.get_color(), alpha=0.2
+    )
 
 
 def _plot(path: Path, doc: dict) -> None:
@@ -800,7 +1064,7 @@ def _plot(path: Path, doc: dict) -> None:
 
     names = list(doc["summary"])
     modes = doc["modes"]
-    cols = list(doc["domains"]) + ["avg"]
+    cols = [*list(doc["domains"]), "avg"]
     panels = len(modes) + 2
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2), squeeze=False)
     width = 0.8 / len(cols)
@@ -827,7 +1091,9 @@ def _plot(path: Path, doc: dict) -> None:
             _band(ax_kl, [c.get(f"reverse_kl/{d}", []) for c in per_seed], f"{name}: {d}")
     ax_kl.set_xlabel("distillation step")
     ax_kl.set_ylabel("reverse KL to the prompt's teacher (nats/token)")
-    ax_kl.set_title("distillation: KL(student || teacher) per teacher\n(10-step moving average, mean ± std over seeds)", fontsize=9)
+    ax_kl.set_title(
+        "distillation: KL(student || teacher) per teacher\n(10-step moving average, mean ± std over seeds)", fontsize=9
+    )
     ax_kl.legend(fontsize=6)
     ax_r.set_xlabel("GRPO step")
     ax_r.set_ylabel("training reward (success rate)")
@@ -841,18 +1107,33 @@ def _plot(path: Path, doc: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default=None, help="YAML/TOML recipe (DemoConfig sections); default "
-                        "recipes/demo.yaml, recipes/demo_full.yaml with --full, recipes/demo_strong_to_weak.yaml "
-                        "with --strong-to-weak")
-    parser.add_argument("--full", action="store_true", help="the longer, more accurate setting (recipes/demo_full.yaml)")
+    parser.add_argument(
+        "--recipe",
+        default=None,
+        help="YAML/TOML recipe (DemoConfig sections); default "
+        "recipes/demo.yaml, recipes/demo_full.yaml with --full, recipes/demo_strong_to_weak.yaml "
+        "with --strong-to-weak",
+    )
+    parser.add_argument(
+        "--full", action="store_true", help="the longer, more accurate setting (recipes/demo_full.yaml)"
+    )
     parser.add_argument("--strong-to-weak", action="store_true", help="the strong-to-weak reward-correction example")
-    parser.add_argument("--only-seed", type=int, default=None, help="run only this seed's experiment and save its "
-                        "result (what each worker process of a multi-seed run does)")
+    parser.add_argument(
+        "--only-seed",
+        type=int,
+        default=None,
+        help="run only this seed's experiment and save its result (what each worker process of a multi-seed run does)",
+    )
     parser.add_argument("--kind", choices=sorted(SEED_JOBS), default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
     args = parser.parse_args(argv)
-    recipe = args.recipe or ("recipes/demo_strong_to_weak.yaml" if args.strong_to_weak else
-                             "recipes/demo_full.yaml" if args.full else "recipes/demo.yaml")
+    recipe = args.recipe or (
+        "recipes/demo_strong_to_weak.yaml"
+        if args.strong_to_weak
+        else "recipes/demo_full.yaml"
+        if args.full
+        else "recipes/demo.yaml"
+    )
     try:
         cfg = build_config(DemoConfig, read_recipe(recipe), args.overrides)
     except ConfigError as exc:

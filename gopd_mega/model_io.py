@@ -18,7 +18,6 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file
 
 from gopd_mega.config import ConfigError, ModelConfig, OptimConfig, build_config
@@ -56,8 +55,9 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(f"{file}: {exc}") from None
 
 
-def save_model_dir(model, path: str | os.PathLike, extra_files: dict[str, str] | None = None,
-                   dtype: torch.dtype = torch.float32) -> Path:
+def save_model_dir(
+    model, path: str | os.PathLike, extra_files: dict[str, str] | None = None, dtype: torch.dtype = torch.float32
+) -> Path:
     """Collective. Gathers the full weights and writes them atomically (rank 0): a directory that
     exists under ``path`` is always complete. A model with an optimizer (the student) writes its
     fp32 MASTER weights, not the bf16/fp16 copies it computes with; ``dtype`` is the dtype of the
@@ -78,7 +78,9 @@ def save_model_dir(model, path: str | os.PathLike, extra_files: dict[str, str] |
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             save_safetensors(state, tmp / WEIGHTS)
-            cfg = dataclasses.replace(model.cfg, load=None, tp=1, pp=1, sequence_parallel=False, context_parallel_size=1)
+            cfg = dataclasses.replace(
+                model.cfg, load=None, tp=1, pp=1, sequence_parallel=False, context_parallel_size=1
+            )
             (tmp / MODEL_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
             for name, text in (extra_files or {}).items():
                 (tmp / name).write_text(text)
@@ -111,11 +113,23 @@ def load_weights(model, path: str | os.PathLike) -> None:
         # Each rank reads only its own slices (and checks them): whichever rank finds a problem says so.
         on_every_rank(lambda: load_hf_weights(model, path))
     else:
-        raise FileNotFoundError(f"{path}: neither a gopd-mega model directory ({MODEL_CONFIG}) nor a Hugging Face one (config.json)")
+        raise FileNotFoundError(
+            f"{path}: neither a gopd-mega model directory ({MODEL_CONFIG}) nor a Hugging Face one (config.json)"
+        )
 
 
-LAYOUT_FIELDS = ("tp", "pp", "params_dtype", "logits_dtype", "load", "recompute_granularity", "recompute_method",
-                 "recompute_num_layers", "sequence_parallel", "context_parallel_size")
+LAYOUT_FIELDS = (
+    "tp",
+    "pp",
+    "params_dtype",
+    "logits_dtype",
+    "load",
+    "recompute_granularity",
+    "recompute_method",
+    "recompute_num_layers",
+    "sequence_parallel",
+    "context_parallel_size",
+)
 
 
 def resolve_model_config(cfg: ModelConfig, where: str | None = None) -> ModelConfig:
@@ -133,7 +147,9 @@ def resolve_model_config(cfg: ModelConfig, where: str | None = None) -> ModelCon
 
         saved = model_config_from_hf(path)
     else:
-        raise FileNotFoundError(f"{path}: neither a gopd-mega model directory ({MODEL_CONFIG}) nor a Hugging Face one (config.json)")
+        raise FileNotFoundError(
+            f"{path}: neither a gopd-mega model directory ({MODEL_CONFIG}) nor a Hugging Face one (config.json)"
+        )
     resolved = dataclasses.replace(saved, **{f: getattr(cfg, f) for f in LAYOUT_FIELDS})
     try:
         resolved.validate(where or f"model at {path}")
@@ -142,8 +158,14 @@ def resolve_model_config(cfg: ModelConfig, where: str | None = None) -> ModelCon
     return resolved
 
 
-def build_model(cfg: ModelConfig, trainable: bool, name: str, where: str | None = None,
-                optim: OptimConfig | None = None, total_steps: int | None = None) -> ShardedGPT:
+def build_model(
+    cfg: ModelConfig,
+    trainable: bool,
+    name: str,
+    where: str | None = None,
+    optim: OptimConfig | None = None,
+    total_steps: int | None = None,
+) -> ShardedGPT:
     """A ShardedGPT on its own layout, with the weights of ``cfg.load`` if given. ``where`` is its
     config field (errors about the layout name it). ``optim`` (trainable only): its optimizer
     (``model.optimizer``, LR schedule over ``total_steps``) is built BEFORE the weights are

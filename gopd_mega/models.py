@@ -27,11 +27,16 @@ import torch
 import torch.distributed as dist
 
 from gopd_mega.config import ModelConfig, OptimConfig
-from gopd_mega.model import weights as W
-from gopd_mega.model.build import (build_gpt, check_platform_support, ffn_size, has_transformer_engine,
-                                   transformer_config)
 from gopd_mega.model import transfer
-from gopd_mega.model.build import DTYPES
+from gopd_mega.model import weights as W
+from gopd_mega.model.build import (
+    DTYPES,
+    build_gpt,
+    check_platform_support,
+    ffn_size,
+    has_transformer_engine,
+    transformer_config,
+)
 from gopd_mega.model.forward import IGNORE, ForwardStats, HiddenLoss, PipelineForward, TokenLossFn
 from gopd_mega.model.transfer import ScoredHidden
 from gopd_mega.model.weights import ParamInfo
@@ -39,8 +44,17 @@ from gopd_mega.optim import StudentOptimizer, build_optimizer
 from gopd_mega.parallel import ModelGroups
 from gopd_mega.platform import device, setup_platform
 
-__all__ = ["ShardedGPT", "ParamInfo", "ForwardStats", "TokenLossFn", "HiddenLoss", "ScoredHidden", "IGNORE",
-           "ffn_size", "DEFAULT_MAX_TOKENS"]
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "IGNORE",
+    "ForwardStats",
+    "HiddenLoss",
+    "ParamInfo",
+    "ScoredHidden",
+    "ShardedGPT",
+    "TokenLossFn",
+    "ffn_size",
+]
 
 DEFAULT_MAX_TOKENS = {"thd": 4096, "mask": 512}
 """Token budget of one micro-batch forward when neither the call nor the model sets one: with
@@ -51,9 +65,17 @@ grows with the square of the budget, e.g. for the embedded rollout engine's deco
 class ShardedGPT:
     """A megatron-core GPTModel on one layout; see the module docstring for conventions."""
 
-    def __init__(self, cfg: ModelConfig, groups: ModelGroups, *, trainable: bool = False,
-                 optim: OptimConfig | None = None, total_steps: int | None = None,
-                 name: str = "model", max_tokens_per_micro_batch: int | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        groups: ModelGroups,
+        *,
+        trainable: bool = False,
+        optim: OptimConfig | None = None,
+        total_steps: int | None = None,
+        name: str = "model",
+        max_tokens_per_micro_batch: int | None = None,
+    ):
         setup_platform()
         if (cfg.tp, cfg.pp) != (groups.tp, groups.pp):
             raise ValueError(f"{name}: config layout tp={cfg.tp}, pp={cfg.pp} != groups tp={groups.tp}, pp={groups.pp}")
@@ -66,8 +88,9 @@ class ShardedGPT:
         self.layout = W.build_layout(self.model, cfg, groups)
         self._params = dict(self.model.named_parameters())
         W.init_weights(self._params, self.layout, cfg)
-        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch or DEFAULT_MAX_TOKENS[
-            "thd" if has_transformer_engine() else "mask"]
+        self.max_tokens_per_micro_batch = (
+            max_tokens_per_micro_batch or DEFAULT_MAX_TOKENS["thd" if has_transformer_engine() else "mask"]
+        )
         """Default token budget of one micro-batch forward (a call's ``max_tokens`` overrides it)."""
         self.optimizer: StudentOptimizer | None = None
         if trainable:
@@ -104,7 +127,9 @@ class ShardedGPT:
         """{canonical name: full unsharded CPU tensor}, gathered over TP and PP, on every rank.
         ``tensors`` ({local name: tensor shaped like that parameter}, e.g. fp32 master weights or
         Adam moments): gather those instead of the weights, in their own dtype."""
-        return W.gather_full_state_dict(self._params if tensors is None else tensors, self.layout, self.cfg, self.groups)
+        return W.gather_full_state_dict(
+            self._params if tensors is None else tensors, self.layout, self.cfg, self.groups
+        )
 
     def load_full_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         """Shard canonical full tensors onto this rank (vocab tensors may carry any number of
@@ -124,14 +149,17 @@ class ShardedGPT:
         if p is None:
             raise KeyError(f"{self.name}: no local parameter named {local_name!r}")
         if tuple(shard.shape) != tuple(p.shape):
-            raise ValueError(f"{self.name}: {local_name} gets a tensor of shape {tuple(shard.shape)}, the parameter is {tuple(p.shape)}")
+            raise ValueError(
+                f"{self.name}: {local_name} gets a tensor of shape {tuple(shard.shape)}, "
+                f"the parameter is {tuple(p.shape)}"
+            )
         if self.optimizer is not None:
             self.optimizer.load_master_weight(local_name, shard)
         else:
             p.copy_(shard.to(p.device, p.dtype))
 
     @torch.no_grad()
-    def copy_weights_from(self, other: "ShardedGPT") -> None:
+    def copy_weights_from(self, other: ShardedGPT) -> None:
         """Copy another model's weights (same config and layout), e.g. reference = initial student."""
         if (other.cfg.tp, other.cfg.pp) != (self.cfg.tp, self.cfg.pp):
             raise ValueError(f"{self.name}: copy_weights_from needs the same layout")
@@ -170,16 +198,27 @@ class ShardedGPT:
             self.optimizer.load_state_dict(state["optim"])
 
     def _output_weight(self) -> torch.Tensor:
-        return self.model.shared_embedding_or_output_weight() if self.cfg.tie_embeddings else self.model.output_layer.weight
+        return (
+            self.model.shared_embedding_or_output_weight()
+            if self.cfg.tie_embeddings
+            else self.model.output_layer.weight
+        )
 
     # ------------------------------------------------------------------ public compute
 
     def _budget(self, max_tokens: int | None) -> int:
         return self.max_tokens_per_micro_batch if max_tokens is None else max_tokens
 
-    def logprobs(self, tokens: torch.Tensor, loss_mask: torch.Tensor, temperature: float = 1.0,
-                 micro_batch_size: int | None = None, return_entropy: bool = False, *,
-                 max_tokens: int | None = None):
+    def logprobs(
+        self,
+        tokens: torch.Tensor,
+        loss_mask: torch.Tensor,
+        temperature: float = 1.0,
+        micro_batch_size: int | None = None,
+        return_entropy: bool = False,
+        *,
+        max_tokens: int | None = None,
+    ):
         """log p of tokens[:, j] given tokens[:, :j] -> fp32 [N, S] (0 at j=0 and where
         loss_mask is 0) on every rank; with ``return_entropy`` also the entropy [N, S].
         Micro-batches hold at most ``max_tokens`` packed positions (default: the model's
@@ -187,9 +226,16 @@ class ShardedGPT:
         logp, ent = self.forward.logprobs(tokens, loss_mask, temperature, self._budget(max_tokens), micro_batch_size)
         return (logp, ent) if return_entropy else logp
 
-    def train_step(self, tokens: torch.Tensor, loss_mask: torch.Tensor, token_loss_fn: TokenLossFn | HiddenLoss,
-                   micro_batch_size: int | None = None, temperature: float = 1.0, *,
-                   max_tokens: int | None = None) -> dict:
+    def train_step(
+        self,
+        tokens: torch.Tensor,
+        loss_mask: torch.Tensor,
+        token_loss_fn: TokenLossFn | HiddenLoss,
+        micro_batch_size: int | None = None,
+        temperature: float = 1.0,
+        *,
+        max_tokens: int | None = None,
+    ) -> dict:
         """One optimizer step on the full batch (every rank passes the same tokens/loss_mask).
 
         ``token_loss_fn(logp, flat_index) -> per-token loss`` is called on chunks of the scored
@@ -211,13 +257,20 @@ class ShardedGPT:
         loss_mask).
         """
         if self.optimizer is None:
-            raise RuntimeError(f"{self.name}: train_step needs trainable=True and an optimizer "
-                               "(gopd_mega.optim.build_optimizer or optim=...)")
+            raise RuntimeError(
+                f"{self.name}: train_step needs trainable=True and an optimizer "
+                "(gopd_mega.optim.build_optimizer or optim=...)"
+            )
         self.optimizer.zero_grad()
-        run = (self.forward.hidden_loss_and_grads if isinstance(token_loss_fn, HiddenLoss)
-               else self.forward.loss_and_grads)
-        out = run(tokens, loss_mask, token_loss_fn, temperature, self._budget(max_tokens), micro_batch_size,
-                  grads=self.optimizer)
+        budget = self._budget(max_tokens)
+        if isinstance(token_loss_fn, HiddenLoss):
+            out = self.forward.hidden_loss_and_grads(
+                tokens, loss_mask, token_loss_fn, temperature, budget, micro_batch_size, grads=self.optimizer
+            )
+        else:
+            out = self.forward.loss_and_grads(
+                tokens, loss_mask, token_loss_fn, temperature, budget, micro_batch_size, grads=self.optimizer
+            )
         # megatron's finalize_model_grads + clip + AdamW (gopd_mega.optim); no update on a non-finite loss or norm
         stats = self.optimizer.step(loss=out["loss"])
         mask = loss_mask.float().clone()
@@ -227,8 +280,15 @@ class ShardedGPT:
 
     # ------------------------------------------------------------------ for other models' estimators
 
-    def hidden_states_for(self, student: "ShardedGPT", tokens: torch.Tensor, loss_mask: torch.Tensor,
-                          rows: torch.Tensor | None = None, *, max_tokens: int | None = None) -> ScoredHidden | None:
+    def hidden_states_for(
+        self,
+        student: ShardedGPT,
+        tokens: torch.Tensor,
+        loss_mask: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        *,
+        max_tokens: int | None = None,
+    ) -> ScoredHidden | None:
         """COLLECTIVE. This model's final hidden states (after the final norm, in its own dtype)
         of the scored positions of batch ``rows`` (default: all), computed in its own layout and
         delivered to ``student``'s ranks (gopd_mega.model.transfer): on each rank of the
@@ -241,9 +301,16 @@ class ShardedGPT:
         if sub is not None:  # flat indices of the sub-batch -> of the full batch (rows ascending: still sorted)
             f = sub.flat.cpu()
             sub = ScoredHidden((rows[f // S] * S + f % S).to(sub.flat.device), sub.hidden)
-        return transfer.deliver(sub, self.groups, transfer.dp_positions(loss_mask, self.groups.dp, rows),
-                                student.groups, transfer.dp_positions(loss_mask, student.groups.dp),
-                                self.cfg.hidden_size, DTYPES[self.cfg.params_dtype], device())
+        return transfer.deliver(
+            sub,
+            self.groups,
+            transfer.dp_positions(loss_mask, self.groups.dp, rows),
+            student.groups,
+            transfer.dp_positions(loss_mask, student.groups.dp),
+            self.cfg.hidden_size,
+            DTYPES[self.cfg.params_dtype],
+            device(),
+        )
 
     @torch.no_grad()
     def full_output_weight(self) -> torch.Tensor:
@@ -264,35 +331,54 @@ class ShardedGPT:
         return full
 
     @torch.no_grad()
-    def output_weight_on(self, student: "ShardedGPT") -> torch.Tensor | None:
+    def output_weight_on(self, student: ShardedGPT) -> torch.Tensor | None:
         """COLLECTIVE; once per run (build time). This model's output-layer rows of the student's
         vocabulary partition, [student.cfg.padded_vocab / student.tp, H] (zero past the real
         vocabulary), on the student's last-stage ranks (None elsewhere): the head the
         full-vocabulary kernel pairs with :meth:`hidden_states_for`. On the student's own layout
         and vocabulary (e.g. reference = the initial student) it is this model's shard itself.
         Otherwise the full weight is gathered once on every rank (transient [V, H]) and cut."""
-        same = ((self.cfg.tp, self.cfg.pp, self.cfg.padded_vocab, self.cfg.vocab_size)
-                == (student.cfg.tp, student.cfg.pp, student.cfg.padded_vocab, student.cfg.vocab_size))
+        same = (self.cfg.tp, self.cfg.pp, self.cfg.padded_vocab, self.cfg.vocab_size) == (
+            student.cfg.tp,
+            student.cfg.pp,
+            student.cfg.padded_vocab,
+            student.cfg.vocab_size,
+        )
         if same:
             return self._output_weight().detach() if student.groups.is_last_stage else None
         full = self.full_output_weight()
         return transfer.vocab_rows_on(full, student.cfg, student.groups) if student.groups.is_last_stage else None
 
-    def top_k_logprobs(self, tokens: torch.Tensor, loss_mask: torch.Tensor, k: int, temperature: float = 1.0, *,
-                       max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def top_k_logprobs(
+        self,
+        tokens: torch.Tensor,
+        loss_mask: torch.Tensor,
+        k: int,
+        temperature: float = 1.0,
+        *,
+        max_tokens: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """COLLECTIVE. (ids [N, S, k] long, logp [N, S, k], target_logp [N, S]) on every rank: the
         k most likely next tokens at each scored position (id -1 elsewhere) and the log-prob of
         the token there (what an SGLang server returns with top_logprobs_num)."""
         return self.forward.top_k(tokens, loss_mask, k, temperature, self._budget(max_tokens))
 
-    def logprobs_at(self, tokens: torch.Tensor, loss_mask: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
-                    *, max_tokens: int | None = None) -> torch.Tensor:
+    def logprobs_at(
+        self,
+        tokens: torch.Tensor,
+        loss_mask: torch.Tensor,
+        ids: torch.Tensor,
+        temperature: float = 1.0,
+        *,
+        max_tokens: int | None = None,
+    ) -> torch.Tensor:
         """COLLECTIVE. fp32 [N, S, K] log p(ids[i, j, k] | tokens[i, :j]) at the scored
         positions (0 elsewhere and where an id is < 0), on every rank."""
         return self.forward.logprobs_at(tokens, loss_mask, ids, temperature, self._budget(max_tokens))
 
-    def next_token_logits(self, tokens: torch.Tensor, lengths: torch.Tensor, *,
-                          max_tokens: int | None = None) -> torch.Tensor:
+    def next_token_logits(
+        self, tokens: torch.Tensor, lengths: torch.Tensor, *, max_tokens: int | None = None
+    ) -> torch.Tensor:
         """fp32 [N, vocab_size] logits of the token after tokens[i, :lengths[i]] (real vocab only,
         gathered over TP) on every rank. Materialises [N, V]: meant for sampling."""
         return self.forward.next_token_logits(tokens, lengths, self._budget(max_tokens))

@@ -31,15 +31,18 @@ import json
 import os
 import pickle
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from gopd_mega.verify.base import Verifier
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-CODE_STDIN_INSTRUCTION = ("Write a Python program that reads the input from stdin and writes the answer to stdout. "
-                          "Enclose your code in a ```python code block.")
+CODE_STDIN_INSTRUCTION = (
+    "Write a Python program that reads the input from stdin and writes the answer to stdout. "
+    "Enclose your code in a ```python code block."
+)
 CODE_FUNCTION_INSTRUCTION = "Complete the starter code below. Enclose your full solution in a ```python code block."
 
 
@@ -157,8 +160,9 @@ def evalplus_tests(row: dict, where: str) -> list[dict]:
     inputs = list(_field(row, ("base_input",), where)) + list(row.get("plus_input") or [])
     if not inputs or not all(isinstance(a, list) for a in inputs):
         raise BenchmarkError(f"{where}: base_input/plus_input must be non-empty lists of argument lists")
-    code = _EVALPLUS_CHECK.format(reference=reference, entry_point=entry, atol=float(row.get("atol") or 0.0),
-                                  inputs=json.dumps(inputs))
+    code = _EVALPLUS_CHECK.format(
+        reference=reference, entry_point=entry, atol=float(row.get("atol") or 0.0), inputs=json.dumps(inputs)
+    )
     return [{"test_code": code}]
 
 
@@ -176,18 +180,33 @@ def load_evalplus(path: str | os.PathLike, name: str = "evalplus", verifier: Ver
         prompt = _field(row, ("prompt",), where)
         # HumanEval+ prompts are a signature + docstring; MBPP+ prompts only a docstring with an
         # example assertion (the function name comes from it).
-        ask = "Complete the following Python function." if "def " in prompt else "Write the Python function described below."
-        text = (f"{ask} Give the complete function (with its imports) in a ```python code block.\n"
-                f"```python\n{prompt.rstrip()}\n```")
-        records.append({"id": str(_field(row, ("task_id",), where)), "prompt": text,
-                        "tests": evalplus_tests(row, where), "code_prefix": _prompt_imports(prompt)})
+        ask = (
+            "Complete the following Python function."
+            if "def " in prompt
+            else "Write the Python function described below."
+        )
+        text = (
+            f"{ask} Give the complete function (with its imports) in a ```python code block.\n"
+            f"```python\n{prompt.rstrip()}\n```"
+        )
+        records.append(
+            {
+                "id": str(_field(row, ("task_id",), where)),
+                "prompt": text,
+                "tests": evalplus_tests(row, where),
+                "code_prefix": _prompt_imports(prompt),
+            }
+        )
     return Benchmark(name, "code", records, verifier or CodeVerifier(), str(path))
 
 
 # ------------------------------------------------------------------------- livecodebench
 
 
-LCB_IMPORTS = "from typing import *\nfrom collections import *\nimport collections, heapq, bisect, itertools, functools, math, re, sys"
+LCB_IMPORTS = (
+    "from typing import *\nfrom collections import *\n"
+    "import collections, heapq, bisect, itertools, functools, math, re, sys"
+)
 """Prepended to LiveCodeBench programs: starter code uses typing names (List[int]) unimported, as
 LiveCodeBench's own harness allows."""
 
@@ -244,7 +263,9 @@ def lcb_tests(row: dict, where: str) -> list[dict]:
     return tests
 
 
-def load_livecodebench(path: str | os.PathLike, name: str = "livecodebench", verifier: Verifier | None = None) -> Benchmark:
+def load_livecodebench(
+    path: str | os.PathLike, name: str = "livecodebench", verifier: Verifier | None = None
+) -> Benchmark:
     from gopd_mega.verify.code import CodeVerifier
 
     records = []
@@ -256,8 +277,14 @@ def load_livecodebench(path: str | os.PathLike, name: str = "livecodebench", ver
             text = f"{question}\n\n{CODE_FUNCTION_INSTRUCTION}\n```python\n{starter.rstrip()}\n```"
         else:
             text = f"{question}\n\n{CODE_STDIN_INSTRUCTION}"
-        records.append({"id": str(row.get("question_id", i)), "prompt": text, "tests": lcb_tests(row, where),
-                        "code_prefix": LCB_IMPORTS})
+        records.append(
+            {
+                "id": str(row.get("question_id", i)),
+                "prompt": text,
+                "tests": lcb_tests(row, where),
+                "code_prefix": LCB_IMPORTS,
+            }
+        )
     return Benchmark(name, "code", records, verifier or CodeVerifier(), str(path))
 
 
@@ -271,18 +298,27 @@ FORMATS: dict[str, Callable[..., Benchmark]] = {
 """Loader per file format."""
 
 KNOWN: dict[str, str] = {
-    "aime24": "math", "aime25": "math", "hmmt25": "math", "math500": "math",
-    "humaneval_plus": "evalplus", "mbpp_plus": "evalplus", "livecodebench": "livecodebench",
+    "aime24": "math",
+    "aime25": "math",
+    "hmmt25": "math",
+    "math500": "math",
+    "humaneval_plus": "evalplus",
+    "mbpp_plus": "evalplus",
+    "livecodebench": "livecodebench",
 }
 """Format of each benchmark name the paper reports (others need an explicit format)."""
 
 
-def load_benchmark(name: str, path: str | os.PathLike, fmt: str | None = None, verifier: Verifier | None = None) -> Benchmark:
+def load_benchmark(
+    name: str, path: str | os.PathLike, fmt: str | None = None, verifier: Verifier | None = None
+) -> Benchmark:
     """Load ``path`` as benchmark ``name`` (format from :data:`KNOWN` unless ``fmt`` is given)."""
     fmt = fmt or KNOWN.get(name)
     if fmt is None:
-        raise BenchmarkError(f"benchmark {name!r}: unknown name, give its format (one of {sorted(FORMATS)}); "
-                             f"known names: {sorted(KNOWN)}")
+        raise BenchmarkError(
+            f"benchmark {name!r}: unknown name, give its format (one of {sorted(FORMATS)}); "
+            f"known names: {sorted(KNOWN)}"
+        )
     if fmt not in FORMATS:
         raise BenchmarkError(f"benchmark {name!r}: unknown format {fmt!r} (known: {sorted(FORMATS)})")
     return FORMATS[fmt](path, name=name, verifier=verifier)

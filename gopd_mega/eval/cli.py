@@ -37,17 +37,31 @@ def _pairs(values: list[str], what: str, parser) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gopd-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="gopd-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", required=True, help="Hugging Face or gopd-mega model folder")
-    p.add_argument("--tokenizer", help="HF folder with the tokenizer, or 'char' (default: --model when it is an HF folder)")
+    p.add_argument(
+        "--tokenizer", help="HF folder with the tokenizer, or 'char' (default: --model when it is an HF folder)"
+    )
     p.add_argument("--bench", action="append", required=True, help="NAME=PATH (repeatable)")
-    p.add_argument("--format", action="append", default=[], help=f"NAME=FORMAT for other names; formats: {sorted(FORMATS)}")
+    p.add_argument(
+        "--format", action="append", default=[], help=f"NAME=FORMAT for other names; formats: {sorted(FORMATS)}"
+    )
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--samples-math", type=int, default=DEFAULT_SAMPLES["math"], help="samples per math problem (default 32)")
-    p.add_argument("--samples-code", type=int, default=DEFAULT_SAMPLES["code"], help="samples per code problem (default 4)")
+    p.add_argument(
+        "--samples-math", type=int, default=DEFAULT_SAMPLES["math"], help="samples per math problem (default 32)"
+    )
+    p.add_argument(
+        "--samples-code", type=int, default=DEFAULT_SAMPLES["code"], help="samples per code problem (default 4)"
+    )
     p.add_argument("--pass-k", default="", help="extra pass@k values, comma-separated (pass@1 and pass@n always)")
-    p.add_argument("--greedy", action="store_true", help="also decode each problem greedily: its accuracy is the "
-                   "score 'greedy' (metric names: gopd_mega/eval/metrics.py)")
+    p.add_argument(
+        "--greedy",
+        action="store_true",
+        help="also decode each problem greedily: its accuracy is the "
+        "score 'greedy' (metric names: gopd_mega/eval/metrics.py)",
+    )
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=4096)
@@ -57,16 +71,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt text as it is")
     p.add_argument("--engine", choices=("embedded", "sglang"), default="embedded")
     p.add_argument("--sglang-url", help="SGLang server base URL (--engine sglang)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="embedded engine weights")
+    p.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="embedded engine weights"
+    )
     p.add_argument("--math-workers", type=int, default=4, help="math grading processes")
     p.add_argument("--code-workers", type=int, default=4, help="programs run in parallel")
     p.add_argument("--code-timeout-s", type=float, default=6.0, help="wall time per code test")
-    p.add_argument("--oracle-teacher", help="a teacher's model folder: also report the per-token G-OPD target "
-                   "(gopd_mega.eval.targets) on each benchmark's reference answers, with --oracle-reference")
+    p.add_argument(
+        "--oracle-teacher",
+        help="a teacher's model folder: also report the per-token G-OPD target "
+        "(gopd_mega.eval.targets) on each benchmark's reference answers, with --oracle-reference",
+    )
     p.add_argument("--oracle-reference", help="the reference's model folder (pi_ref) for --oracle-teacher")
     p.add_argument("--oracle-lambdas", default="1,1.25,1.5", help="reward scales of the targets, comma-separated")
-    p.add_argument("--no-isolation", action="store_true",
-                   help="run generated code WITHOUT network/mount/pid namespaces (only rlimits, session, temp dir)")
+    p.add_argument(
+        "--no-isolation",
+        action="store_true",
+        help="run generated code WITHOUT network/mount/pid namespaces (only rlimits, session, temp dir)",
+    )
     return p
 
 
@@ -92,9 +114,9 @@ def build_engine(args, tokenizer):
 
         return SGLangEngine(args.sglang_url, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids)
     from gopd_mega.config import ModelConfig
+    from gopd_mega.model_io import build_model
     from gopd_mega.platform import init_distributed
     from gopd_mega.rollout import EmbeddedEngine
-    from gopd_mega.model_io import build_model
 
     init_distributed()
     model = build_model(ModelConfig(load=args.model, params_dtype=args.dtype), trainable=False, name="evaluated model")
@@ -128,11 +150,17 @@ def oracle_rows(args, engine, tokenizer, loaded, lambdas: list[float]) -> dict[s
     from gopd_mega.eval.targets import answer_targets
     from gopd_mega.model_io import build_model
 
-    teacher = build_model(ModelConfig(load=args.oracle_teacher, params_dtype=args.dtype), trainable=False, name="oracle teacher")
-    reference = build_model(ModelConfig(load=args.oracle_reference, params_dtype=args.dtype), trainable=False,
-                            name="oracle reference")
-    sizes = {"--model": engine.model.cfg.vocab_size, "--oracle-teacher": teacher.cfg.vocab_size,
-             "--oracle-reference": reference.cfg.vocab_size}
+    teacher = build_model(
+        ModelConfig(load=args.oracle_teacher, params_dtype=args.dtype), trainable=False, name="oracle teacher"
+    )
+    reference = build_model(
+        ModelConfig(load=args.oracle_reference, params_dtype=args.dtype), trainable=False, name="oracle reference"
+    )
+    sizes = {
+        "--model": engine.model.cfg.vocab_size,
+        "--oracle-teacher": teacher.cfg.vocab_size,
+        "--oracle-reference": reference.cfg.vocab_size,
+    }
     if len(set(sizes.values())) > 1:
         raise SystemExit(f"gopd-eval: error: the oracle needs one vocabulary, got vocab_size {sizes}")
     rows = {}
@@ -140,8 +168,16 @@ def oracle_rows(args, engine, tokenizer, loaded, lambdas: list[float]) -> dict[s
         if not all("answer" in r for r in bench.records):
             print(f"{bench.name}: oracle not computed (no reference answer per problem)", flush=True)
             continue
-        rows[bench.name] = answer_targets(engine.model, teacher, reference, tokenizer, bench.records, lambdas,
-                                          temperature=args.temperature, chat_template=not args.no_chat_template)
+        rows[bench.name] = answer_targets(
+            engine.model,
+            teacher,
+            reference,
+            tokenizer,
+            bench.records,
+            lambdas,
+            temperature=args.temperature,
+            chat_template=not args.no_chat_template,
+        )
     return rows
 
 
@@ -162,8 +198,10 @@ def main(argv: list[str] | None = None) -> None:
     from gopd_mega.verify.sandbox import IsolationUnavailable, SandboxLimits, require_isolation
 
     math_verifier = MathVerifier(workers=args.math_workers)
-    code_verifier = CodeVerifier(limits=SandboxLimits(timeout_s=args.code_timeout_s, stop_on_failure=True,
-                                                      isolate=not args.no_isolation), workers=args.code_workers)
+    code_verifier = CodeVerifier(
+        limits=SandboxLimits(timeout_s=args.code_timeout_s, stop_on_failure=True, isolate=not args.no_isolation),
+        workers=args.code_workers,
+    )
     try:
         loaded = []
         for name, path in benches.items():
@@ -171,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
             bench = load_benchmark(name, path, fmt)
             bench.verifier = math_verifier if bench.kind == "math" else code_verifier
             if args.max_problems:
-                bench.records = bench.records[:args.max_problems]
+                bench.records = bench.records[: args.max_problems]
             loaded.append(bench)
         if any(b.kind == "code" for b in loaded) and not args.no_isolation:
             require_isolation()  # refuse before spending time on sampling
@@ -187,12 +225,20 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for bench in loaded:
             samples = args.samples_math if bench.kind == "math" else args.samples_code
-            settings = SamplingSettings(samples=samples, temperature=args.temperature, top_p=args.top_p,
-                                        max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
-                                        chat_template=not args.no_chat_template)
+            settings = SamplingSettings(
+                samples=samples,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                max_new_tokens=args.max_new_tokens,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                chat_template=not args.no_chat_template,
+            )
             res = evaluate_benchmark(engine, tokenizer, bench, settings, pass_ks)
             if args.greedy:  # one greedy response per problem, after the samples (their seeds unchanged)
-                greedy = evaluate_benchmark(engine, tokenizer, bench, dataclasses.replace(settings, samples=1, greedy=True))
+                greedy = evaluate_benchmark(
+                    engine, tokenizer, bench, dataclasses.replace(settings, samples=1, greedy=True)
+                )
                 res.scores = {"greedy": greedy.scores["avg@1"], **res.scores}
             results.append(res)
             print(f"{bench.name}: " + ", ".join(f"{k}={100 * v:.1f}" for k, v in res.scores.items()), flush=True)
@@ -204,8 +250,12 @@ def main(argv: list[str] | None = None) -> None:
     if oracle_lambdas:
         from gopd_mega.eval.targets import NOTE, markdown
 
-        extra["oracle"] = {"teacher": args.oracle_teacher, "reference": args.oracle_reference, "note": NOTE,
-                           "benchmarks": oracle}
+        extra["oracle"] = {
+            "teacher": args.oracle_teacher,
+            "reference": args.oracle_reference,
+            "note": NOTE,
+            "benchmarks": oracle,
+        }
     paths = write_report(results, args.out, title=f"gopd-eval: {args.model}", extra=extra)
     sys.stdout.write(markdown_table(results, title=f"gopd-eval: {args.model}"))
     if oracle_lambdas:

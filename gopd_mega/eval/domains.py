@@ -22,8 +22,8 @@ over the domains.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from gopd_mega.data.prompts import sft_batch
 from gopd_mega.data.tokenizer import Tokenizer
@@ -97,12 +97,18 @@ def evaluate(
             raise ValueError(f"evaluate: no held-out records for domain {domain!r}")
         correct, length, stopped = 0, 0, 0
         for start in range(0, len(records), batch_size):
-            chunk = records[start:start + batch_size]
+            chunk = records[start : start + batch_size]
             prompts = [bos + list(tokenizer.encode(r[prompt_field])) for r in chunk]
             # A distinct, reproducible seed per (domain, chunk): sampled accuracy does not depend on
             # which other domains were evaluated or in what batch sizes the engine was called.
-            out = engine.generate(prompts, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                  greedy=greedy, seed=seed + 1_000_003 * d_index + start)
+            out = engine.generate(
+                prompts,
+                temperature=temperature,
+                top_p=top_p,
+                max_new_tokens=max_new_tokens,
+                greedy=greedy,
+                seed=seed + 1_000_003 * d_index + start,
+            )
             for i, rec in enumerate(chunk):
                 text = tokenizer.decode(out.response_ids(i))
                 correct += bool(checker(domain, rec[prompt_field], text))
@@ -140,7 +146,10 @@ def answer_probability(
     ``accuracy`` is filled (no lengths: nothing is generated). Needs top_p = 1: nucleus sampling
     changes the distribution."""
     if top_p != 1.0:
-        raise ValueError(f"answer_probability: exact evaluation samples from the full distribution; rollout.top_p must be 1, got {top_p}")
+        raise ValueError(
+            "answer_probability: exact evaluation samples from the full distribution; "
+            f"rollout.top_p must be 1, got {top_p}"
+        )
     result = EvalResult()
     for domain, records in records_by_domain.items():
         records = records[:max_prompts] if max_prompts is not None else records
@@ -172,17 +181,35 @@ def evaluate_modes(
     results: dict[str, EvalResult] = {}
     if eval_cfg.exact:
         if model is None or answer_of is None:
-            raise ValueError("eval.exact needs the model and a reference answer per prompt (synthetic domains); "
-                             "set eval.exact=false for this dataset")
-        results["exact"] = answer_probability(model, records_by_domain, tokenizer, answer_of,
-                                              temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
-                                              max_prompts=eval_cfg.max_prompts, prompt_field=prompt_field)
+            raise ValueError(
+                "eval.exact needs the model and a reference answer per prompt (synthetic domains); "
+                "set eval.exact=false for this dataset"
+            )
+        results["exact"] = answer_probability(
+            model,
+            records_by_domain,
+            tokenizer,
+            answer_of,
+            temperature=rollout_cfg.temperature,
+            top_p=rollout_cfg.top_p,
+            max_prompts=eval_cfg.max_prompts,
+            prompt_field=prompt_field,
+        )
     modes = [("greedy", True)] * bool(eval_cfg.greedy) + [("sampled", False)] * bool(eval_cfg.sampled)
     for name, greedy in modes:
-        results[name] = evaluate(engine, records_by_domain, tokenizer, checker, greedy=greedy,
-                                 temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
-                                 max_new_tokens=rollout_cfg.max_new_tokens, seed=seed,
-                                 max_prompts=eval_cfg.max_prompts, prompt_field=prompt_field)
+        results[name] = evaluate(
+            engine,
+            records_by_domain,
+            tokenizer,
+            checker,
+            greedy=greedy,
+            temperature=rollout_cfg.temperature,
+            top_p=rollout_cfg.top_p,
+            max_new_tokens=rollout_cfg.max_new_tokens,
+            seed=seed,
+            max_prompts=eval_cfg.max_prompts,
+            prompt_field=prompt_field,
+        )
     return results
 
 
@@ -201,6 +228,19 @@ def evaluate_config(
 ) -> dict[str, float]:
     """:func:`evaluate_modes` as flat metrics (gopd_mega.eval.metrics): ``eval/<domain>/exact``,
     ``eval/<domain>/greedy``, ``eval/<domain>/avg@1`` (sampled), ..., and ``eval/mean/<metric>``."""
-    return flat_metrics(domain_metrics(evaluate_modes(engine, records_by_domain, tokenizer, checker, eval_cfg, rollout_cfg,
-                                                      seed=seed, prompt_field=prompt_field, model=model,
-                                                      answer_of=answer_of)))
+    return flat_metrics(
+        domain_metrics(
+            evaluate_modes(
+                engine,
+                records_by_domain,
+                tokenizer,
+                checker,
+                eval_cfg,
+                rollout_cfg,
+                seed=seed,
+                prompt_field=prompt_field,
+                model=model,
+                answer_of=answer_of,
+            )
+        )
+    )

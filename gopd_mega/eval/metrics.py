@@ -31,8 +31,8 @@ A benchmark's score is the unweighted mean over its problems. pass@1 equals avg@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from math import comb
-from typing import Mapping, Sequence
 
 PREFIX = "eval"
 MEAN = "mean"
@@ -44,7 +44,9 @@ def metric_name(group: str, metric: str, prefix: str = PREFIX) -> str:
     return f"{prefix}/{group}/{metric}"
 
 
-def flat_metrics(by_group: Mapping[str, Mapping[str, float]], prefix: str = PREFIX, means: bool = True) -> dict[str, float]:
+def flat_metrics(
+    by_group: Mapping[str, Mapping[str, float]], prefix: str = PREFIX, means: bool = True
+) -> dict[str, float]:
     """``{group: {metric: value}}`` -> flat names, plus (``means``) ``eval/mean/<metric>`` for
     every metric that all groups have (the unweighted mean over groups)."""
     if MEAN in by_group:

@@ -1,15 +1,16 @@
 """gopd-eval's outputs: results.json, a markdown table (results.md) and a bar chart (results.png).
 
 One row per benchmark: problems, samples per problem (k), its scores (greedy, avg@k, pass@k: the
-names of gopd_mega/eval/metrics.py), mean response length and stop rate of the samples. The plot shows avg@k per benchmark (pass@k of the largest k as a lighter bar).
+names of gopd_mega/eval/metrics.py), mean response length and stop rate of the samples. The plot
+shows avg@k per benchmark (pass@k of the largest k as a lighter bar).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from gopd_mega.eval.harness import BenchmarkResult
 
@@ -21,12 +22,20 @@ def markdown_table(results: Sequence[BenchmarkResult], title: str = "") -> str:
     head = ["benchmark", "problems", "k", *metrics, "response len", "stop rate"]
     lines = ([f"### {title}", ""] if title else []) + ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        cells = [r.name, str(r.problems), str(r.samples),
-                 *(f"{100 * r.scores[m]:.1f}" if m in r.scores else "-" for m in metrics),
-                 f"{r.mean_response_len:.1f}", f"{r.stop_rate:.2f}"]
+        cells = [
+            r.name,
+            str(r.problems),
+            str(r.samples),
+            *(f"{100 * r.scores[m]:.1f}" if m in r.scores else "-" for m in metrics),
+            f"{r.mean_response_len:.1f}",
+            f"{r.stop_rate:.2f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + ("\n\nScores in percent; avg@k = mean accuracy over k samples; pass@k unbiased"
-                               + ("; greedy = one greedy response" if "greedy" in metrics else "") + ".\n")
+    return "\n".join(lines) + (
+        "\n\nScores in percent; avg@k = mean accuracy over k samples; pass@k unbiased"
+        + ("; greedy = one greedy response" if "greedy" in metrics else "")
+        + ".\n"
+    )
 
 
 def plot(results: Sequence[BenchmarkResult], path: str | os.PathLike, title: str = "") -> Path:
@@ -56,8 +65,9 @@ def plot(results: Sequence[BenchmarkResult], path: str | os.PathLike, title: str
     return path
 
 
-def write_report(results: Sequence[BenchmarkResult], out_dir: str | os.PathLike, title: str = "",
-                 extra: dict | None = None) -> dict[str, Path]:
+def write_report(
+    results: Sequence[BenchmarkResult], out_dir: str | os.PathLike, title: str = "", extra: dict | None = None
+) -> dict[str, Path]:
     """Write results.json, results.md and results.png to ``out_dir``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,9 +17,11 @@ import torch
 from gopd_mega.eval.harness import encode_prompt
 from gopd_mega.oracle import per_token_target
 
-NOTE = ("log-probability of the reference answer as the whole response (answer, then eos), teacher-forced: an expected "
-        "accuracy only where the response is the bare answer; on reasoning benchmarks a diagnostic. Sequence-level "
-        "target: not computed (the response tree is too large)")
+NOTE = (
+    "log-probability of the reference answer as the whole response (answer, then eos), teacher-forced: an expected "
+    "accuracy only where the response is the bare answer; on reasoning benchmarks a diagnostic. Sequence-level "
+    "target: not computed (the response tree is too large)"
+)
 
 
 def answer_batch(records: list[dict], tokenizer, chat_template: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,13 +35,22 @@ def answer_batch(records: list[dict], tokenizer, chat_template: bool) -> tuple[t
     tokens = torch.full((len(seqs), max(map(len, seqs))), tokenizer.pad_id, dtype=torch.long)
     mask = torch.zeros(tokens.shape, dtype=torch.bool)
     for i, (seq, start) in enumerate(zip(seqs, starts)):
-        tokens[i, :len(seq)] = torch.tensor(seq)
-        mask[i, start:len(seq)] = True
+        tokens[i, : len(seq)] = torch.tensor(seq)
+        mask[i, start : len(seq)] = True
     return tokens, mask
 
 
-def answer_targets(model, teacher, reference, tokenizer, records: list[dict], lambdas: list[float], *,
-                   temperature: float, chat_template: bool) -> dict:
+def answer_targets(
+    model,
+    teacher,
+    reference,
+    tokenizer,
+    records: list[dict],
+    lambdas: list[float],
+    *,
+    temperature: float,
+    chat_template: bool,
+) -> dict:
     """``{"model": {"log_prob": ..., "probability": ...}, "targets": {f"{lam:g}": {"log_prob", "probability",
     "mean_log_z"}}, "problems": N}``: means over problems of the evaluated model's and each
     per-token target's log-probability (and probability) of the reference answer."""
@@ -50,9 +61,13 @@ def answer_targets(model, teacher, reference, tokenizer, records: list[dict], la
     def stats(log_prob: torch.Tensor) -> dict:
         return {"log_prob": float(log_prob.mean()), "probability": float(log_prob.exp().mean())}
 
-    return {"model": stats(own), "problems": len(records),
-            "targets": {f"{lam:g}": {**stats(tgt.log_prob[lam]), "mean_log_z": float(tgt.mean_log_z[lam].mean())}
-                        for lam in lambdas}}
+    return {
+        "model": stats(own),
+        "problems": len(records),
+        "targets": {
+            f"{lam:g}": {**stats(tgt.log_prob[lam]), "mean_log_z": float(tgt.mean_log_z[lam].mean())} for lam in lambdas
+        },
+    }
 
 
 def markdown(rows: dict[str, dict]) -> str:
@@ -64,7 +79,7 @@ def markdown(rows: dict[str, dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
         cells = [name, str(r["problems"]), f"{r['model']['log_prob']:.3f}"] + [
-            f"{r['targets'][x]['log_prob']:.3f} ({r['targets'][x]['mean_log_z']:.3f})" for x in lams]
+            f"{r['targets'][x]['log_prob']:.3f} ({r['targets'][x]['mean_log_z']:.3f})" for x in lams
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + f"\n\nPer-token G-OPD targets ({NOTE}).\n"
-

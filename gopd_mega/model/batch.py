@@ -56,8 +56,9 @@ class MicroBatch:
 
     def attention_mask(self, device) -> torch.Tensor:
         """[1, 1, T, T] bool, True = masked out: other sequences and the future."""
-        seg = torch.repeat_interleave(torch.arange(len(self.cu_seqlens) - 1),
-                                      (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long())
+        seg = torch.repeat_interleave(
+            torch.arange(len(self.cu_seqlens) - 1), (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
+        )
         t = torch.arange(self.num_tokens)
         mask = (seg[:, None] != seg[None, :]) | (t[None, :] > t[:, None])
         return mask[None, None].to(device)
@@ -86,8 +87,9 @@ class MicroBatch:
 
         cu = self.cu_seqlens.to(device=device, dtype=torch.int32)
         longest = int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
-        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                               max_seqlen_q=longest, max_seqlen_kv=longest)
+        return PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest
+        )
 
 
 def scoring_lengths(loss_mask: torch.Tensor) -> torch.Tensor:
@@ -96,7 +98,9 @@ def scoring_lengths(loss_mask: torch.Tensor) -> torch.Tensor:
     m = loss_mask.bool().clone()
     m[:, 0] = False
     j = torch.arange(m.shape[1]).expand_as(m)
-    return torch.where(m, j, torch.zeros_like(j)).amax(dim=1) if m.shape[1] else torch.zeros(m.shape[0], dtype=torch.long)
+    return (
+        torch.where(m, j, torch.zeros_like(j)).amax(dim=1) if m.shape[1] else torch.zeros(m.shape[0], dtype=torch.long)
+    )
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -117,8 +121,9 @@ def balance_rows(lengths: torch.Tensor, parts: int) -> list[list[int]]:
     return shares
 
 
-def cut_micro_batches(rows: list[int], lengths: torch.Tensor, max_tokens: int, max_rows: int | None = None,
-                      multiple: int = 1) -> list[list[int]]:
+def cut_micro_batches(
+    rows: list[int], lengths: torch.Tensor, max_tokens: int, max_rows: int | None = None, multiple: int = 1
+) -> list[list[int]]:
     """First-fit-decreasing: ``rows`` into bins of <= max_tokens positions (rounded up to
     ``multiple``) and <= max_rows rows. A row longer than the budget gets a bin of its own."""
     if max_tokens < 1:
@@ -154,8 +159,15 @@ def _pack(tokens: torch.Tensor, lengths: torch.Tensor, rows: list[int], multiple
     return ids[None].long(), pos[None], cu, starts[:-1]
 
 
-def scoring_micro_batches(tokens: torch.Tensor, loss_mask: torch.Tensor, dp: int, dp_rank: int,
-                          max_tokens: int, max_rows: int | None = None, multiple: int = 1) -> list[MicroBatch]:
+def scoring_micro_batches(
+    tokens: torch.Tensor,
+    loss_mask: torch.Tensor,
+    dp: int,
+    dp_rank: int,
+    max_tokens: int,
+    max_rows: int | None = None,
+    multiple: int = 1,
+) -> list[MicroBatch]:
     """This DP rank's packed micro-batches for log-probs / training: every response token (loss
     mask 1, j >= 1) of the full [N, S] batch is scored by exactly one DP rank."""
     if tokens.shape != loss_mask.shape or tokens.dim() != 2:
@@ -173,25 +185,31 @@ def scoring_micro_batches(tokens: torch.Tensor, loss_mask: torch.Tensor, dp: int
             score_pos.append(s + j - 1)
             targets.append(tokens[i, j])
             flat.append(i * S + j)
-        out.append(MicroBatch(torch.tensor(rows), ids, pos, cu, torch.cat(score_pos), torch.cat(targets).long(),
-                              torch.cat(flat)))
+        out.append(
+            MicroBatch(
+                torch.tensor(rows), ids, pos, cu, torch.cat(score_pos), torch.cat(targets).long(), torch.cat(flat)
+            )
+        )
     return out
 
 
-def last_token_micro_batches(tokens: torch.Tensor, lengths: torch.Tensor, dp: int, dp_rank: int,
-                             max_tokens: int, multiple: int = 1) -> list[MicroBatch]:
+def last_token_micro_batches(
+    tokens: torch.Tensor, lengths: torch.Tensor, dp: int, dp_rank: int, max_tokens: int, multiple: int = 1
+) -> list[MicroBatch]:
     """This DP rank's packed micro-batches scoring the last input position of each row
     (tokens[i, :lengths[i]]); flat_index is the row."""
     lengths = torch.as_tensor(lengths).long().cpu()
     if lengths.shape != tokens.shape[:1] or (lengths < 1).any() or (lengths > tokens.shape[1]).any():
-        raise ValueError(f"lengths must be [N={tokens.shape[0]}] with values in 1..{tokens.shape[1]}, "
-                         f"got {lengths.tolist()}")
+        raise ValueError(
+            f"lengths must be [N={tokens.shape[0]}] with values in 1..{tokens.shape[1]}, got {lengths.tolist()}"
+        )
     out = []
     for rows in cut_micro_batches(balance_rows(lengths, dp)[dp_rank], lengths, max_tokens, None, multiple):
         ids, pos, cu, starts = _pack(tokens, lengths, rows, multiple)
         last = torch.tensor([s + int(lengths[i]) - 1 for i, s in zip(rows, starts)])
-        out.append(MicroBatch(torch.tensor(rows), ids, pos, cu, last, torch.zeros(0, dtype=torch.long),
-                              torch.tensor(rows)))
+        out.append(
+            MicroBatch(torch.tensor(rows), ids, pos, cu, last, torch.zeros(0, dtype=torch.long), torch.tensor(rows))
+        )
     return out
 
 

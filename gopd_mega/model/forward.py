@@ -26,9 +26,9 @@ model's top-k ids or given ids per position (gopd_mega.model.vocab).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -83,7 +83,8 @@ class ForwardStats:
     """Positions whose hidden state reached the output layer / kernel."""
 
     def reset(self) -> None:
-        self.__init__()
+        for f in fields(self):
+            setattr(self, f.name, f.default)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -92,8 +93,14 @@ class ForwardStats:
 class PipelineForward:
     """The scaffold of one model (see the module docstring); built by ShardedGPT."""
 
-    def __init__(self, model: torch.nn.Module, cfg: ModelConfig, groups: ModelGroups, tconfig,
-                 output_weight: Callable[[], torch.Tensor]):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: ModelConfig,
+        groups: ModelGroups,
+        tconfig,
+        output_weight: Callable[[], torch.Tensor],
+    ):
         self.model, self.cfg, self.groups, self.tconfig = model, cfg, groups, tconfig
         self.output_weight = output_weight
         self.stats = ForwardStats()
@@ -103,12 +110,12 @@ class PipelineForward:
         the model (same log-probs to fp32 rounding); False: megatron's own forward."""
         self._stage = None  # (Stage | None, why not), built on first use
         self.padded_layout = cfg.padded_layout
-        """ModelConfig.padded_layout: megatron's forward (training) and the plain-torch scoring stage (``_run_scoring``) may
-        run a micro-batch of several sequences as a right-padded batch
+        """ModelConfig.padded_layout: megatron's forward (training) and the plain-torch scoring
+        stage (``_run_scoring``) may run a micro-batch of several sequences as a right-padded batch
         [k, L] under a plain causal mask instead of one packed row [1, T] under the block-diagonal
         [T, T] mask, where that costs less (``_use_padded``): the same log-probs, loss and
         gradients to fp32 rounding (masked scores weigh exactly 0 either way). False: always packed."""
-        self._causal = {}  # L -> [1, 1, L, L] causal mask of the padded layout
+        self._causal: dict[int, torch.Tensor] = {}  # L -> [1, 1, L, L] causal mask of the padded layout
         # Sequence parallelism splits the packed length over TP ranks: T must divide by tp.
         self.multiple = cfg.tp if cfg.sequence_parallel else 1
 
@@ -119,8 +126,15 @@ class PipelineForward:
         valid = max(0, min(per, self.cfg.vocab_size - start))
         logits = None if self.cfg.logits_dtype == "float32" else DTYPES[self.cfg.params_dtype]
         # Under SP the hidden all-gather's backward reduce-scatters dh: the kernel must not reduce.
-        return dict(vocab_start=start, vocab_valid=valid, group=self.groups.pg.tp, temperature=temperature,
-                    ignore_index=IGNORE, logits_dtype=logits, reduce_dh=not self.cfg.sequence_parallel)
+        return {
+            "vocab_start": start,
+            "vocab_valid": valid,
+            "group": self.groups.pg.tp,
+            "temperature": temperature,
+            "ignore_index": IGNORE,
+            "logits_dtype": logits,
+            "reduce_dh": not self.cfg.sequence_parallel,
+        }
 
     PADDED_MIN_TOKENS = 128
 
@@ -132,13 +146,20 @@ class PipelineForward:
         nothing and the packed results stay bitwise those of before), and when the estimated cost
         is lower: per position the layers' GEMMs, per attention score (T^2 packed, k * L^2
         padded) its two GEMMs and the mask / softmax passes."""
-        if (not self.padded_layout or self.thd or self.groups.pp > 1 or self.multiple > 1 or len(mb.cu_seqlens) < 3
-                or mb.num_tokens < self.PADDED_MIN_TOKENS):
+        if (
+            not self.padded_layout
+            or self.thd
+            or self.groups.pp > 1
+            or self.multiple > 1
+            or len(mb.cu_seqlens) < 3
+            or mb.num_tokens < self.PADDED_MIN_TOKENS
+        ):
             return False
         c = self.tconfig
         heads, groups, d = c.num_attention_heads, c.num_query_groups or c.num_attention_heads, c.kv_channels
-        per_position = 2 * (c.hidden_size * (heads + 2 * groups) * d + heads * d * c.hidden_size
-                            + 3 * c.hidden_size * c.ffn_hidden_size)
+        per_position = 2 * (
+            c.hidden_size * (heads + 2 * groups) * d + heads * d * c.hidden_size + 3 * c.hidden_size * c.ffn_hidden_size
+        )
         per_score = heads * (4 * d + 64)
         lens = mb.lengths()
         T, k, L = mb.num_tokens, len(lens), int(lens.max())
@@ -150,7 +171,9 @@ class PipelineForward:
                 self._causal[L] = torch.ones(L, L, dtype=torch.bool, device=dev).triu(1)[None, None]
         return self._causal[L]
 
-    def _run(self, mbs: list[MicroBatch], loss_func, forward_only: bool, module: torch.nn.Module | None = None) -> list[dict]:
+    def _run(
+        self, mbs: list[MicroBatch], loss_func, forward_only: bool, module: torch.nn.Module | None = None
+    ) -> list[dict]:
         """Megatron's pipeline schedule over ``mbs``; returns the per-micro-batch dicts of
         ``loss_func`` on the last stage ([] elsewhere and when there is nothing to run).
         ``module``: what the schedule runs (the DDP wrapper of a trained model; default the model)."""
@@ -188,9 +211,17 @@ class PipelineForward:
         if self.groups.pp > 1:
             kwargs["p2p_communicator"] = P2PCommunicator(pp_group=self.groups.pg.pp, config=self.tconfig)
         fb = get_forward_backward_func(pp_size=self.groups.pp, vp_size=None)
-        return fb(forward_step_func=forward_step, data_iterator=iter(mbs), model=[module or self.model],
-                  num_microbatches=len(mbs), seq_length=max(mb.num_tokens for mb in mbs), micro_batch_size=1,
-                  forward_only=forward_only, pg_collection=self.groups.pg, **kwargs)
+        return fb(
+            forward_step_func=forward_step,
+            data_iterator=iter(mbs),
+            model=[module or self.model],
+            num_microbatches=len(mbs),
+            seq_length=max(mb.num_tokens for mb in mbs),
+            micro_batch_size=1,
+            forward_only=forward_only,
+            pg_collection=self.groups.pg,
+            **kwargs,
+        )
 
     def _run_eval(self, mbs: list[MicroBatch], loss_func) -> list[dict]:
         """``_run`` forward-only in eval mode (the model's train/eval mode is restored after)."""
@@ -230,7 +261,9 @@ class PipelineForward:
                     k, L = tokens.shape
                     stats.max_tokens_per_forward = max(stats.max_tokens_per_forward, k * L)
                     stats.positions_computed += k * L
-                    hidden = stage.hidden_states(tokens.to(dev), torch.arange(L, device=dev), ~self._causal_mask(L, dev))
+                    hidden = stage.hidden_states(
+                        tokens.to(dev), torch.arange(L, device=dev), ~self._causal_mask(L, dev)
+                    )
                     if hidden is not None:  # [L, k, H] -> [L * k, 1, H]
                         hidden = hidden.reshape(L * k, 1, hidden.shape[-1])
                     mb = replace(mb, score_pos=index)
@@ -239,7 +272,9 @@ class PipelineForward:
                     stats.positions_computed += mb.num_tokens
                     hidden = stage.hidden_states(mb.tokens.to(dev), mb.position_ids[0].to(dev), ~mb.attention_mask(dev))
                 if hidden is not None:
-                    results.append({k: v.clone() if torch.is_tensor(v) else v for k, v in loss_func(mb, hidden)[2].items()})
+                    results.append(
+                        {k: v.clone() if torch.is_tensor(v) else v for k, v in loss_func(mb, hidden)[2].items()}
+                    )
         return results
 
     def _collect(self, results: list[dict], keys: tuple[str, ...], size: int, width: int = 1) -> torch.Tensor:
@@ -256,8 +291,9 @@ class PipelineForward:
         return out
 
     def _scoring(self, tokens, loss_mask, max_tokens, max_rows):
-        return scoring_micro_batches(tokens.cpu(), loss_mask.cpu(), self.groups.dp, self.groups.dp_rank,
-                                     max_tokens, max_rows, self.multiple)
+        return scoring_micro_batches(
+            tokens.cpu(), loss_mask.cpu(), self.groups.dp, self.groups.dp_rank, max_tokens, max_rows, self.multiple
+        )
 
     @staticmethod
     def _scored_hidden(mb: MicroBatch, hidden: torch.Tensor) -> torch.Tensor:
@@ -271,8 +307,14 @@ class PipelineForward:
 
     # ------------------------------------------------------------------ the computations
     @torch.no_grad()
-    def logprobs(self, tokens: torch.Tensor, loss_mask: torch.Tensor, temperature: float,
-                 max_tokens: int, max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def logprobs(
+        self,
+        tokens: torch.Tensor,
+        loss_mask: torch.Tensor,
+        temperature: float,
+        max_tokens: int,
+        max_rows: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logp, entropy), fp32 [N, S] CPU, 0 at j = 0 and where loss_mask is 0."""
         N, S = tokens.shape
         mbs = self._scoring(tokens, loss_mask, max_tokens, max_rows)
@@ -280,8 +322,9 @@ class PipelineForward:
 
         def loss_func(mb, hidden):
             h = self._scored_hidden(mb, hidden)
-            logp, ent = kernels.linear_logprob_inference(h, self.output_weight(), mb.targets.to(h.device),
-                                                         return_entropy=True, **kw)
+            logp, ent = kernels.linear_logprob_inference(
+                h, self.output_weight(), mb.targets.to(h.device), return_entropy=True, **kw
+            )
             out = {"flat": mb.flat_index.to(h.device), "logp": logp.float(), "entropy": ent.float()}
             return torch.zeros((), device=h.device), torch.tensor(0, dtype=torch.int), out
 
@@ -289,8 +332,16 @@ class PipelineForward:
         out = self._collect(results, ("logp", "entropy"), N * S).view(2, N, S).cpu()
         return out[0], out[1]
 
-    def loss_and_grads(self, tokens: torch.Tensor, loss_mask: torch.Tensor, token_loss_fn: TokenLossFn,
-                       temperature: float, max_tokens: int, max_rows: int | None = None, grads=None) -> dict:
+    def loss_and_grads(
+        self,
+        tokens: torch.Tensor,
+        loss_mask: torch.Tensor,
+        token_loss_fn: TokenLossFn,
+        temperature: float,
+        max_tokens: int,
+        max_rows: int | None = None,
+        grads=None,
+    ) -> dict:
         """Forward + backward of the whole batch: accumulates parameter gradients (not reduced
         over DP/TP/PP) and returns loss (full batch, every rank), logp [N, S] and entropy [N, S].
 
@@ -307,10 +358,17 @@ class PipelineForward:
             fn = lambda logp, sl: token_loss_fn(logp, flat[sl])  # noqa: E731  (kernel chunk -> flat ids)
             weight = self.output_weight()
             acc = grads.output_grad_acc(weight) if grads is not None else None
-            loss, logp, ent = kernels.linear_logprob_loss(h, weight, mb.targets.to(h.device), fn, grad_weight_acc=acc, **kw)
+            loss, logp, ent = kernels.linear_logprob_loss(
+                h, weight, mb.targets.to(h.device), fn, grad_weight_acc=acc, **kw
+            )
             if grads is not None:
                 loss = grads.mark_output_grad(loss, weight)
-            out = {"flat": flat, "loss": loss.detach().reshape(()).float(), "logp": logp.float(), "entropy": ent.float()}
+            out = {
+                "flat": flat,
+                "loss": loss.detach().reshape(()).float(),
+                "logp": logp.float(),
+                "entropy": ent.float(),
+            }
             return loss, torch.tensor(0, dtype=torch.int), out
 
         return self._train(mbs, loss_func, ("logp", "entropy"), (N, S), grads)
@@ -330,8 +388,16 @@ class PipelineForward:
             dist.all_reduce(loss, group=self.groups.pg.dp)
         return {"loss": float(loss), **dict(zip(keys, out))}
 
-    def hidden_loss_and_grads(self, tokens: torch.Tensor, loss_mask: torch.Tensor, hidden_loss: HiddenLoss,
-                              temperature: float, max_tokens: int, max_rows: int | None = None, grads=None) -> dict:
+    def hidden_loss_and_grads(
+        self,
+        tokens: torch.Tensor,
+        loss_mask: torch.Tensor,
+        hidden_loss: HiddenLoss,
+        temperature: float,
+        max_tokens: int,
+        max_rows: int | None = None,
+        grads=None,
+    ) -> dict:
         """:meth:`loss_and_grads` with a :class:`HiddenLoss` instead of a per-token function:
         returns loss, logp and entropy [N, S] of the sampled tokens (one forward-only pass of the
         log-prob kernel, for the metrics) and each of ``hidden_loss.keys`` as [N, S]."""
@@ -345,8 +411,9 @@ class PipelineForward:
             flat = mb.flat_index.to(h.device)
             weight = self.output_weight()
             with torch.no_grad():
-                logp, ent = kernels.linear_logprob_inference(h.detach(), weight.detach(), mb.targets.to(h.device),
-                                                             return_entropy=True, **kw)
+                logp, ent = kernels.linear_logprob_inference(
+                    h.detach(), weight.detach(), mb.targets.to(h.device), return_entropy=True, **kw
+                )
             acc = None
             if grads is not None and hidden_loss.uses_grad_acc:
                 acc = grads.output_grad_acc(weight)
@@ -354,15 +421,21 @@ class PipelineForward:
                 # backward, which may be where it adds dW into main_grad (kernels.full_vocab_gopd_loss)
                 h = grads.mark_output_grad(h, weight)
             loss, per_token = hidden_loss(h, weight, flat, {**vkw, "grad_weight_acc": acc})
-            out = {"flat": flat, "loss": loss.detach().reshape(()).float(), "logp": logp.float(), "entropy": ent.float(),
-                   **{k: per_token[k].float() for k in hidden_loss.keys}}
+            out = {
+                "flat": flat,
+                "loss": loss.detach().reshape(()).float(),
+                "logp": logp.float(),
+                "entropy": ent.float(),
+                **{k: per_token[k].float() for k in hidden_loss.keys},
+            }
             return loss, torch.tensor(0, dtype=torch.int), out
 
         return self._train(mbs, loss_func, ("logp", "entropy", *hidden_loss.keys), (N, S), grads)
 
     @torch.no_grad()
-    def scored_hidden(self, tokens: torch.Tensor, loss_mask: torch.Tensor, max_tokens: int,
-                      max_rows: int | None = None) -> ScoredHidden | None:
+    def scored_hidden(
+        self, tokens: torch.Tensor, loss_mask: torch.Tensor, max_tokens: int, max_rows: int | None = None
+    ) -> ScoredHidden | None:
         """The final hidden states of this DP rank's scored positions of the batch (flat indices
         into ITS [N * S]), in the model's dtype, on every TP rank of the last stage (None on the
         other stages): what gopd_mega.model.transfer.deliver hands on."""
@@ -370,23 +443,35 @@ class PipelineForward:
 
         def loss_func(mb, hidden):
             h = self._scored_hidden(mb, hidden)
-            return torch.zeros((), device=h.device), torch.tensor(0, dtype=torch.int), {
-                "flat": mb.flat_index.to(h.device), "hidden": h.detach()}
+            return (
+                torch.zeros((), device=h.device),
+                torch.tensor(0, dtype=torch.int),
+                {"flat": mb.flat_index.to(h.device), "hidden": h.detach()},
+            )
 
         results = self._run_eval(mbs, loss_func)
         if not self.groups.is_last_stage:
             return None
         dev, H = device(), self.cfg.hidden_size
         if not results:
-            return ScoredHidden(torch.zeros(0, dtype=torch.long, device=dev),
-                                torch.zeros(0, H, dtype=DTYPES[self.cfg.params_dtype], device=dev))
+            return ScoredHidden(
+                torch.zeros(0, dtype=torch.long, device=dev),
+                torch.zeros(0, H, dtype=DTYPES[self.cfg.params_dtype], device=dev),
+            )
         flat = torch.cat([r["flat"] for r in results])
         order = flat.argsort()
         return ScoredHidden(flat[order], torch.cat([r["hidden"] for r in results])[order])
 
     @torch.no_grad()
-    def top_k(self, tokens: torch.Tensor, loss_mask: torch.Tensor, k: int, temperature: float, max_tokens: int,
-              max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def top_k(
+        self,
+        tokens: torch.Tensor,
+        loss_mask: torch.Tensor,
+        k: int,
+        temperature: float,
+        max_tokens: int,
+        max_rows: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids [N, S, k] long, logp [N, S, k], target_logp [N, S]) fp32 CPU: the k most likely
         next tokens at each scored position (loss_mask 1, j >= 1; else id -1, logp 0) and the
         log-prob of the token there (gopd_mega.model.vocab.top_k_logprobs)."""
@@ -409,8 +494,15 @@ class PipelineForward:
         return ids, lp, tgt
 
     @torch.no_grad()
-    def logprobs_at(self, tokens: torch.Tensor, loss_mask: torch.Tensor, ids: torch.Tensor, temperature: float,
-                    max_tokens: int, max_rows: int | None = None) -> torch.Tensor:
+    def logprobs_at(
+        self,
+        tokens: torch.Tensor,
+        loss_mask: torch.Tensor,
+        ids: torch.Tensor,
+        temperature: float,
+        max_tokens: int,
+        max_rows: int | None = None,
+    ) -> torch.Tensor:
         """fp32 [N, S, K] CPU log p(ids[i, j, k] | tokens[i, :j]) at the scored positions (0
         elsewhere and where an id is < 0)."""
         N, S = tokens.shape
@@ -433,8 +525,9 @@ class PipelineForward:
         """fp32 [N, vocab_size] CPU logits of the token after tokens[i, :lengths[i]]."""
         N = tokens.shape[0]
         V = self.cfg.vocab_size
-        mbs = last_token_micro_batches(tokens.cpu(), lengths, self.groups.dp, self.groups.dp_rank,
-                                       max_tokens, self.multiple)
+        mbs = last_token_micro_batches(
+            tokens.cpu(), lengths, self.groups.dp, self.groups.dp_rank, max_tokens, self.multiple
+        )
 
         def loss_func(mb, hidden):
             z = self._scored_hidden(mb, hidden).float() @ self.output_weight().float().t()  # [R, Vp/tp]

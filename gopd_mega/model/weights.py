@@ -33,6 +33,7 @@ zeros for biases.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -177,7 +178,7 @@ def init_weights(params: dict[str, torch.nn.Parameter], layout: list[ParamInfo],
 
 @torch.no_grad()
 def gather_full_state_dict(
-    params: dict[str, torch.nn.Parameter], layout: list[ParamInfo], cfg: ModelConfig, groups: ModelGroups
+    params: Mapping[str, torch.Tensor], layout: list[ParamInfo], cfg: ModelConfig, groups: ModelGroups
 ) -> dict[str, torch.Tensor]:
     """{canonical name: full unsharded CPU tensor}, gathered over TP and PP, on every rank."""
     local: dict[str, torch.Tensor] = {}
