@@ -22,8 +22,9 @@ provides the torch version, kernels.triton_logprob the fused Triton version.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -48,8 +49,9 @@ class Plan:
 CHUNK_BUDGET_BYTES = int(1.2 * 2**30)
 
 
-def default_chunk_size(num_tokens: int, vocab_local: int, itemsize: int = 4,
-                       budget_bytes: int = CHUNK_BUDGET_BYTES) -> int:
+def default_chunk_size(
+    num_tokens: int, vocab_local: int, itemsize: int = 4, budget_bytes: int = CHUNK_BUDGET_BYTES
+) -> int:
     """Largest multiple of 128 tokens whose logits chunk fits ``budget_bytes`` (1.2 GiB): 2048
     tokens of fp32 logits at Qwen's 151936-row vocab (4224 of bf16), a large enough K for the dW
     GEMM to stay compute-bound while its fp32 accumulator is read and written once per chunk."""
@@ -73,8 +75,9 @@ def make_plan(
     logits_dtype: torch.dtype | None = None,
 ) -> Plan:
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden [T, H] and weight [V, H] expected, got {tuple(hidden.shape)} "
-                         f"and {tuple(weight.shape)}")
+        raise ValueError(
+            f"hidden [T, H] and weight [V, H] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets must be [T]={hidden.shape[0]}, got {tuple(targets.shape)}")
     vv = weight.shape[0] if vocab_valid is None else int(vocab_valid)
@@ -84,14 +87,13 @@ def make_plan(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     ld = acc_dtype(hidden) if logits_dtype is None else logits_dtype
     if ld not in (acc_dtype(hidden), hidden.dtype):
-        raise ValueError(f"logits_dtype must be {acc_dtype(hidden)} (default) or the input dtype "
-                         f"{hidden.dtype}, got {ld}")
-    cs = (default_chunk_size(hidden.shape[0], vv, ld.itemsize) if chunk_size is None
-          else int(chunk_size))
+        raise ValueError(
+            f"logits_dtype must be {acc_dtype(hidden)} (default) or the input dtype {hidden.dtype}, got {ld}"
+        )
+    cs = default_chunk_size(hidden.shape[0], vv, ld.itemsize) if chunk_size is None else int(chunk_size)
     if cs < 1:
         raise ValueError(f"chunk_size must be >= 1, got {cs}")
-    return Plan(int(vocab_start), vv, group, 1.0 / float(temperature), int(ignore_index), cs,
-                bool(reduce_dh), ld)
+    return Plan(int(vocab_start), vv, group, 1.0 / float(temperature), int(ignore_index), cs, bool(reduce_dh), ld)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,16 +134,15 @@ def addmm_acc_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
     """acc += a @ b in place, acc fp32, a/b possibly bf16/fp16 (no [M, N] transient on CUDA)."""
     if a.dtype == acc.dtype:
         return acc.addmm_(a, b)
-    out = _try_out_dtype(
-        a.device.type, "addmm",
-        lambda: torch.ops.aten.addmm.dtype_out(acc, a, b, acc.dtype, out=acc))
+    out = _try_out_dtype(a.device.type, "addmm", lambda: torch.ops.aten.addmm.dtype_out(acc, a, b, acc.dtype, out=acc))
     if out is None:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
     return acc
 
 
-def chunk_logits(h_c: torch.Tensor, w_valid: torch.Tensor, inv_temp: float,
-                 dtype: torch.dtype | None = None) -> tuple[torch.Tensor, float]:
+def chunk_logits(
+    h_c: torch.Tensor, w_valid: torch.Tensor, inv_temp: float, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, float]:
     """(zc, zscale) with the logits z = zc * zscale. fp32 (fp64 for fp64) chunk: zc = h_c @ W^T
     * inv_temp, zscale = 1. Input-dtype chunk (``dtype``): zc = h_c @ W^T rounded once, like the
     plain bf16 torch path, and the row math scales it in fp32 (zscale = inv_temp), because a
@@ -185,14 +186,10 @@ def torch_row_stats(z, tgt_local, owned, zscale: float = 1.0):
     return m, s, sz, zt
 
 
-def torch_dlogits(z, lse, mu, g, g_ent, tgt_local, owned, inv_temp, out_dtype,
-                  zscale: float = 1.0):
+def torch_dlogits(z, lse, mu, g, g_ent, tgt_local, owned, inv_temp, out_dtype, zscale: float = 1.0):
     z = _wide(z, zscale)
     p = torch.exp(z - lse[:, None])
-    if g_ent is None:
-        dz = p.mul_(-g[:, None])
-    else:
-        dz = p * (-g[:, None] - g_ent[:, None] * (z - mu[:, None]))
+    dz = p.mul_(-g[:, None]) if g_ent is None else p * (-g[:, None] - g_ent[:, None] * (z - mu[:, None]))
     rows = torch.nonzero(owned).squeeze(1)
     dz[rows, tgt_local[rows]] += g[rows]
     if inv_temp != 1.0:
@@ -216,8 +213,7 @@ def forward_stats(hidden, weight, targets, plan: Plan, row_ops: RowOps):
     """Local stats of every chunk, combined once across the group. Returns (lse, zt, mu, tgt, owned,
     valid) [T]. Keeps only one [Tc, vv] chunk of logits alive at a time."""
     T = hidden.shape[0]
-    tgt, owned, valid = vp.local_targets(targets, plan.vocab_start, plan.vocab_valid,
-                                         plan.ignore_index)
+    tgt, owned, valid = vp.local_targets(targets, plan.vocab_start, plan.vocab_valid, plan.ignore_index)
     dt = acc_dtype(hidden)
     m, s, sz, zt = (torch.empty(T, dtype=dt, device=hidden.device) for _ in range(4))
     w = weight[: plan.vocab_valid]
@@ -229,16 +225,38 @@ def forward_stats(hidden, weight, targets, plan: Plan, row_ops: RowOps):
     return lse, zt, mu, tgt, owned, valid
 
 
-def grad_pass(hidden, weight, plan: Plan, row_ops: RowOps, lse, mu, g, g_ent, tgt, owned,
-              need_dh: bool = True, need_dw: bool = True):
+def grad_pass(
+    hidden,
+    weight,
+    plan: Plan,
+    row_ops: RowOps,
+    lse,
+    mu,
+    g,
+    g_ent,
+    tgt,
+    owned,
+    need_dh: bool = True,
+    need_dw: bool = True,
+):
     """Recompute each chunk's logits and apply d logp (and d entropy) -> (dh, dW)."""
     T = hidden.shape[0]
     w = weight[: plan.vocab_valid]
     dh, dw_acc = grad_buffers(hidden, plan, need_dh, need_dw)
     for sl in _chunks(T, plan.chunk_size):
         z, zscale = chunk_logits(hidden[sl], w, plan.inv_temp, plan.logits_dtype)
-        dz = row_ops.dlogits(z, lse[sl], mu[sl], g[sl], None if g_ent is None else g_ent[sl],
-                             tgt[sl], owned[sl], plan.inv_temp, hidden.dtype, zscale)
+        dz = row_ops.dlogits(
+            z,
+            lse[sl],
+            mu[sl],
+            g[sl],
+            None if g_ent is None else g_ent[sl],
+            tgt[sl],
+            owned[sl],
+            plan.inv_temp,
+            hidden.dtype,
+            zscale,
+        )
         del z
         accumulate_grads(dz, w, hidden, sl, dh, dw_acc)
         del dz
@@ -251,8 +269,11 @@ def grad_buffers(hidden, plan: Plan, need_dh: bool, need_dw: bool, dw_acc=None):
     dh = torch.empty_like(hidden) if need_dh else None
     if dw_acc is not None:
         return dh, dw_acc[: plan.vocab_valid]
-    dw_acc = (torch.zeros(plan.vocab_valid, hidden.shape[1], dtype=acc_dtype(hidden),
-                          device=hidden.device) if need_dw else None)
+    dw_acc = (
+        torch.zeros(plan.vocab_valid, hidden.shape[1], dtype=acc_dtype(hidden), device=hidden.device)
+        if need_dw
+        else None
+    )
     return dh, dw_acc
 
 
@@ -293,20 +314,32 @@ class LinearLogprobFunction(torch.autograd.Function):
         zero = torch.zeros_like(lse)
         g = zero if g_logp is None else torch.where(valid, g_logp.to(lse.dtype), zero)
         ge = None if g_ent is None else torch.where(valid, g_ent.to(lse.dtype), zero)
-        dh, dw = grad_pass(hidden, weight, ctx.plan, ctx.row_ops, lse, mu, g, ge, tgt, owned,
-                           need_dh=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1])
+        dh, dw = grad_pass(
+            hidden,
+            weight,
+            ctx.plan,
+            ctx.row_ops,
+            lse,
+            mu,
+            g,
+            ge,
+            tgt,
+            owned,
+            need_dh=ctx.needs_input_grad[0],
+            need_dw=ctx.needs_input_grad[1],
+        )
         return dh, dw, None, None, None
 
 
-def linear_logprob(hidden, weight, targets, *, return_entropy=False, row_ops=TORCH_ROW_OPS,
-                   **kwargs):
+def linear_logprob(hidden, weight, targets, *, return_entropy=False, row_ops=TORCH_ROW_OPS, **kwargs):
     plan = make_plan(hidden, weight, targets, **kwargs)
     logp, entropy = LinearLogprobFunction.apply(hidden, weight, targets, plan, row_ops)
     return (logp, entropy) if return_entropy else logp
 
 
-def linear_logprob_inference(hidden, weight, targets, *, return_entropy=False,
-                             row_ops=TORCH_ROW_OPS, reduce_dh=True, **kwargs):
+def linear_logprob_inference(
+    hidden, weight, targets, *, return_entropy=False, row_ops=TORCH_ROW_OPS, reduce_dh=True, **kwargs
+):
     """Forward only: one [Tc, vv] logits chunk alive at a time, O(T) saved nothing."""
     plan = make_plan(hidden, weight, targets, **kwargs)
     with torch.no_grad():
