@@ -234,45 +234,19 @@ def evaluate_records(
     records: Sequence[dict],
     verifier: Verifier,
     *,
-    samples: int = 1,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    max_new_tokens: int = 1024,
-    seed: int = 0,
-    chat_template: bool = False,
-    batch_size: int = 64,
-    pass_ks: Sequence[int] | None = None,
     name: str = "data",
     prefix: str = "eval",
-    prompt_field: str = "prompt",
-    greedy: bool = False,
-    sampled: bool = True,
+    **settings: Any,
 ) -> dict[str, float]:
-    """Evaluation during training for any dataset with a verifier: :func:`record_metrics` as flat
-    metrics ``{prefix}/{name}/avg@k``, ``.../pass@k``, ``.../response_len``, ``.../stop_rate``
-    (and ``.../greedy``, ... with ``greedy``).
+    """Evaluation during training for any dataset with a verifier: :func:`record_metrics` (its
+    keyword arguments in ``settings``: samples, temperature, greedy, ...) as flat metrics
+    ``{prefix}/{name}/avg@k``, ``.../pass@k``, ``.../response_len``, ``.../stop_rate`` (and
+    ``.../greedy``, ... with ``greedy``).
 
     ``records[i][prompt_field]`` is the prompt text (with ``chat_template=False``, exactly what the
     model is conditioned on after [bos]); the verifier reads the rest of the record."""
-    m = record_metrics(
-        engine,
-        tokenizer,
-        records,
-        verifier,
-        samples=samples,
-        temperature=temperature,
-        top_p=top_p,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
-        chat_template=chat_template,
-        batch_size=batch_size,
-        pass_ks=pass_ks,
-        name=name,
-        prompt_field=prompt_field,
-        greedy=greedy,
-        sampled=sampled,
-    )
-    return flat_metrics({name: m}, prefix, means=False)
+    metrics = record_metrics(engine, tokenizer, records, verifier, name=name, **settings)
+    return flat_metrics({name: metrics}, prefix, means=False)
 
 
 def training_evaluator(
